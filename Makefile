@@ -1,0 +1,61 @@
+# osp.c build. `make` builds ./osp; `make test` runs the test suite; `make run` trains and samples.
+CC ?= cc
+CFLAGS ?= -O3 -std=c11 -Wall -Wextra
+LDLIBS = -lm
+
+# -march=native where the compiler accepts it.
+NATIVE := $(shell echo 'int main(void){return 0;}' | $(CC) -march=native -x c - -o /dev/null 2>/dev/null && echo -march=native)
+# OpenMP when available; NO_OMP=1 builds without it (omp simd pragmas still vectorize).
+ifeq ($(NO_OMP),1)
+  OMP := -fopenmp-simd
+else
+  OMP := $(shell echo 'int main(void){return 0;}' | $(CC) -fopenmp -x c - -o /dev/null 2>/dev/null && echo -fopenmp)
+  ifeq ($(OMP),)
+    OMP := -fopenmp-simd
+  endif
+endif
+# -D_DEFAULT_SOURCE: strict C11 math.h does not define M_PI.
+DEFS = -D_DEFAULT_SOURCE
+
+CORPUS_URL = https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
+CORPUS_SHA = 86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed
+SHARED_CORPUS = ../shared/data/tinyshakespeare.txt
+
+.PHONY: all test data run clean
+
+all: osp
+
+osp: osp.c Makefile
+	$(CC) $(CFLAGS) $(NATIVE) $(OMP) $(DEFS) -o $@ osp.c $(LDLIBS)
+
+test_osp: test_osp.c osp.c Makefile
+	$(CC) $(CFLAGS) $(NATIVE) $(OMP) $(DEFS) -o $@ test_osp.c $(LDLIBS)
+
+# Sanitizer build: no OpenMP (its runtime is not instrumented); runs the quick subset.
+# The full suite retrains tokenizer.bin from the corpus to check it is reproducible.
+test_osp_asan: test_osp.c osp.c Makefile
+	$(CC) -O1 -g -std=c11 -Wall -Wextra -fsanitize=address,undefined -fno-sanitize-recover=all -fopenmp-simd $(DEFS) -o $@ test_osp.c $(LDLIBS)
+
+test: test_osp test_osp_asan data/tinyshakespeare.txt
+	./test_osp
+	./test_osp_asan --quick
+
+data/tinyshakespeare.txt:
+	@mkdir -p data
+	@if [ -f $(SHARED_CORPUS) ]; then cp $(SHARED_CORPUS) $@.tmp; \
+	else echo "downloading $(CORPUS_URL)"; \
+	  (curl -fsSL $(CORPUS_URL) -o $@.tmp || wget -q -O $@.tmp $(CORPUS_URL)) || { rm -f $@.tmp; echo "error: download failed"; exit 1; }; fi
+	@echo "$(CORPUS_SHA)  $@.tmp" | sha256sum -c --quiet - || { rm -f $@.tmp; echo "error: sha256 mismatch for tinyshakespeare"; exit 1; }
+	@mv $@.tmp $@
+
+data/train.bin data/val.bin &: data/tinyshakespeare.txt tokenizer.bin osp
+	./osp prepare --input data/tinyshakespeare.txt --tokenizer tokenizer.bin --train data/train.bin --val data/val.bin
+
+data: data/train.bin data/val.bin
+
+run: osp data
+	./osp train --out adam.ckpt
+	./osp sample adam.ckpt --prompt "ROMEO:" --tokens 200
+
+clean:
+	rm -f osp test_osp test_osp_asan *.tmp

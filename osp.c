@@ -1,0 +1,1765 @@
+/*
+osp.c: Outlier-Safe Pre-Training (OSP) in one C file.
+
+Trains a small Llama from raw text with hand-written forward and backward passes, as a
+readable reference for "Outlier-Safe Pre-Training for Robust 4-Bit Quantization of Large
+Language Models" (Park et al., 2025). The exact definitions followed are in OSP-SPEC.md.
+
+Read top to bottom: utilities, tokenizer, data, layers (each forward followed by its
+backward), model, optimizer, training, sampling, command line.
+
+Build: make            Test: make test            Train and sample: make run
+*/
+
+#include <errno.h>
+#include <float.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* ============================================================================
+ * Utilities: errors, memory, files, random numbers, time
+ * ========================================================================== */
+
+// Fatal error: one line naming the problem, exit status 1.
+static void die(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "osp: error: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    exit(1);
+}
+
+// Recoverable errors (bad files) are reported through this buffer so tests can provoke them
+// without the process exiting: a loader returns false after calling fail().
+static char osp_error[512];
+static bool fail(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(osp_error, sizeof osp_error, fmt, ap);
+    va_end(ap);
+    return false;
+}
+
+static void *xmalloc(size_t n) {
+    void *p = malloc(n ? n : 1);
+    if (!p) die("out of memory allocating %zu bytes", n);
+    return p;
+}
+
+static void *xcalloc(size_t count, size_t size) {
+    void *p = calloc(count ? count : 1, size ? size : 1);
+    if (!p) die("out of memory allocating %zu x %zu bytes", count, size);
+    return p;
+}
+
+// Reads a whole file into memory; *len gets its size. Returns NULL (and sets osp_error).
+static unsigned char *read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) { fail("cannot open '%s': %s", path, strerror(errno)); return NULL; }
+    size_t cap = 1 << 16, n = 0;
+    unsigned char *buf = xmalloc(cap);
+    size_t got;
+    while ((got = fread(buf + n, 1, cap - n, f)) > 0) {
+        n += got;
+        if (n == cap) {
+            cap *= 2;
+            unsigned char *bigger = realloc(buf, cap);
+            if (!bigger) die("out of memory reading '%s'", path);
+            buf = bigger;
+        }
+    }
+    bool err = ferror(f);
+    fclose(f);
+    if (err) { free(buf); fail("error reading '%s'", path); return NULL; }
+    *len = n;
+    return buf;
+}
+
+// Files are written to "<path>.tmp" and renamed into place only when complete, so a crash
+// or a full disk never leaves a half-written file under the real name.
+typedef struct { FILE *f; char tmp_path[4096]; const char *path; bool ok; } AtomicFile;
+
+static bool atomic_open(AtomicFile *af, const char *path) {
+    af->path = path;
+    af->ok = true;
+    if (snprintf(af->tmp_path, sizeof af->tmp_path, "%s.tmp", path) >= (int)sizeof af->tmp_path)
+        return fail("path too long: '%s'", path);
+    af->f = fopen(af->tmp_path, "wb");
+    if (!af->f) return fail("cannot create '%s': %s", af->tmp_path, strerror(errno));
+    return true;
+}
+
+static void atomic_write(AtomicFile *af, const void *data, size_t size) {
+    if (af->ok && size > 0 && fwrite(data, 1, size, af->f) != size) af->ok = false;
+}
+
+static bool atomic_close(AtomicFile *af) {
+    bool ok = af->ok && fflush(af->f) == 0;
+    ok = (fclose(af->f) == 0) && ok;
+    if (!ok) { remove(af->tmp_path); return fail("error writing '%s'", af->tmp_path); }
+    if (rename(af->tmp_path, af->path) != 0) {
+        remove(af->tmp_path);
+        return fail("cannot rename '%s' to '%s': %s", af->tmp_path, af->path, strerror(errno));
+    }
+    return true;
+}
+
+// Sequential reader over a byte buffer that records the first short read.
+typedef struct { const unsigned char *p; size_t len, pos; bool short_read; } Reader;
+
+static void reader_get(Reader *r, void *out, size_t size) {
+    if (r->pos + size > r->len) { r->short_read = true; memset(out, 0, size); return; }
+    memcpy(out, r->p + r->pos, size);
+    r->pos += size;
+}
+
+// splitmix64: a tiny, high-quality generator whose whole state is one uint64 (easy to save).
+static uint64_t rng_next(uint64_t *state) {
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// Uniform float in [0, 1).
+static float rng_uniform(uint64_t *state) {
+    return (float)(rng_next(state) >> 40) * (1.0f / 16777216.0f);
+}
+
+// Standard normal sample (Box-Muller).
+static float rng_normal(uint64_t *state) {
+    double u1 = ((double)(rng_next(state) >> 11) + 1.0) * (1.0 / 9007199254740993.0);
+    double u2 = (double)(rng_next(state) >> 11) * (1.0 / 9007199254740992.0);
+    return (float)(sqrt(-2.0 * log(u1)) * cos(2.0 * M_PI * u2));
+}
+
+static double now_seconds(void) {
+    struct timespec ts;
+    timespec_get(&ts, TIME_UTC);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int num_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+static void set_num_threads(int n) {
+#ifdef _OPENMP
+    if (n > 0) omp_set_num_threads(n);
+#else
+    (void)n;
+#endif
+}
+
+// Formats a duration like "4m05s" for progress lines.
+static const char *format_duration(double seconds, char *buf, size_t size) {
+    if (seconds < 0 || !isfinite(seconds)) seconds = 0;
+    long s = (long)(seconds + 0.5);
+    if (s >= 3600) snprintf(buf, size, "%ldh%02ldm", s / 3600, (s / 60) % 60);
+    else snprintf(buf, size, "%ldm%02lds", s / 60, s % 60);
+    return buf;
+}
+
+/* ============================================================================
+ * Tokenizer: byte-fallback BPE in llama2.c's tokenizer.bin format
+ *
+ * File: uint32 max_token_length, then per token: float32 score, int32 length, bytes.
+ * Layout: 0 <unk>, 1 <s>, 2 </s>; 3..258 the byte tokens "<0x00>".."<0xFF>"; then one token
+ * per UTF-8 character seen in the training text; then the merges, earlier merges scoring
+ * higher. Spaces are stored as plain spaces, as llama2.c's export does.
+ * ========================================================================== */
+
+#define TOKEN_UNK 0
+#define TOKEN_BOS 1
+#define TOKEN_EOS 2
+#define TOKEN_BYTE0 3            // id of the byte token <0x00>
+#define TOKEN_FIRST_PIECE 259    // first id after the byte tokens
+#define VOCAB_MAX 4096           // token files store uint16 ids; training uses a V*V pair table
+
+typedef struct {
+    int vocab_size;
+    unsigned max_token_length;
+    char **pieces;      // [vocab_size] token bytes (NUL-terminated for printing)
+    int *lengths;       // [vocab_size]
+    float *scores;      // [vocab_size]
+    int *sorted_ids;    // [vocab_size] ids sorted by bytes, for binary-search lookup
+} Tokenizer;
+
+static int compare_bytes(const char *a, int alen, const char *b, int blen) {
+    int n = alen < blen ? alen : blen;
+    int c = memcmp(a, b, (size_t)n);
+    return c ? c : (alen > blen) - (alen < blen);
+}
+
+static const Tokenizer *sort_context;
+static int compare_token_ids(const void *a, const void *b) {
+    int x = *(const int *)a, y = *(const int *)b;
+    int c = compare_bytes(sort_context->pieces[x], sort_context->lengths[x],
+                          sort_context->pieces[y], sort_context->lengths[y]);
+    return c ? c : (x > y) - (x < y);
+}
+
+// Builds the sorted index used by tokenizer_lookup.
+static void tokenizer_index(Tokenizer *t) {
+    t->sorted_ids = xmalloc(sizeof(int) * (size_t)t->vocab_size);
+    for (int i = 0; i < t->vocab_size; i++) t->sorted_ids[i] = i;
+    sort_context = t;
+    qsort(t->sorted_ids, (size_t)t->vocab_size, sizeof(int), compare_token_ids);
+    t->max_token_length = 0;
+    for (int i = 0; i < t->vocab_size; i++)
+        if ((unsigned)t->lengths[i] > t->max_token_length) t->max_token_length = (unsigned)t->lengths[i];
+}
+
+// Id of the token whose bytes are exactly s[0..len), or -1.
+static int tokenizer_lookup(const Tokenizer *t, const char *s, int len) {
+    int lo = 0, hi = t->vocab_size - 1;
+    while (lo <= hi) {
+        int mid = (lo + hi) / 2, id = t->sorted_ids[mid];
+        int c = compare_bytes(t->pieces[id], t->lengths[id], s, len);
+        if (c == 0) return id;
+        if (c < 0) lo = mid + 1; else hi = mid - 1;
+    }
+    return -1;
+}
+
+static void tokenizer_add(Tokenizer *t, const char *s, int len, float score) {
+    int id = t->vocab_size++;
+    t->pieces[id] = xmalloc((size_t)len + 1);
+    memcpy(t->pieces[id], s, (size_t)len);
+    t->pieces[id][len] = 0;
+    t->lengths[id] = len;
+    t->scores[id] = score;
+}
+
+static void tokenizer_free(Tokenizer *t) {
+    for (int i = 0; i < t->vocab_size; i++) free(t->pieces[i]);
+    free(t->pieces); free(t->lengths); free(t->scores); free(t->sorted_ids);
+    memset(t, 0, sizeof *t);
+}
+
+// Allocates an empty tokenizer with room for `capacity` tokens.
+static void tokenizer_alloc(Tokenizer *t, int capacity) {
+    memset(t, 0, sizeof *t);
+    t->pieces = xcalloc((size_t)capacity, sizeof(char *));
+    t->lengths = xcalloc((size_t)capacity, sizeof(int));
+    t->scores = xcalloc((size_t)capacity, sizeof(float));
+}
+
+// Allocates a tokenizer and adds the three specials and the 256 byte tokens.
+static void tokenizer_init_base(Tokenizer *t, int capacity) {
+    tokenizer_alloc(t, capacity);
+    tokenizer_add(t, "<unk>", 5, 0.0f);
+    tokenizer_add(t, "<s>", 3, 0.0f);
+    tokenizer_add(t, "</s>", 4, 0.0f);
+    for (int b = 0; b < 256; b++) {
+        char name[8];
+        snprintf(name, sizeof name, "<0x%02X>", b);
+        tokenizer_add(t, name, 6, 0.0f);
+    }
+}
+
+static bool is_space_byte(unsigned char c) {
+    return c == ' ' || c == '\n' || c == '\t' || c == '\r' || c == '\v' || c == '\f';
+}
+
+// Length of the run.c "codepoint" starting at text[i]: one byte plus up to three following
+// continuation bytes (10xxxxxx), exactly as llama2.c's encode() groups bytes.
+static int utf8_unit_length(const unsigned char *text, size_t n, size_t i) {
+    int len = 1;
+    while (i + (size_t)len < n && len < 4 && (text[i + (size_t)len] & 0xC0) == 0x80) len++;
+    return len;
+}
+
+// True if s[0..len) is one well-formed UTF-8 character other than NUL (run.c cannot look
+// up NUL, so NUL always takes the byte fallback).
+static bool is_utf8_char(const unsigned char *s, int len) {
+    int need = s[0] < 0x80 ? 1 : (s[0] & 0xE0) == 0xC0 ? 2 : (s[0] & 0xF0) == 0xE0 ? 3 : (s[0] & 0xF8) == 0xF0 ? 4 : 0;
+    if (need != len || s[0] == 0) return false;
+    for (int k = 1; k < len; k++) if ((s[k] & 0xC0) != 0x80) return false;
+    return true;
+}
+
+// Maps text to initial tokens (one per character, byte tokens for characters not in the
+// vocab); returns the count. tokens must hold n entries.
+static int tokenizer_split(const Tokenizer *t, const unsigned char *text, size_t n, int *tokens) {
+    int count = 0;
+    for (size_t i = 0; i < n;) {
+        int len = utf8_unit_length(text, n, i);
+        int id = tokenizer_lookup(t, (const char *)text + i, len);
+        if (id >= TOKEN_FIRST_PIECE) tokens[count++] = id;
+        else for (int k = 0; k < len; k++) tokens[count++] = TOKEN_BYTE0 + text[i + (size_t)k];
+        i += (size_t)len;
+    }
+    return count;
+}
+
+// run.c's merge loop: repeatedly merge the adjacent pair whose concatenation is the
+// highest-scored token (leftmost on ties) until no pair merges. O(n^2): the reference.
+static int bpe_merge(const Tokenizer *t, int *tokens, int n) {
+    char *buf = xmalloc(2 * (size_t)t->max_token_length + 1);
+    for (;;) {
+        float best_score = -1e10f;
+        int best_id = -1, best_pos = -1;
+        for (int i = 0; i + 1 < n; i++) {
+            int a = tokens[i], b = tokens[i + 1];
+            memcpy(buf, t->pieces[a], (size_t)t->lengths[a]);
+            memcpy(buf + t->lengths[a], t->pieces[b], (size_t)t->lengths[b]);
+            int id = tokenizer_lookup(t, buf, t->lengths[a] + t->lengths[b]);
+            if (id != -1 && t->scores[id] > best_score) { best_score = t->scores[id]; best_id = id; best_pos = i; }
+        }
+        if (best_id == -1) break;
+        tokens[best_pos] = best_id;
+        memmove(tokens + best_pos + 1, tokens + best_pos + 2, sizeof(int) * (size_t)(n - best_pos - 2));
+        n--;
+    }
+    free(buf);
+    return n;
+}
+
+// Encodes text to token ids (no BOS, no dummy prefix); returns the count. tokens must hold
+// n entries. Equals bpe_merge over the whole text: trained tokens never contain whitespace
+// after their first byte, so no merge crosses the start of a whitespace byte, and the text
+// can be merged piece by piece (each piece: one whitespace byte and the bytes up to the next).
+static int tokenizer_encode(const Tokenizer *t, const unsigned char *text, size_t n, int *tokens) {
+    int count = 0;
+    for (size_t start = 0; start < n;) {
+        size_t end = start + 1;
+        while (end < n && !is_space_byte(text[end])) end++;
+        int piece = tokenizer_split(t, text + start, end - start, tokens + count);
+        count += bpe_merge(t, tokens + count, piece);
+        start = end;
+    }
+    return count;
+}
+
+// Bytes of one token for output: byte tokens give their byte, specials give nothing.
+static const char *tokenizer_decode(const Tokenizer *t, int id, int *len, char *byte_buf) {
+    if (id >= TOKEN_BYTE0 && id < TOKEN_FIRST_PIECE) { byte_buf[0] = (char)(id - TOKEN_BYTE0); *len = 1; return byte_buf; }
+    if (id < TOKEN_BYTE0) { *len = 0; return ""; }
+    *len = t->lengths[id];
+    return t->pieces[id];
+}
+
+// Trains the tokenizer on text: base tokens, every character that occurs, then BPE merges
+// until vocab_size tokens (or until no pair occurs twice); returns the number of character
+// tokens. A merge may only take a right token with no whitespace, so whitespace only ever
+// begins a token (like SentencePiece's "▁word" pieces) and encoding can work piece by piece.
+static int tokenizer_train(Tokenizer *t, const unsigned char *text, size_t n, int vocab_size) {
+    // Characters, collected in a scratch vocab, are added in byte order so the result does
+    // not depend on where they first occur.
+    Tokenizer chars;
+    tokenizer_init_base(&chars, vocab_size);
+    tokenizer_index(&chars);
+    for (size_t i = 0; i < n;) {
+        int len = utf8_unit_length(text, n, i);
+        if (is_utf8_char(text + i, len) && tokenizer_lookup(&chars, (const char *)text + i, len) == -1) {
+            if (chars.vocab_size == vocab_size)
+                die("vocab size %d is too small: the text has more than %d distinct characters", vocab_size, vocab_size - TOKEN_FIRST_PIECE);
+            tokenizer_add(&chars, (const char *)text + i, len, 0.0f);
+            free(chars.sorted_ids);
+            tokenizer_index(&chars);
+        }
+        i += (size_t)len;
+    }
+    tokenizer_init_base(t, vocab_size);
+    for (int k = 0; k < chars.vocab_size; k++) {
+        int id = chars.sorted_ids[k];
+        if (id >= TOKEN_FIRST_PIECE) tokenizer_add(t, chars.pieces[id], chars.lengths[id], 0.0f);
+    }
+    int n_chars = chars.vocab_size - TOKEN_FIRST_PIECE;
+    tokenizer_free(&chars);
+    tokenizer_index(t);
+
+    int *seq = xmalloc(sizeof(int) * (n ? n : 1));
+    int len = tokenizer_split(t, text, n, seq);
+    uint32_t *pair_count = xcalloc((size_t)vocab_size * (size_t)vocab_size, sizeof(uint32_t));
+    bool *has_space = xcalloc((size_t)vocab_size, sizeof(bool));
+    for (int id = 0; id < t->vocab_size; id++)
+        for (int k = 0; k < t->lengths[id]; k++) has_space[id] |= is_space_byte((unsigned char)t->pieces[id][k]);
+    int merges = 0;
+    while (t->vocab_size < vocab_size) {
+        uint32_t best = 0;
+        int best_a = -1, best_b = -1;
+        for (int i = 0; i + 1 < len; i++) {
+            int a = seq[i], b = seq[i + 1];
+            if (a < TOKEN_FIRST_PIECE || b < TOKEN_FIRST_PIECE || has_space[b]) continue;
+            uint32_t c = ++pair_count[(size_t)a * (size_t)vocab_size + (size_t)b];
+            if (c > best || (c == best && (a < best_a || (a == best_a && b < best_b)))) { best = c; best_a = a; best_b = b; }
+        }
+        for (int i = 0; i + 1 < len; i++) pair_count[(size_t)seq[i] * (size_t)vocab_size + (size_t)seq[i + 1]] = 0;
+        if (best < 2) break;
+        int la = t->lengths[best_a], lb = t->lengths[best_b];
+        char *joined = xmalloc((size_t)(la + lb));
+        memcpy(joined, t->pieces[best_a], (size_t)la);
+        memcpy(joined + la, t->pieces[best_b], (size_t)lb);
+        int id = tokenizer_lookup(t, joined, la + lb);
+        if (id == -1) {
+            id = t->vocab_size;
+            tokenizer_add(t, joined, la + lb, -(float)(++merges));
+            has_space[id] = has_space[best_a];
+            free(t->sorted_ids);
+            tokenizer_index(t);
+        }
+        free(joined);
+        int out = 0;
+        for (int i = 0; i < len; i++) {
+            if (i + 1 < len && seq[i] == best_a && seq[i + 1] == best_b) { seq[out++] = id; i++; }
+            else seq[out++] = seq[i];
+        }
+        len = out;
+    }
+    free(pair_count); free(has_space); free(seq);
+    return n_chars;
+}
+
+static bool tokenizer_save(const Tokenizer *t, const char *path) {
+    AtomicFile af;
+    if (!atomic_open(&af, path)) return false;
+    uint32_t max_len = t->max_token_length;
+    atomic_write(&af, &max_len, 4);
+    for (int i = 0; i < t->vocab_size; i++) {
+        int32_t len = t->lengths[i];
+        atomic_write(&af, &t->scores[i], 4);
+        atomic_write(&af, &len, 4);
+        atomic_write(&af, t->pieces[i], (size_t)len);
+    }
+    return atomic_close(&af);
+}
+
+static bool tokenizer_load(Tokenizer *t, const char *path) {
+    size_t size;
+    unsigned char *data = read_file(path, &size);
+    if (!data) return false;
+    Reader r = {data, size, 0, false};
+    uint32_t max_len;
+    reader_get(&r, &max_len, 4);
+    if (r.short_read || max_len == 0 || max_len > 1024) { free(data); return fail("'%s' is not a tokenizer.bin (bad max_token_length)", path); }
+    int capacity = VOCAB_MAX;
+    tokenizer_alloc(t, capacity);
+    while (r.pos < r.len) {
+        float score;
+        int32_t len;
+        reader_get(&r, &score, 4);
+        reader_get(&r, &len, 4);
+        if (r.short_read || len < 0 || (uint32_t)len > max_len || r.pos + (size_t)len > r.len) {
+            int at = t->vocab_size;
+            tokenizer_free(t); free(data);
+            return fail("'%s' is truncated or corrupt at token %d", path, at);
+        }
+        if (t->vocab_size == capacity) { tokenizer_free(t); free(data); return fail("'%s' has more than %d tokens", path, VOCAB_MAX); }
+        tokenizer_add(t, (const char *)r.p + r.pos, len, score);
+        r.pos += (size_t)len;
+    }
+    free(data);
+    if (t->vocab_size < TOKEN_FIRST_PIECE) { int v = t->vocab_size; tokenizer_free(t); return fail("'%s' has %d tokens; need at least %d (specials and byte tokens)", path, v, TOKEN_FIRST_PIECE); }
+    for (int b = 0; b < 256; b++) {
+        char name[8];
+        snprintf(name, sizeof name, "<0x%02X>", b);
+        if (t->lengths[TOKEN_BYTE0 + b] != 6 || memcmp(t->pieces[TOKEN_BYTE0 + b], name, 6) != 0) {
+            tokenizer_free(t);
+            return fail("'%s': token %d should be the byte token %s", path, TOKEN_BYTE0 + b, name);
+        }
+    }
+    tokenizer_index(t);
+    return true;
+}
+
+/* ============================================================================
+ * Data: token files and the batch loader
+ *
+ * Token file: 16-byte header (char magic[4] "OSPD", uint32 version 1, uint32 vocab_size,
+ * uint32 reserved 0), uint64 n_tokens, then n_tokens uint16 token ids. Little-endian.
+ * ========================================================================== */
+
+#define DATA_MAGIC "OSPD"
+#define DATA_VERSION 1u
+
+typedef struct { int vocab_size; size_t n; uint16_t *tokens; } TokenData;
+
+static bool tokens_save(const char *path, const int *tokens, size_t n, int vocab_size) {
+    AtomicFile af;
+    if (!atomic_open(&af, path)) return false;
+    uint32_t header[3] = {DATA_VERSION, (uint32_t)vocab_size, 0};
+    uint64_t count = n;
+    atomic_write(&af, DATA_MAGIC, 4);
+    atomic_write(&af, header, sizeof header);
+    atomic_write(&af, &count, 8);
+    uint16_t *ids = xmalloc(sizeof(uint16_t) * (n ? n : 1));
+    for (size_t i = 0; i < n; i++) ids[i] = (uint16_t)tokens[i];
+    atomic_write(&af, ids, sizeof(uint16_t) * n);
+    free(ids);
+    return atomic_close(&af);
+}
+
+static bool tokens_load(TokenData *d, const char *path) {
+    size_t size;
+    unsigned char *data = read_file(path, &size);
+    if (!data) return false;
+    Reader r = {data, size, 0, false};
+    char magic[4];
+    uint32_t header[3];
+    uint64_t count;
+    reader_get(&r, magic, 4);
+    reader_get(&r, header, sizeof header);
+    reader_get(&r, &count, 8);
+    bool ok = true;
+    if (r.short_read || memcmp(magic, DATA_MAGIC, 4) != 0) ok = fail("'%s' is not an osp token file (bad magic; run 'make data')", path);
+    else if (header[0] != DATA_VERSION) ok = fail("'%s' has token file version %u; this osp reads version %u", path, header[0], DATA_VERSION);
+    else if (header[1] < TOKEN_FIRST_PIECE || header[1] > VOCAB_MAX) ok = fail("'%s' has a bad vocab size %u", path, header[1]);
+    else if (count != (size - r.pos) / 2 || (size - r.pos) % 2 != 0) ok = fail("'%s' is truncated: header says %llu tokens, file holds %zu", path, (unsigned long long)count, (size - r.pos) / 2);
+    if (!ok) { free(data); return false; }
+    d->vocab_size = (int)header[1];
+    d->n = (size_t)count;
+    d->tokens = xmalloc(sizeof(uint16_t) * (d->n ? d->n : 1));
+    memcpy(d->tokens, data + r.pos, sizeof(uint16_t) * d->n);
+    free(data);
+    for (size_t i = 0; i < d->n; i++)
+        if (d->tokens[i] >= d->vocab_size) {
+            unsigned id = d->tokens[i];
+            free(d->tokens);
+            return fail("'%s': token id %u at position %zu is out of range for vocab %d", path, id, i, d->vocab_size);
+        }
+    return true;
+}
+
+// Draws B random windows of T+1 tokens: inputs [B,T] and targets [B,T] (shifted by one).
+static void data_next_batch(const TokenData *d, uint64_t *rng, int B, int T, int *inputs, int *targets) {
+    size_t range = d->n - (size_t)T;   // valid starts: 0 .. n-T-1
+    for (int b = 0; b < B; b++) {
+        size_t start = (size_t)(rng_next(rng) % range);
+        for (int t = 0; t < T; t++) {
+            inputs[b * T + t] = d->tokens[start + (size_t)t];
+            targets[b * T + t] = d->tokens[start + (size_t)t + 1];
+        }
+    }
+}
+
+/* ============================================================================
+ * Layers. Each forward is followed by its backward. Conventions:
+ * - N = B*T rows (tokens); matrices are [out][in] row-major, as PyTorch stores them.
+ * - Forward functions write their outputs; backward functions ADD into the gradients of their
+ *   inputs (a tensor used twice receives both contributions), so gradients start zeroed.
+ * - Parallel loops split over outputs, and every sum runs in a fixed order, so results are
+ *   bit-identical for any thread count.
+ * ========================================================================== */
+
+#define RMSNORM_EPS 1e-5f
+#define ROPE_THETA 10000.0f
+
+// Dot product of two length-n vectors (the compiler vectorizes the reduction).
+static inline float dot(const float *a, const float *b, int n) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int i = 0; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+// Embedding lookup: out[n,:] = table[tokens[n],:]. out [N,d], table [V,d].
+static void embedding_forward(float *out, const int *tokens, const float *table, int N, int d) {
+    for (int n = 0; n < N; n++) memcpy(out + (size_t)n * d, table + (size_t)tokens[n] * d, sizeof(float) * (size_t)d);
+}
+
+// dtable[tokens[n],:] += dout[n,:]. Serial: two rows may share a token.
+static void embedding_backward(float *dtable, const float *dout, const int *tokens, int N, int d) {
+    for (int n = 0; n < N; n++) {
+        float *row = dtable + (size_t)tokens[n] * d;
+        const float *g = dout + (size_t)n * d;
+        for (int i = 0; i < d; i++) row[i] += g[i];
+    }
+}
+
+// RMSNorm: out = gain * x / sqrt(mean(x^2) + eps). inp, out [N,d]; gain [d]; rstd [N] saved.
+static void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *gain, int N, int d) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * d;
+        float r = 1.0f / sqrtf(dot(x, x, d) / (float)d + RMSNORM_EPS);
+        rstd[n] = r;
+        float *y = out + (size_t)n * d;
+        for (int i = 0; i < d; i++) y[i] = gain[i] * x[i] * r;
+    }
+}
+
+// dx = r*(g*dy) - r^3/d * x * sum(g*dy*x);  dgain += sum over rows of dy * x * r.
+static void rmsnorm_backward(float *dinp, float *dgain, const float *dout, const float *inp,
+                             const float *gain, const float *rstd, int N, int d) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * d, *dy = dout + (size_t)n * d;
+        float r = rstd[n], proj = 0.0f;
+        for (int i = 0; i < d; i++) proj += gain[i] * dy[i] * x[i];
+        float c = proj * r * r * r / (float)d;
+        float *dx = dinp + (size_t)n * d;
+        for (int i = 0; i < d; i++) dx[i] += r * gain[i] * dy[i] - c * x[i];
+    }
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * d, *dy = dout + (size_t)n * d;
+        float r = rstd[n];
+        for (int i = 0; i < d; i++) dgain[i] += dy[i] * x[i] * r;
+    }
+}
+
+// out = inp · wᵀ. inp [N,C], w [OC,C], out [N,OC].
+static void matmul_forward(float *out, const float *inp, const float *w, int N, int C, int OC) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * C;
+        float *y = out + (size_t)n * OC;
+        for (int o = 0; o < OC; o++) y[o] = dot(x, w + (size_t)o * C, C);
+    }
+}
+
+// dinp += dout · w;  dw += doutᵀ · inp. The dw loop works on blocks of rows so that a block
+// of inp stays in cache while several output rows of dw use it.
+static void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp,
+                            const float *w, int N, int C, int OC) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *g = dout + (size_t)n * OC;
+        float *dx = dinp + (size_t)n * C;
+        for (int o = 0; o < OC; o++) {
+            float go = g[o];
+            const float *wo = w + (size_t)o * C;
+            for (int c = 0; c < C; c++) dx[c] += go * wo[c];
+        }
+    }
+    enum { ROWS_PER_BLOCK = 64, OUTS_PER_BLOCK = 8 };
+#pragma omp parallel for schedule(static)
+    for (int o0 = 0; o0 < OC; o0 += OUTS_PER_BLOCK) {
+        int o1 = o0 + OUTS_PER_BLOCK < OC ? o0 + OUTS_PER_BLOCK : OC;
+        for (int n0 = 0; n0 < N; n0 += ROWS_PER_BLOCK) {
+            int n1 = n0 + ROWS_PER_BLOCK < N ? n0 + ROWS_PER_BLOCK : N;
+            for (int o = o0; o < o1; o++) {
+                float *dwo = dw + (size_t)o * C;
+                for (int n = n0; n < n1; n++) {
+                    float go = dout[(size_t)n * OC + o];
+                    const float *x = inp + (size_t)n * C;
+                    for (int c = 0; c < C; c++) dwo[c] += go * x[c];
+                }
+            }
+        }
+    }
+}
+
+// Rotary position embedding tables: cos/sin [T_max, head_dim/2] of pos * theta^(-2i/head_dim).
+static void rope_tables(float *cos_table, float *sin_table, int T_max, int head_dim) {
+    int half = head_dim / 2;
+    for (int t = 0; t < T_max; t++)
+        for (int i = 0; i < half; i++) {
+            double angle = t * pow(ROPE_THETA, -2.0 * i / head_dim);
+            cos_table[t * half + i] = (float)cos(angle);
+            sin_table[t * half + i] = (float)sin(angle);
+        }
+}
+
+// RoPE in place on x [B,T,n_heads,head_dim]: rotates ADJACENT pairs (2i, 2i+1) of each head
+// by angle t * theta^(-2i/head_dim) (the Meta / llama2.c layout). sign = +1 applies the
+// rotation; sign = -1 applies its inverse, which is exactly the backward pass, because the
+// rotation is orthogonal: dx = Rᵀ dy.
+static void rope_rotate(float *x, const float *cos_table, const float *sin_table, int B, int T,
+                        int n_heads, int head_dim, float sign) {
+    int half = head_dim / 2;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++)
+            for (int h = 0; h < n_heads; h++) {
+                float *v = x + (((size_t)b * T + t) * n_heads + h) * head_dim;
+                for (int i = 0; i < half; i++) {
+                    float c = cos_table[t * half + i], s = sign * sin_table[t * half + i];
+                    float x0 = v[2 * i], x1 = v[2 * i + 1];
+                    v[2 * i] = x0 * c - x1 * s;
+                    v[2 * i + 1] = x0 * s + x1 * c;
+                }
+            }
+}
+
+static void rope_forward(float *x, const float *cos_table, const float *sin_table, int B, int T, int n_heads, int head_dim) {
+    rope_rotate(x, cos_table, sin_table, B, T, n_heads, head_dim, 1.0f);
+}
+
+static void rope_backward(float *dx, const float *cos_table, const float *sin_table, int B, int T, int n_heads, int head_dim) {
+    rope_rotate(dx, cos_table, sin_table, B, T, n_heads, head_dim, -1.0f);
+}
+
+// Causal attention with grouped KV heads: query head h reads KV head h / (H / KVH).
+// q [B,T,H,hd], k and v [B,T,KVH,hd], out [B,T,H,hd], att [B,H,T,T] (softmax probabilities;
+// only t2 <= t is written).
+static void attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
+                              int B, int T, int H, int KVH, int hd) {
+    float scale = 1.0f / sqrtf((float)hd);
+    int group = H / KVH;
+#pragma omp parallel for collapse(3) schedule(static)
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int t = 0; t < T; t++) {
+                const float *qt = q + (((size_t)b * T + t) * H + h) * hd;
+                float *p = att + (((size_t)b * H + h) * T + t) * T;
+                int kh = h / group;
+                float maxval = -FLT_MAX;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    p[t2] = dot(qt, k + (((size_t)b * T + t2) * KVH + kh) * hd, hd) * scale;
+                    if (p[t2] > maxval) maxval = p[t2];
+                }
+                float sum = 0.0f;
+                for (int t2 = 0; t2 <= t; t2++) { p[t2] = expf(p[t2] - maxval); sum += p[t2]; }
+                float inv = 1.0f / sum;
+                float *o = out + (((size_t)b * T + t) * H + h) * hd;
+                for (int i = 0; i < hd; i++) o[i] = 0.0f;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    p[t2] *= inv;
+                    const float *vt = v + (((size_t)b * T + t2) * KVH + kh) * hd;
+                    for (int i = 0; i < hd; i++) o[i] += p[t2] * vt[i];
+                }
+            }
+}
+
+// Backward of attention. With s = scaled scores and p = softmax(s):
+// dv[t2] += p[t2]·dout;  dp[t2] = dout·v[t2];  ds[t2] = p[t2]·(dp[t2] - Σ p·dp), and
+// Σ p·dp = dout·out (since out = Σ p·v), so no scratch row is needed.
+// dq += scale·Σ ds·k;  dk[t2] += scale·ds[t2]·q. Parallel over (b, KV head): each KV head's
+// dk, dv rows are written by one thread only.
+static void attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                               const float *att, const float *q, const float *k, const float *v,
+                               int B, int T, int H, int KVH, int hd) {
+    float scale = 1.0f / sqrtf((float)hd);
+    int group = H / KVH;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int b = 0; b < B; b++)
+        for (int kh = 0; kh < KVH; kh++)
+            for (int h = kh * group; h < (kh + 1) * group; h++)
+                for (int t = 0; t < T; t++) {
+                    size_t row = ((size_t)b * T + t) * H + h;
+                    const float *p = att + (((size_t)b * H + h) * T + t) * T;
+                    const float *go = dout + row * hd, *qt = q + row * hd;
+                    float *dqt = dq + row * hd;
+                    float p_dot_dp = dot(go, out + row * hd, hd);
+                    for (int t2 = 0; t2 <= t; t2++) {
+                        size_t kv_row = ((size_t)b * T + t2) * KVH + kh;
+                        const float *kt = k + kv_row * hd, *vt = v + kv_row * hd;
+                        float *dkt = dk + kv_row * hd, *dvt = dv + kv_row * hd;
+                        float ds = p[t2] * (dot(go, vt, hd) - p_dot_dp) * scale;
+                        for (int i = 0; i < hd; i++) {
+                            dvt[i] += p[t2] * go[i];
+                            dqt[i] += ds * kt[i];
+                            dkt[i] += ds * qt[i];
+                        }
+                    }
+                }
+}
+
+// SwiGLU: out = silu(gate) * up, silu(x) = x * sigmoid(x). All [n].
+static void swiglu_forward(float *out, const float *gate, const float *up, size_t n) {
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        float g = gate[i];
+        out[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+// dgate += dout·up·silu'(gate), silu'(x) = s(x)·(1 + x·(1 - s(x)));  dup += dout·silu(gate).
+static void swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate, const float *up, size_t n) {
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        float g = gate[i], s = 1.0f / (1.0f + expf(-g));
+        dgate[i] += dout[i] * up[i] * s * (1.0f + g * (1.0f - s));
+        dup[i] += dout[i] * g * s;
+    }
+}
+
+// Residual connection: out = a + b. All [n].
+static void residual_forward(float *out, const float *a, const float *b, size_t n) {
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
+}
+
+// da += dout; db += dout.
+static void residual_backward(float *da, float *db, const float *dout, size_t n) {
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) { da[i] += dout[i]; db[i] += dout[i]; }
+}
+
+// Softmax cross-entropy: probs [N,V] = softmax(logits), losses [N] = -log probs[target].
+static void crossentropy_forward(float *losses, float *probs, const float *logits, const int *targets, int N, int V) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *z = logits + (size_t)n * V;
+        float *p = probs + (size_t)n * V;
+        float maxval = -FLT_MAX;
+        for (int i = 0; i < V; i++) if (z[i] > maxval) maxval = z[i];
+        double sum = 0.0;
+        for (int i = 0; i < V; i++) { p[i] = expf(z[i] - maxval); sum += p[i]; }
+        float inv = (float)(1.0 / sum);
+        for (int i = 0; i < V; i++) p[i] *= inv;
+        losses[n] = (float)(log(sum) + maxval - z[targets[n]]);
+    }
+}
+
+// dlogits += dlosses[n] * (probs - onehot(target)).
+static void crossentropy_backward(float *dlogits, const float *dlosses, const float *probs, const int *targets, int N, int V) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *p = probs + (size_t)n * V;
+        float *dz = dlogits + (size_t)n * V;
+        for (int i = 0; i < V; i++) dz[i] += dlosses[n] * (p[i] - (i == targets[n] ? 1.0f : 0.0f));
+    }
+}
+
+/* ============================================================================
+ * Model: configuration, parameters and activations (each one contiguous block)
+ * ========================================================================== */
+
+typedef struct {
+    int vocab_size;  // V
+    int dim;         // d, the residual stream width
+    int n_layers;    // L
+    int n_heads;     // H query heads
+    int n_kv_heads;  // KVH key/value heads (divides H)
+    int ffn_dim;     // f, SwiGLU hidden width
+    int seq_len;     // T_max, context length
+} Config;
+
+// Parameter tensors, in storage order. Per-layer tensors hold all L layers back to back.
+enum {
+    PARAM_EMBED, PARAM_ATTN_NORM, PARAM_ATTN_Q, PARAM_ATTN_K, PARAM_ATTN_V, PARAM_ATTN_OUT,
+    PARAM_FFN_NORM, PARAM_FFN_GATE, PARAM_FFN_UP, PARAM_FFN_DOWN, PARAM_FINAL_NORM, PARAM_HEAD,
+    N_PARAM_TENSORS
+};
+static const char *param_names[N_PARAM_TENSORS] = {
+    "embed", "attn_norm", "attn_q", "attn_k", "attn_v", "attn_out",
+    "ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "final_norm", "head",
+};
+
+// One parameter tensor: `count` matrices of rows x cols (count = L for per-layer tensors;
+// a vector has rows = 1).
+typedef struct { int count, rows, cols; size_t offset; } ParamShape;
+
+// Activations of one forward pass, all views into one block. Per-layer tensors are [L, ...]
+// with a stride for the allocated batch; within a layer they are packed for the current B, T.
+typedef struct {
+    float *x;           // [L+1, N, d] residual stream entering block l; x[L] leaves the last block
+    float *attn_norm;   // [L, N, d]
+    float *attn_rstd;   // [L, N]
+    float *q;           // [L, N, d]      after RoPE
+    float *k;           // [L, N, kv_dim] after RoPE
+    float *v;           // [L, N, kv_dim]
+    float *att;         // [L, B, H, T, T] attention probabilities
+    float *attn_out;    // [L, N, d]      attention output, input of Wo
+    float *attn_proj;   // [L, N, d]      Wo · attn_out
+    float *x_mid;       // [L, N, d]      residual stream after attention
+    float *ffn_norm;    // [L, N, d]
+    float *ffn_rstd;    // [L, N]
+    float *ffn_gate;    // [L, N, f]      W1 · n
+    float *ffn_up;      // [L, N, f]      W3 · n
+    float *ffn_hidden;  // [L, N, f]      silu(gate) * up, input of W2
+    float *ffn_proj;    // [L, N, d]      W2 · hidden
+    float *final_norm;  // [N, d]
+    float *final_rstd;  // [N]
+    float *logits;      // [N, V]
+    float *probs;       // [N, V]
+    float *losses;      // [N]
+} Activations;
+#define N_ACTIVATION_TENSORS ((int)(sizeof(Activations) / sizeof(float *)))
+
+typedef struct {
+    Config cfg;
+    ParamShape shape[N_PARAM_TENSORS];
+    size_t n_params;
+    float *params;                       // all parameters, one block
+    float *grads;                        // same layout as params
+    int max_batch;                       // activations are allocated for [max_batch, seq_len]
+    size_t act_floats;
+    float *act_block, *dact_block;
+    Activations act, dact;               // values and their gradients, same layout
+    float *rope_cos, *rope_sin;          // [seq_len, head_dim/2]
+    int *inputs, *targets;               // [max_batch, seq_len]
+    int B, T;                            // shape of the last forward pass
+} Model;
+
+static int head_dim(const Config *c) { return c->dim / c->n_heads; }
+static int kv_dim(const Config *c) { return c->n_kv_heads * head_dim(c); }
+
+// Why a config is unusable, or NULL.
+static const char *config_problem(const Config *c) {
+    static char msg[256];
+    if (c->vocab_size < TOKEN_FIRST_PIECE || c->vocab_size > VOCAB_MAX) snprintf(msg, sizeof msg, "vocab size %d out of range [%d, %d]", c->vocab_size, TOKEN_FIRST_PIECE, VOCAB_MAX);
+    else if (c->dim < 2 || c->n_layers < 1 || c->n_heads < 1 || c->n_kv_heads < 1 || c->ffn_dim < 1 || c->seq_len < 2)
+        snprintf(msg, sizeof msg, "dim, layers, heads, kv-heads, ffn-dim must be positive and seq-len at least 2");
+    else if (c->dim % c->n_heads != 0) snprintf(msg, sizeof msg, "dim %d is not divisible by heads %d", c->dim, c->n_heads);
+    else if (c->n_heads % c->n_kv_heads != 0) snprintf(msg, sizeof msg, "heads %d is not divisible by kv-heads %d", c->n_heads, c->n_kv_heads);
+    else if (head_dim(c) % 2 != 0) snprintf(msg, sizeof msg, "head dim %d (dim / heads) must be even for RoPE", head_dim(c));
+    else if ((double)c->dim * c->ffn_dim * c->n_layers > 4e9 || (double)c->vocab_size * c->dim > 4e9 || c->seq_len > 65536)
+        snprintf(msg, sizeof msg, "model too large");
+    else return NULL;
+    return msg;
+}
+
+// Fills the parameter shapes and offsets for a config; returns the total parameter count.
+static size_t param_layout(ParamShape *shape, const Config *c) {
+    int L = c->n_layers, d = c->dim, f = c->ffn_dim, kvd = kv_dim(c);
+    ParamShape s[N_PARAM_TENSORS] = {
+        [PARAM_EMBED] = {1, c->vocab_size, d},
+        [PARAM_ATTN_NORM] = {L, 1, d},
+        [PARAM_ATTN_Q] = {L, d, d},
+        [PARAM_ATTN_K] = {L, kvd, d},
+        [PARAM_ATTN_V] = {L, kvd, d},
+        [PARAM_ATTN_OUT] = {L, d, d},
+        [PARAM_FFN_NORM] = {L, 1, d},
+        [PARAM_FFN_GATE] = {L, f, d},
+        [PARAM_FFN_UP] = {L, f, d},
+        [PARAM_FFN_DOWN] = {L, d, f},
+        [PARAM_FINAL_NORM] = {1, 1, d},
+        [PARAM_HEAD] = {1, c->vocab_size, d},
+    };
+    size_t offset = 0;
+    for (int i = 0; i < N_PARAM_TENSORS; i++) {
+        s[i].offset = offset;
+        offset += (size_t)s[i].count * s[i].rows * s[i].cols;
+        shape[i] = s[i];
+    }
+    return offset;
+}
+
+static size_t param_size(const Model *m, int i) { return (size_t)m->shape[i].count * m->shape[i].rows * m->shape[i].cols; }
+
+// Pointer to layer `layer` of parameter tensor i inside block (params or grads).
+static float *param_at(const Model *m, float *block, int i, int layer) {
+    return block + m->shape[i].offset + (size_t)layer * m->shape[i].rows * m->shape[i].cols;
+}
+
+// Lays out the activation views over block for batch B and context T; returns the float count.
+static size_t activation_layout(Activations *a, float *block, const Config *c, int B, int T) {
+    size_t N = (size_t)B * T, L = (size_t)c->n_layers, d = (size_t)c->dim, f = (size_t)c->ffn_dim;
+    size_t kvd = (size_t)kv_dim(c), V = (size_t)c->vocab_size, H = (size_t)c->n_heads;
+    size_t sizes[N_ACTIVATION_TENSORS] = {
+        (L + 1) * N * d, L * N * d, L * N, L * N * d, L * N * kvd, L * N * kvd, L * B * H * T * T,
+        L * N * d, L * N * d, L * N * d, L * N * d, L * N, L * N * f, L * N * f, L * N * f, L * N * d,
+        N * d, N, N * V, N * V, N,
+    };
+    float **views = (float **)a;
+    size_t total = 0;
+    for (int i = 0; i < N_ACTIVATION_TENSORS; i++) {
+        views[i] = block ? block + total : NULL;
+        total += sizes[i];
+    }
+    return total;
+}
+
+static void model_alloc(Model *m, const Config *c, int max_batch) {
+    memset(m, 0, sizeof *m);
+    m->cfg = *c;
+    m->n_params = param_layout(m->shape, c);
+    m->params = xcalloc(m->n_params, sizeof(float));
+    m->grads = xcalloc(m->n_params, sizeof(float));
+    m->max_batch = max_batch;
+    m->act_floats = activation_layout(&m->act, NULL, c, max_batch, c->seq_len);
+    m->act_block = xcalloc(m->act_floats, sizeof(float));
+    m->dact_block = xcalloc(m->act_floats, sizeof(float));
+    int half = head_dim(c) / 2;
+    m->rope_cos = xmalloc(sizeof(float) * (size_t)c->seq_len * half);
+    m->rope_sin = xmalloc(sizeof(float) * (size_t)c->seq_len * half);
+    rope_tables(m->rope_cos, m->rope_sin, c->seq_len, head_dim(c));
+    m->inputs = xcalloc((size_t)max_batch * c->seq_len, sizeof(int));
+    m->targets = xcalloc((size_t)max_batch * c->seq_len, sizeof(int));
+}
+
+static void model_free(Model *m) {
+    free(m->params); free(m->grads); free(m->act_block); free(m->dact_block);
+    free(m->rope_cos); free(m->rope_sin); free(m->inputs); free(m->targets);
+    memset(m, 0, sizeof *m);
+}
+
+// Initialization (OSP-SPEC.md section 1): N(0, 0.02) for all matrices, Wo and W2 further
+// scaled by 1/sqrt(2L) (their outputs add into the residual stream L times each); norm gains 1.
+static void model_init(Model *m, uint64_t seed) {
+    uint64_t rng = seed ^ 0x5EEDBA5Eull;   // init and batch sampling draw from different streams
+    float out_scale = 1.0f / sqrtf(2.0f * (float)m->cfg.n_layers);
+    for (int i = 0; i < N_PARAM_TENSORS; i++) {
+        float *p = m->params + m->shape[i].offset;
+        size_t n = param_size(m, i);
+        bool is_norm = m->shape[i].rows == 1;
+        float std = 0.02f * ((i == PARAM_ATTN_OUT || i == PARAM_FFN_DOWN) ? out_scale : 1.0f);
+        for (size_t j = 0; j < n; j++) p[j] = is_norm ? 1.0f : std * rng_normal(&rng);
+    }
+}
+
+// Forward pass over inputs [B,T] (copied into m->inputs). With targets, returns the mean
+// cross-entropy loss; without, computes logits only and returns 0.
+static float model_forward(Model *m, const int *inputs, const int *targets, int B, int T) {
+    const Config *c = &m->cfg;
+    int d = c->dim, f = c->ffn_dim, H = c->n_heads, KVH = c->n_kv_heads, hd = head_dim(c), kvd = kv_dim(c);
+    int N = B * T;
+    m->B = B; m->T = T;
+    activation_layout(&m->act, m->act_block, c, B, T);
+    memcpy(m->inputs, inputs, sizeof(int) * (size_t)N);
+    if (targets) memcpy(m->targets, targets, sizeof(int) * (size_t)N);
+    Activations *a = &m->act;
+    size_t Nd = (size_t)N * d, Nkv = (size_t)N * kvd, Nf = (size_t)N * f;
+    float *P = m->params;
+
+    embedding_forward(a->x, m->inputs, param_at(m, P, PARAM_EMBED, 0), N, d);
+    for (int l = 0; l < c->n_layers; l++) {
+        float *x = a->x + l * Nd, *xn = a->attn_norm + l * Nd, *q = a->q + l * Nd;
+        float *k = a->k + l * Nkv, *v = a->v + l * Nkv, *ao = a->attn_out + l * Nd;
+        float *ap = a->attn_proj + l * Nd, *xm = a->x_mid + l * Nd, *fn = a->ffn_norm + l * Nd;
+        float *gate = a->ffn_gate + l * Nf, *up = a->ffn_up + l * Nf, *hid = a->ffn_hidden + l * Nf;
+        float *fp = a->ffn_proj + l * Nd;
+        rmsnorm_forward(xn, a->attn_rstd + (size_t)l * N, x, param_at(m, P, PARAM_ATTN_NORM, l), N, d);
+        matmul_forward(q, xn, param_at(m, P, PARAM_ATTN_Q, l), N, d, d);
+        matmul_forward(k, xn, param_at(m, P, PARAM_ATTN_K, l), N, d, kvd);
+        matmul_forward(v, xn, param_at(m, P, PARAM_ATTN_V, l), N, d, kvd);
+        rope_forward(q, m->rope_cos, m->rope_sin, B, T, H, hd);
+        rope_forward(k, m->rope_cos, m->rope_sin, B, T, KVH, hd);
+        attention_forward(ao, a->att + (size_t)l * B * H * T * T, q, k, v, B, T, H, KVH, hd);
+        matmul_forward(ap, ao, param_at(m, P, PARAM_ATTN_OUT, l), N, d, d);
+        residual_forward(xm, x, ap, Nd);
+        rmsnorm_forward(fn, a->ffn_rstd + (size_t)l * N, xm, param_at(m, P, PARAM_FFN_NORM, l), N, d);
+        matmul_forward(gate, fn, param_at(m, P, PARAM_FFN_GATE, l), N, d, f);
+        matmul_forward(up, fn, param_at(m, P, PARAM_FFN_UP, l), N, d, f);
+        swiglu_forward(hid, gate, up, Nf);
+        matmul_forward(fp, hid, param_at(m, P, PARAM_FFN_DOWN, l), N, f, d);
+        residual_forward(a->x + (l + 1) * Nd, xm, fp, Nd);
+    }
+    rmsnorm_forward(a->final_norm, a->final_rstd, a->x + c->n_layers * Nd, param_at(m, P, PARAM_FINAL_NORM, 0), N, d);
+    matmul_forward(a->logits, a->final_norm, param_at(m, P, PARAM_HEAD, 0), N, d, c->vocab_size);
+    if (!targets) return 0.0f;
+    crossentropy_forward(a->losses, a->probs, a->logits, m->targets, N, c->vocab_size);
+    double sum = 0.0;
+    for (int n = 0; n < N; n++) sum += a->losses[n];
+    return (float)(sum / N);
+}
+
+// Backward pass of the mean loss of the last forward (which must have had targets):
+// fills m->grads.
+static void model_backward(Model *m) {
+    const Config *c = &m->cfg;
+    int B = m->B, T = m->T, N = B * T;
+    int d = c->dim, f = c->ffn_dim, H = c->n_heads, KVH = c->n_kv_heads, hd = head_dim(c), kvd = kv_dim(c);
+    size_t Nd = (size_t)N * d, Nkv = (size_t)N * kvd, Nf = (size_t)N * f;
+    memset(m->grads, 0, sizeof(float) * m->n_params);
+    size_t used = activation_layout(&m->dact, m->dact_block, c, B, T);
+    memset(m->dact_block, 0, sizeof(float) * used);
+    Activations *a = &m->act, *g = &m->dact;
+    float *P = m->params, *G = m->grads;
+
+    for (int n = 0; n < N; n++) g->losses[n] = 1.0f / (float)N;
+    crossentropy_backward(g->logits, g->losses, a->probs, m->targets, N, c->vocab_size);
+    matmul_backward(g->final_norm, param_at(m, G, PARAM_HEAD, 0), g->logits, a->final_norm,
+                    param_at(m, P, PARAM_HEAD, 0), N, d, c->vocab_size);
+    rmsnorm_backward(g->x + c->n_layers * Nd, param_at(m, G, PARAM_FINAL_NORM, 0), g->final_norm,
+                     a->x + c->n_layers * Nd, param_at(m, P, PARAM_FINAL_NORM, 0), a->final_rstd, N, d);
+    for (int l = c->n_layers - 1; l >= 0; l--) {
+        size_t ln = (size_t)l * N;
+        residual_backward(g->x_mid + l * Nd, g->ffn_proj + l * Nd, g->x + (l + 1) * Nd, Nd);
+        matmul_backward(g->ffn_hidden + l * Nf, param_at(m, G, PARAM_FFN_DOWN, l), g->ffn_proj + l * Nd,
+                        a->ffn_hidden + l * Nf, param_at(m, P, PARAM_FFN_DOWN, l), N, f, d);
+        swiglu_backward(g->ffn_gate + l * Nf, g->ffn_up + l * Nf, g->ffn_hidden + l * Nf,
+                        a->ffn_gate + l * Nf, a->ffn_up + l * Nf, Nf);
+        matmul_backward(g->ffn_norm + l * Nd, param_at(m, G, PARAM_FFN_GATE, l), g->ffn_gate + l * Nf,
+                        a->ffn_norm + l * Nd, param_at(m, P, PARAM_FFN_GATE, l), N, d, f);
+        matmul_backward(g->ffn_norm + l * Nd, param_at(m, G, PARAM_FFN_UP, l), g->ffn_up + l * Nf,
+                        a->ffn_norm + l * Nd, param_at(m, P, PARAM_FFN_UP, l), N, d, f);
+        rmsnorm_backward(g->x_mid + l * Nd, param_at(m, G, PARAM_FFN_NORM, l), g->ffn_norm + l * Nd,
+                         a->x_mid + l * Nd, param_at(m, P, PARAM_FFN_NORM, l), a->ffn_rstd + ln, N, d);
+        residual_backward(g->x + l * Nd, g->attn_proj + l * Nd, g->x_mid + l * Nd, Nd);
+        matmul_backward(g->attn_out + l * Nd, param_at(m, G, PARAM_ATTN_OUT, l), g->attn_proj + l * Nd,
+                        a->attn_out + l * Nd, param_at(m, P, PARAM_ATTN_OUT, l), N, d, d);
+        attention_backward(g->q + l * Nd, g->k + l * Nkv, g->v + l * Nkv, g->attn_out + l * Nd, a->attn_out + l * Nd,
+                           a->att + ln * H * T, a->q + l * Nd, a->k + l * Nkv, a->v + l * Nkv, B, T, H, KVH, hd);
+        rope_backward(g->q + l * Nd, m->rope_cos, m->rope_sin, B, T, H, hd);
+        rope_backward(g->k + l * Nkv, m->rope_cos, m->rope_sin, B, T, KVH, hd);
+        matmul_backward(g->attn_norm + l * Nd, param_at(m, G, PARAM_ATTN_Q, l), g->q + l * Nd,
+                        a->attn_norm + l * Nd, param_at(m, P, PARAM_ATTN_Q, l), N, d, d);
+        matmul_backward(g->attn_norm + l * Nd, param_at(m, G, PARAM_ATTN_K, l), g->k + l * Nkv,
+                        a->attn_norm + l * Nd, param_at(m, P, PARAM_ATTN_K, l), N, d, kvd);
+        matmul_backward(g->attn_norm + l * Nd, param_at(m, G, PARAM_ATTN_V, l), g->v + l * Nkv,
+                        a->attn_norm + l * Nd, param_at(m, P, PARAM_ATTN_V, l), N, d, kvd);
+        rmsnorm_backward(g->x + l * Nd, param_at(m, G, PARAM_ATTN_NORM, l), g->attn_norm + l * Nd,
+                         a->x + l * Nd, param_at(m, P, PARAM_ATTN_NORM, l), a->attn_rstd + ln, N, d);
+    }
+    embedding_backward(param_at(m, G, PARAM_EMBED, 0), g->x, m->inputs, N, d);
+}
+
+// FLOPs of one training step on B x T tokens: 6 per matmul weight per token (forward 2,
+// backward 4; every parameter but the embedding table sits in a matmul) plus attention's
+// QKᵀ and PV products over the causal half (2 products x 2 FLOPs x 3 for fwd+bwd).
+static double model_flops_per_step(const Model *m, int B, int T) {
+    double matmul_params = (double)(m->n_params - param_size(m, PARAM_EMBED));
+    for (int i = 0; i < N_PARAM_TENSORS; i++) if (m->shape[i].rows == 1) matmul_params -= (double)param_size(m, i);
+    double attention = 12.0 * m->cfg.n_layers * m->cfg.n_heads * head_dim(&m->cfg) * (T * (T + 1) / 2.0);
+    return (double)B * (6.0 * matmul_params * T + attention);
+}
+
+/* ============================================================================
+ * Optimizer: AdamW with decoupled weight decay, global-norm clipping, and the OSP schedule
+ * ========================================================================== */
+
+typedef struct {
+    float lr;            // peak learning rate
+    float weight_decay;  // decoupled: w -= lr * wd * w
+    float beta1, beta2, eps;
+    float grad_clip;     // clip the global gradient norm to this; 0 = off
+    int warmup;          // linear warmup steps
+    int steps;           // total steps (the schedule decays over the last 20%)
+} OptimConfig;
+
+// Learning rate at step s (0-based): linear warmup to lr, constant, then linear decay to 0
+// over the last 20% of steps (OSP-SPEC.md section 3).
+static float lr_schedule(const OptimConfig *o, int s) {
+    int decay_start = o->steps - o->steps / 5;
+    if (s < o->warmup) return o->lr * (float)(s + 1) / (float)o->warmup;
+    if (s >= decay_start) return o->lr * (float)(o->steps - s) / (float)(o->steps - decay_start);
+    return o->lr;
+}
+
+// Scales grads so that their global L2 norm is at most max_norm; returns the norm before.
+static float clip_grad_norm(float *grads, size_t n, float max_norm) {
+    double sum = 0.0;
+    for (size_t i = 0; i < n; i++) sum += (double)grads[i] * grads[i];
+    float norm = (float)sqrt(sum);
+    if (max_norm > 0.0f && norm > max_norm) {
+        float scale = max_norm / norm;
+        for (size_t i = 0; i < n; i++) grads[i] *= scale;
+    }
+    return norm;
+}
+
+// One AdamW step (t = 1-based step count) on n parameters with moments m, v:
+// m = b1·m + (1-b1)·g;  v = b2·v + (1-b2)·g²;  w -= lr·(m̂ / (sqrt(v̂) + eps) + wd·w),
+// with bias-corrected m̂ = m / (1 - b1^t), v̂ = v / (1 - b2^t). Weight decay applies to every
+// parameter, norm gains included, as OSP-SPEC.md writes the update.
+static void adamw_update(float *params, const float *grads, float *m, float *v, size_t n,
+                         const OptimConfig *o, float lr, int t) {
+    float c1 = 1.0f - powf(o->beta1, (float)t), c2 = 1.0f - powf(o->beta2, (float)t);
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        float g = grads[i];
+        m[i] = o->beta1 * m[i] + (1.0f - o->beta1) * g;
+        v[i] = o->beta2 * v[i] + (1.0f - o->beta2) * g * g;
+        float mhat = m[i] / c1, vhat = v[i] / c2;
+        params[i] -= lr * (mhat / (sqrtf(vhat) + o->eps) + o->weight_decay * params[i]);
+    }
+}
+
+/* ============================================================================
+ * Checkpoints
+ *
+ * Little-endian binary:
+ *   char magic[4] "OSPC"; uint32 version (1)
+ *   int32 vocab_size, dim, n_layers, n_heads, n_kv_heads, ffn_dim, seq_len
+ *   int32 batch, steps, warmup, step (steps completed), has_optimizer_state (0/1)
+ *   float32 lr, weight_decay, beta1, beta2, eps, grad_clip
+ *   uint64 seed, rng_state (the data loader's generator after `step` steps)
+ *   float32 params[n_params]            (tensors in the order of param_names, layers back to back)
+ *   float32 adam_m[n_params], adam_v[n_params]   (if has_optimizer_state)
+ * ========================================================================== */
+
+#define CKPT_MAGIC "OSPC"
+#define CKPT_VERSION 1u
+
+typedef struct {
+    Config cfg;
+    OptimConfig opt;
+    int batch;
+    int step;             // completed steps
+    uint64_t seed, rng;   // rng: the batch sampler's state
+} TrainState;
+
+static bool checkpoint_save(const char *path, const TrainState *s, const Model *m, const float *adam_m, const float *adam_v) {
+    AtomicFile af;
+    if (!atomic_open(&af, path)) return false;
+    uint32_t version = CKPT_VERSION;
+    int32_t ints[12] = {s->cfg.vocab_size, s->cfg.dim, s->cfg.n_layers, s->cfg.n_heads, s->cfg.n_kv_heads,
+                        s->cfg.ffn_dim, s->cfg.seq_len, s->batch, s->opt.steps, s->opt.warmup, s->step, adam_m != NULL};
+    float floats[6] = {s->opt.lr, s->opt.weight_decay, s->opt.beta1, s->opt.beta2, s->opt.eps, s->opt.grad_clip};
+    uint64_t u64[2] = {s->seed, s->rng};
+    atomic_write(&af, CKPT_MAGIC, 4);
+    atomic_write(&af, &version, 4);
+    atomic_write(&af, ints, sizeof ints);
+    atomic_write(&af, floats, sizeof floats);
+    atomic_write(&af, u64, sizeof u64);
+    atomic_write(&af, m->params, sizeof(float) * m->n_params);
+    if (adam_m) {
+        atomic_write(&af, adam_m, sizeof(float) * m->n_params);
+        atomic_write(&af, adam_v, sizeof(float) * m->n_params);
+    }
+    return atomic_close(&af);
+}
+
+// Loads a checkpoint: fills s, allocates m for max_batch (0: the checkpoint's batch), and
+// returns the optimizer moments in *adam_m, *adam_v if asked for and present (else NULL).
+static bool checkpoint_load(const char *path, TrainState *s, Model *m, int max_batch, float **adam_m, float **adam_v) {
+    size_t size;
+    unsigned char *data = read_file(path, &size);
+    if (!data) return false;
+    Reader r = {data, size, 0, false};
+    char magic[4];
+    uint32_t version;
+    int32_t ints[12];
+    float floats[6];
+    uint64_t u64[2];
+    reader_get(&r, magic, 4);
+    reader_get(&r, &version, 4);
+    reader_get(&r, ints, sizeof ints);
+    reader_get(&r, floats, sizeof floats);
+    reader_get(&r, u64, sizeof u64);
+    bool ok = true;
+    memset(s, 0, sizeof *s);
+    s->cfg = (Config){ints[0], ints[1], ints[2], ints[3], ints[4], ints[5], ints[6]};
+    s->batch = ints[7];
+    s->opt = (OptimConfig){floats[0], floats[1], floats[2], floats[3], floats[4], floats[5], ints[9], ints[8]};
+    s->step = ints[10];
+    s->seed = u64[0]; s->rng = u64[1];
+    bool has_opt = ints[11] != 0;
+    const char *problem = NULL;
+    if (r.short_read && size < 4) ok = fail("'%s' is truncated (%zu bytes)", path, size);
+    else if (memcmp(magic, CKPT_MAGIC, 4) != 0) ok = fail("'%s' is not an osp checkpoint (bad magic)", path);
+    else if (r.short_read) ok = fail("'%s' is truncated: the header is incomplete", path);
+    else if (version != CKPT_VERSION) ok = fail("'%s' has checkpoint version %u; this osp reads version %u", path, version, CKPT_VERSION);
+    else if ((problem = config_problem(&s->cfg))) ok = fail("'%s' has a bad model config: %s", path, problem);
+    else if (s->batch < 1 || s->step < 0 || s->opt.steps < s->step) ok = fail("'%s' has a bad training state (batch %d, step %d of %d)", path, s->batch, s->step, s->opt.steps);
+    if (!ok) { free(data); return false; }
+    size_t n_params = param_layout((ParamShape[N_PARAM_TENSORS]){0}, &s->cfg);
+    size_t expected = r.pos + sizeof(float) * n_params * (has_opt ? 3 : 1);
+    if (size != expected) {
+        free(data);
+        return fail("'%s' is %s: expected %zu bytes for this config, found %zu", path, size < expected ? "truncated" : "corrupt", expected, size);
+    }
+    model_alloc(m, &s->cfg, max_batch > 0 ? max_batch : s->batch);
+    reader_get(&r, m->params, sizeof(float) * n_params);
+    if (adam_m) {
+        *adam_m = *adam_v = NULL;
+        if (has_opt) {
+            *adam_m = xmalloc(sizeof(float) * n_params);
+            *adam_v = xmalloc(sizeof(float) * n_params);
+            reader_get(&r, *adam_m, sizeof(float) * n_params);
+            reader_get(&r, *adam_v, sizeof(float) * n_params);
+        }
+    }
+    free(data);
+    return true;
+}
+
+/* ============================================================================
+ * Training
+ * ========================================================================== */
+
+typedef struct {
+    TrainState state;
+    Model model;
+    float *adam_m, *adam_v;
+    TokenData train, val;
+    int *inputs, *targets;   // [batch, seq_len]
+} Trainer;
+
+// Mean loss over the validation tokens in non-overlapping windows of seq_len (up to
+// max_windows windows; 0 = all), evaluated max_batch windows at a time.
+static float evaluate_loss(Model *m, const TokenData *val, int max_windows) {
+    int T = m->cfg.seq_len;
+    long windows = (long)((val->n - 1) / (size_t)T);
+    if (max_windows > 0 && windows > max_windows) windows = max_windows;
+    if (windows < 1) return NAN;
+    int *inputs = xmalloc(sizeof(int) * (size_t)m->max_batch * T);
+    int *targets = xmalloc(sizeof(int) * (size_t)m->max_batch * T);
+    double total = 0.0;
+    for (long w0 = 0; w0 < windows; w0 += m->max_batch) {
+        int B = (int)(windows - w0 < m->max_batch ? windows - w0 : m->max_batch);
+        for (int b = 0; b < B; b++)
+            for (int t = 0; t < T; t++) {
+                size_t pos = (size_t)(w0 + b) * T + (size_t)t;
+                inputs[b * T + t] = val->tokens[pos];
+                targets[b * T + t] = val->tokens[pos + 1];
+            }
+        total += (double)model_forward(m, inputs, targets, B, T) * B;
+    }
+    free(inputs); free(targets);
+    return (float)(total / (double)windows);
+}
+
+// One optimizer step on the next training batch; returns the loss before the update (NaN or
+// Inf is returned as is, before any parameter changes).
+static float train_step(Trainer *tr, float *grad_norm) {
+    TrainState *s = &tr->state;
+    Model *m = &tr->model;
+    int B = s->batch, T = s->cfg.seq_len;
+    data_next_batch(&tr->train, &s->rng, B, T, tr->inputs, tr->targets);
+    float loss = model_forward(m, tr->inputs, tr->targets, B, T);
+    if (!isfinite(loss)) return loss;
+    model_backward(m);
+    *grad_norm = clip_grad_norm(m->grads, m->n_params, s->opt.grad_clip);
+    adamw_update(m->params, m->grads, tr->adam_m, tr->adam_v, m->n_params, &s->opt, lr_schedule(&s->opt, s->step), s->step + 1);
+    s->step++;
+    return loss;
+}
+
+// Sets up a fresh run: model initialized from the seed, zero optimizer state.
+static void trainer_init(Trainer *tr, const TrainState *s) {
+    tr->state = *s;
+    model_alloc(&tr->model, &s->cfg, s->batch);
+    model_init(&tr->model, s->seed);
+    tr->adam_m = xcalloc(tr->model.n_params, sizeof(float));
+    tr->adam_v = xcalloc(tr->model.n_params, sizeof(float));
+    tr->inputs = xmalloc(sizeof(int) * (size_t)s->batch * s->cfg.seq_len);
+    tr->targets = xmalloc(sizeof(int) * (size_t)s->batch * s->cfg.seq_len);
+}
+
+// Continues a run from a checkpoint (which must hold optimizer state).
+static bool trainer_resume(Trainer *tr, const char *path) {
+    if (!checkpoint_load(path, &tr->state, &tr->model, 0, &tr->adam_m, &tr->adam_v)) return false;
+    if (!tr->adam_m) { model_free(&tr->model); return fail("'%s' has no optimizer state to resume from", path); }
+    tr->inputs = xmalloc(sizeof(int) * (size_t)tr->state.batch * tr->state.cfg.seq_len);
+    tr->targets = xmalloc(sizeof(int) * (size_t)tr->state.batch * tr->state.cfg.seq_len);
+    return true;
+}
+
+static void trainer_free(Trainer *tr) {
+    model_free(&tr->model);
+    free(tr->adam_m); free(tr->adam_v); free(tr->inputs); free(tr->targets);
+    free(tr->train.tokens); free(tr->val.tokens);
+    memset(tr, 0, sizeof *tr);
+}
+
+/* ============================================================================
+ * Sampling
+ * ========================================================================== */
+
+typedef struct { float prob; int id; } ProbId;
+
+static int compare_prob_desc(const void *a, const void *b) {
+    float x = ((const ProbId *)a)->prob, y = ((const ProbId *)b)->prob;
+    return (x < y) - (x > y);
+}
+
+// Samples a token from logits [V] at a temperature (0 = greedy) with nucleus (top-p) cutoff.
+static int sample_token(const float *logits, int V, float temperature, float top_p, uint64_t *rng, ProbId *scratch) {
+    int best = 0;
+    for (int i = 1; i < V; i++) if (logits[i] > logits[best]) best = i;
+    if (temperature <= 0.0f) return best;
+    double sum = 0.0;
+    for (int i = 0; i < V; i++) {
+        scratch[i].prob = expf((logits[i] - logits[best]) / temperature);
+        scratch[i].id = i;
+        sum += scratch[i].prob;
+    }
+    qsort(scratch, (size_t)V, sizeof(ProbId), compare_prob_desc);
+    double kept = 0.0;
+    int n = 0;
+    while (n < V && (n == 0 || kept < top_p * sum)) kept += scratch[n++].prob;
+    double r = rng_uniform(rng) * kept;
+    for (int i = 0; i < n; i++) {
+        r -= scratch[i].prob;
+        if (r <= 0.0) return scratch[i].id;
+    }
+    return scratch[n - 1].id;
+}
+
+// Writes the prompt and n_new sampled tokens to out. The context is the last seq_len tokens;
+// each step recomputes the whole window (simple, and fast enough at these sizes).
+static void generate(Model *m, const Tokenizer *tok, const char *prompt, int n_new, float temperature,
+                     float top_p, uint64_t seed, FILE *out) {
+    size_t plen = strlen(prompt);
+    int *tokens = xmalloc(sizeof(int) * (plen + (size_t)n_new + 1));
+    int n = tokenizer_encode(tok, (const unsigned char *)prompt, plen, tokens);
+    if (n == 0) tokens[n++] = TOKEN_BOS;   // an empty prompt starts from <s>
+    fputs(prompt, out);
+    ProbId *scratch = xmalloc(sizeof(ProbId) * (size_t)m->cfg.vocab_size);
+    uint64_t rng = seed;
+    char byte_buf[1];
+    for (int i = 0; i < n_new; i++) {
+        int T = n < m->cfg.seq_len ? n : m->cfg.seq_len;
+        model_forward(m, tokens + n - T, NULL, 1, T);
+        int next = sample_token(m->act.logits + (size_t)(T - 1) * m->cfg.vocab_size, m->cfg.vocab_size, temperature, top_p, &rng, scratch);
+        tokens[n++] = next;
+        int len;
+        const char *piece = tokenizer_decode(tok, next, &len, byte_buf);
+        fwrite(piece, 1, (size_t)len, out);
+        fflush(out);
+    }
+    fputc('\n', out);
+    free(scratch); free(tokens);
+}
+
+/* ============================================================================
+ * Command line
+ * ========================================================================== */
+#ifndef TESTING
+
+// Strict number parsing: the whole string must be a number within [lo, hi].
+static long parse_int(const char *flag, const char *s, long lo, long hi) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || end == s || *end) die("%s expects an integer, got '%s'", flag, s);
+    if (v < lo || v > hi) die("%s must be in [%ld, %ld], got %ld", flag, lo, hi, v);
+    return v;
+}
+
+static float parse_float(const char *flag, const char *s, double lo, double hi) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || *end || !isfinite(v)) die("%s expects a number, got '%s'", flag, s);
+    if (v < lo || v > hi) die("%s must be in [%g, %g], got %g", flag, lo, hi, v);
+    return (float)v;
+}
+
+static uint64_t parse_u64(const char *flag, const char *s) {
+    char *end;
+    errno = 0;
+    if (*s == '-') die("%s expects a non-negative integer, got '%s'", flag, s);
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || end == s || *end) die("%s expects a non-negative integer, got '%s'", flag, s);
+    return (uint64_t)v;
+}
+
+// Argument cursor: flags come as "--name value" pairs, positionals as bare words.
+typedef struct { int argc, i; char **argv; const char *command; } Args;
+
+static bool wants_help(int argc, char **argv) {
+    for (int i = 0; i < argc; i++) if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) return true;
+    return false;
+}
+
+static const char *flag_value(Args *a) {
+    if (a->i + 1 >= a->argc) die("%s needs a value (see ./osp %s --help)", a->argv[a->i], a->command);
+    return a->argv[++a->i];
+}
+
+static void unknown_flag(const Args *a) {
+    die("unknown argument '%s' for 'osp %s' (see ./osp %s --help)", a->argv[a->i], a->command, a->command);
+}
+
+static void load_tokenizer_or_die(Tokenizer *t, const char *path) {
+    if (!tokenizer_load(t, path)) die("%s", osp_error);
+}
+
+// ---------------------------------------------------------------- osp tokenizer
+static const char *tokenizer_help =
+    "usage: ./osp tokenizer --input TEXT [--vocab N] [--out FILE]\n"
+    "Trains the byte-fallback BPE tokenizer on a text file and writes it in llama2.c's\n"
+    "tokenizer.bin format.\n"
+    "  --input FILE   text to train on (required)\n"
+    "  --vocab N      vocabulary size, %d..%d (default 512)\n"
+    "  --out FILE     output (default tokenizer.bin)\n";
+
+static int cmd_tokenizer(int argc, char **argv) {
+    Args a = {argc, 0, argv, "tokenizer"};
+    const char *input = NULL, *out = "tokenizer.bin";
+    int vocab = 512;
+    for (a.i = 0; a.i < argc; a.i++) {
+        const char *f = argv[a.i];
+        if (!strcmp(f, "--input")) input = flag_value(&a);
+        else if (!strcmp(f, "--vocab")) vocab = (int)parse_int(f, flag_value(&a), TOKEN_FIRST_PIECE + 1, VOCAB_MAX);
+        else if (!strcmp(f, "--out")) out = flag_value(&a);
+        else unknown_flag(&a);
+    }
+    if (!input) die("--input is required (see ./osp tokenizer --help)");
+    size_t n;
+    unsigned char *text = read_file(input, &n);
+    if (!text) die("%s", osp_error);
+    double t0 = now_seconds();
+    Tokenizer t;
+    int n_chars = tokenizer_train(&t, text, n, vocab);
+    if (!tokenizer_save(&t, out)) die("%s", osp_error);
+    int *ids = xmalloc(sizeof(int) * (n ? n : 1));
+    int count = tokenizer_encode(&t, text, n, ids);
+    printf("wrote %s: %d tokens (%d characters, %d merges); %zu bytes of text -> %d tokens (%.2f bytes/token) in %.1f s\n",
+           out, t.vocab_size, n_chars, t.vocab_size - TOKEN_FIRST_PIECE - n_chars, n, count,
+           count ? (double)n / count : 0.0, now_seconds() - t0);
+    free(ids); free(text);
+    tokenizer_free(&t);
+    return 0;
+}
+
+// ---------------------------------------------------------------- osp prepare
+static const char *prepare_help =
+    "usage: ./osp prepare --input TEXT [--tokenizer FILE] [--train FILE] [--val FILE]\n"
+    "Encodes a text file and writes the first 90%% of its tokens as the training split and\n"
+    "the last 10%% as the validation split.\n"
+    "  --input FILE      text (required)\n"
+    "  --tokenizer FILE  default tokenizer.bin\n"
+    "  --train FILE      default data/train.bin\n"
+    "  --val FILE        default data/val.bin\n";
+
+static int cmd_prepare(int argc, char **argv) {
+    Args a = {argc, 0, argv, "prepare"};
+    const char *input = NULL, *tok_path = "tokenizer.bin", *train = "data/train.bin", *val = "data/val.bin";
+    for (a.i = 0; a.i < argc; a.i++) {
+        const char *f = argv[a.i];
+        if (!strcmp(f, "--input")) input = flag_value(&a);
+        else if (!strcmp(f, "--tokenizer")) tok_path = flag_value(&a);
+        else if (!strcmp(f, "--train")) train = flag_value(&a);
+        else if (!strcmp(f, "--val")) val = flag_value(&a);
+        else unknown_flag(&a);
+    }
+    if (!input) die("--input is required (see ./osp prepare --help)");
+    Tokenizer t;
+    load_tokenizer_or_die(&t, tok_path);
+    size_t n;
+    unsigned char *text = read_file(input, &n);
+    if (!text) die("%s", osp_error);
+    int *ids = xmalloc(sizeof(int) * (n ? n : 1));
+    int count = tokenizer_encode(&t, text, n, ids);
+    int n_train = (int)((long long)count * 9 / 10);
+    if (n_train < 2 || count - n_train < 2) die("'%s' is too short to split (%d tokens)", input, count);
+    if (!tokens_save(train, ids, (size_t)n_train, t.vocab_size) ||
+        !tokens_save(val, ids + n_train, (size_t)(count - n_train), t.vocab_size)) die("%s", osp_error);
+    printf("%s: %zu bytes -> %d tokens; wrote %s (%d tokens) and %s (%d tokens)\n",
+           input, n, count, train, n_train, val, count - n_train);
+    free(ids); free(text);
+    tokenizer_free(&t);
+    return 0;
+}
+
+// ---------------------------------------------------------------- osp train
+static const char *train_help =
+    "usage: ./osp train [flags]\n"
+    "Trains a Llama with AdamW on token files made by 'make data'. Prints step, loss, lr,\n"
+    "ms/step, tokens/s, GFLOP/s and time left; evaluates and checkpoints every --eval-every steps.\n"
+    "model (fixed by the checkpoint when resuming):\n"
+    "  --dim N          residual width (default 128)\n"
+    "  --layers N       blocks (default 4)\n"
+    "  --heads N        query heads (default 4)\n"
+    "  --kv-heads N     key/value heads, divides --heads (default 4)\n"
+    "  --ffn-dim N      SwiGLU hidden width (default 512)\n"
+    "  --seq-len N      context length (default 128)\n"
+    "optimization (fixed by the checkpoint when resuming, except --steps):\n"
+    "  --batch N        sequences per step (default 16)\n"
+    "  --steps N        total steps (default 500)\n"
+    "  --lr F           peak learning rate (default 3e-3)\n"
+    "  --warmup N       linear warmup steps (default 50)\n"
+    "  --wd F           decoupled weight decay (default 0.01)\n"
+    "  --grad-clip F    global gradient-norm clip, 0 = off (default 1.0)\n"
+    "  --seed N         initialization and batch-sampling seed (default 1337)\n"
+    "run:\n"
+    "  --train FILE     training tokens (default data/train.bin)\n"
+    "  --val FILE       validation tokens (default data/val.bin)\n"
+    "  --tokenizer FILE checked against the data's vocab (default tokenizer.bin)\n"
+    "  --out FILE       checkpoint to write (default model.ckpt)\n"
+    "  --resume FILE    continue from a checkpoint; losses match an uninterrupted run\n"
+    "  --eval-every N   validate and checkpoint every N steps, 0 = only at the end (default 100)\n"
+    "  --val-windows N  validation windows of seq-len tokens, 0 = all (default 128)\n"
+    "  --log-every N    print every N steps (default 10)\n"
+    "  --threads N      OpenMP threads, 0 = all cores (default 0)\n";
+
+static int cmd_train(int argc, char **argv) {
+    Args a = {argc, 0, argv, "train"};
+    TrainState s = {
+        .cfg = {0, 128, 4, 4, 4, 512, 128},
+        .opt = {3e-3f, 0.01f, 0.9f, 0.95f, 1e-8f, 1.0f, 50, 500},
+        .batch = 16, .step = 0, .seed = 1337,
+    };
+    const char *train_path = "data/train.bin", *val_path = "data/val.bin", *tok_path = "tokenizer.bin";
+    const char *out = "model.ckpt", *resume = NULL, *fixed_flag = NULL;
+    int eval_every = 100, log_every = 10, threads = 0, val_windows = 128, steps = -1;
+    for (a.i = 0; a.i < argc; a.i++) {
+        const char *f = argv[a.i];
+        bool fixed = true;   // fixed by the checkpoint when resuming
+        if (!strcmp(f, "--dim")) s.cfg.dim = (int)parse_int(f, flag_value(&a), 2, 8192);
+        else if (!strcmp(f, "--layers")) s.cfg.n_layers = (int)parse_int(f, flag_value(&a), 1, 256);
+        else if (!strcmp(f, "--heads")) s.cfg.n_heads = (int)parse_int(f, flag_value(&a), 1, 1024);
+        else if (!strcmp(f, "--kv-heads")) s.cfg.n_kv_heads = (int)parse_int(f, flag_value(&a), 1, 1024);
+        else if (!strcmp(f, "--ffn-dim")) s.cfg.ffn_dim = (int)parse_int(f, flag_value(&a), 1, 65536);
+        else if (!strcmp(f, "--seq-len")) s.cfg.seq_len = (int)parse_int(f, flag_value(&a), 2, 65536);
+        else if (!strcmp(f, "--batch")) s.batch = (int)parse_int(f, flag_value(&a), 1, 65536);
+        else if (!strcmp(f, "--lr")) s.opt.lr = parse_float(f, flag_value(&a), 1e-8, 10.0);
+        else if (!strcmp(f, "--warmup")) s.opt.warmup = (int)parse_int(f, flag_value(&a), 0, 100000000);
+        else if (!strcmp(f, "--wd")) s.opt.weight_decay = parse_float(f, flag_value(&a), 0.0, 10.0);
+        else if (!strcmp(f, "--grad-clip")) s.opt.grad_clip = parse_float(f, flag_value(&a), 0.0, 1e6);
+        else if (!strcmp(f, "--seed")) s.seed = parse_u64(f, flag_value(&a));
+        else {
+            fixed = false;
+            if (!strcmp(f, "--steps")) steps = (int)parse_int(f, flag_value(&a), 1, 100000000);
+            else if (!strcmp(f, "--train")) train_path = flag_value(&a);
+            else if (!strcmp(f, "--val")) val_path = flag_value(&a);
+            else if (!strcmp(f, "--tokenizer")) tok_path = flag_value(&a);
+            else if (!strcmp(f, "--out")) out = flag_value(&a);
+            else if (!strcmp(f, "--resume")) resume = flag_value(&a);
+            else if (!strcmp(f, "--eval-every")) eval_every = (int)parse_int(f, flag_value(&a), 0, 100000000);
+            else if (!strcmp(f, "--val-windows")) val_windows = (int)parse_int(f, flag_value(&a), 0, 100000000);
+            else if (!strcmp(f, "--log-every")) log_every = (int)parse_int(f, flag_value(&a), 1, 100000000);
+            else if (!strcmp(f, "--threads")) threads = (int)parse_int(f, flag_value(&a), 0, 1024);
+            else unknown_flag(&a);
+        }
+        if (fixed && !fixed_flag) fixed_flag = f;
+    }
+    set_num_threads(threads);
+
+    Trainer tr = {0};
+    if (resume) {
+        if (fixed_flag) die("%s cannot be combined with --resume: the checkpoint fixes the model and optimizer settings", fixed_flag);
+        if (!trainer_resume(&tr, resume)) die("%s", osp_error);
+        if (steps > 0) {
+            if (steps < tr.state.step) die("--steps %d is less than the %d steps already done in '%s'", steps, tr.state.step, resume);
+            tr.state.opt.steps = steps;
+        }
+    }
+    Tokenizer tok;
+    load_tokenizer_or_die(&tok, tok_path);
+    if (!tokens_load(&tr.train, train_path) || !tokens_load(&tr.val, val_path)) die("%s", osp_error);
+    if (tr.train.vocab_size != tok.vocab_size || tr.val.vocab_size != tok.vocab_size)
+        die("vocab mismatch: %s has %d tokens but the data was made with vocab %d (run 'make data' again)", tok_path, tok.vocab_size, tr.train.vocab_size);
+    if (!resume) {
+        s.cfg.vocab_size = tok.vocab_size;
+        if (steps > 0) s.opt.steps = steps;
+        if (s.opt.warmup > s.opt.steps) die("--warmup %d exceeds --steps %d", s.opt.warmup, s.opt.steps);
+        const char *problem = config_problem(&s.cfg);
+        if (problem) die("%s", problem);
+        trainer_init(&tr, &s);
+    } else if (tr.state.cfg.vocab_size != tok.vocab_size) {
+        die("vocab mismatch: checkpoint '%s' has vocab %d but %s has %d", resume, tr.state.cfg.vocab_size, tok_path, tok.vocab_size);
+    }
+    TrainState *st = &tr.state;
+    const Config *c = &st->cfg;
+    if (tr.train.n < (size_t)c->seq_len + 1) die("'%s' has %zu tokens, fewer than seq-len + 1 = %d", train_path, tr.train.n, c->seq_len + 1);
+    if (tr.val.n < (size_t)c->seq_len + 1) die("'%s' has %zu tokens, fewer than seq-len + 1 = %d", val_path, tr.val.n, c->seq_len + 1);
+
+    Model *m = &tr.model;
+    size_t tokens_per_step = (size_t)st->batch * c->seq_len;
+    double flops_per_step = model_flops_per_step(m, st->batch, c->seq_len);
+    printf("model: dim %d, layers %d, heads %d (kv %d), ffn %d, seq %d, vocab %d: %.2fM parameters\n",
+           c->dim, c->n_layers, c->n_heads, c->n_kv_heads, c->ffn_dim, c->seq_len, c->vocab_size, m->n_params / 1e6);
+    printf("parameters:");
+    for (int i = 0; i < N_PARAM_TENSORS; i++)
+        printf(" %s %s%dx%d%s", param_names[i], m->shape[i].count > 1 ? "[" : "", m->shape[i].rows, m->shape[i].cols,
+               m->shape[i].count > 1 ? "]xL" : "");
+    printf("\n");
+    printf("adamw: lr %g, warmup %d, steps %d, batch %d (%zu tokens/step), wd %g, clip %g, seed %llu; "
+           "optimizer state %zu bytes; %d thread%s\n",
+           st->opt.lr, st->opt.warmup, st->opt.steps, st->batch, tokens_per_step, st->opt.weight_decay,
+           st->opt.grad_clip, (unsigned long long)st->seed, 2 * sizeof(float) * m->n_params, num_threads(), num_threads() == 1 ? "" : "s");
+    printf("data: %zu train tokens, %zu val tokens\n", tr.train.n, tr.val.n);
+    if (resume) printf("resumed from %s at step %d\n", resume, st->step);
+
+    double t_start = now_seconds(), t_window = t_start;
+    int window_steps = 0, start_step = st->step;
+    float loss = 0.0f, grad_norm = 0.0f, val_loss = NAN;
+    while (st->step < st->opt.steps) {
+        float lr = lr_schedule(&st->opt, st->step);
+        loss = train_step(&tr, &grad_norm);
+        if (!isfinite(loss)) {
+            fprintf(stderr, "osp: error: loss is %s at step %d; stopping (the last checkpoint in '%s', if any, is intact)\n",
+                    isnan(loss) ? "NaN" : "Inf", st->step + 1, out);
+            return 1;
+        }
+        window_steps++;
+        bool last = st->step == st->opt.steps;
+        if (st->step % log_every == 0 || last || st->step == start_step + 1) {
+            double now = now_seconds(), dt = (now - t_window) / window_steps;
+            char eta[32];
+            printf("step %6d/%d | loss %.4f | lr %.2e | norm %6.3f | %7.1f ms/step | %7.0f tok/s | %5.2f GFLOP/s | left %s\n",
+                   st->step, st->opt.steps, loss, lr, grad_norm, 1e3 * dt, tokens_per_step / dt, flops_per_step / dt / 1e9,
+                   format_duration(dt * (st->opt.steps - st->step), eta, sizeof eta));
+            fflush(stdout);
+            t_window = now;
+            window_steps = 0;
+        }
+        if (last || (eval_every > 0 && st->step % eval_every == 0)) {
+            double t0 = now_seconds();
+            val_loss = evaluate_loss(m, &tr.val, val_windows);
+            if (!checkpoint_save(out, st, m, tr.adam_m, tr.adam_v)) die("%s", osp_error);
+            printf("step %6d/%d | val loss %.4f | val ppl %.2f | saved %s (%.1f s)\n", st->step, st->opt.steps,
+                   val_loss, exp(val_loss), out, now_seconds() - t0);
+            fflush(stdout);
+            t_window += now_seconds() - t0;   // keep evaluation out of the step timing
+        }
+    }
+    double elapsed = now_seconds() - t_start;
+    int done = st->step - start_step;
+    if (done > 0)
+        printf("done: %d steps in %.1f s (%.1f ms/step, %.0f tok/s, %.2f GFLOP/s incl. evaluation); final train loss %.4f, val loss %.4f\n",
+               done, elapsed, 1e3 * elapsed / done, tokens_per_step * done / elapsed, flops_per_step * done / elapsed / 1e9, loss, val_loss);
+    else
+        printf("nothing to do: '%s' has already completed %d of %d steps\n", resume, st->step, st->opt.steps);
+    trainer_free(&tr);
+    tokenizer_free(&tok);
+    return 0;
+}
+
+// ---------------------------------------------------------------- osp sample
+static const char *sample_help =
+    "usage: ./osp sample CKPT [flags]\n"
+    "Generates text from a checkpoint.\n"
+    "  --prompt TEXT     text to continue (default \"\": start from <s>)\n"
+    "  --tokens N        tokens to generate (default 256)\n"
+    "  --temperature F   0 = greedy (default 0.8)\n"
+    "  --top-p F         nucleus sampling cutoff in (0, 1] (default 0.9)\n"
+    "  --seed N          sampling seed (default 1)\n"
+    "  --tokenizer FILE  default tokenizer.bin\n"
+    "  --threads N       OpenMP threads, 0 = all cores (default 0)\n";
+
+static int cmd_sample(int argc, char **argv) {
+    Args a = {argc, 0, argv, "sample"};
+    const char *ckpt = NULL, *prompt = "", *tok_path = "tokenizer.bin";
+    int n_tokens = 256, threads = 0;
+    float temperature = 0.8f, top_p = 0.9f;
+    uint64_t seed = 1;
+    for (a.i = 0; a.i < argc; a.i++) {
+        const char *f = argv[a.i];
+        if (!strcmp(f, "--prompt")) prompt = flag_value(&a);
+        else if (!strcmp(f, "--tokens")) n_tokens = (int)parse_int(f, flag_value(&a), 0, 1000000);
+        else if (!strcmp(f, "--temperature")) temperature = parse_float(f, flag_value(&a), 0.0, 100.0);
+        else if (!strcmp(f, "--top-p")) top_p = parse_float(f, flag_value(&a), 1e-6, 1.0);
+        else if (!strcmp(f, "--seed")) seed = parse_u64(f, flag_value(&a));
+        else if (!strcmp(f, "--tokenizer")) tok_path = flag_value(&a);
+        else if (!strcmp(f, "--threads")) threads = (int)parse_int(f, flag_value(&a), 0, 1024);
+        else if (f[0] == '-' || ckpt) unknown_flag(&a);
+        else ckpt = f;
+    }
+    if (!ckpt) die("no checkpoint given (see ./osp sample --help)");
+    set_num_threads(threads);
+    Tokenizer tok;
+    load_tokenizer_or_die(&tok, tok_path);
+    TrainState s;
+    Model m;
+    if (!checkpoint_load(ckpt, &s, &m, 1, NULL, NULL)) die("%s", osp_error);
+    if (s.cfg.vocab_size != tok.vocab_size) die("vocab mismatch: checkpoint '%s' has vocab %d but %s has %d", ckpt, s.cfg.vocab_size, tok_path, tok.vocab_size);
+    generate(&m, &tok, prompt, n_tokens, temperature, top_p, seed, stdout);
+    model_free(&m);
+    tokenizer_free(&tok);
+    return 0;
+}
+
+// ---------------------------------------------------------------- main
+static const char *main_help =
+    "osp: Outlier-Safe Pre-Training reference implementation\n"
+    "usage: ./osp COMMAND [flags]    (./osp COMMAND --help for each)\n"
+    "  tokenizer   train the BPE tokenizer on a text file -> tokenizer.bin\n"
+    "  prepare     encode a text file into data/train.bin and data/val.bin\n"
+    "  train       train a model, write a checkpoint\n"
+    "  sample      generate text from a checkpoint\n";
+
+int main(int argc, char **argv) {
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+        fputs(main_help, stdout);
+        return argc < 2 ? 1 : 0;
+    }
+    struct { const char *name; int (*run)(int, char **); const char *help; } commands[] = {
+        {"tokenizer", cmd_tokenizer, tokenizer_help},
+        {"prepare", cmd_prepare, prepare_help},
+        {"train", cmd_train, train_help},
+        {"sample", cmd_sample, sample_help},
+    };
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
+        if (strcmp(argv[1], commands[i].name) != 0) continue;
+        if (wants_help(argc - 2, argv + 2)) { printf(commands[i].help, TOKEN_FIRST_PIECE + 1, VOCAB_MAX); return 0; }
+        return commands[i].run(argc - 2, argv + 2);
+    }
+    die("unknown command '%s' (see ./osp --help)", argv[1]);
+    return 1;
+}
+#endif

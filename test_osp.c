@@ -1,0 +1,797 @@
+/*
+test_osp.c: checks for osp.c. Includes the implementation itself (without its main).
+Run: make test     (./test_osp --quick runs the fast subset, used for the sanitizer build)
+Each test prints one line; the last line is "N passed, M failed"; any failure exits 1.
+*/
+#define TESTING
+#include "osp.c"
+
+static int n_passed, n_failed;
+static bool quick;
+
+// Records one test result and prints its line.
+static void report(bool ok, const char *name, const char *fmt, ...) {
+    char detail[400];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(detail, sizeof detail, fmt, ap);
+    va_end(ap);
+    printf("%s %-44s %s\n", ok ? "PASS" : "FAIL", name, detail);
+    fflush(stdout);
+    if (ok) n_passed++; else n_failed++;
+}
+
+static float *random_floats(size_t n, float std, uint64_t *rng) {
+    float *x = xmalloc(sizeof(float) * n);
+    for (size_t i = 0; i < n; i++) x[i] = std * rng_normal(rng);
+    return x;
+}
+
+static double weighted_sum(const float *out, const float *weights, size_t n) {
+    double s = 0.0;
+    for (size_t i = 0; i < n; i++) s += (double)out[i] * weights[i];
+    return s;
+}
+
+/* ----------------------------------------------------------------------------
+ * Gradient checks. Each op test defines a scalar loss L = Σ out ⊙ R (R random, so dout = R)
+ * and compares the analytic gradient of every input with central differences
+ * (L(x+eps) - L(x-eps)) / 2eps on sampled entries. The comparison is on the vector of
+ * sampled entries: rel = |analytic - numeric|₂ / max(|analytic|₂, |numeric|₂).
+ *
+ * Tolerance: the ops run in float32, so L carries rounding of about 1e-7 relative per output;
+ * divided by 2eps = 2e-3 this gives numeric gradients accurate to about 1e-4 relative, and the
+ * eps² truncation term is of the same order. An error in a backward formula (a missing term,
+ * a wrong sign or index) gives rel of order 0.1 to 1, so OP_TOL = 1e-3 separates the two.
+ * ------------------------------------------------------------------------- */
+
+#define OP_EPS 1e-3f
+#define OP_TOL 1e-3
+
+typedef double (*LossFn)(void *ctx);
+
+// Compares analytic grad [n] of input x [n] with central differences of loss(ctx) on up to
+// max_samples entries (all if n is small); returns the relative error.
+static double grad_check_tensor(LossFn loss, void *ctx, float *x, const float *grad, size_t n,
+                                int max_samples, float eps, uint64_t *rng) {
+    double diff2 = 0.0, a2 = 0.0, n2 = 0.0;
+    size_t samples = n < (size_t)max_samples ? n : (size_t)max_samples;
+    for (size_t s = 0; s < samples; s++) {
+        size_t i = samples == n ? s : (size_t)(rng_next(rng) % n);
+        float orig = x[i];
+        x[i] = orig + eps;
+        double plus = loss(ctx);
+        x[i] = orig - eps;
+        double minus = loss(ctx);
+        x[i] = orig;
+        double numeric = (plus - minus) / (2.0 * (double)eps);
+        diff2 += (numeric - grad[i]) * (numeric - grad[i]);
+        a2 += (double)grad[i] * grad[i];
+        n2 += numeric * numeric;
+    }
+    double scale = sqrt(a2 > n2 ? a2 : n2);
+    return scale > 0 ? sqrt(diff2) / scale : 0.0;
+}
+
+// Reports one op's check over its inputs (names, values, analytic grads, sizes).
+static void grad_check_op(const char *test_name, LossFn loss, void *ctx, int n_inputs, const char **names,
+                          float **inputs, float **grads, const size_t *sizes, uint64_t *rng) {
+    double worst = 0.0;
+    char detail[300] = "";
+    size_t used = 0;
+    for (int i = 0; i < n_inputs; i++) {
+        double rel = grad_check_tensor(loss, ctx, inputs[i], grads[i], sizes[i], 64, OP_EPS, rng);
+        if (rel > worst) worst = rel;
+        used += (size_t)snprintf(detail + used, sizeof detail - used, "%s%s %.1e", i ? ", " : "", names[i], rel);
+    }
+    report(worst < OP_TOL, test_name, "rel err %s (tol %.0e)", detail, OP_TOL);
+}
+
+// --- embedding
+typedef struct { float *table, *out, *R; int *tokens; int N, V, d; } EmbeddingCase;
+static double embedding_loss(void *p) {
+    EmbeddingCase *c = p;
+    embedding_forward(c->out, c->tokens, c->table, c->N, c->d);
+    return weighted_sum(c->out, c->R, (size_t)c->N * c->d);
+}
+static void test_grad_embedding(uint64_t *rng) {
+    EmbeddingCase c = {.N = 7, .V = 5, .d = 6};
+    c.table = random_floats((size_t)c.V * c.d, 1.0f, rng);
+    c.out = xmalloc(sizeof(float) * c.N * c.d);
+    c.R = random_floats((size_t)c.N * c.d, 1.0f, rng);
+    c.tokens = xmalloc(sizeof(int) * c.N);
+    for (int n = 0; n < c.N; n++) c.tokens[n] = n % 3;   // repeated tokens: gradients must add
+    float *dtable = xcalloc((size_t)c.V * c.d, sizeof(float));
+    embedding_backward(dtable, c.R, c.tokens, c.N, c.d);
+    grad_check_op("grad embedding", embedding_loss, &c, 1, (const char *[]){"table"}, (float *[]){c.table},
+                  (float *[]){dtable}, (size_t[]){(size_t)c.V * c.d}, rng);
+    free(c.table); free(c.out); free(c.R); free(c.tokens); free(dtable);
+}
+
+// --- RMSNorm
+typedef struct { float *inp, *gain, *out, *rstd, *R; int N, d; } RmsnormCase;
+static double rmsnorm_loss(void *p) {
+    RmsnormCase *c = p;
+    rmsnorm_forward(c->out, c->rstd, c->inp, c->gain, c->N, c->d);
+    return weighted_sum(c->out, c->R, (size_t)c->N * c->d);
+}
+static void test_grad_rmsnorm(uint64_t *rng) {
+    RmsnormCase c = {.N = 5, .d = 12};
+    size_t nd = (size_t)c.N * c.d;
+    c.inp = random_floats(nd, 1.0f, rng);
+    c.gain = random_floats((size_t)c.d, 0.5f, rng);
+    for (int i = 0; i < c.d; i++) c.gain[i] += 1.0f;
+    c.out = xmalloc(sizeof(float) * nd);
+    c.rstd = xmalloc(sizeof(float) * c.N);
+    c.R = random_floats(nd, 1.0f, rng);
+    float *dinp = xcalloc(nd, sizeof(float)), *dgain = xcalloc((size_t)c.d, sizeof(float));
+    rmsnorm_loss(&c);
+    rmsnorm_backward(dinp, dgain, c.R, c.inp, c.gain, c.rstd, c.N, c.d);
+    grad_check_op("grad rmsnorm", rmsnorm_loss, &c, 2, (const char *[]){"x", "gain"}, (float *[]){c.inp, c.gain},
+                  (float *[]){dinp, dgain}, (size_t[]){nd, (size_t)c.d}, rng);
+    free(c.inp); free(c.gain); free(c.out); free(c.rstd); free(c.R); free(dinp); free(dgain);
+}
+
+// --- matmul
+typedef struct { float *inp, *w, *out, *R; int N, C, OC; } MatmulCase;
+static double matmul_loss(void *p) {
+    MatmulCase *c = p;
+    matmul_forward(c->out, c->inp, c->w, c->N, c->C, c->OC);
+    return weighted_sum(c->out, c->R, (size_t)c->N * c->OC);
+}
+static void test_grad_matmul(uint64_t *rng) {
+    MatmulCase c = {.N = 70, .C = 13, .OC = 11};   // N > one 64-row block, odd sizes
+    c.inp = random_floats((size_t)c.N * c.C, 1.0f, rng);
+    c.w = random_floats((size_t)c.OC * c.C, 1.0f, rng);
+    c.out = xmalloc(sizeof(float) * c.N * c.OC);
+    c.R = random_floats((size_t)c.N * c.OC, 1.0f, rng);
+    float *dinp = xcalloc((size_t)c.N * c.C, sizeof(float)), *dw = xcalloc((size_t)c.OC * c.C, sizeof(float));
+    matmul_backward(dinp, dw, c.R, c.inp, c.w, c.N, c.C, c.OC);
+    grad_check_op("grad matmul", matmul_loss, &c, 2, (const char *[]){"x", "w"}, (float *[]){c.inp, c.w},
+                  (float *[]){dinp, dw}, (size_t[]){(size_t)c.N * c.C, (size_t)c.OC * c.C}, rng);
+    free(c.inp); free(c.w); free(c.out); free(c.R); free(dinp); free(dw);
+}
+
+// --- RoPE (in place, so the loss rotates a copy)
+typedef struct { float *x, *work, *R, *cos_t, *sin_t; int B, T, H, hd; } RopeCase;
+static double rope_loss(void *p) {
+    RopeCase *c = p;
+    size_t n = (size_t)c->B * c->T * c->H * c->hd;
+    memcpy(c->work, c->x, sizeof(float) * n);
+    rope_forward(c->work, c->cos_t, c->sin_t, c->B, c->T, c->H, c->hd);
+    return weighted_sum(c->work, c->R, n);
+}
+static void test_grad_rope(uint64_t *rng) {
+    RopeCase c = {.B = 2, .T = 5, .H = 3, .hd = 8};
+    size_t n = (size_t)c.B * c.T * c.H * c.hd;
+    c.x = random_floats(n, 1.0f, rng);
+    c.work = xmalloc(sizeof(float) * n);
+    c.R = random_floats(n, 1.0f, rng);
+    c.cos_t = xmalloc(sizeof(float) * c.T * c.hd / 2);
+    c.sin_t = xmalloc(sizeof(float) * c.T * c.hd / 2);
+    rope_tables(c.cos_t, c.sin_t, c.T, c.hd);
+    float *dx = xmalloc(sizeof(float) * n);
+    memcpy(dx, c.R, sizeof(float) * n);
+    rope_backward(dx, c.cos_t, c.sin_t, c.B, c.T, c.H, c.hd);
+    grad_check_op("grad rope", rope_loss, &c, 1, (const char *[]){"x"}, (float *[]){c.x}, (float *[]){dx}, (size_t[]){n}, rng);
+    free(c.x); free(c.work); free(c.R); free(c.cos_t); free(c.sin_t); free(dx);
+}
+
+// The RoPE layout itself: position t rotates the pair (2i, 2i+1) by t * theta^(-2i/hd).
+static void test_rope_layout(void) {
+    int T = 3, hd = 4;
+    float cos_t[6], sin_t[6], x[3 * 4];
+    rope_tables(cos_t, sin_t, T, hd);
+    for (int i = 0; i < T * hd; i++) x[i] = (i % 2 == 0) ? 1.0f : 0.0f;   // each pair = (1, 0)
+    rope_forward(x, cos_t, sin_t, 1, T, 1, hd);
+    double worst = 0.0;
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < hd / 2; i++) {
+            double angle = t * pow(10000.0, -2.0 * i / hd);
+            worst = fmax(worst, fabs(x[t * hd + 2 * i] - cos(angle)));
+            worst = fmax(worst, fabs(x[t * hd + 2 * i + 1] - sin(angle)));
+        }
+    report(worst < 1e-6, "rope adjacent-pair layout", "max deviation from (cos, sin) of t*theta^(-2i/hd): %.1e", worst);
+}
+
+// --- attention (grouped KV heads: H = 4 query heads share KVH = 2 KV heads)
+typedef struct { float *q, *k, *v, *out, *att, *R; int B, T, H, KVH, hd; } AttentionCase;
+static double attention_loss(void *p) {
+    AttentionCase *c = p;
+    attention_forward(c->out, c->att, c->q, c->k, c->v, c->B, c->T, c->H, c->KVH, c->hd);
+    return weighted_sum(c->out, c->R, (size_t)c->B * c->T * c->H * c->hd);
+}
+static void test_grad_attention(uint64_t *rng) {
+    AttentionCase c = {.B = 2, .T = 6, .H = 4, .KVH = 2, .hd = 4};
+    size_t nq = (size_t)c.B * c.T * c.H * c.hd, nkv = (size_t)c.B * c.T * c.KVH * c.hd;
+    c.q = random_floats(nq, 1.0f, rng);
+    c.k = random_floats(nkv, 1.0f, rng);
+    c.v = random_floats(nkv, 1.0f, rng);
+    c.out = xmalloc(sizeof(float) * nq);
+    c.att = xmalloc(sizeof(float) * c.B * c.H * c.T * c.T);
+    c.R = random_floats(nq, 1.0f, rng);
+    float *dq = xcalloc(nq, sizeof(float)), *dk = xcalloc(nkv, sizeof(float)), *dv = xcalloc(nkv, sizeof(float));
+    attention_loss(&c);
+    attention_backward(dq, dk, dv, c.R, c.out, c.att, c.q, c.k, c.v, c.B, c.T, c.H, c.KVH, c.hd);
+    grad_check_op("grad attention (4 heads, 2 kv heads)", attention_loss, &c, 3, (const char *[]){"q", "k", "v"},
+                  (float *[]){c.q, c.k, c.v}, (float *[]){dq, dk, dv}, (size_t[]){nq, nkv, nkv}, rng);
+    free(c.q); free(c.k); free(c.v); free(c.out); free(c.att); free(c.R); free(dq); free(dk); free(dv);
+}
+
+// Causality: changing a later token's k and v leaves earlier outputs unchanged.
+static void test_attention_causal(uint64_t *rng) {
+    int B = 1, T = 5, H = 2, KVH = 1, hd = 4;
+    size_t nq = (size_t)T * H * hd, nkv = (size_t)T * KVH * hd;
+    float *q = random_floats(nq, 1.0f, rng), *k = random_floats(nkv, 1.0f, rng), *v = random_floats(nkv, 1.0f, rng);
+    float *out1 = xmalloc(sizeof(float) * nq), *out2 = xmalloc(sizeof(float) * nq), *att = xmalloc(sizeof(float) * H * T * T);
+    attention_forward(out1, att, q, k, v, B, T, H, KVH, hd);
+    for (int i = 0; i < hd; i++) { k[(T - 1) * hd + i] += 3.0f; v[(T - 1) * hd + i] -= 2.0f; }
+    attention_forward(out2, att, q, k, v, B, T, H, KVH, hd);
+    bool same = memcmp(out1, out2, sizeof(float) * (T - 1) * H * hd) == 0;
+    bool last_changed = memcmp(out1 + (T - 1) * H * hd, out2 + (T - 1) * H * hd, sizeof(float) * H * hd) != 0;
+    report(same && last_changed, "attention is causal", "earlier positions %s, last position %s",
+           same ? "unchanged" : "CHANGED", last_changed ? "changed" : "UNCHANGED");
+    free(q); free(k); free(v); free(out1); free(out2); free(att);
+}
+
+// --- SwiGLU
+typedef struct { float *gate, *up, *out, *R; size_t n; } SwigluCase;
+static double swiglu_loss(void *p) {
+    SwigluCase *c = p;
+    swiglu_forward(c->out, c->gate, c->up, c->n);
+    return weighted_sum(c->out, c->R, c->n);
+}
+static void test_grad_swiglu(uint64_t *rng) {
+    SwigluCase c = {.n = 40};
+    c.gate = random_floats(c.n, 2.0f, rng);
+    c.up = random_floats(c.n, 1.0f, rng);
+    c.out = xmalloc(sizeof(float) * c.n);
+    c.R = random_floats(c.n, 1.0f, rng);
+    float *dgate = xcalloc(c.n, sizeof(float)), *dup = xcalloc(c.n, sizeof(float));
+    swiglu_backward(dgate, dup, c.R, c.gate, c.up, c.n);
+    grad_check_op("grad swiglu", swiglu_loss, &c, 2, (const char *[]){"gate", "up"}, (float *[]){c.gate, c.up},
+                  (float *[]){dgate, dup}, (size_t[]){c.n, c.n}, rng);
+    free(c.gate); free(c.up); free(c.out); free(c.R); free(dgate); free(dup);
+}
+
+// --- residual
+typedef struct { float *a, *b, *out, *R; size_t n; } ResidualCase;
+static double residual_loss(void *p) {
+    ResidualCase *c = p;
+    residual_forward(c->out, c->a, c->b, c->n);
+    return weighted_sum(c->out, c->R, c->n);
+}
+static void test_grad_residual(uint64_t *rng) {
+    ResidualCase c = {.n = 30};
+    c.a = random_floats(c.n, 1.0f, rng);
+    c.b = random_floats(c.n, 1.0f, rng);
+    c.out = xmalloc(sizeof(float) * c.n);
+    c.R = random_floats(c.n, 1.0f, rng);
+    float *da = xcalloc(c.n, sizeof(float)), *db = xcalloc(c.n, sizeof(float));
+    residual_backward(da, db, c.R, c.n);
+    grad_check_op("grad residual", residual_loss, &c, 2, (const char *[]){"a", "b"}, (float *[]){c.a, c.b},
+                  (float *[]){da, db}, (size_t[]){c.n, c.n}, rng);
+    free(c.a); free(c.b); free(c.out); free(c.R); free(da); free(db);
+}
+
+// --- cross-entropy (loss = Σ R[n] · losses[n], so dlosses = R)
+typedef struct { float *logits, *probs, *losses, *R; int *targets; int N, V; } CrossEntropyCase;
+static double crossentropy_loss(void *p) {
+    CrossEntropyCase *c = p;
+    crossentropy_forward(c->losses, c->probs, c->logits, c->targets, c->N, c->V);
+    return weighted_sum(c->losses, c->R, (size_t)c->N);
+}
+static void test_grad_crossentropy(uint64_t *rng) {
+    CrossEntropyCase c = {.N = 6, .V = 9};
+    c.logits = random_floats((size_t)c.N * c.V, 2.0f, rng);
+    c.probs = xmalloc(sizeof(float) * c.N * c.V);
+    c.losses = xmalloc(sizeof(float) * c.N);
+    c.R = random_floats((size_t)c.N, 1.0f, rng);
+    c.targets = xmalloc(sizeof(int) * c.N);
+    for (int n = 0; n < c.N; n++) c.targets[n] = (n * 5) % c.V;
+    float *dlogits = xcalloc((size_t)c.N * c.V, sizeof(float));
+    crossentropy_loss(&c);
+    crossentropy_backward(dlogits, c.R, c.probs, c.targets, c.N, c.V);
+    grad_check_op("grad cross-entropy", crossentropy_loss, &c, 1, (const char *[]){"logits"}, (float *[]){c.logits},
+                  (float *[]){dlogits}, (size_t[]){(size_t)c.N * c.V}, rng);
+    free(c.logits); free(c.probs); free(c.losses); free(c.R); free(c.targets); free(dlogits);
+}
+
+/* ----------------------------------------------------------------------------
+ * Whole-model gradient check: the mean loss against sampled entries of every parameter
+ * tensor. Parameters are drawn with std 0.3 (not the 0.02 init) so that every tensor has
+ * gradients well above float rounding. The loss is a mean over all positions computed in
+ * float through the whole network, so it carries about 1e-6 absolute rounding, which
+ * eps turns into 1e-6/2eps of gradient error, while the eps² truncation error grows the other
+ * way. Measured worst errors: eps 3e-2: 3e-2, 1e-2: 4e-3, 3e-3: 1e-3, 1e-3: 3e-3. So eps = 3e-3,
+ * and MODEL_TOL = 1e-2 leaves a margin of about 10; errors in a backward formula come out at
+ * 0.1 or more.
+ * ------------------------------------------------------------------------- */
+
+#define MODEL_EPS 3e-3f
+#define MODEL_TOL 1e-2
+
+static Config test_config(void) {
+    return (Config){.vocab_size = 300, .dim = 16, .n_layers = 2, .n_heads = 4, .n_kv_heads = 2, .ffn_dim = 32, .seq_len = 8};
+}
+
+typedef struct { Model *m; int *inputs, *targets; int B, T; } ModelCase;
+static double model_loss(void *p) {
+    ModelCase *c = p;
+    return model_forward(c->m, c->inputs, c->targets, c->B, c->T);
+}
+
+static void test_grad_model(uint64_t *rng) {
+    Config cfg = test_config();
+    Model m;
+    model_alloc(&m, &cfg, 2);
+    for (size_t i = 0; i < m.n_params; i++) m.params[i] = 0.3f * rng_normal(rng);
+    for (int i = 0; i < N_PARAM_TENSORS; i++)
+        if (m.shape[i].rows == 1)
+            for (size_t j = 0; j < param_size(&m, i); j++) m.params[m.shape[i].offset + j] += 1.0f;
+    ModelCase c = {&m, xmalloc(sizeof(int) * 16), xmalloc(sizeof(int) * 16), 2, 8};
+    for (int i = 0; i < 16; i++) { c.inputs[i] = (int)(rng_next(rng) % 300); c.targets[i] = (int)(rng_next(rng) % 300); }
+    model_forward(&m, c.inputs, c.targets, c.B, c.T);
+    model_backward(&m);
+    float *grads = xmalloc(sizeof(float) * m.n_params);
+    memcpy(grads, m.grads, sizeof(float) * m.n_params);
+    double worst = 0.0;
+    char detail[400] = "";
+    size_t used = 0;
+    for (int i = 0; i < N_PARAM_TENSORS; i++) {
+        size_t off = m.shape[i].offset;
+        double rel = grad_check_tensor(model_loss, &c, m.params + off, grads + off, param_size(&m, i), 24, MODEL_EPS, rng);
+        if (rel > worst) worst = rel;
+        used += (size_t)snprintf(detail + used, sizeof detail - used, "%s %.0e ", param_names[i], rel);
+    }
+    report(worst < MODEL_TOL, "grad whole model, every parameter tensor", "worst rel err %.1e (tol %.0e): %s", worst, MODEL_TOL, detail);
+    free(grads); free(c.inputs); free(c.targets);
+    model_free(&m);
+}
+
+/* ----------------------------------------------------------------------------
+ * Tokenizer
+ * ------------------------------------------------------------------------- */
+
+static const char *sample_text =
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+    "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n"
+    "First Citizen:\nFirst, you know Caius Marcius is chief enemy to the people.\n\n"
+    "All:\nWe know't, we know't.\n\nFirst Citizen:\nLet us kill him, and we'll have corn at our own price.\n"
+    "Is't a verdict?\n\nAll:\nNo more talking on't; let it be done: away, away!\n";
+
+static bool round_trip(const Tokenizer *t, const unsigned char *bytes, size_t n) {
+    int *ids = xmalloc(sizeof(int) * (n ? n : 1));
+    int count = tokenizer_encode(t, bytes, n, ids);
+    unsigned char *back = xmalloc(n + 1);
+    size_t pos = 0;
+    bool ok = true;
+    char byte_buf[1];
+    for (int i = 0; i < count && ok; i++) {
+        int len;
+        const char *piece = tokenizer_decode(t, ids[i], &len, byte_buf);
+        if (pos + (size_t)len > n) ok = false;
+        else { memcpy(back + pos, piece, (size_t)len); pos += (size_t)len; }
+    }
+    ok = ok && pos == n && memcmp(back, bytes, n) == 0;
+    free(ids); free(back);
+    return ok;
+}
+
+static void test_tokenizer_round_trip(uint64_t *rng) {
+    Tokenizer t;
+    tokenizer_train(&t, (const unsigned char *)sample_text, strlen(sample_text), 320);
+    bool ok = round_trip(&t, (const unsigned char *)"", 0) &&
+              round_trip(&t, (const unsigned char *)sample_text, strlen(sample_text));
+    const char *special[] = {"\xff\xfe invalid \x80\x80\x80\x80\x80 utf8 \xc3", "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80", "a\0b\0\0c"};
+    size_t special_len[] = {strlen(special[0]), strlen(special[1]), 6};
+    for (int i = 0; i < 3; i++) ok = ok && round_trip(&t, (const unsigned char *)special[i], special_len[i]);
+    unsigned char random_bytes[2000];
+    for (int trial = 0; trial < 20 && ok; trial++) {
+        size_t n = rng_next(rng) % sizeof random_bytes;
+        for (size_t i = 0; i < n; i++) random_bytes[i] = (unsigned char)rng_next(rng);
+        ok = round_trip(&t, random_bytes, n);
+    }
+    report(ok, "tokenizer round trip", "empty, text, invalid UTF-8, NUL bytes, 20 random byte strings");
+    tokenizer_free(&t);
+}
+
+// The piecewise encoder equals run.c's merge loop run over the whole text at once.
+static void test_tokenizer_matches_reference(uint64_t *rng) {
+    Tokenizer t;
+    tokenizer_train(&t, (const unsigned char *)sample_text, strlen(sample_text), 330);
+    size_t n = strlen(sample_text) + 200;
+    unsigned char *text = xmalloc(n);
+    memcpy(text, sample_text, strlen(sample_text));
+    for (size_t i = strlen(sample_text); i < n; i++) text[i] = (unsigned char)(rng_next(rng) % 2 ? 'a' + (int)(rng_next(rng) % 5) : (int)rng_next(rng));
+    int *fast = xmalloc(sizeof(int) * n), *ref = xmalloc(sizeof(int) * n);
+    int n_fast = tokenizer_encode(&t, text, n, fast);
+    int n_ref = bpe_merge(&t, ref, tokenizer_split(&t, text, n, ref));
+    bool same = n_fast == n_ref && memcmp(fast, ref, sizeof(int) * (size_t)n_ref) == 0;
+    report(same && n_fast < (int)n, "tokenizer encode = run.c merge loop", "%zu bytes -> %d tokens (reference %d)", n, n_fast, n_ref);
+    free(text); free(fast); free(ref);
+    tokenizer_free(&t);
+}
+
+// A hand-built vocabulary pins down the merge rule: highest score first, leftmost on ties.
+static void test_tokenizer_merge_order(void) {
+    Tokenizer t;
+    tokenizer_init_base(&t, TOKEN_FIRST_PIECE + 8);
+    tokenizer_add(&t, "a", 1, 0.0f);
+    tokenizer_add(&t, "b", 1, 0.0f);
+    tokenizer_add(&t, "c", 1, 0.0f);
+    tokenizer_add(&t, "bc", 2, -1.0f);    // best merge
+    tokenizer_add(&t, "ab", 2, -2.0f);
+    tokenizer_add(&t, "abc", 3, -3.0f);
+    tokenizer_index(&t);
+    int ids[8];
+    int n1 = tokenizer_encode(&t, (const unsigned char *)"abc", 3, ids);
+    bool ok1 = n1 == 1 && ids[0] == TOKEN_FIRST_PIECE + 5;          // b+c scores highest, then a+bc = abc
+    int n2 = tokenizer_encode(&t, (const unsigned char *)"abab", 4, ids);
+    bool ok2 = n2 == 2 && ids[0] == TOKEN_FIRST_PIECE + 4 && ids[1] == TOKEN_FIRST_PIECE + 4;
+    int n3 = tokenizer_encode(&t, (const unsigned char *)"a\xe2\x82\xac", 4, ids);  // euro sign not in vocab: 3 byte tokens
+    bool ok3 = n3 == 4 && ids[1] == TOKEN_BYTE0 + 0xE2 && ids[2] == TOKEN_BYTE0 + 0x82 && ids[3] == TOKEN_BYTE0 + 0xAC;
+    report(ok1 && ok2 && ok3, "tokenizer merge order and byte fallback", "abc->[abc] %s, abab->[ab ab] %s, a€->a+3 bytes %s",
+           ok1 ? "ok" : "WRONG", ok2 ? "ok" : "WRONG", ok3 ? "ok" : "WRONG");
+    tokenizer_free(&t);
+}
+
+static void test_tokenizer_file(void) {
+    Tokenizer t, back;
+    tokenizer_train(&t, (const unsigned char *)sample_text, strlen(sample_text), 320);
+    const char *path = "test_tokenizer.bin.tmp";
+    bool ok = tokenizer_save(&t, path) && tokenizer_load(&back, path);
+    ok = ok && back.vocab_size == t.vocab_size && back.max_token_length == t.max_token_length;
+    for (int i = 0; ok && i < t.vocab_size; i++)
+        ok = back.lengths[i] == t.lengths[i] && back.scores[i] == t.scores[i] && memcmp(back.pieces[i], t.pieces[i], (size_t)t.lengths[i]) == 0;
+    int layout_ok = ok && !strcmp(t.pieces[0], "<unk>") && !strcmp(t.pieces[1], "<s>") && !strcmp(t.pieces[2], "</s>") &&
+                    !strcmp(t.pieces[3], "<0x00>") && !strcmp(t.pieces[258], "<0xFF>");
+    if (ok) tokenizer_free(&back);
+    // Truncate the file: the loader must refuse it with a message, not crash.
+    size_t size;
+    unsigned char *bytes = read_file(path, &size);
+    FILE *f = fopen(path, "wb");
+    fwrite(bytes, 1, size - 3, f);
+    fclose(f);
+    bool refused = !tokenizer_load(&back, path) && strstr(osp_error, "truncated");
+    report(ok && layout_ok && refused, "tokenizer file round trip and truncation", "%d tokens; truncated file: \"%s\"", t.vocab_size, osp_error);
+    free(bytes);
+    remove(path);
+    tokenizer_free(&t);
+}
+
+// The committed tokenizer.bin is reproduced byte for byte from the corpus.
+static void test_tokenizer_reproducible(void) {
+    size_t n, committed_size;
+    unsigned char *text = read_file("data/tinyshakespeare.txt", &n);
+    unsigned char *committed = read_file("tokenizer.bin", &committed_size);
+    if (!text || !committed) { report(false, "tokenizer.bin reproducible", "%s", osp_error); free(text); free(committed); return; }
+    Tokenizer t;
+    tokenizer_train(&t, text, n, 512);
+    const char *path = "test_tokenizer_repro.bin.tmp";
+    size_t size = 0;
+    unsigned char *made = tokenizer_save(&t, path) ? read_file(path, &size) : NULL;
+    bool same = made && size == committed_size && memcmp(made, committed, size) == 0;
+    report(same, "tokenizer.bin reproducible", "retrained on data/tinyshakespeare.txt: %zu bytes, %s", size,
+           same ? "identical" : "DIFFERENT");
+    remove(path);
+    free(text); free(committed); free(made);
+    tokenizer_free(&t);
+}
+
+/* ----------------------------------------------------------------------------
+ * Optimizer
+ * ------------------------------------------------------------------------- */
+
+// Two AdamW steps on two parameters against values worked out by hand:
+// step 1, w = 1, g = 0.5: m = 0.05, v = 0.0125, m̂ = 0.5, v̂ = 0.25, m̂/sqrt(v̂) = 1,
+//   w = 1 - 0.1·(1 + 0.01·1) = 0.899.
+// step 2, g = -0.25: m = 0.045 - 0.025 = 0.02, v = 0.011875 + 0.003125 = 0.015,
+//   m̂ = 0.02/0.19, v̂ = 0.015/0.0975, w = 0.899 - 0.1·(0.268371 + 0.00899) = 0.871264.
+// (second parameter: w = -2 with g = 0.1 then 0.3 -> -2.098, -2.186771)
+static void test_adamw(void) {
+    OptimConfig o = {.lr = 0.1f, .weight_decay = 0.01f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f};
+    float w[2] = {1.0f, -2.0f}, m[2] = {0}, v[2] = {0};
+    float g1[2] = {0.5f, 0.1f}, g2[2] = {-0.25f, 0.3f};
+    adamw_update(w, g1, m, v, 2, &o, o.lr, 1);
+    bool ok1 = fabsf(w[0] - 0.899f) < 1e-6f && fabsf(w[1] + 2.098f) < 1e-6f;
+    adamw_update(w, g2, m, v, 2, &o, o.lr, 2);
+    bool ok2 = fabsf(w[0] - 0.871264058f) < 1e-6f && fabsf(w[1] + 2.186771200f) < 1e-6f;
+    report(ok1 && ok2, "adamw two steps vs hand-computed", "w = (%.6f, %.6f), expected (0.871264, -2.186771)", w[0], w[1]);
+}
+
+static void test_schedule_and_clip(void) {
+    OptimConfig o = {.lr = 1.0f, .warmup = 10, .steps = 100};
+    bool ok = lr_schedule(&o, 0) == 0.1f && lr_schedule(&o, 9) == 1.0f && lr_schedule(&o, 50) == 1.0f &&
+              lr_schedule(&o, 79) == 1.0f && lr_schedule(&o, 80) == 1.0f && fabsf(lr_schedule(&o, 90) - 0.5f) < 1e-6f &&
+              fabsf(lr_schedule(&o, 99) - 0.05f) < 1e-6f;
+    float g[2] = {3.0f, 4.0f};
+    float norm = clip_grad_norm(g, 2, 1.0f);
+    bool clip_ok = norm == 5.0f && fabsf(g[0] - 0.6f) < 1e-6f && fabsf(g[1] - 0.8f) < 1e-6f;
+    report(ok && clip_ok, "lr schedule and gradient clipping", "lr(0, 9, 80, 90, 99) = %.2f %.2f %.2f %.2f %.2f; clip (3,4) -> (%.2f, %.2f)",
+           lr_schedule(&o, 0), lr_schedule(&o, 9), lr_schedule(&o, 80), lr_schedule(&o, 90), lr_schedule(&o, 99), g[0], g[1]);
+}
+
+/* ----------------------------------------------------------------------------
+ * Training, checkpoints, bad files
+ * ------------------------------------------------------------------------- */
+
+// A tiny training setup on random tokens (no corpus needed).
+static void tiny_trainer(Trainer *tr, uint64_t seed) {
+    TrainState s = {.cfg = test_config(), .batch = 3, .seed = seed, .rng = seed};
+    s.opt = (OptimConfig){.lr = 1e-2f, .weight_decay = 0.01f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .grad_clip = 1.0f, .warmup = 2, .steps = 8};
+    memset(tr, 0, sizeof *tr);
+    trainer_init(tr, &s);
+    tr->train.vocab_size = 300;
+    tr->train.n = 500;
+    tr->train.tokens = xmalloc(sizeof(uint16_t) * 500);
+    uint64_t rng = 99;
+    for (int i = 0; i < 500; i++) tr->train.tokens[i] = (uint16_t)(i % 7 == 0 ? (int)(rng_next(&rng) % 300) : (i * 13) % 300);
+}
+
+static void copy_data(Trainer *dst, const Trainer *src) {
+    dst->train = src->train;
+    dst->train.tokens = xmalloc(sizeof(uint16_t) * src->train.n);
+    memcpy(dst->train.tokens, src->train.tokens, sizeof(uint16_t) * src->train.n);
+}
+
+static void run_steps(Trainer *tr, int n, float *losses) {
+    float norm;
+    for (int i = 0; i < n; i++) losses[i] = train_step(tr, &norm);
+}
+
+static void test_data_batches(void) {
+    TokenData d = {.vocab_size = 300, .n = 50};
+    d.tokens = xmalloc(sizeof(uint16_t) * 50);
+    for (int i = 0; i < 50; i++) d.tokens[i] = (uint16_t)i;
+    int inputs[4 * 8], targets[4 * 8];
+    uint64_t rng = 5;
+    bool ok = true;
+    for (int trial = 0; trial < 100; trial++) {
+        data_next_batch(&d, &rng, 4, 8, inputs, targets);
+        for (int i = 0; i < 32; i++) ok = ok && targets[i] == inputs[i] + 1 && targets[i] < 50;
+        for (int b = 0; b < 4; b++) for (int t = 1; t < 8; t++) ok = ok && inputs[b * 8 + t] == inputs[b * 8 + t - 1] + 1;
+    }
+    report(ok, "data batches: windows of T+1, targets shifted", "100 batches of 4x8 from 50 tokens");
+    free(d.tokens);
+}
+
+static void test_training_deterministic(void) {
+    Trainer a, b;
+    float la[8], lb[8];
+    tiny_trainer(&a, 7);
+    run_steps(&a, 8, la);
+    tiny_trainer(&b, 7);
+    run_steps(&b, 8, lb);
+    bool same = memcmp(la, lb, sizeof la) == 0;
+    bool falls = la[7] < la[0];
+    // Another thread count must give the same bits (without OpenMP both runs use 1 thread).
+    int threads_used = num_threads();
+    Trainer c;
+    float lc[8];
+    set_num_threads(threads_used == 1 ? 2 : 1);
+    int threads_other = num_threads();
+    tiny_trainer(&c, 7);
+    run_steps(&c, 8, lc);
+    set_num_threads(threads_used);
+    bool thread_same = memcmp(la, lc, sizeof la) == 0;
+    trainer_free(&c);
+    report(same && thread_same && falls, "training deterministic", "same seed, same 8 losses %s; %d vs %d threads %s; loss %.4f -> %.4f",
+           same ? "bit-identical" : "DIFFER", threads_used, threads_other, thread_same ? "bit-identical" : "DIFFER", la[0], la[7]);
+    trainer_free(&a); trainer_free(&b);
+}
+
+static void test_checkpoint_resume(void) {
+    const char *path = "test_resume.ckpt.tmp";
+    Trainer full, part, resumed;
+    float lf[8], lp[8];
+    tiny_trainer(&full, 11);
+    run_steps(&full, 8, lf);
+    tiny_trainer(&part, 11);
+    run_steps(&part, 3, lp);
+    bool saved = checkpoint_save(path, &part.state, &part.model, part.adam_m, part.adam_v);
+    memset(&resumed, 0, sizeof resumed);
+    bool loaded = saved && trainer_resume(&resumed, path);
+    bool params_same = loaded && memcmp(resumed.model.params, part.model.params, sizeof(float) * part.model.n_params) == 0 &&
+                       memcmp(resumed.adam_v, part.adam_v, sizeof(float) * part.model.n_params) == 0 &&
+                       resumed.state.step == 3 && resumed.state.rng == part.state.rng;
+    if (loaded) {
+        copy_data(&resumed, &part);
+        run_steps(&resumed, 5, lp + 3);
+    }
+    bool same = loaded && memcmp(lf, lp, sizeof lf) == 0;
+    report(params_same && same, "checkpoint round trip and exact resume", "%s; steps 4-8 after resume %s (last %.6f vs %.6f)",
+           params_same ? "params, moments, step, rng restored" : osp_error, same ? "bit-identical" : "DIFFER", lp[7], lf[7]);
+    remove(path);
+    trainer_free(&full); trainer_free(&part);
+    if (loaded) trainer_free(&resumed);
+}
+
+// Writes a modified copy of a file: the first `keep` bytes, with byte `at` replaced (at < 0: none).
+static void write_variant(const char *path, const unsigned char *bytes, size_t keep, long at, unsigned char value) {
+    FILE *f = fopen(path, "wb");
+    for (size_t i = 0; i < keep; i++) fputc((long)i == at ? value : bytes[i], f);
+    fclose(f);
+}
+
+static void test_bad_files(void) {
+    const char *good = "test_good.ckpt.tmp", *bad = "test_bad.ckpt.tmp";
+    Trainer tr;
+    tiny_trainer(&tr, 3);
+    checkpoint_save(good, &tr.state, &tr.model, tr.adam_m, tr.adam_v);
+    size_t size;
+    unsigned char *bytes = read_file(good, &size);
+    struct { const char *what; size_t keep; long at; unsigned char value; const char *expect; } cases[] = {
+        {"truncated checkpoint", size - 1, -1, 0, "truncated"},
+        {"header-only checkpoint", 20, -1, 0, "truncated"},
+        {"wrong magic", size, 0, 'X', "bad magic"},
+        {"wrong version", size, 4, 9, "version"},
+        {"heads not divisible", size, 8 + 3 * 4, 3, "divisible"},
+        {"empty file", 0, -1, 0, "truncated"},
+    };
+    bool ok = true;
+    char detail[300] = "";
+    size_t used = 0;
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        write_variant(bad, bytes, cases[i].keep, cases[i].at, cases[i].value);
+        TrainState s;
+        Model m;
+        bool refused = !checkpoint_load(bad, &s, &m, 0, NULL, NULL);
+        bool named = refused && strstr(osp_error, cases[i].expect);
+        if (!refused) model_free(&m);
+        if (!named) { ok = false; used += (size_t)snprintf(detail + used, sizeof detail - used, "%s: \"%s\" ", cases[i].what, refused ? osp_error : "accepted"); }
+    }
+    // Token files: bad magic, truncated, and an id out of range.
+    int ids[5] = {1, 2, 3, 4, 299};
+    const char *tok_path = "test_tokens.bin.tmp";
+    TokenData d;
+    tokens_save(tok_path, ids, 5, 300);
+    free(bytes);
+    bytes = read_file(tok_path, &size);
+    write_variant(bad, bytes, size - 1, -1, 0);
+    bool t1 = !tokens_load(&d, bad) && strstr(osp_error, "truncated");
+    write_variant(bad, bytes, size, 0, 'X');
+    bool t2 = !tokens_load(&d, bad) && strstr(osp_error, "magic");
+    write_variant(bad, bytes, size, (long)size - 2, 0xFF);   // last id becomes 0x01FF = 511 >= 300
+    bool t3 = !tokens_load(&d, bad) && strstr(osp_error, "out of range");
+    bool t4 = !tokens_load(&d, "no/such/file.bin") && strstr(osp_error, "cannot open");
+    if (!(t1 && t2 && t3 && t4)) { ok = false; snprintf(detail + used, sizeof detail - used, "token files: %d%d%d%d \"%s\"", t1, t2, t3, t4, osp_error); }
+    report(ok, "bad files refused with a message", "%s", ok ? "6 broken checkpoints, 3 broken token files, a missing file" : detail);
+    free(bytes);
+    remove(good); remove(bad); remove(tok_path);
+    trainer_free(&tr);
+}
+
+// A NaN loss is reported by train_step before any parameter changes.
+static void test_nan_stops(void) {
+    Trainer tr;
+    tiny_trainer(&tr, 5);
+    tr.model.params[tr.model.shape[PARAM_HEAD].offset] = NAN;
+    float *before = xmalloc(sizeof(float) * tr.model.n_params);
+    memcpy(before, tr.model.params, sizeof(float) * tr.model.n_params);
+    float norm, loss = train_step(&tr, &norm);
+    bool unchanged = memcmp(before, tr.model.params, sizeof(float) * tr.model.n_params) == 0 && tr.state.step == 0;
+    report(isnan(loss) && unchanged, "NaN loss stops the step", "loss %f, parameters %s", loss, unchanged ? "untouched" : "CHANGED");
+    free(before);
+    trainer_free(&tr);
+}
+
+static void test_sampling(uint64_t *rng) {
+    float logits[6] = {0.1f, 2.0f, -1.0f, 1.9f, 0.0f, -3.0f};
+    ProbId scratch[6];
+    bool greedy = sample_token(logits, 6, 0.0f, 1.0f, rng, scratch) == 1;
+    bool nucleus = true;
+    int counts[6] = {0};
+    for (int i = 0; i < 2000; i++) {
+        int id = sample_token(logits, 6, 1.0f, 0.5f, rng, scratch);   // top two hold > 50%
+        counts[id]++;
+        nucleus = nucleus && (id == 1 || id == 3);
+    }
+    report(greedy && nucleus && counts[1] > counts[3], "sampling: greedy and top-p", "top-p 0.5 drew tokens 1 and 3 only (%d, %d)", counts[1], counts[3]);
+}
+
+// Validation loss in batches equals the mean of per-window losses.
+static void test_evaluate_loss(uint64_t *rng) {
+    Config cfg = test_config();
+    Model m;
+    model_alloc(&m, &cfg, 2);
+    model_init(&m, 1);
+    TokenData val = {.vocab_size = 300, .n = 5 * 8 + 3};   // 5 full windows and a partial one
+    val.tokens = xmalloc(sizeof(uint16_t) * val.n);
+    for (size_t i = 0; i < val.n; i++) val.tokens[i] = (uint16_t)(rng_next(rng) % 300);
+    double sum = 0.0;
+    for (int w = 0; w < 5; w++) {
+        int inputs[8], targets[8];
+        for (int t = 0; t < 8; t++) { inputs[t] = val.tokens[w * 8 + t]; targets[t] = val.tokens[w * 8 + t + 1]; }
+        sum += model_forward(&m, inputs, targets, 1, 8);
+    }
+    float batched = evaluate_loss(&m, &val, 0), limited = evaluate_loss(&m, &val, 2);
+    float first_two = 0.0f;
+    {
+        int inputs[16], targets[16];
+        for (int i = 0; i < 16; i++) { inputs[i] = val.tokens[i]; targets[i] = val.tokens[i + 1]; }
+        first_two = model_forward(&m, inputs, targets, 2, 8);
+    }
+    bool ok = fabs(batched - sum / 5) < 1e-5 && fabsf(limited - first_two) < 1e-6f;
+    report(ok, "validation loss over windows", "batched %.6f vs per-window mean %.6f; first 2 windows %.6f", batched, sum / 5, limited);
+    free(val.tokens);
+    model_free(&m);
+}
+
+// FLOP count for the test config worked out by hand: matmul weights per layer
+// 256 (q) + 128 (k) + 128 (v) + 256 (o) + 3 x 512 (ffn) = 2304, x 2 layers + 300 x 16 (head)
+// = 9408; 6 x 9408 x 8 tokens = 451584; attention 12 x 2 layers x 4 heads x 4 x 36 pairs = 13824.
+static void test_flops_and_format(void) {
+    Config cfg = test_config();
+    Model m;
+    model_alloc(&m, &cfg, 1);
+    double flops = model_flops_per_step(&m, 1, 8);
+    char a[32], b[32];
+    format_duration(245.0, a, sizeof a);
+    format_duration(3725.0, b, sizeof b);
+    bool ok = flops == 465408.0 && !strcmp(a, "4m05s") && !strcmp(b, "1h02m");
+    report(ok, "flop count and duration format", "%.0f FLOP/step (expected 465408); 245 s = %s, 3725 s = %s", flops, a, b);
+    model_free(&m);
+}
+
+// Generation writes the prompt then n tokens' text, and the same seed gives the same text.
+static void test_generate(void) {
+    Tokenizer t;
+    tokenizer_train(&t, (const unsigned char *)sample_text, strlen(sample_text), 320);
+    Config cfg = test_config();
+    cfg.vocab_size = t.vocab_size;
+    Model m;
+    model_alloc(&m, &cfg, 1);
+    model_init(&m, 4);
+    char out[2][4096];
+    for (int run = 0; run < 2; run++) {
+        FILE *f = tmpfile();
+        generate(&m, &t, "First", 20, 1.0f, 0.9f, 42, f);   // 20 > seq_len 8: the window slides
+        rewind(f);
+        size_t n = fread(out[run], 1, sizeof out[run] - 1, f);
+        out[run][n] = 0;
+        fclose(f);
+    }
+    bool ok = !strncmp(out[0], "First", 5) && !strcmp(out[0], out[1]) && strlen(out[0]) > 6;
+    report(ok, "generate: prompt, sliding window, seeded", "%zu bytes, identical for the same seed", strlen(out[0]));
+    model_free(&m);
+    tokenizer_free(&t);
+}
+
+int main(int argc, char **argv) {
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--quick")) quick = true;
+        else { fprintf(stderr, "usage: %s [--quick]\n", argv[0]); return 2; }
+    }
+    uint64_t rng = 2026;
+    double t0 = now_seconds();
+    test_grad_embedding(&rng);
+    test_grad_rmsnorm(&rng);
+    test_grad_matmul(&rng);
+    test_grad_rope(&rng);
+    test_rope_layout();
+    test_grad_attention(&rng);
+    test_attention_causal(&rng);
+    test_grad_swiglu(&rng);
+    test_grad_residual(&rng);
+    test_grad_crossentropy(&rng);
+    test_grad_model(&rng);
+    test_tokenizer_round_trip(&rng);
+    test_tokenizer_matches_reference(&rng);
+    test_tokenizer_merge_order();
+    test_tokenizer_file();
+    if (!quick) test_tokenizer_reproducible();
+    test_adamw();
+    test_schedule_and_clip();
+    test_data_batches();
+    test_training_deterministic();
+    test_checkpoint_resume();
+    test_bad_files();
+    test_nan_stops();
+    test_sampling(&rng);
+    test_evaluate_loss(&rng);
+    test_flops_and_format();
+    test_generate();
+    printf("(%.1f s)\n%d passed, %d failed\n", now_seconds() - t0, n_passed, n_failed);
+    return n_failed ? 1 : 0;
+}
