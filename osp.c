@@ -1374,7 +1374,7 @@ static void generate(Model *m, const Tokenizer *tok, const char *prompt, int n_n
     size_t plen = strlen(prompt);
     int *tokens = xmalloc(sizeof(int) * (plen + (size_t)n_new + 1));
     int n = tokenizer_encode(tok, (const unsigned char *)prompt, plen, tokens);
-    if (n == 0) tokens[n++] = TOKEN_BOS;   // an empty prompt starts from <s>
+    if (n == 0) n = tokenizer_encode(tok, (const unsigned char *)"\n", 1, tokens);   // training text has no <s>: start a line
     fputs(prompt, out);
     ProbId *scratch = xmalloc(sizeof(ProbId) * (size_t)m->cfg.vocab_size);
     uint64_t rng = seed;
@@ -1549,8 +1549,9 @@ static const char *train_help =
     "  --train FILE     training tokens (default data/train.bin)\n"
     "  --val FILE       validation tokens (default data/val.bin)\n"
     "  --tokenizer FILE checked against the data's vocab (default tokenizer.bin)\n"
-    "  --out FILE       checkpoint to write (default model.ckpt)\n"
-    "  --resume FILE    continue from a checkpoint; losses match an uninterrupted run\n"
+    "  --out FILE       checkpoint to write (default model.ckpt; with --resume, the resumed file)\n"
+    "  --resume FILE    continue from a checkpoint; the losses match an uninterrupted run\n"
+    "                   (unless --steps changes the total, which reshapes the lr schedule)\n"
     "  --eval-every N   validate and checkpoint every N steps, 0 = only at the end (default 100)\n"
     "  --val-windows N  validation windows of seq-len tokens, 0 = all (default 128)\n"
     "  --log-every N    print every N steps (default 10)\n"
@@ -1564,7 +1565,7 @@ static int cmd_train(int argc, char **argv) {
         .batch = 16, .step = 0, .seed = 1337,
     };
     const char *train_path = "data/train.bin", *val_path = "data/val.bin", *tok_path = "tokenizer.bin";
-    const char *out = "model.ckpt", *resume = NULL, *fixed_flag = NULL;
+    const char *out = NULL, *resume = NULL, *fixed_flag = NULL;
     int eval_every = 100, log_every = 10, threads = 0, val_windows = 128, steps = -1;
     for (a.i = 0; a.i < argc; a.i++) {
         const char *f = argv[a.i];
@@ -1598,6 +1599,7 @@ static int cmd_train(int argc, char **argv) {
         if (fixed && !fixed_flag) fixed_flag = f;
     }
     set_num_threads(threads);
+    if (!out) out = resume ? resume : "model.ckpt";
 
     Trainer tr = {0};
     if (resume) {
@@ -1694,7 +1696,7 @@ static int cmd_train(int argc, char **argv) {
 static const char *sample_help =
     "usage: ./osp sample CKPT [flags]\n"
     "Generates text from a checkpoint.\n"
-    "  --prompt TEXT     text to continue (default \"\": start from <s>)\n"
+    "  --prompt TEXT     text to continue (default: none, start at a new line)\n"
     "  --tokens N        tokens to generate (default 256)\n"
     "  --temperature F   0 = greedy (default 0.8)\n"
     "  --top-p F         nucleus sampling cutoff in (0, 1] (default 0.9)\n"
