@@ -33,6 +33,7 @@ Build: make            Test: make test            Train and sample: make run
 static void die(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
+    fflush(stdout);   // progress lines first, then the error
     fprintf(stderr, "osp: error: ");
     vfprintf(stderr, fmt, ap);
     fprintf(stderr, "\n");
@@ -1653,11 +1654,9 @@ static int cmd_train(int argc, char **argv) {
     while (st->step < st->opt.steps) {
         float lr = lr_schedule(&st->opt, st->step);
         loss = train_step(&tr, &grad_norm);
-        if (!isfinite(loss)) {
-            fprintf(stderr, "osp: error: loss is %s at step %d; stopping (the last checkpoint in '%s', if any, is intact)\n",
-                    isnan(loss) ? "NaN" : "Inf", st->step + 1, out);
-            return 1;
-        }
+        if (!isfinite(loss))
+            die("loss is %s at step %d; stopping (the last checkpoint in '%s', if any, is intact)",
+                isnan(loss) ? "NaN" : "Inf", st->step + 1, out);
         window_steps++;
         bool last = st->step == st->opt.steps;
         if (st->step % log_every == 0 || last || st->step == start_step + 1) {
