@@ -584,34 +584,37 @@ static void embedding_backward(float *dtable, const float *dout, const int *toke
     }
 }
 
-// RMSNorm: out = gain * x / sqrt(mean(x^2) + eps). inp, out [N,d]; gain [d]; rstd [N] saved.
-static void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *gain, int N, int d) {
+// RMSNorm: out = gain * x / sqrt(mean(x^2) + eps). inp, out [N,d]; rstd [N] saved.
+// gain_step 1: a gain per channel, gain [d] (Llama). gain_step 0: one scalar gain [1] for all
+// channels (OSP's Single-Scale RMSNorm), so no channel can be singled out by its own scale.
+static void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *gain, int gain_step, int N, int d) {
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * d;
         float r = 1.0f / sqrtf(dot(x, x, d) / (float)d + RMSNORM_EPS);
         rstd[n] = r;
         float *y = out + (size_t)n * d;
-        for (int i = 0; i < d; i++) y[i] = gain[i] * x[i] * r;
+        for (int i = 0; i < d; i++) y[i] = gain[i * gain_step] * x[i] * r;
     }
 }
 
-// dx = r*(g*dy) - r^3/d * x * sum(g*dy*x);  dgain += sum over rows of dy * x * r.
+// dx = r*(g*dy) - r^3/d * x * sum(g*dy*x);  dgain += sum over rows (and, for the single
+// scale, over channels) of dy * x * r.
 static void rmsnorm_backward(float *dinp, float *dgain, const float *dout, const float *inp,
-                             const float *gain, const float *rstd, int N, int d) {
+                             const float *gain, int gain_step, const float *rstd, int N, int d) {
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * d, *dy = dout + (size_t)n * d;
         float r = rstd[n], proj = 0.0f;
-        for (int i = 0; i < d; i++) proj += gain[i] * dy[i] * x[i];
+        for (int i = 0; i < d; i++) proj += gain[i * gain_step] * dy[i] * x[i];
         float c = proj * r * r * r / (float)d;
         float *dx = dinp + (size_t)n * d;
-        for (int i = 0; i < d; i++) dx[i] += r * gain[i] * dy[i] - c * x[i];
+        for (int i = 0; i < d; i++) dx[i] += r * gain[i * gain_step] * dy[i] - c * x[i];
     }
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * d, *dy = dout + (size_t)n * d;
         float r = rstd[n];
-        for (int i = 0; i < d; i++) dgain[i] += dy[i] * x[i] * r;
+        for (int i = 0; i < d; i++) dgain[i * gain_step] += dy[i] * x[i] * r;
     }
 }
 
@@ -832,26 +835,30 @@ typedef struct {
     int n_kv_heads;  // KVH key/value heads (divides H)
     int ffn_dim;     // f, SwiGLU hidden width
     int seq_len;     // T_max, context length
+    int ssnorm;      // 1: Single-Scale RMSNorm, one scalar gain per norm (OSP); 0: a gain per channel
+    int embproj;     // 1: learnable d x d projections P_in after the embedding, P_out before the head (OSP)
 } Config;
 
 // Parameter tensors, in storage order. Per-layer tensors hold all L layers back to back.
+// Without EmbProj, embproj_in and embproj_out hold nothing (count 0).
 enum {
-    PARAM_EMBED, PARAM_ATTN_NORM, PARAM_ATTN_Q, PARAM_ATTN_K, PARAM_ATTN_V, PARAM_ATTN_OUT,
-    PARAM_FFN_NORM, PARAM_FFN_GATE, PARAM_FFN_UP, PARAM_FFN_DOWN, PARAM_FINAL_NORM, PARAM_HEAD,
+    PARAM_EMBED, PARAM_EMBPROJ_IN, PARAM_ATTN_NORM, PARAM_ATTN_Q, PARAM_ATTN_K, PARAM_ATTN_V, PARAM_ATTN_OUT,
+    PARAM_FFN_NORM, PARAM_FFN_GATE, PARAM_FFN_UP, PARAM_FFN_DOWN, PARAM_FINAL_NORM, PARAM_EMBPROJ_OUT, PARAM_HEAD,
     N_PARAM_TENSORS
 };
 static const char *param_names[N_PARAM_TENSORS] = {
-    "embed", "attn_norm", "attn_q", "attn_k", "attn_v", "attn_out",
-    "ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "final_norm", "head",
+    "embed", "embproj_in", "attn_norm", "attn_q", "attn_k", "attn_v", "attn_out",
+    "ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "final_norm", "embproj_out", "head",
 };
 
 // One parameter tensor: `count` matrices of rows x cols (count = L for per-layer tensors;
-// a vector has rows = 1).
+// a norm gain has rows = 1, and cols = 1 under SSNorm).
 typedef struct { int count, rows, cols; size_t offset; } ParamShape;
 
 // Activations of one forward pass, all views into one block. Per-layer tensors are [L, ...]
 // with a stride for the allocated batch; within a layer they are packed for the current B, T.
 typedef struct {
+    float *embed;       // [N, d]         embedding rows, input of P_in (EmbProj only)
     float *x;           // [L+1, N, d] residual stream entering block l; x[L] leaves the last block
     float *attn_norm;   // [L, N, d]
     float *attn_rstd;   // [L, N]
@@ -870,6 +877,7 @@ typedef struct {
     float *ffn_proj;    // [L, N, d]      W2 · hidden
     float *final_norm;  // [N, d]
     float *final_rstd;  // [N]
+    float *final_proj;  // [N, d]         P_out · final_norm, input of the head (EmbProj only)
     float *logits;      // [N, V]
     float *probs;       // [N, V]
     float *losses;      // [N]
@@ -912,18 +920,21 @@ static const char *config_problem(const Config *c) {
 // Fills the parameter shapes and offsets for a config; returns the total parameter count.
 static size_t param_layout(ParamShape *shape, const Config *c) {
     int L = c->n_layers, d = c->dim, f = c->ffn_dim, kvd = kv_dim(c);
+    int gain = c->ssnorm ? 1 : d, proj = c->embproj ? 1 : 0;
     ParamShape s[N_PARAM_TENSORS] = {
         [PARAM_EMBED] = {1, c->vocab_size, d},
-        [PARAM_ATTN_NORM] = {L, 1, d},
+        [PARAM_EMBPROJ_IN] = {proj, d, d},
+        [PARAM_ATTN_NORM] = {L, 1, gain},
         [PARAM_ATTN_Q] = {L, d, d},
         [PARAM_ATTN_K] = {L, kvd, d},
         [PARAM_ATTN_V] = {L, kvd, d},
         [PARAM_ATTN_OUT] = {L, d, d},
-        [PARAM_FFN_NORM] = {L, 1, d},
+        [PARAM_FFN_NORM] = {L, 1, gain},
         [PARAM_FFN_GATE] = {L, f, d},
         [PARAM_FFN_UP] = {L, f, d},
         [PARAM_FFN_DOWN] = {L, d, f},
-        [PARAM_FINAL_NORM] = {1, 1, d},
+        [PARAM_FINAL_NORM] = {1, 1, gain},
+        [PARAM_EMBPROJ_OUT] = {proj, d, d},
         [PARAM_HEAD] = {1, c->vocab_size, d},
     };
     size_t offset = 0;
@@ -937,6 +948,8 @@ static size_t param_layout(ParamShape *shape, const Config *c) {
 
 static size_t param_size(const Model *m, int i) { return (size_t)m->shape[i].count * m->shape[i].rows * m->shape[i].cols; }
 
+static bool is_norm_gain(int i) { return i == PARAM_ATTN_NORM || i == PARAM_FFN_NORM || i == PARAM_FINAL_NORM; }
+
 // Pointer to layer `layer` of parameter tensor i inside block (params or grads).
 static float *param_at(const Model *m, float *block, int i, int layer) {
     return block + m->shape[i].offset + (size_t)layer * m->shape[i].rows * m->shape[i].cols;
@@ -946,10 +959,11 @@ static float *param_at(const Model *m, float *block, int i, int layer) {
 static size_t activation_layout(Activations *a, float *block, const Config *c, int B, int T) {
     size_t N = (size_t)B * T, L = (size_t)c->n_layers, d = (size_t)c->dim, f = (size_t)c->ffn_dim;
     size_t kvd = (size_t)kv_dim(c), V = (size_t)c->vocab_size, H = (size_t)c->n_heads;
+    size_t proj = c->embproj ? N * d : 0;
     size_t sizes[N_ACTIVATION_TENSORS] = {
-        (L + 1) * N * d, L * N * d, L * N, L * N * d, L * N * kvd, L * N * kvd, L * B * H * T * T,
+        proj, (L + 1) * N * d, L * N * d, L * N, L * N * d, L * N * kvd, L * N * kvd, L * B * H * T * T,
         L * N * d, L * N * d, L * N * d, L * N * d, L * N, L * N * f, L * N * f, L * N * f, L * N * d,
-        N * d, N, N * V, N * V, N,
+        N * d, N, proj, N * V, N * V, N,
     };
     float **views = (float **)a;
     size_t total = 0;
@@ -984,17 +998,41 @@ static void model_free(Model *m) {
     memset(m, 0, sizeof *m);
 }
 
+// Random orthogonal d x d matrix: Gram-Schmidt (modified, in double) on the rows of a
+// Gaussian matrix.
+static void random_orthogonal(float *q, int d, uint64_t *rng) {
+    double *a = xmalloc(sizeof(double) * (size_t)d * d);
+    for (size_t i = 0; i < (size_t)d * d; i++) a[i] = rng_normal(rng);
+    for (int i = 0; i < d; i++) {
+        double *row = a + (size_t)i * d;
+        for (int j = 0; j < i; j++) {
+            const double *prev = a + (size_t)j * d;
+            double proj = 0.0;
+            for (int k = 0; k < d; k++) proj += row[k] * prev[k];
+            for (int k = 0; k < d; k++) row[k] -= proj * prev[k];
+        }
+        double norm = 0.0;
+        for (int k = 0; k < d; k++) norm += row[k] * row[k];
+        norm = sqrt(norm);
+        for (int k = 0; k < d; k++) row[k] /= norm;
+    }
+    for (size_t i = 0; i < (size_t)d * d; i++) q[i] = (float)a[i];
+    free(a);
+}
+
 // Initialization (OSP-SPEC.md section 1): N(0, 0.02) for all matrices, Wo and W2 further
-// scaled by 1/sqrt(2L) (their outputs add into the residual stream L times each); norm gains 1.
+// scaled by 1/sqrt(2L) (their outputs add into the residual stream L times each); norm gains 1;
+// EmbProj's P_in and P_out random orthogonal.
 static void model_init(Model *m, uint64_t seed) {
     uint64_t rng = seed ^ 0x5EEDBA5Eull;   // init and batch sampling draw from different streams
     float out_scale = 1.0f / sqrtf(2.0f * (float)m->cfg.n_layers);
     for (int i = 0; i < N_PARAM_TENSORS; i++) {
         float *p = m->params + m->shape[i].offset;
         size_t n = param_size(m, i);
-        bool is_norm = m->shape[i].rows == 1;
+        if (n == 0) continue;
+        if (i == PARAM_EMBPROJ_IN || i == PARAM_EMBPROJ_OUT) { random_orthogonal(p, m->cfg.dim, &rng); continue; }
         float std = 0.02f * ((i == PARAM_ATTN_OUT || i == PARAM_FFN_DOWN) ? out_scale : 1.0f);
-        for (size_t j = 0; j < n; j++) p[j] = is_norm ? 1.0f : std * rng_normal(&rng);
+        for (size_t j = 0; j < n; j++) p[j] = is_norm_gain(i) ? 1.0f : std * rng_normal(&rng);
     }
 }
 
@@ -1011,15 +1049,21 @@ static float model_forward(Model *m, const int *inputs, const int *targets, int 
     Activations *a = &m->act;
     size_t Nd = (size_t)N * d, Nkv = (size_t)N * kvd, Nf = (size_t)N * f;
     float *P = m->params;
+    int gs = c->ssnorm ? 0 : 1;   // gain step: scalar gains under SSNorm
 
-    embedding_forward(a->x, m->inputs, param_at(m, P, PARAM_EMBED, 0), N, d);
+    if (c->embproj) {
+        embedding_forward(a->embed, m->inputs, param_at(m, P, PARAM_EMBED, 0), N, d);
+        matmul_forward(a->x, a->embed, param_at(m, P, PARAM_EMBPROJ_IN, 0), N, d, d);
+    } else {
+        embedding_forward(a->x, m->inputs, param_at(m, P, PARAM_EMBED, 0), N, d);
+    }
     for (int l = 0; l < c->n_layers; l++) {
         float *x = a->x + l * Nd, *xn = a->attn_norm + l * Nd, *q = a->q + l * Nd;
         float *k = a->k + l * Nkv, *v = a->v + l * Nkv, *ao = a->attn_out + l * Nd;
         float *ap = a->attn_proj + l * Nd, *xm = a->x_mid + l * Nd, *fn = a->ffn_norm + l * Nd;
         float *gate = a->ffn_gate + l * Nf, *up = a->ffn_up + l * Nf, *hid = a->ffn_hidden + l * Nf;
         float *fp = a->ffn_proj + l * Nd;
-        rmsnorm_forward(xn, a->attn_rstd + (size_t)l * N, x, param_at(m, P, PARAM_ATTN_NORM, l), N, d);
+        rmsnorm_forward(xn, a->attn_rstd + (size_t)l * N, x, param_at(m, P, PARAM_ATTN_NORM, l), gs, N, d);
         matmul_forward(q, xn, param_at(m, P, PARAM_ATTN_Q, l), N, d, d);
         matmul_forward(k, xn, param_at(m, P, PARAM_ATTN_K, l), N, d, kvd);
         matmul_forward(v, xn, param_at(m, P, PARAM_ATTN_V, l), N, d, kvd);
@@ -1028,15 +1072,20 @@ static float model_forward(Model *m, const int *inputs, const int *targets, int 
         attention_forward(ao, a->att + (size_t)l * B * H * T * T, q, k, v, B, T, H, KVH, hd);
         matmul_forward(ap, ao, param_at(m, P, PARAM_ATTN_OUT, l), N, d, d);
         residual_forward(xm, x, ap, Nd);
-        rmsnorm_forward(fn, a->ffn_rstd + (size_t)l * N, xm, param_at(m, P, PARAM_FFN_NORM, l), N, d);
+        rmsnorm_forward(fn, a->ffn_rstd + (size_t)l * N, xm, param_at(m, P, PARAM_FFN_NORM, l), gs, N, d);
         matmul_forward(gate, fn, param_at(m, P, PARAM_FFN_GATE, l), N, d, f);
         matmul_forward(up, fn, param_at(m, P, PARAM_FFN_UP, l), N, d, f);
         swiglu_forward(hid, gate, up, Nf);
         matmul_forward(fp, hid, param_at(m, P, PARAM_FFN_DOWN, l), N, f, d);
         residual_forward(a->x + (l + 1) * Nd, xm, fp, Nd);
     }
-    rmsnorm_forward(a->final_norm, a->final_rstd, a->x + c->n_layers * Nd, param_at(m, P, PARAM_FINAL_NORM, 0), N, d);
-    matmul_forward(a->logits, a->final_norm, param_at(m, P, PARAM_HEAD, 0), N, d, c->vocab_size);
+    rmsnorm_forward(a->final_norm, a->final_rstd, a->x + c->n_layers * Nd, param_at(m, P, PARAM_FINAL_NORM, 0), gs, N, d);
+    float *head_in = a->final_norm;
+    if (c->embproj) {
+        matmul_forward(a->final_proj, a->final_norm, param_at(m, P, PARAM_EMBPROJ_OUT, 0), N, d, d);
+        head_in = a->final_proj;
+    }
+    matmul_forward(a->logits, head_in, param_at(m, P, PARAM_HEAD, 0), N, d, c->vocab_size);
     if (!targets) return 0.0f;
     crossentropy_forward(a->losses, a->probs, a->logits, m->targets, N, c->vocab_size);
     double sum = 0.0;
@@ -1056,13 +1105,21 @@ static void model_backward(Model *m) {
     memset(m->dact_block, 0, sizeof(float) * used);
     Activations *a = &m->act, *g = &m->dact;
     float *P = m->params, *G = m->grads;
+    int gs = c->ssnorm ? 0 : 1;
 
     for (int n = 0; n < N; n++) g->losses[n] = 1.0f / (float)N;
     crossentropy_backward(g->logits, g->losses, a->probs, m->targets, N, c->vocab_size);
-    matmul_backward(g->final_norm, param_at(m, G, PARAM_HEAD, 0), g->logits, a->final_norm,
-                    param_at(m, P, PARAM_HEAD, 0), N, d, c->vocab_size);
+    if (c->embproj) {
+        matmul_backward(g->final_proj, param_at(m, G, PARAM_HEAD, 0), g->logits, a->final_proj,
+                        param_at(m, P, PARAM_HEAD, 0), N, d, c->vocab_size);
+        matmul_backward(g->final_norm, param_at(m, G, PARAM_EMBPROJ_OUT, 0), g->final_proj, a->final_norm,
+                        param_at(m, P, PARAM_EMBPROJ_OUT, 0), N, d, d);
+    } else {
+        matmul_backward(g->final_norm, param_at(m, G, PARAM_HEAD, 0), g->logits, a->final_norm,
+                        param_at(m, P, PARAM_HEAD, 0), N, d, c->vocab_size);
+    }
     rmsnorm_backward(g->x + c->n_layers * Nd, param_at(m, G, PARAM_FINAL_NORM, 0), g->final_norm,
-                     a->x + c->n_layers * Nd, param_at(m, P, PARAM_FINAL_NORM, 0), a->final_rstd, N, d);
+                     a->x + c->n_layers * Nd, param_at(m, P, PARAM_FINAL_NORM, 0), gs, a->final_rstd, N, d);
     for (int l = c->n_layers - 1; l >= 0; l--) {
         size_t ln = (size_t)l * N;
         residual_backward(g->x_mid + l * Nd, g->ffn_proj + l * Nd, g->x + (l + 1) * Nd, Nd);
@@ -1075,7 +1132,7 @@ static void model_backward(Model *m) {
         matmul_backward(g->ffn_norm + l * Nd, param_at(m, G, PARAM_FFN_UP, l), g->ffn_up + l * Nf,
                         a->ffn_norm + l * Nd, param_at(m, P, PARAM_FFN_UP, l), N, d, f);
         rmsnorm_backward(g->x_mid + l * Nd, param_at(m, G, PARAM_FFN_NORM, l), g->ffn_norm + l * Nd,
-                         a->x_mid + l * Nd, param_at(m, P, PARAM_FFN_NORM, l), a->ffn_rstd + ln, N, d);
+                         a->x_mid + l * Nd, param_at(m, P, PARAM_FFN_NORM, l), gs, a->ffn_rstd + ln, N, d);
         residual_backward(g->x + l * Nd, g->attn_proj + l * Nd, g->x_mid + l * Nd, Nd);
         matmul_backward(g->attn_out + l * Nd, param_at(m, G, PARAM_ATTN_OUT, l), g->attn_proj + l * Nd,
                         a->attn_out + l * Nd, param_at(m, P, PARAM_ATTN_OUT, l), N, d, d);
@@ -1090,9 +1147,15 @@ static void model_backward(Model *m) {
         matmul_backward(g->attn_norm + l * Nd, param_at(m, G, PARAM_ATTN_V, l), g->v + l * Nkv,
                         a->attn_norm + l * Nd, param_at(m, P, PARAM_ATTN_V, l), N, d, kvd);
         rmsnorm_backward(g->x + l * Nd, param_at(m, G, PARAM_ATTN_NORM, l), g->attn_norm + l * Nd,
-                         a->x + l * Nd, param_at(m, P, PARAM_ATTN_NORM, l), a->attn_rstd + ln, N, d);
+                         a->x + l * Nd, param_at(m, P, PARAM_ATTN_NORM, l), gs, a->attn_rstd + ln, N, d);
     }
-    embedding_backward(param_at(m, G, PARAM_EMBED, 0), g->x, m->inputs, N, d);
+    if (c->embproj) {
+        matmul_backward(g->embed, param_at(m, G, PARAM_EMBPROJ_IN, 0), g->x, a->embed,
+                        param_at(m, P, PARAM_EMBPROJ_IN, 0), N, d, d);
+        embedding_backward(param_at(m, G, PARAM_EMBED, 0), g->embed, m->inputs, N, d);
+    } else {
+        embedding_backward(param_at(m, G, PARAM_EMBED, 0), g->x, m->inputs, N, d);
+    }
 }
 
 // FLOPs of one training step on B x T tokens: 6 per matmul weight per token (forward 2,
@@ -1100,31 +1163,46 @@ static void model_backward(Model *m) {
 // QKᵀ and PV products over the causal half (2 products x 2 FLOPs x 3 for fwd+bwd).
 static double model_flops_per_step(const Model *m, int B, int T) {
     double matmul_params = (double)(m->n_params - param_size(m, PARAM_EMBED));
-    for (int i = 0; i < N_PARAM_TENSORS; i++) if (m->shape[i].rows == 1) matmul_params -= (double)param_size(m, i);
+    for (int i = 0; i < N_PARAM_TENSORS; i++) if (is_norm_gain(i)) matmul_params -= (double)param_size(m, i);
     double attention = 12.0 * m->cfg.n_layers * m->cfg.n_heads * head_dim(&m->cfg) * (T * (T + 1) / 2.0);
     return (double)B * (6.0 * matmul_params * T + attention);
 }
 
 /* ============================================================================
- * Optimizer: AdamW with decoupled weight decay, global-norm clipping, and the OSP schedule
+ * Optimizers: AdamW (the baseline) and Muon (OSP), global-norm clipping, the OSP schedule
  * ========================================================================== */
 
+enum { OPTIMIZER_ADAM, OPTIMIZER_MUON, OPTIMIZER_MUON_ONLY, N_OPTIMIZERS };
+static const char *optimizer_names[N_OPTIMIZERS] = {"adam", "muon", "muon-only"};
+
 typedef struct {
-    float lr;            // peak learning rate
+    int optimizer;       // OPTIMIZER_*: which tensors Muon updates (see uses_muon)
+    float lr_adam;       // peak learning rate of the AdamW-updated tensors
+    float lr_muon;       // peak learning rate of the Muon-updated tensors
     float weight_decay;  // decoupled: w -= lr * wd * w
-    float beta1, beta2, eps;
+    float beta1, beta2, eps;  // AdamW
+    float muon_momentum; // mu, Nesterov momentum of Muon
+    int ns_steps;        // Newton-Schulz iterations of Muon
     float grad_clip;     // clip the global gradient norm to this; 0 = off
     int warmup;          // linear warmup steps
     int steps;           // total steps (the schedule decays over the last 20%)
 } OptimConfig;
 
-// Learning rate at step s (0-based): linear warmup to lr, constant, then linear decay to 0
-// over the last 20% of steps (OSP-SPEC.md section 3).
-static float lr_schedule(const OptimConfig *o, int s) {
+// Muon updates every tensor under muon-only; under muon every tensor but the embedding and
+// the head, which keep AdamW ("decoupled embedding optimization"); under adam none.
+static bool uses_muon(int optimizer, int tensor) {
+    if (optimizer == OPTIMIZER_ADAM) return false;
+    if (optimizer == OPTIMIZER_MUON_ONLY) return true;
+    return tensor != PARAM_EMBED && tensor != PARAM_HEAD;
+}
+
+// Learning-rate multiplier at step s (0-based): linear warmup to 1, constant, then linear
+// decay to 0 over the last 20% of steps (OSP-SPEC.md section 3).
+static float lr_factor(const OptimConfig *o, int s) {
     int decay_start = o->steps - o->steps / 5;
-    if (s < o->warmup) return o->lr * (float)(s + 1) / (float)o->warmup;
-    if (s >= decay_start) return o->lr * (float)(o->steps - s) / (float)(o->steps - decay_start);
-    return o->lr;
+    if (s < o->warmup) return (float)(s + 1) / (float)o->warmup;
+    if (s >= decay_start) return (float)(o->steps - s) / (float)(o->steps - decay_start);
+    return 1.0f;
 }
 
 // Scales grads so that their global L2 norm is at most max_norm; returns the norm before.
@@ -1156,99 +1234,252 @@ static void adamw_update(float *params, const float *grads, float *m, float *v, 
     }
 }
 
+// out [cols, rows] = inᵀ, in [rows, cols].
+static void transpose(float *out, const float *in, int rows, int cols) {
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < cols; j++) out[(size_t)j * rows + i] = in[(size_t)i * cols + j];
+}
+
+#define NS_A 3.4445f
+#define NS_B (-4.7750f)
+#define NS_C 2.0315f
+
+// Floats of work space newton_schulz needs for a rows x cols matrix.
+static size_t newton_schulz_scratch(int rows, int cols) {
+    size_t n = (size_t)rows * cols, r = (size_t)(rows < cols ? rows : cols);
+    return 3 * n + 2 * r * r;
+}
+
+// Newton-Schulz orthogonalization (OSP-SPEC.md section 3): out [rows, cols] has U's singular
+// vectors with its singular values pushed into about [0.5, 1.2]. X = U / (|U|_F + 1e-7), then
+// `steps` times X = a·X + (b·A + c·A²)·X with A = X·Xᵀ. It works on the wide orientation
+// (rows <= cols), so a tall U is transposed first and the result transposed back. The three
+// products reuse matmul_forward (out = inp · wᵀ): A = X·Xᵀ directly, A² = A·Aᵀ because A is
+// symmetric, and B·X = B·(Xᵀ)ᵀ.
+static void newton_schulz(float *out, const float *u, int rows, int cols, int steps, float *scratch) {
+    bool tall = rows > cols;
+    int r = tall ? cols : rows, c = tall ? rows : cols;
+    size_t n = (size_t)r * c;
+    float *x = scratch, *x_next = x + n, *xt = x_next + n, *gram = xt + n, *poly = gram + (size_t)r * r;
+    double sq = 0.0;
+    for (size_t i = 0; i < n; i++) sq += (double)u[i] * u[i];
+    float inv_norm = (float)(1.0 / (sqrt(sq) + 1e-7));
+    if (tall) transpose(x, u, rows, cols);
+    else memcpy(x, u, sizeof(float) * n);
+    for (size_t i = 0; i < n; i++) x[i] *= inv_norm;
+    for (int step = 0; step < steps; step++) {
+        matmul_forward(gram, x, x, r, c, r);
+        matmul_forward(poly, gram, gram, r, r, r);
+        for (size_t i = 0; i < (size_t)r * r; i++) poly[i] = NS_B * gram[i] + NS_C * poly[i];
+        transpose(xt, x, r, c);
+        matmul_forward(x_next, poly, xt, r, r, c);
+        for (size_t i = 0; i < n; i++) x[i] = NS_A * x[i] + x_next[i];
+    }
+    if (tall) transpose(out, x, r, c);
+    else memcpy(out, x, sizeof(float) * n);
+}
+
+// One Muon step on a rows x cols matrix w with gradient g and momentum buffer mom:
+// mom = g + mu·mom;  U = g + mu·mom (Nesterov);  O = NS(U) for a matrix, U / (|U|₂ + 1e-7) for
+// a vector or scalar (rows = 1: the norm gains);  w -= lr·(0.2·sqrt(max(rows, cols))·O + wd·w).
+// The 0.2·sqrt(max) factor gives a full-rank update an RMS of about 0.2·lr, like AdamW's.
+// scratch: 2·rows·cols + newton_schulz_scratch(rows, cols) floats.
+static void muon_update(float *w, const float *g, float *mom, int rows, int cols, const OptimConfig *o,
+                        float lr, float *scratch) {
+    size_t n = (size_t)rows * cols;
+    float *u = scratch, *orth = scratch + n;
+    float mu = o->muon_momentum;
+    for (size_t i = 0; i < n; i++) {
+        mom[i] = g[i] + mu * mom[i];
+        u[i] = g[i] + mu * mom[i];
+    }
+    if (rows == 1) {
+        double sq = 0.0;
+        for (size_t i = 0; i < n; i++) sq += (double)u[i] * u[i];
+        float inv_norm = (float)(1.0 / (sqrt(sq) + 1e-7));
+        for (size_t i = 0; i < n; i++) orth[i] = u[i] * inv_norm;
+    } else {
+        newton_schulz(orth, u, rows, cols, o->ns_steps, scratch + 2 * n);
+    }
+    float scale = 0.2f * sqrtf((float)(rows > cols ? rows : cols));
+    for (size_t i = 0; i < n; i++) w[i] -= lr * (scale * orth[i] + o->weight_decay * w[i]);
+}
+
+// Optimizer state, one block: for each tensor in order, AdamW's m then v (2 floats per
+// parameter) or Muon's momentum buffer (1 float per parameter). Fills offset[] (floats into
+// the block) and returns the block's size in floats.
+static size_t optimizer_layout(const Model *m, int optimizer, size_t *offset) {
+    size_t total = 0;
+    for (int i = 0; i < N_PARAM_TENSORS; i++) {
+        offset[i] = total;
+        total += param_size(m, i) * (uses_muon(optimizer, i) ? 1 : 2);
+    }
+    return total;
+}
+
+// Floats of scratch the Muon updates of this model need (0 under adam).
+static size_t optimizer_scratch(const Model *m, int optimizer) {
+    size_t most = 0;
+    for (int i = 0; i < N_PARAM_TENSORS; i++) {
+        if (!uses_muon(optimizer, i) || param_size(m, i) == 0) continue;
+        size_t n = (size_t)m->shape[i].rows * m->shape[i].cols;
+        size_t need = 2 * n + newton_schulz_scratch(m->shape[i].rows, m->shape[i].cols);
+        if (need > most) most = need;
+    }
+    return most;
+}
+
+// Applies one optimizer step (t = 1-based step count, factor = schedule multiplier) to every
+// tensor: AdamW on the whole tensor, or Muon on each of its matrices (each layer separately).
+static void optimizer_step(Model *m, const OptimConfig *o, float *state, float *scratch, float factor, int t) {
+    size_t offset[N_PARAM_TENSORS];
+    optimizer_layout(m, o->optimizer, offset);
+    for (int i = 0; i < N_PARAM_TENSORS; i++) {
+        size_t n = param_size(m, i);
+        if (n == 0) continue;
+        float *p = m->params + m->shape[i].offset, *g = m->grads + m->shape[i].offset, *st = state + offset[i];
+        if (!uses_muon(o->optimizer, i)) {
+            adamw_update(p, g, st, st + n, n, o, factor * o->lr_adam, t);
+            continue;
+        }
+        size_t per = (size_t)m->shape[i].rows * m->shape[i].cols;
+        for (int k = 0; k < m->shape[i].count; k++)
+            muon_update(p + k * per, g + k * per, st + k * per, m->shape[i].rows, m->shape[i].cols, o, factor * o->lr_muon, scratch);
+    }
+}
+
+/* ============================================================================
+ * Presets: the six rows of the paper's ablation (OSP-SPEC.md section 4)
+ * ========================================================================== */
+
+typedef struct { const char *name; int optimizer, ssnorm, embproj; const char *what; } Preset;
+static const Preset presets[] = {
+    {"adam", OPTIMIZER_ADAM, 0, 0, "AdamW on everything, RMSNorm (the baseline)"},
+    {"muon-only", OPTIMIZER_MUON_ONLY, 0, 0, "Muon on every matrix, embedding and head included"},
+    {"muon", OPTIMIZER_MUON, 0, 0, "Muon on the network, AdamW on embedding and head"},
+    {"muon-ssnorm", OPTIMIZER_MUON, 1, 0, "muon + Single-Scale RMSNorm"},
+    {"muon-embproj", OPTIMIZER_MUON, 0, 1, "muon + embedding projection"},
+    {"osp", OPTIMIZER_MUON, 1, 1, "muon + SSNorm + EmbProj: the paper's recipe"},
+};
+#define N_PRESETS ((int)(sizeof presets / sizeof presets[0]))
+
+// Index of the preset with these switches, or -1 (a custom combination).
+static int preset_of(int optimizer, int ssnorm, int embproj) {
+    for (int i = 0; i < N_PRESETS; i++)
+        if (presets[i].optimizer == optimizer && presets[i].ssnorm == ssnorm && presets[i].embproj == embproj) return i;
+    return -1;
+}
+
+static const char *preset_name(int preset) { return preset >= 0 && preset < N_PRESETS ? presets[preset].name : "custom"; }
+
 /* ============================================================================
  * Checkpoints
  *
- * Little-endian binary:
- *   char magic[4] "OSPC"; uint32 version (1)
- *   int32 vocab_size, dim, n_layers, n_heads, n_kv_heads, ffn_dim, seq_len
- *   int32 batch, steps, warmup, step (steps completed), has_optimizer_state (0/1)
- *   float32 lr, weight_decay, beta1, beta2, eps, grad_clip
- *   uint64 seed, rng_state (the data loader's generator after `step` steps)
- *   float32 params[n_params]            (tensors in the order of param_names, layers back to back)
- *   float32 adam_m[n_params], adam_v[n_params]   (if has_optimizer_state)
+ * Little-endian binary, version 2:
+ *   char magic[4] "OSPC"; uint32 version
+ *   int32 vocab_size, dim, n_layers, n_heads, n_kv_heads, ffn_dim, seq_len, ssnorm, embproj
+ *   int32 preset (index into presets[], -1 custom), merged (0/1), optimizer (0 adam, 1 muon,
+ *         2 muon-only), ns_steps, batch, steps, warmup, step (steps completed),
+ *         has_optimizer_state (0/1)
+ *   float32 lr_adam, lr_muon, weight_decay, beta1, beta2, eps, muon_momentum, grad_clip
+ *   uint64 seed, rng_state (the batch sampler's generator after `step` steps)
+ *   float32 params[n_params]        (tensors in the order of param_names, layers back to back)
+ *   float32 state[n_state]          (if has_optimizer_state; layout of optimizer_layout)
  * ========================================================================== */
 
 #define CKPT_MAGIC "OSPC"
-#define CKPT_VERSION 1u
+#define CKPT_VERSION 2u
+#define CKPT_INTS 18
+#define CKPT_FLOATS 8
 
 typedef struct {
     Config cfg;
     OptimConfig opt;
+    int preset;           // presets[] index the run was trained as, -1 custom
+    int merged;           // 1: EmbProj and SSNorm folded away by ./osp merge
     int batch;
     int step;             // completed steps
     uint64_t seed, rng;   // rng: the batch sampler's state
 } TrainState;
 
-static bool checkpoint_save(const char *path, const TrainState *s, const Model *m, const float *adam_m, const float *adam_v) {
+// Writes a checkpoint; state (optimizer buffers) may be NULL, as for a merged model.
+static bool checkpoint_save(const char *path, const TrainState *s, const Model *m, const float *state) {
     AtomicFile af;
     if (!atomic_open(&af, path)) return false;
     uint32_t version = CKPT_VERSION;
-    int32_t ints[12] = {s->cfg.vocab_size, s->cfg.dim, s->cfg.n_layers, s->cfg.n_heads, s->cfg.n_kv_heads,
-                        s->cfg.ffn_dim, s->cfg.seq_len, s->batch, s->opt.steps, s->opt.warmup, s->step, adam_m != NULL};
-    float floats[6] = {s->opt.lr, s->opt.weight_decay, s->opt.beta1, s->opt.beta2, s->opt.eps, s->opt.grad_clip};
+    const Config *c = &s->cfg;
+    const OptimConfig *o = &s->opt;
+    int32_t ints[CKPT_INTS] = {c->vocab_size, c->dim, c->n_layers, c->n_heads, c->n_kv_heads, c->ffn_dim, c->seq_len,
+                               c->ssnorm, c->embproj, s->preset, s->merged, o->optimizer, o->ns_steps, s->batch,
+                               o->steps, o->warmup, s->step, state != NULL};
+    float floats[CKPT_FLOATS] = {o->lr_adam, o->lr_muon, o->weight_decay, o->beta1, o->beta2, o->eps, o->muon_momentum, o->grad_clip};
     uint64_t u64[2] = {s->seed, s->rng};
+    size_t offset[N_PARAM_TENSORS];
     atomic_write(&af, CKPT_MAGIC, 4);
     atomic_write(&af, &version, 4);
     atomic_write(&af, ints, sizeof ints);
     atomic_write(&af, floats, sizeof floats);
     atomic_write(&af, u64, sizeof u64);
     atomic_write(&af, m->params, sizeof(float) * m->n_params);
-    if (adam_m) {
-        atomic_write(&af, adam_m, sizeof(float) * m->n_params);
-        atomic_write(&af, adam_v, sizeof(float) * m->n_params);
-    }
+    if (state) atomic_write(&af, state, sizeof(float) * optimizer_layout(m, o->optimizer, offset));
     return atomic_close(&af);
 }
 
-// Loads a checkpoint: fills s, allocates m for max_batch (0: the checkpoint's batch), and
-// returns the optimizer moments in *adam_m, *adam_v if asked for and present (else NULL).
-static bool checkpoint_load(const char *path, TrainState *s, Model *m, int max_batch, float **adam_m, float **adam_v) {
+// Loads a checkpoint: fills s, allocates m for max_batch (0: the checkpoint's batch), and if
+// state is not NULL returns the optimizer buffers in *state (NULL if the file has none).
+static bool checkpoint_load(const char *path, TrainState *s, Model *m, int max_batch, float **state) {
     size_t size;
     unsigned char *data = read_file(path, &size);
     if (!data) return false;
     Reader r = {data, size, 0, false};
     char magic[4];
     uint32_t version;
-    int32_t ints[12];
-    float floats[6];
+    int32_t ints[CKPT_INTS];
+    float floats[CKPT_FLOATS];
     uint64_t u64[2];
     reader_get(&r, magic, 4);
     reader_get(&r, &version, 4);
     reader_get(&r, ints, sizeof ints);
     reader_get(&r, floats, sizeof floats);
     reader_get(&r, u64, sizeof u64);
-    bool ok = true;
     memset(s, 0, sizeof *s);
-    s->cfg = (Config){ints[0], ints[1], ints[2], ints[3], ints[4], ints[5], ints[6]};
-    s->batch = ints[7];
-    s->opt = (OptimConfig){floats[0], floats[1], floats[2], floats[3], floats[4], floats[5], ints[9], ints[8]};
-    s->step = ints[10];
+    s->cfg = (Config){ints[0], ints[1], ints[2], ints[3], ints[4], ints[5], ints[6], ints[7], ints[8]};
+    s->preset = ints[9];
+    s->merged = ints[10];
+    s->opt = (OptimConfig){.optimizer = ints[11], .ns_steps = ints[12], .steps = ints[14], .warmup = ints[15],
+                           .lr_adam = floats[0], .lr_muon = floats[1], .weight_decay = floats[2], .beta1 = floats[3],
+                           .beta2 = floats[4], .eps = floats[5], .muon_momentum = floats[6], .grad_clip = floats[7]};
+    s->batch = ints[13];
+    s->step = ints[16];
     s->seed = u64[0]; s->rng = u64[1];
-    bool has_opt = ints[11] != 0;
+    bool has_state = ints[17] != 0, ok = true;
     const char *problem = NULL;
     if (r.short_read && size < 4) ok = fail("'%s' is truncated (%zu bytes)", path, size);
     else if (memcmp(magic, CKPT_MAGIC, 4) != 0) ok = fail("'%s' is not an osp checkpoint (bad magic)", path);
-    else if (r.short_read) ok = fail("'%s' is truncated: the header is incomplete", path);
+    else if (r.short_read && size < 8) ok = fail("'%s' is truncated: the header is incomplete", path);
     else if (version != CKPT_VERSION) ok = fail("'%s' has checkpoint version %u; this osp reads version %u", path, version, CKPT_VERSION);
+    else if (r.short_read) ok = fail("'%s' is truncated: the header is incomplete", path);
     else if ((problem = config_problem(&s->cfg))) ok = fail("'%s' has a bad model config: %s", path, problem);
-    else if (s->batch < 1 || s->step < 0 || s->opt.steps < s->step) ok = fail("'%s' has a bad training state (batch %d, step %d of %d)", path, s->batch, s->step, s->opt.steps);
+    else if (s->opt.optimizer < 0 || s->opt.optimizer >= N_OPTIMIZERS || s->preset < -1 || s->preset >= N_PRESETS)
+        ok = fail("'%s' has a bad optimizer %d or preset %d", path, s->opt.optimizer, s->preset);
+    else if (s->batch < 1 || s->step < 0 || s->opt.steps < s->step)
+        ok = fail("'%s' has a bad training state (batch %d, step %d of %d)", path, s->batch, s->step, s->opt.steps);
     if (!ok) { free(data); return false; }
-    size_t n_params = param_layout((ParamShape[N_PARAM_TENSORS]){0}, &s->cfg);
-    size_t expected = r.pos + sizeof(float) * n_params * (has_opt ? 3 : 1);
+    model_alloc(m, &s->cfg, max_batch > 0 ? max_batch : s->batch);
+    size_t offset[N_PARAM_TENSORS];
+    size_t n_state = optimizer_layout(m, s->opt.optimizer, offset);
+    size_t expected = r.pos + sizeof(float) * (m->n_params + (has_state ? n_state : 0));
     if (size != expected) {
+        model_free(m);
         free(data);
         return fail("'%s' is %s: expected %zu bytes for this config, found %zu", path, size < expected ? "truncated" : "corrupt", expected, size);
     }
-    model_alloc(m, &s->cfg, max_batch > 0 ? max_batch : s->batch);
-    reader_get(&r, m->params, sizeof(float) * n_params);
-    if (adam_m) {
-        *adam_m = *adam_v = NULL;
-        if (has_opt) {
-            *adam_m = xmalloc(sizeof(float) * n_params);
-            *adam_v = xmalloc(sizeof(float) * n_params);
-            reader_get(&r, *adam_m, sizeof(float) * n_params);
-            reader_get(&r, *adam_v, sizeof(float) * n_params);
+    reader_get(&r, m->params, sizeof(float) * m->n_params);
+    if (state) {
+        *state = NULL;
+        if (has_state) {
+            *state = xmalloc(sizeof(float) * n_state);
+            reader_get(&r, *state, sizeof(float) * n_state);
         }
     }
     free(data);
@@ -1262,7 +1493,8 @@ static bool checkpoint_load(const char *path, TrainState *s, Model *m, int max_b
 typedef struct {
     TrainState state;
     Model model;
-    float *adam_m, *adam_v;
+    float *opt_state;        // optimizer buffers (optimizer_layout)
+    float *opt_scratch;      // Muon's work space
     TokenData train, val;
     int *inputs, *targets;   // [batch, seq_len]
 } Trainer;
@@ -1302,9 +1534,15 @@ static float train_step(Trainer *tr, float *grad_norm) {
     if (!isfinite(loss)) return loss;
     model_backward(m);
     *grad_norm = clip_grad_norm(m->grads, m->n_params, s->opt.grad_clip);
-    adamw_update(m->params, m->grads, tr->adam_m, tr->adam_v, m->n_params, &s->opt, lr_schedule(&s->opt, s->step), s->step + 1);
+    optimizer_step(m, &s->opt, tr->opt_state, tr->opt_scratch, lr_factor(&s->opt, s->step), s->step + 1);
     s->step++;
     return loss;
+}
+
+static void trainer_alloc_buffers(Trainer *tr) {
+    tr->opt_scratch = xmalloc(sizeof(float) * optimizer_scratch(&tr->model, tr->state.opt.optimizer));
+    tr->inputs = xmalloc(sizeof(int) * (size_t)tr->state.batch * tr->state.cfg.seq_len);
+    tr->targets = xmalloc(sizeof(int) * (size_t)tr->state.batch * tr->state.cfg.seq_len);
 }
 
 // Sets up a fresh run: model initialized from the seed, zero optimizer state.
@@ -1312,26 +1550,60 @@ static void trainer_init(Trainer *tr, const TrainState *s) {
     tr->state = *s;
     model_alloc(&tr->model, &s->cfg, s->batch);
     model_init(&tr->model, s->seed);
-    tr->adam_m = xcalloc(tr->model.n_params, sizeof(float));
-    tr->adam_v = xcalloc(tr->model.n_params, sizeof(float));
-    tr->inputs = xmalloc(sizeof(int) * (size_t)s->batch * s->cfg.seq_len);
-    tr->targets = xmalloc(sizeof(int) * (size_t)s->batch * s->cfg.seq_len);
+    size_t offset[N_PARAM_TENSORS];
+    tr->opt_state = xcalloc(optimizer_layout(&tr->model, s->opt.optimizer, offset), sizeof(float));
+    trainer_alloc_buffers(tr);
 }
 
 // Continues a run from a checkpoint (which must hold optimizer state).
 static bool trainer_resume(Trainer *tr, const char *path) {
-    if (!checkpoint_load(path, &tr->state, &tr->model, 0, &tr->adam_m, &tr->adam_v)) return false;
-    if (!tr->adam_m) { model_free(&tr->model); return fail("'%s' has no optimizer state to resume from", path); }
-    tr->inputs = xmalloc(sizeof(int) * (size_t)tr->state.batch * tr->state.cfg.seq_len);
-    tr->targets = xmalloc(sizeof(int) * (size_t)tr->state.batch * tr->state.cfg.seq_len);
+    if (!checkpoint_load(path, &tr->state, &tr->model, 0, &tr->opt_state)) return false;
+    if (!tr->opt_state) { model_free(&tr->model); return fail("'%s' has no optimizer state to resume from", path); }
+    trainer_alloc_buffers(tr);
     return true;
 }
 
 static void trainer_free(Trainer *tr) {
     model_free(&tr->model);
-    free(tr->adam_m); free(tr->adam_v); free(tr->inputs); free(tr->targets);
+    free(tr->opt_state); free(tr->opt_scratch); free(tr->inputs); free(tr->targets);
     free(tr->train.tokens); free(tr->val.tokens);
     memset(tr, 0, sizeof *tr);
+}
+
+/* ============================================================================
+ * Merging for inference (OSP-SPEC.md section 6)
+ *
+ * With x0 = P_in·e and logits = W_head·(P_out·h): E' = E·P_inᵀ (each row e becomes P_in·e)
+ * and W_head' = W_head·P_out; an SSNorm scalar g becomes a per-channel vector filled with g.
+ * The result is a plain Llama with the same outputs (up to float rounding).
+ * ========================================================================== */
+
+// dst (allocated here, max_batch rows) = src with EmbProj and SSNorm folded away.
+static void model_merge(Model *dst, const Model *src, int max_batch) {
+    Config plain = src->cfg;
+    plain.ssnorm = 0;
+    plain.embproj = 0;
+    model_alloc(dst, &plain, max_batch);
+    int d = plain.dim, V = plain.vocab_size;
+    float *P = src->params;
+    for (int i = 0; i < N_PARAM_TENSORS; i++) {
+        size_t n = param_size(dst, i);
+        float *out = dst->params + dst->shape[i].offset;
+        const float *in = src->params + src->shape[i].offset;
+        if (n == 0) continue;
+        if (i == PARAM_EMBED && src->cfg.embproj) {
+            matmul_forward(out, in, param_at(src, P, PARAM_EMBPROJ_IN, 0), V, d, d);
+        } else if (i == PARAM_HEAD && src->cfg.embproj) {
+            float *p_out_t = xmalloc(sizeof(float) * (size_t)d * d);
+            transpose(p_out_t, param_at(src, P, PARAM_EMBPROJ_OUT, 0), d, d);
+            matmul_forward(out, in, p_out_t, V, d, d);
+            free(p_out_t);
+        } else if (is_norm_gain(i) && src->cfg.ssnorm) {
+            for (size_t j = 0; j < n; j++) out[j] = in[j / (size_t)d];
+        } else {
+            memcpy(out, in, sizeof(float) * n);
+        }
+    }
 }
 
 /* ============================================================================
@@ -1529,9 +1801,15 @@ static int cmd_prepare(int argc, char **argv) {
 // ---------------------------------------------------------------- osp train
 static const char *train_help =
     "usage: ./osp train [flags]\n"
-    "Trains a Llama with AdamW on token files made by 'make data'. Prints step, loss, lr,\n"
-    "ms/step, tokens/s, GFLOP/s and time left; evaluates and checkpoints every --eval-every steps.\n"
-    "model (fixed by the checkpoint when resuming):\n"
+    "Trains a Llama on token files made by 'make data'. Prints step, loss, lr, ms/step,\n"
+    "tokens/s, GFLOP/s and time left; evaluates and checkpoints every --eval-every steps.\n"
+    "recipe (a preset sets --optimizer, --ssnorm, --embproj; later flags override it):\n"
+    "  --preset NAME    adam (default) | muon-only | muon | muon-ssnorm | muon-embproj | osp\n"
+    "  --optimizer O    adam: AdamW on everything; muon: Muon on the network, AdamW on embedding\n"
+    "                   and head; muon-only: Muon on everything\n"
+    "  --ssnorm         Single-Scale RMSNorm: one scalar gain per norm\n"
+    "  --embproj        learnable projections after the embedding and before the head\n"
+    "model (fixed by the checkpoint when resuming, like the recipe):\n"
     "  --dim N          residual width (default 128)\n"
     "  --layers N       blocks (default 4)\n"
     "  --heads N        query heads (default 4)\n"
@@ -1541,7 +1819,10 @@ static const char *train_help =
     "optimization (fixed by the checkpoint when resuming, except --steps):\n"
     "  --batch N        sequences per step (default 16)\n"
     "  --steps N        total steps (default 500)\n"
-    "  --lr F           peak learning rate (default 3e-3)\n"
+    "  --lr-adam F      peak lr of AdamW-updated tensors (default 3e-3); --lr is the same flag\n"
+    "  --lr-muon F      peak lr of Muon-updated tensors (default 3e-3)\n"
+    "  --muon-momentum F  Muon's Nesterov momentum (default 0.95)\n"
+    "  --ns-steps N     Muon's Newton-Schulz iterations (default 5)\n"
     "  --warmup N       linear warmup steps (default 50)\n"
     "  --wd F           decoupled weight decay (default 0.01)\n"
     "  --grad-clip F    global gradient-norm clip, 0 = off (default 1.0)\n"
@@ -1561,9 +1842,10 @@ static const char *train_help =
 static int cmd_train(int argc, char **argv) {
     Args a = {argc, 0, argv, "train"};
     TrainState s = {
-        .cfg = {0, 128, 4, 4, 4, 512, 128},
-        .opt = {3e-3f, 0.01f, 0.9f, 0.95f, 1e-8f, 1.0f, 50, 500},
-        .batch = 16, .step = 0, .seed = 1337,
+        .cfg = {.dim = 128, .n_layers = 4, .n_heads = 4, .n_kv_heads = 4, .ffn_dim = 512, .seq_len = 128},
+        .opt = {.optimizer = OPTIMIZER_ADAM, .lr_adam = 3e-3f, .lr_muon = 3e-3f, .weight_decay = 0.01f, .beta1 = 0.9f,
+                .beta2 = 0.95f, .eps = 1e-8f, .muon_momentum = 0.95f, .ns_steps = 5, .grad_clip = 1.0f, .warmup = 50, .steps = 500},
+        .batch = 16, .seed = 1337,
     };
     const char *train_path = "data/train.bin", *val_path = "data/val.bin", *tok_path = "tokenizer.bin";
     const char *out = NULL, *resume = NULL, *fixed_flag = NULL;
@@ -1571,14 +1853,34 @@ static int cmd_train(int argc, char **argv) {
     for (a.i = 0; a.i < argc; a.i++) {
         const char *f = argv[a.i];
         bool fixed = true;   // fixed by the checkpoint when resuming
-        if (!strcmp(f, "--dim")) s.cfg.dim = (int)parse_int(f, flag_value(&a), 2, 8192);
+        if (!strcmp(f, "--preset")) {
+            const char *name = flag_value(&a);
+            int p = 0;
+            while (p < N_PRESETS && strcmp(presets[p].name, name) != 0) p++;
+            if (p == N_PRESETS) die("unknown preset '%s' (adam, muon-only, muon, muon-ssnorm, muon-embproj, osp)", name);
+            s.opt.optimizer = presets[p].optimizer;
+            s.cfg.ssnorm = presets[p].ssnorm;
+            s.cfg.embproj = presets[p].embproj;
+        } else if (!strcmp(f, "--optimizer")) {
+            const char *name = flag_value(&a);
+            int o = 0;
+            while (o < N_OPTIMIZERS && strcmp(optimizer_names[o], name) != 0) o++;
+            if (o == N_OPTIMIZERS) die("unknown optimizer '%s' (adam, muon, muon-only)", name);
+            s.opt.optimizer = o;
+        }
+        else if (!strcmp(f, "--ssnorm")) s.cfg.ssnorm = 1;
+        else if (!strcmp(f, "--embproj")) s.cfg.embproj = 1;
+        else if (!strcmp(f, "--dim")) s.cfg.dim = (int)parse_int(f, flag_value(&a), 2, 8192);
         else if (!strcmp(f, "--layers")) s.cfg.n_layers = (int)parse_int(f, flag_value(&a), 1, 256);
         else if (!strcmp(f, "--heads")) s.cfg.n_heads = (int)parse_int(f, flag_value(&a), 1, 1024);
         else if (!strcmp(f, "--kv-heads")) s.cfg.n_kv_heads = (int)parse_int(f, flag_value(&a), 1, 1024);
         else if (!strcmp(f, "--ffn-dim")) s.cfg.ffn_dim = (int)parse_int(f, flag_value(&a), 1, 65536);
         else if (!strcmp(f, "--seq-len")) s.cfg.seq_len = (int)parse_int(f, flag_value(&a), 2, 65536);
         else if (!strcmp(f, "--batch")) s.batch = (int)parse_int(f, flag_value(&a), 1, 65536);
-        else if (!strcmp(f, "--lr")) s.opt.lr = parse_float(f, flag_value(&a), 1e-8, 10.0);
+        else if (!strcmp(f, "--lr") || !strcmp(f, "--lr-adam")) s.opt.lr_adam = parse_float(f, flag_value(&a), 1e-8, 10.0);
+        else if (!strcmp(f, "--lr-muon")) s.opt.lr_muon = parse_float(f, flag_value(&a), 1e-8, 10.0);
+        else if (!strcmp(f, "--muon-momentum")) s.opt.muon_momentum = parse_float(f, flag_value(&a), 0.0, 0.9999);
+        else if (!strcmp(f, "--ns-steps")) s.opt.ns_steps = (int)parse_int(f, flag_value(&a), 1, 100);
         else if (!strcmp(f, "--warmup")) s.opt.warmup = (int)parse_int(f, flag_value(&a), 0, 100000000);
         else if (!strcmp(f, "--wd")) s.opt.weight_decay = parse_float(f, flag_value(&a), 0.0, 10.0);
         else if (!strcmp(f, "--grad-clip")) s.opt.grad_clip = parse_float(f, flag_value(&a), 0.0, 1e6);
@@ -1604,7 +1906,7 @@ static int cmd_train(int argc, char **argv) {
 
     Trainer tr = {0};
     if (resume) {
-        if (fixed_flag) die("%s cannot be combined with --resume: the checkpoint fixes the model and optimizer settings", fixed_flag);
+        if (fixed_flag) die("%s cannot be combined with --resume: the checkpoint fixes the recipe, model and optimizer settings", fixed_flag);
         if (!trainer_resume(&tr, resume)) die("%s", osp_error);
         if (steps > 0) {
             if (steps < tr.state.step) die("--steps %d is less than the %d steps already done in '%s'", steps, tr.state.step, resume);
@@ -1618,6 +1920,7 @@ static int cmd_train(int argc, char **argv) {
         die("vocab mismatch: %s has %d tokens but the data was made with vocab %d (run 'make data' again)", tok_path, tok.vocab_size, tr.train.vocab_size);
     if (!resume) {
         s.cfg.vocab_size = tok.vocab_size;
+        s.preset = preset_of(s.opt.optimizer, s.cfg.ssnorm, s.cfg.embproj);
         if (steps > 0) s.opt.steps = steps;
         if (s.opt.warmup > s.opt.steps) die("--warmup %d exceeds --steps %d", s.opt.warmup, s.opt.steps);
         const char *problem = config_problem(&s.cfg);
@@ -1641,10 +1944,15 @@ static int cmd_train(int argc, char **argv) {
         printf(" %s %s%dx%d%s", param_names[i], m->shape[i].count > 1 ? "[" : "", m->shape[i].rows, m->shape[i].cols,
                m->shape[i].count > 1 ? "]xL" : "");
     printf("\n");
-    printf("adamw: lr %g, warmup %d, steps %d, batch %d (%zu tokens/step), wd %g, clip %g, seed %llu; "
-           "optimizer state %zu bytes; %d thread%s\n",
-           st->opt.lr, st->opt.warmup, st->opt.steps, st->batch, tokens_per_step, st->opt.weight_decay,
-           st->opt.grad_clip, (unsigned long long)st->seed, 2 * sizeof(float) * m->n_params, num_threads(), num_threads() == 1 ? "" : "s");
+    size_t offset[N_PARAM_TENSORS];
+    size_t state_bytes = sizeof(float) * optimizer_layout(m, st->opt.optimizer, offset);
+    printf("recipe: preset %s: optimizer %s, %s, %s\n", preset_name(st->preset), optimizer_names[st->opt.optimizer],
+           c->ssnorm ? "SSNorm" : "RMSNorm", c->embproj ? "EmbProj" : "no EmbProj");
+    printf("training: lr adam %g, lr muon %g, warmup %d, steps %d, batch %d (%zu tokens/step), wd %g, clip %g, seed %llu, %d thread%s\n",
+           st->opt.lr_adam, st->opt.lr_muon, st->opt.warmup, st->opt.steps, st->batch, tokens_per_step, st->opt.weight_decay,
+           st->opt.grad_clip, (unsigned long long)st->seed, num_threads(), num_threads() == 1 ? "" : "s");
+    printf("optimizer state: %zu bytes (%.2f per parameter: AdamW keeps 2 buffers, Muon 1)\n",
+           state_bytes, (double)state_bytes / sizeof(float) / m->n_params);
     printf("data: %zu train tokens, %zu val tokens\n", tr.train.n, tr.val.n);
     if (resume) printf("resumed from %s at step %d\n", resume, st->step);
 
@@ -1652,7 +1960,8 @@ static int cmd_train(int argc, char **argv) {
     int window_steps = 0, start_step = st->step;
     float loss = 0.0f, grad_norm = 0.0f, val_loss = NAN;
     while (st->step < st->opt.steps) {
-        float lr = lr_schedule(&st->opt, st->step);
+        // The lr shown is the network's: Muon's, or AdamW's under the adam preset.
+        float lr = lr_factor(&st->opt, st->step) * (st->opt.optimizer == OPTIMIZER_ADAM ? st->opt.lr_adam : st->opt.lr_muon);
         loss = train_step(&tr, &grad_norm);
         if (!isfinite(loss))
             die("loss is %s at step %d; stopping (the last checkpoint in '%s', if any, is intact)",
@@ -1672,7 +1981,7 @@ static int cmd_train(int argc, char **argv) {
         if (last || (eval_every > 0 && st->step % eval_every == 0)) {
             double t0 = now_seconds();
             val_loss = evaluate_loss(m, &tr.val, val_windows);
-            if (!checkpoint_save(out, st, m, tr.adam_m, tr.adam_v)) die("%s", osp_error);
+            if (!checkpoint_save(out, st, m, tr.opt_state)) die("%s", osp_error);
             printf("step %6d/%d | val loss %.4f | val ppl %.2f | saved %s (%.1f s)\n", st->step, st->opt.steps,
                    val_loss, exp(val_loss), out, now_seconds() - t0);
             fflush(stdout);
@@ -1727,11 +2036,89 @@ static int cmd_sample(int argc, char **argv) {
     load_tokenizer_or_die(&tok, tok_path);
     TrainState s;
     Model m;
-    if (!checkpoint_load(ckpt, &s, &m, 1, NULL, NULL)) die("%s", osp_error);
+    if (!checkpoint_load(ckpt, &s, &m, 1, NULL)) die("%s", osp_error);
     if (s.cfg.vocab_size != tok.vocab_size) die("vocab mismatch: checkpoint '%s' has vocab %d but %s has %d", ckpt, s.cfg.vocab_size, tok_path, tok.vocab_size);
     generate(&m, &tok, prompt, n_tokens, temperature, top_p, seed, stdout);
     model_free(&m);
     tokenizer_free(&tok);
+    return 0;
+}
+
+// ---------------------------------------------------------------- osp merge
+static const char *merge_help =
+    "usage: ./osp merge IN.ckpt OUT.ckpt\n"
+    "Folds EmbProj into the embedding and the head and turns SSNorm scalars into per-channel\n"
+    "gains: OUT is a plain Llama with the same outputs (no optimizer state, so it cannot resume).\n";
+
+static int cmd_merge(int argc, char **argv) {
+    Args a = {argc, 0, argv, "merge"};
+    const char *paths[2] = {NULL, NULL};
+    int n = 0;
+    for (a.i = 0; a.i < argc; a.i++) {
+        if (argv[a.i][0] == '-' || n == 2) unknown_flag(&a);
+        paths[n++] = argv[a.i];
+    }
+    if (n != 2) die("merge needs an input and an output checkpoint (see ./osp merge --help)");
+    if (!strcmp(paths[0], paths[1])) die("merge would overwrite its input '%s'; give another output name", paths[0]);
+    TrainState s;
+    Model in, out;
+    if (!checkpoint_load(paths[0], &s, &in, 1, NULL)) die("%s", osp_error);
+    model_merge(&out, &in, 1);
+    TrainState merged = s;
+    merged.cfg = out.cfg;
+    merged.merged = 1;
+    if (!checkpoint_save(paths[1], &merged, &out, NULL)) die("%s", osp_error);
+    printf("merged %s (preset %s%s%s) into %s: a plain Llama, %zu -> %zu parameters\n", paths[0], preset_name(s.preset),
+           s.cfg.embproj ? ", EmbProj folded into embed and head" : "", s.cfg.ssnorm ? ", SSNorm scalars expanded" : "",
+           paths[1], in.n_params, out.n_params);
+    model_free(&in); model_free(&out);
+    return 0;
+}
+
+// ---------------------------------------------------------------- osp compare
+static const char *compare_help =
+    "usage: ./osp compare CKPT [CKPT...] [--val FILE] [--val-windows N] [--threads N]\n"
+    "Evaluates checkpoints on the validation split and prints them side by side.\n"
+    "  --val FILE        validation tokens (default data/val.bin)\n"
+    "  --val-windows N   windows of seq-len tokens, 0 = all (default 0)\n"
+    "  --threads N       OpenMP threads, 0 = all cores (default 0)\n";
+
+static int cmd_compare(int argc, char **argv) {
+    Args a = {argc, 0, argv, "compare"};
+    const char *val_path = "data/val.bin";
+    const char **ckpts = xmalloc(sizeof(char *) * (size_t)(argc ? argc : 1));
+    int n = 0, val_windows = 0, threads = 0;
+    for (a.i = 0; a.i < argc; a.i++) {
+        const char *f = argv[a.i];
+        if (!strcmp(f, "--val")) val_path = flag_value(&a);
+        else if (!strcmp(f, "--val-windows")) val_windows = (int)parse_int(f, flag_value(&a), 0, 100000000);
+        else if (!strcmp(f, "--threads")) threads = (int)parse_int(f, flag_value(&a), 0, 1024);
+        else if (f[0] == '-') unknown_flag(&a);
+        else ckpts[n++] = f;
+    }
+    if (n == 0) die("no checkpoint given (see ./osp compare --help)");
+    set_num_threads(threads);
+    TokenData val;
+    if (!tokens_load(&val, val_path)) die("%s", osp_error);
+    printf("%-24s %-13s %8s %7s %9s %10s %9s %8s\n", "checkpoint", "preset", "params", "steps", "tokens", "opt state", "val loss", "val ppl");
+    for (int i = 0; i < n; i++) {
+        TrainState s;
+        Model m;
+        if (!checkpoint_load(ckpts[i], &s, &m, 16, NULL)) die("%s", osp_error);
+        if (s.cfg.vocab_size != val.vocab_size) die("vocab mismatch: '%s' has vocab %d but %s has %d", ckpts[i], s.cfg.vocab_size, val_path, val.vocab_size);
+        if (val.n < (size_t)s.cfg.seq_len + 1) die("'%s' has fewer than seq-len + 1 = %d tokens", val_path, s.cfg.seq_len + 1);
+        size_t offset[N_PARAM_TENSORS];
+        char preset[32], state_bytes[32] = "-";   // a merged model has no optimizer state
+        if (!s.merged) snprintf(state_bytes, sizeof state_bytes, "%zu", sizeof(float) * optimizer_layout(&m, s.opt.optimizer, offset));
+        snprintf(preset, sizeof preset, "%s%s", preset_name(s.preset), s.merged ? "+merged" : "");
+        float loss = evaluate_loss(&m, &val, val_windows);
+        printf("%-24s %-13s %7.2fM %7d %8.2fM %10s %9.4f %8.2f\n", ckpts[i], preset, m.n_params / 1e6, s.step,
+               (double)s.step * s.batch * s.cfg.seq_len / 1e6, state_bytes, loss, exp(loss));
+        fflush(stdout);
+        model_free(&m);
+    }
+    free(val.tokens);
+    free(ckpts);
     return 0;
 }
 
@@ -1741,8 +2128,10 @@ static const char *main_help =
     "usage: ./osp COMMAND [flags]    (./osp COMMAND --help for each)\n"
     "  tokenizer   train the BPE tokenizer on a text file -> tokenizer.bin\n"
     "  prepare     encode a text file into data/train.bin and data/val.bin\n"
-    "  train       train a model, write a checkpoint\n"
-    "  sample      generate text from a checkpoint\n";
+    "  train       train a model (AdamW baseline or an OSP preset), write a checkpoint\n"
+    "  sample      generate text from a checkpoint\n"
+    "  merge       fold EmbProj and SSNorm away: a plain Llama checkpoint\n"
+    "  compare     validation loss of checkpoints, side by side\n";
 
 int main(int argc, char **argv) {
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
@@ -1754,6 +2143,8 @@ int main(int argc, char **argv) {
         {"prepare", cmd_prepare, prepare_help},
         {"train", cmd_train, train_help},
         {"sample", cmd_sample, sample_help},
+        {"merge", cmd_merge, merge_help},
+        {"compare", cmd_compare, compare_help},
     };
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
         if (strcmp(argv[1], commands[i].name) != 0) continue;
