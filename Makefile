@@ -53,9 +53,13 @@ data/train.bin data/val.bin &: data/tinyshakespeare.txt tokenizer.bin osp
 
 data: data/train.bin data/val.bin
 
+# The Adam baseline and the OSP recipe on the same data and token budget, side by side.
 run: osp data
-	./osp train --out adam.ckpt
-	./osp sample adam.ckpt --prompt "ROMEO:" --tokens 200
+	./osp train --preset adam --out adam.ckpt
+	./osp train --preset osp --out osp.ckpt
+	./osp compare adam.ckpt osp.ckpt
+	./osp sample adam.ckpt --prompt "ROMEO:" --tokens 100
+	./osp sample osp.ckpt --prompt "ROMEO:" --tokens 100
 
 clean:
 	rm -f osp test_osp test_osp_asan *.tmp

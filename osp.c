@@ -824,6 +824,102 @@ static void crossentropy_backward(float *dlogits, const float *dlosses, const fl
 }
 
 /* ============================================================================
+ * Quantization primitives (evaluation only): RTN fake quantizers and the Walsh-Hadamard
+ * transform (OSP-SPEC.md section 5). "Fake" quantization rounds a tensor to the values a
+ * b-bit integer grid can represent and keeps computing in float, which measures exactly the
+ * damage of quantization. Rounding is to nearest, ties to even (rintf), as torch.round does.
+ * ========================================================================== */
+
+#define QUANT_OFF 16   // bits >= 16 means full precision
+
+// Symmetric RTN of one weight row w [n] with clip ratio p: s = p·max|w| / qmax,
+// ŵ = clamp(round(w/s), -qmax-1, qmax)·s, qmax = 2^(bits-1) - 1. Writes out [n] (may be w);
+// returns Σ |ŵ - w|^2.4, the error the clip search minimises.
+static double quantize_row_symmetric(float *out, const float *w, int n, int bits, float p) {
+    float qmax = (float)((1 << (bits - 1)) - 1), maxabs = 0.0f;
+    for (int i = 0; i < n; i++) maxabs = fmaxf(maxabs, fabsf(w[i]));
+    float scale = p * maxabs / qmax;
+    double err = 0.0;
+    for (int i = 0; i < n; i++) {
+        float q = scale > 0.0f ? fminf(fmaxf(rintf(w[i] / scale), -qmax - 1.0f), qmax) * scale : w[i];
+        err += pow(fabs((double)q - w[i]), 2.4);
+        out[i] = q;
+    }
+    return err;
+}
+
+// Weight quantization of one output row with the clip search of OSP-SPEC.md: try
+// p = 1 - i/100 for i = 0..79 and keep the p with the smallest Σ |ŵ - w|^2.4 (the first on
+// ties). row [n] is quantized in place; scratch holds n floats. Returns the chosen p.
+static float quantize_weight_row(float *row, int n, int bits, bool clip_search, float *scratch) {
+    float best_p = 1.0f;
+    if (clip_search) {
+        double best_err = INFINITY;
+        for (int i = 0; i < 80; i++) {
+            float p = 1.0f - (float)i / 100.0f;
+            double err = quantize_row_symmetric(scratch, row, n, bits, p);
+            if (err < best_err) { best_err = err; best_p = p; }
+        }
+    }
+    quantize_row_symmetric(row, row, n, bits, best_p);
+    return best_p;
+}
+
+// Asymmetric RTN in place over each group of `group` consecutive values of x [n]:
+// xmax = max(max x, 0), xmin = min(min x, 0), s = (xmax - xmin) / (2^bits - 1),
+// z = round(-xmin / s), q = clamp(round(x/s) + z, 0, 2^bits - 1), x̂ = (q - z)·s.
+// Zero is always on the grid, so zeros stay exactly zero.
+static void quantize_asymmetric(float *x, size_t n, int group, int bits) {
+    float levels = (float)((1 << bits) - 1);
+    size_t groups = n / (size_t)group;
+#pragma omp parallel for schedule(static)
+    for (size_t g = 0; g < groups; g++) {
+        float *v = x + g * (size_t)group;
+        float xmax = 0.0f, xmin = 0.0f;
+        for (int i = 0; i < group; i++) { xmax = fmaxf(xmax, v[i]); xmin = fminf(xmin, v[i]); }
+        float scale = (xmax - xmin) / levels;
+        if (scale == 0.0f) continue;   // all zeros
+        float zero = rintf(-xmin / scale);
+        for (int i = 0; i < group; i++) v[i] = (fminf(fmaxf(rintf(v[i] / scale) + zero, 0.0f), levels) - zero) * scale;
+    }
+}
+
+// Normalised Walsh-Hadamard transform in place of each of the `rows` vectors x [rows, n]
+// (n a power of two): x = H·x with H = H_n / sqrt(n), H_n the Sylvester Hadamard matrix
+// (H_1 = [1], H_2k = [[H_k, H_k], [H_k, -H_k]]). H is symmetric and orthogonal: H·Hᵀ = I.
+// The fast butterfly takes n·log2(n) additions; hadamard_matrix below is the plain reference.
+static void hadamard_transform(float *x, size_t rows, int n) {
+    float norm = 1.0f / sqrtf((float)n);
+#pragma omp parallel for schedule(static)
+    for (size_t r = 0; r < rows; r++) {
+        float *v = x + r * (size_t)n;
+        for (int len = 1; len < n; len <<= 1)
+            for (int i = 0; i < n; i += 2 * len)
+                for (int j = i; j < i + len; j++) {
+                    float a = v[j], b = v[j + len];
+                    v[j] = a + b;
+                    v[j + len] = a - b;
+                }
+        for (int i = 0; i < n; i++) v[i] *= norm;
+    }
+}
+
+// The normalised Hadamard matrix h [n, n] written out: H[i][j] = (-1)^popcount(i & j) / sqrt(n).
+// The plain reference for hadamard_transform (test_osp.c compares the two); not static, so
+// that a build without the tests does not warn that nothing calls it.
+void hadamard_matrix(float *h, int n);
+void hadamard_matrix(float *h, int n) {
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < n; j++) {
+            int bits = i & j, parity = 0;
+            while (bits) { parity ^= bits & 1; bits >>= 1; }
+            h[(size_t)i * n + j] = (parity ? -1.0f : 1.0f) / sqrtf((float)n);
+        }
+}
+
+static bool is_power_of_two(int n) { return n > 0 && (n & (n - 1)) == 0; }
+
+/* ============================================================================
  * Model: configuration, parameters and activations (each one contiguous block)
  * ========================================================================== */
 
@@ -897,6 +993,11 @@ typedef struct {
     float *rope_cos, *rope_sin;          // [seq_len, head_dim/2]
     int *inputs, *targets;               // [max_batch, seq_len]
     int B, T;                            // shape of the last forward pass
+    // Evaluation only: fake quantization inside the forward pass (weights are quantized
+    // offline by quantize_weights). 16 bits = off.
+    int abits;           // inputs of every block matrix, per token (the Wo input per head)
+    int kvbits;          // K after RoPE and V, per (token, head); Q and K get a head_dim Hadamard first
+    int ffn_hadamard;    // 1: rotate the W2 input online, h -> H·h (W2 was rotated to W2·Hᵀ)
 } Model;
 
 static int head_dim(const Config *c) { return c->dim / c->n_heads; }
@@ -990,6 +1091,7 @@ static void model_alloc(Model *m, const Config *c, int max_batch) {
     rope_tables(m->rope_cos, m->rope_sin, c->seq_len, head_dim(c));
     m->inputs = xcalloc((size_t)max_batch * c->seq_len, sizeof(int));
     m->targets = xcalloc((size_t)max_batch * c->seq_len, sizeof(int));
+    m->abits = m->kvbits = QUANT_OFF;
 }
 
 static void model_free(Model *m) {
@@ -1037,13 +1139,15 @@ static void model_init(Model *m, uint64_t seed) {
 }
 
 // Forward pass over inputs [B,T] (copied into m->inputs). With targets, returns the mean
-// cross-entropy loss; without, computes logits only and returns 0.
+// cross-entropy loss; without, computes logits only and returns 0. Any B, T whose activations
+// fit the allocation may be used (T = 1 with B up to max_batch·seq_len, for example).
 static float model_forward(Model *m, const int *inputs, const int *targets, int B, int T) {
     const Config *c = &m->cfg;
     int d = c->dim, f = c->ffn_dim, H = c->n_heads, KVH = c->n_kv_heads, hd = head_dim(c), kvd = kv_dim(c);
     int N = B * T;
     m->B = B; m->T = T;
-    activation_layout(&m->act, m->act_block, c, B, T);
+    if (activation_layout(&m->act, m->act_block, c, B, T) > m->act_floats || N > m->max_batch * c->seq_len)
+        die("internal: forward of %d x %d does not fit the activations allocated for %d x %d", B, T, m->max_batch, c->seq_len);
     memcpy(m->inputs, inputs, sizeof(int) * (size_t)N);
     if (targets) memcpy(m->targets, targets, sizeof(int) * (size_t)N);
     Activations *a = &m->act;
@@ -1064,18 +1168,29 @@ static float model_forward(Model *m, const int *inputs, const int *targets, int 
         float *gate = a->ffn_gate + l * Nf, *up = a->ffn_up + l * Nf, *hid = a->ffn_hidden + l * Nf;
         float *fp = a->ffn_proj + l * Nd;
         rmsnorm_forward(xn, a->attn_rstd + (size_t)l * N, x, param_at(m, P, PARAM_ATTN_NORM, l), gs, N, d);
+        if (m->abits < QUANT_OFF) quantize_asymmetric(xn, Nd, d, m->abits);
         matmul_forward(q, xn, param_at(m, P, PARAM_ATTN_Q, l), N, d, d);
         matmul_forward(k, xn, param_at(m, P, PARAM_ATTN_K, l), N, d, kvd);
         matmul_forward(v, xn, param_at(m, P, PARAM_ATTN_V, l), N, d, kvd);
         rope_forward(q, m->rope_cos, m->rope_sin, B, T, H, hd);
         rope_forward(k, m->rope_cos, m->rope_sin, B, T, KVH, hd);
+        if (m->kvbits < QUANT_OFF) {   // rotating both q and k by H leaves every q·k unchanged
+            hadamard_transform(q, (size_t)N * H, hd);
+            hadamard_transform(k, (size_t)N * KVH, hd);
+            quantize_asymmetric(k, Nkv, hd, m->kvbits);
+            quantize_asymmetric(v, Nkv, hd, m->kvbits);
+        }
         attention_forward(ao, a->att + (size_t)l * B * H * T * T, q, k, v, B, T, H, KVH, hd);
+        if (m->abits < QUANT_OFF) quantize_asymmetric(ao, Nd, hd, m->abits);
         matmul_forward(ap, ao, param_at(m, P, PARAM_ATTN_OUT, l), N, d, d);
         residual_forward(xm, x, ap, Nd);
         rmsnorm_forward(fn, a->ffn_rstd + (size_t)l * N, xm, param_at(m, P, PARAM_FFN_NORM, l), gs, N, d);
+        if (m->abits < QUANT_OFF) quantize_asymmetric(fn, Nd, d, m->abits);
         matmul_forward(gate, fn, param_at(m, P, PARAM_FFN_GATE, l), N, d, f);
         matmul_forward(up, fn, param_at(m, P, PARAM_FFN_UP, l), N, d, f);
         swiglu_forward(hid, gate, up, Nf);
+        if (m->ffn_hadamard) hadamard_transform(hid, (size_t)N, f);
+        if (m->abits < QUANT_OFF) quantize_asymmetric(hid, Nf, f, m->abits);
         matmul_forward(fp, hid, param_at(m, P, PARAM_FFN_DOWN, l), N, f, d);
         residual_forward(a->x + (l + 1) * Nd, xm, fp, Nd);
     }
@@ -1487,24 +1602,127 @@ static bool checkpoint_load(const char *path, TrainState *s, Model *m, int max_b
 }
 
 /* ============================================================================
- * Training
+ * Merging for inference (OSP-SPEC.md section 6)
+ *
+ * With x0 = P_in·e and logits = W_head·(P_out·h): E' = E·P_inᵀ (each row e becomes P_in·e)
+ * and W_head' = W_head·P_out; an SSNorm scalar g becomes a per-channel vector filled with g.
+ * The result is a plain Llama with the same outputs (up to float rounding).
  * ========================================================================== */
 
+// dst (allocated here, max_batch rows) = src with EmbProj and SSNorm folded away.
+static void model_merge(Model *dst, const Model *src, int max_batch) {
+    Config plain = src->cfg;
+    plain.ssnorm = 0;
+    plain.embproj = 0;
+    model_alloc(dst, &plain, max_batch);
+    int d = plain.dim, V = plain.vocab_size;
+    float *P = src->params;
+    for (int i = 0; i < N_PARAM_TENSORS; i++) {
+        size_t n = param_size(dst, i);
+        float *out = dst->params + dst->shape[i].offset;
+        const float *in = src->params + src->shape[i].offset;
+        if (n == 0) continue;
+        if (i == PARAM_EMBED && src->cfg.embproj) {
+            matmul_forward(out, in, param_at(src, P, PARAM_EMBPROJ_IN, 0), V, d, d);
+        } else if (i == PARAM_HEAD && src->cfg.embproj) {
+            float *p_out_t = xmalloc(sizeof(float) * (size_t)d * d);
+            transpose(p_out_t, param_at(src, P, PARAM_EMBPROJ_OUT, 0), d, d);
+            matmul_forward(out, in, p_out_t, V, d, d);
+            free(p_out_t);
+        } else if (is_norm_gain(i) && src->cfg.ssnorm) {
+            for (size_t j = 0; j < n; j++) out[j] = in[j / (size_t)d];
+        } else {
+            memcpy(out, in, sizeof(float) * n);
+        }
+    }
+}
+
+/* ============================================================================
+ * Evaluation: perplexity, excess kurtosis, and perplexity under 4-bit fake quantization
+ * (OSP-SPEC.md section 5). Checkpoints are merged first (section 6): a merged model computes
+ * the same function, and P_in, P_out would stay full precision anyway.
+ * ========================================================================== */
+
+// Excess kurtosis of one token's hidden state x [d], as the authors' release computes it:
+// mean(x⁴) / std(x)⁴ - 3, the fourth moment not centred, the standard deviation unbiased
+// (divided by d - 1), negative values clamped to 0. Gaussian channels give about 0; one
+// channel carrying nearly all the energy gives about d (exactly d - 3 for a one-hot vector).
+static double kurtosis_excess(const float *x, int d) {
+    double mean = 0.0, m4 = 0.0, var = 0.0;
+    for (int i = 0; i < d; i++) { mean += x[i]; m4 += (double)x[i] * x[i] * x[i] * x[i]; }
+    mean /= d;
+    m4 /= d;
+    for (int i = 0; i < d; i++) var += (x[i] - mean) * (x[i] - mean);
+    var /= d - 1;
+    if (var <= 0.0) return 0.0;
+    double k = m4 / (var * var) - 3.0;
+    return k > 0.0 ? k : 0.0;
+}
+
+// Kurtosis and largest |activation| of the L + 2 hidden states the paper measures: after the
+// embedding (after P_in), after each block, and after the final norm.
 typedef struct {
-    TrainState state;
-    Model model;
-    float *opt_state;        // optimizer buffers (optimizer_layout)
-    float *opt_scratch;      // Muon's work space
-    TokenData train, val;
-    int *inputs, *targets;   // [batch, seq_len]
-} Trainer;
+    int n_states;
+    double *kurtosis;   // [n_states] sums over tokens, means after kurtosis_finish
+    double *max_abs;    // [n_states]
+    double mean;        // mean over states of the per-state means: the paper's number
+    long tokens;
+} KurtosisReport;
+
+static void kurtosis_init(KurtosisReport *r, int n_layers) {
+    r->n_states = n_layers + 2;
+    r->kurtosis = xcalloc((size_t)r->n_states, sizeof(double));
+    r->max_abs = xcalloc((size_t)r->n_states, sizeof(double));
+    r->mean = 0.0;
+    r->tokens = 0;
+}
+
+static void kurtosis_free(KurtosisReport *r) { free(r->kurtosis); free(r->max_abs); }
+
+// Adds the hidden states of the model's last forward pass to the sums.
+static void kurtosis_accumulate(KurtosisReport *r, const Model *m) {
+    int N = m->B * m->T, d = m->cfg.dim;
+    size_t Nd = (size_t)N * d;
+    for (int s = 0; s < r->n_states; s++) {
+        const float *h = s < r->n_states - 1 ? m->act.x + s * Nd : m->act.final_norm;
+        double sum = 0.0, mx = r->max_abs[s];
+#pragma omp parallel for reduction(+ : sum) reduction(max : mx) schedule(static)
+        for (int n = 0; n < N; n++) {
+            sum += kurtosis_excess(h + (size_t)n * d, d);
+            for (int i = 0; i < d; i++) mx = fmax(mx, fabs(h[(size_t)n * d + i]));
+        }
+        r->kurtosis[s] += sum;
+        r->max_abs[s] = mx;
+    }
+    r->tokens += N;
+}
+
+static void kurtosis_finish(KurtosisReport *r) {
+    r->mean = 0.0;
+    for (int s = 0; s < r->n_states; s++) {
+        r->kurtosis[s] /= (double)(r->tokens ? r->tokens : 1);
+        r->mean += r->kurtosis[s] / r->n_states;
+    }
+}
+
+static double kurtosis_max_abs(const KurtosisReport *r) {
+    double mx = 0.0;
+    for (int s = 0; s < r->n_states; s++) mx = fmax(mx, r->max_abs[s]);
+    return mx;
+}
+
+// Number of validation windows of seq_len tokens evaluated (max_windows 0 = all).
+static long validation_windows(const Model *m, const TokenData *val, int max_windows) {
+    long windows = (long)((val->n - 1) / (size_t)m->cfg.seq_len);
+    return max_windows > 0 && windows > max_windows ? max_windows : windows;
+}
 
 // Mean loss over the validation tokens in non-overlapping windows of seq_len (up to
-// max_windows windows; 0 = all), evaluated max_batch windows at a time.
-static float evaluate_loss(Model *m, const TokenData *val, int max_windows) {
+// max_windows windows; 0 = all), evaluated max_batch windows at a time. With kurt, also adds
+// every window's hidden states to the kurtosis sums (full context).
+static float evaluate_loss(Model *m, const TokenData *val, int max_windows, KurtosisReport *kurt) {
     int T = m->cfg.seq_len;
-    long windows = (long)((val->n - 1) / (size_t)T);
-    if (max_windows > 0 && windows > max_windows) windows = max_windows;
+    long windows = validation_windows(m, val, max_windows);
     if (windows < 1) return NAN;
     int *inputs = xmalloc(sizeof(int) * (size_t)m->max_batch * T);
     int *targets = xmalloc(sizeof(int) * (size_t)m->max_batch * T);
@@ -1518,10 +1736,198 @@ static float evaluate_loss(Model *m, const TokenData *val, int max_windows) {
                 targets[b * T + t] = val->tokens[pos + 1];
             }
         total += (double)model_forward(m, inputs, targets, B, T) * B;
+        if (kurt) kurtosis_accumulate(kurt, m);
     }
     free(inputs); free(targets);
     return (float)(total / (double)windows);
 }
+
+// Kurtosis without context, as the authors' script measures it: every token of the same
+// windows is fed as its own sequence of length 1.
+static void kurtosis_without_context(Model *m, const TokenData *val, int max_windows, KurtosisReport *kurt) {
+    size_t n = (size_t)validation_windows(m, val, max_windows) * m->cfg.seq_len;
+    int chunk = m->max_batch * m->cfg.seq_len;
+    int *inputs = xmalloc(sizeof(int) * (size_t)chunk);
+    for (size_t start = 0; start < n; start += (size_t)chunk) {
+        int B = (int)(n - start < (size_t)chunk ? n - start : (size_t)chunk);
+        for (int b = 0; b < B; b++) inputs[b] = val->tokens[start + (size_t)b];
+        model_forward(m, inputs, NULL, B, 1);
+        kurtosis_accumulate(kurt, m);
+    }
+    free(inputs);
+}
+
+// The weight matrices quantized to 4 bits: those of the blocks. The embedding and the head
+// stay full precision.
+static bool is_block_matrix(int i) {
+    return i == PARAM_ATTN_Q || i == PARAM_ATTN_K || i == PARAM_ATTN_V || i == PARAM_ATTN_OUT ||
+           i == PARAM_FFN_GATE || i == PARAM_FFN_UP || i == PARAM_FFN_DOWN;
+}
+
+// RTN-quantizes every block matrix in place, one output row at a time (with the clip search
+// if asked).
+static void quantize_weights(Model *m, int bits, bool clip_search) {
+    for (int i = 0; i < N_PARAM_TENSORS; i++) {
+        if (!is_block_matrix(i)) continue;
+        int rows = m->shape[i].count * m->shape[i].rows, cols = m->shape[i].cols;
+        float *w = m->params + m->shape[i].offset;
+#pragma omp parallel
+        {
+            float *scratch = xmalloc(sizeof(float) * (size_t)cols);
+#pragma omp for schedule(static)
+            for (int r = 0; r < rows; r++) quantize_weight_row(w + (size_t)r * cols, cols, bits, clip_search, scratch);
+            free(scratch);
+        }
+    }
+}
+
+// The offline half of the FFN rotation: W2 -> W2·Hᵀ, i.e. H applied to every row of W2
+// [d, f]. With the online half (h -> H·h in the forward pass) the product is unchanged:
+// W2·Hᵀ·H·h = W2·h. Needs ffn_dim a power of two.
+static void rotate_ffn_down(Model *m) {
+    hadamard_transform(m->params + m->shape[PARAM_FFN_DOWN].offset, (size_t)m->cfg.n_layers * m->cfg.dim, m->cfg.ffn_dim);
+}
+
+// Folds every norm's per-channel gain into the matrices that read the normed vector
+// (W -> W·diag(g): column j of W scaled by g[j]) and sets the gains to 1, which leaves the
+// model's function unchanged and makes its norms commute with rotations.
+static void fold_norm_gains(Model *m) {
+    const int readers[3][4] = {{PARAM_ATTN_NORM, PARAM_ATTN_Q, PARAM_ATTN_K, PARAM_ATTN_V},
+                               {PARAM_FFN_NORM, PARAM_FFN_GATE, PARAM_FFN_UP, -1},
+                               {PARAM_FINAL_NORM, PARAM_HEAD, -1, -1}};
+    int d = m->cfg.dim;
+    for (int k = 0; k < 3; k++) {
+        int norm = readers[k][0];
+        for (int layer = 0; layer < m->shape[norm].count; layer++) {
+            float *g = param_at(m, m->params, norm, layer);
+            for (int j = 1; j < 4 && readers[k][j] >= 0; j++) {
+                int t = readers[k][j];
+                float *w = param_at(m, m->params, t, layer);
+                for (int r = 0; r < m->shape[t].rows; r++)
+                    for (int c = 0; c < d; c++) w[(size_t)r * d + c] *= g[c];
+            }
+            for (int c = 0; c < d; c++) g[c] = 1.0f;
+        }
+    }
+}
+
+// v -> R·v for each of the rows vectors v [rows, d], R = H·diag(signs) (orthogonal).
+static void apply_rotation(float *v, size_t rows, int d, const float *signs) {
+    for (size_t r = 0; r < rows; r++)
+        for (int i = 0; i < d; i++) v[r * d + i] *= signs[i];
+    hadamard_transform(v, rows, d);
+}
+
+// Full residual rotation (QuaRot-style; beyond the paper's RTN columns): the residual stream
+// x becomes R·x with R = H·diag(random signs). Gains are folded first so that RMSNorm(R·x) =
+// R·RMSNorm(x). Then every matrix reading the stream gets W -> W·Rᵀ (each row w -> R·w: the
+// embedding rows, Wq, Wk, Wv, W1, W3, the head), and every matrix writing it gets W -> R·W
+// (each column: Wo, W2). The function is unchanged; the weights and activations that get
+// quantized are rotated, which spreads outlier channels over all channels. Needs dim a
+// power of two.
+static void rotate_residual(Model *m, uint64_t seed) {
+    int d = m->cfg.dim;
+    fold_norm_gains(m);
+    float *signs = xmalloc(sizeof(float) * (size_t)d);
+    uint64_t rng = seed;
+    for (int i = 0; i < d; i++) signs[i] = (rng_next(&rng) & 1) ? 1.0f : -1.0f;
+    const int readers[] = {PARAM_EMBED, PARAM_ATTN_Q, PARAM_ATTN_K, PARAM_ATTN_V, PARAM_FFN_GATE, PARAM_FFN_UP, PARAM_HEAD};
+    for (size_t k = 0; k < sizeof readers / sizeof readers[0]; k++) {
+        int t = readers[k];
+        apply_rotation(m->params + m->shape[t].offset, (size_t)m->shape[t].count * m->shape[t].rows, d, signs);
+    }
+    const int writers[] = {PARAM_ATTN_OUT, PARAM_FFN_DOWN};
+    for (size_t k = 0; k < 2; k++) {
+        int t = writers[k], rows = m->shape[t].rows, cols = m->shape[t].cols;
+        float *wt = xmalloc(sizeof(float) * (size_t)rows * cols);
+        for (int layer = 0; layer < m->shape[t].count; layer++) {
+            float *w = param_at(m, m->params, t, layer);
+            transpose(wt, w, rows, cols);                 // columns of W as rows
+            apply_rotation(wt, (size_t)cols, d, signs);
+            transpose(w, wt, cols, rows);
+        }
+        free(wt);
+    }
+    free(signs);
+}
+
+// One fake-quantization setting of the 4-bit table.
+typedef struct { int wbits, abits, kvbits, ffn_hadamard; } QuantSetting;
+
+typedef struct {
+    int wbits, abits, kvbits;   // the bits of the table's rows (16 = off)
+    bool clip_search;           // weight clip search (default on)
+    bool rotate;                // full residual rotation before quantizing
+    bool context_free_kurtosis; // --kurtosis-context none
+    int max_windows;            // validation windows, 0 = all
+} EvalOptions;
+
+#define N_QUANT_ROWS 4
+static const char *quant_row_names[N_QUANT_ROWS] = {"W", "A", "KV", "WAKV"};
+
+typedef struct {
+    long windows;
+    float fp_loss;
+    KurtosisReport kurt;
+    float quant_loss[N_QUANT_ROWS][2];   // [W only, A only, KV only, all][no Had., Had.]; NAN if not applicable
+    double seconds;
+} EvalResult;
+
+// Validation loss of the plain model `base` under one quantization setting, evaluated on
+// `work` (same config), whose parameters are overwritten.
+static float evaluate_quantized(Model *work, const Model *base, const QuantSetting *q, const EvalOptions *o, const TokenData *val) {
+    memcpy(work->params, base->params, sizeof(float) * base->n_params);
+    if (q->ffn_hadamard) rotate_ffn_down(work);
+    if (q->wbits < QUANT_OFF) quantize_weights(work, q->wbits, o->clip_search);
+    work->abits = q->abits;
+    work->kvbits = q->kvbits;
+    work->ffn_hadamard = q->ffn_hadamard;
+    float loss = evaluate_loss(work, val, o->max_windows, NULL);
+    work->abits = work->kvbits = QUANT_OFF;
+    work->ffn_hadamard = 0;
+    return loss;
+}
+
+// Full evaluation of a model (merged here if it has EmbProj or SSNorm): full-precision loss,
+// kurtosis, and the 4-bit table without and with the FFN Hadamard.
+static void evaluate_model(EvalResult *r, const Model *m, const TokenData *val, const EvalOptions *o) {
+    double t0 = now_seconds();
+    Model base, work;
+    model_merge(&base, m, m->max_batch);
+    if (o->rotate) rotate_residual(&base, 0x0505ull);
+    model_alloc(&work, &base.cfg, m->max_batch);
+    memcpy(work.params, base.params, sizeof(float) * base.n_params);
+    r->windows = validation_windows(&work, val, o->max_windows);
+    kurtosis_init(&r->kurt, base.cfg.n_layers);
+    r->fp_loss = evaluate_loss(&work, val, o->max_windows, o->context_free_kurtosis ? NULL : &r->kurt);
+    if (o->context_free_kurtosis) kurtosis_without_context(&work, val, o->max_windows, &r->kurt);
+    kurtosis_finish(&r->kurt);
+    const QuantSetting rows[N_QUANT_ROWS] = {
+        {o->wbits, QUANT_OFF, QUANT_OFF, 0}, {QUANT_OFF, o->abits, QUANT_OFF, 0},
+        {QUANT_OFF, QUANT_OFF, o->kvbits, 0}, {o->wbits, o->abits, o->kvbits, 0},
+    };
+    for (int i = 0; i < N_QUANT_ROWS; i++)
+        for (int had = 0; had < 2; had++) {
+            QuantSetting q = rows[i];
+            q.ffn_hadamard = had;
+            r->quant_loss[i][had] = had && !is_power_of_two(base.cfg.ffn_dim) ? NAN : evaluate_quantized(&work, &base, &q, o, val);
+        }
+    model_free(&base); model_free(&work);
+    r->seconds = now_seconds() - t0;
+}
+
+/* ============================================================================
+ * Training
+ * ========================================================================== */
+
+typedef struct {
+    TrainState state;
+    Model model;
+    float *opt_state;        // optimizer buffers (optimizer_layout)
+    float *opt_scratch;      // Muon's work space
+    TokenData train, val;
+    int *inputs, *targets;   // [batch, seq_len]
+} Trainer;
 
 // One optimizer step on the next training batch; returns the loss before the update (NaN or
 // Inf is returned as is, before any parameter changes).
@@ -1568,42 +1974,6 @@ static void trainer_free(Trainer *tr) {
     free(tr->opt_state); free(tr->opt_scratch); free(tr->inputs); free(tr->targets);
     free(tr->train.tokens); free(tr->val.tokens);
     memset(tr, 0, sizeof *tr);
-}
-
-/* ============================================================================
- * Merging for inference (OSP-SPEC.md section 6)
- *
- * With x0 = P_in·e and logits = W_head·(P_out·h): E' = E·P_inᵀ (each row e becomes P_in·e)
- * and W_head' = W_head·P_out; an SSNorm scalar g becomes a per-channel vector filled with g.
- * The result is a plain Llama with the same outputs (up to float rounding).
- * ========================================================================== */
-
-// dst (allocated here, max_batch rows) = src with EmbProj and SSNorm folded away.
-static void model_merge(Model *dst, const Model *src, int max_batch) {
-    Config plain = src->cfg;
-    plain.ssnorm = 0;
-    plain.embproj = 0;
-    model_alloc(dst, &plain, max_batch);
-    int d = plain.dim, V = plain.vocab_size;
-    float *P = src->params;
-    for (int i = 0; i < N_PARAM_TENSORS; i++) {
-        size_t n = param_size(dst, i);
-        float *out = dst->params + dst->shape[i].offset;
-        const float *in = src->params + src->shape[i].offset;
-        if (n == 0) continue;
-        if (i == PARAM_EMBED && src->cfg.embproj) {
-            matmul_forward(out, in, param_at(src, P, PARAM_EMBPROJ_IN, 0), V, d, d);
-        } else if (i == PARAM_HEAD && src->cfg.embproj) {
-            float *p_out_t = xmalloc(sizeof(float) * (size_t)d * d);
-            transpose(p_out_t, param_at(src, P, PARAM_EMBPROJ_OUT, 0), d, d);
-            matmul_forward(out, in, p_out_t, V, d, d);
-            free(p_out_t);
-        } else if (is_norm_gain(i) && src->cfg.ssnorm) {
-            for (size_t j = 0; j < n; j++) out[j] = in[j / (size_t)d];
-        } else {
-            memcpy(out, in, sizeof(float) * n);
-        }
-    }
 }
 
 /* ============================================================================
@@ -1836,6 +2206,8 @@ static const char *train_help =
     "                   (unless --steps changes the total, which reshapes the lr schedule)\n"
     "  --eval-every N   validate and checkpoint every N steps, 0 = only at the end (default 100)\n"
     "  --val-windows N  validation windows of seq-len tokens, 0 = all (default 128)\n"
+    "  --kurtosis-every N  log excess kurtosis and max |activation| of the hidden states every N\n"
+    "                   steps, on a fixed batch (the first --batch validation windows); 0 = off\n"
     "  --log-every N    print every N steps (default 10)\n"
     "  --threads N      OpenMP threads, 0 = all cores (default 0)\n";
 
@@ -1849,7 +2221,7 @@ static int cmd_train(int argc, char **argv) {
     };
     const char *train_path = "data/train.bin", *val_path = "data/val.bin", *tok_path = "tokenizer.bin";
     const char *out = NULL, *resume = NULL, *fixed_flag = NULL;
-    int eval_every = 100, log_every = 10, threads = 0, val_windows = 128, steps = -1;
+    int eval_every = 100, log_every = 10, threads = 0, val_windows = 128, steps = -1, kurtosis_every = 0;
     for (a.i = 0; a.i < argc; a.i++) {
         const char *f = argv[a.i];
         bool fixed = true;   // fixed by the checkpoint when resuming
@@ -1895,6 +2267,7 @@ static int cmd_train(int argc, char **argv) {
             else if (!strcmp(f, "--resume")) resume = flag_value(&a);
             else if (!strcmp(f, "--eval-every")) eval_every = (int)parse_int(f, flag_value(&a), 0, 100000000);
             else if (!strcmp(f, "--val-windows")) val_windows = (int)parse_int(f, flag_value(&a), 0, 100000000);
+            else if (!strcmp(f, "--kurtosis-every")) kurtosis_every = (int)parse_int(f, flag_value(&a), 0, 100000000);
             else if (!strcmp(f, "--log-every")) log_every = (int)parse_int(f, flag_value(&a), 1, 100000000);
             else if (!strcmp(f, "--threads")) threads = (int)parse_int(f, flag_value(&a), 0, 1024);
             else unknown_flag(&a);
@@ -1978,15 +2351,26 @@ static int cmd_train(int argc, char **argv) {
             t_window = now;
             window_steps = 0;
         }
+        double t_aside = now_seconds();   // kurtosis and evaluation stay out of the step timing
+        if (kurtosis_every > 0 && (st->step % kurtosis_every == 0 || last)) {
+            KurtosisReport kr;
+            kurtosis_init(&kr, c->n_layers);
+            evaluate_loss(m, &tr.val, st->batch, &kr);
+            kurtosis_finish(&kr);
+            printf("step %6d/%d | kurtosis %.4f | max |act| %.3f | per state", st->step, st->opt.steps, kr.mean, kurtosis_max_abs(&kr));
+            for (int i = 0; i < kr.n_states; i++) printf(" %.3f", kr.kurtosis[i]);
+            printf("\n");
+            kurtosis_free(&kr);
+        }
         if (last || (eval_every > 0 && st->step % eval_every == 0)) {
             double t0 = now_seconds();
-            val_loss = evaluate_loss(m, &tr.val, val_windows);
+            val_loss = evaluate_loss(m, &tr.val, val_windows, NULL);
             if (!checkpoint_save(out, st, m, tr.opt_state)) die("%s", osp_error);
             printf("step %6d/%d | val loss %.4f | val ppl %.2f | saved %s (%.1f s)\n", st->step, st->opt.steps,
                    val_loss, exp(val_loss), out, now_seconds() - t0);
-            fflush(stdout);
-            t_window += now_seconds() - t0;   // keep evaluation out of the step timing
         }
+        fflush(stdout);
+        t_window += now_seconds() - t_aside;
     }
     double elapsed = now_seconds() - t_start;
     int done = st->step - start_step;
@@ -2075,50 +2459,217 @@ static int cmd_merge(int argc, char **argv) {
     return 0;
 }
 
-// ---------------------------------------------------------------- osp compare
-static const char *compare_help =
-    "usage: ./osp compare CKPT [CKPT...] [--val FILE] [--val-windows N] [--threads N]\n"
-    "Evaluates checkpoints on the validation split and prints them side by side.\n"
-    "  --val FILE        validation tokens (default data/val.bin)\n"
-    "  --val-windows N   windows of seq-len tokens, 0 = all (default 0)\n"
-    "  --threads N       OpenMP threads, 0 = all cores (default 0)\n";
+// ---------------------------------------------------------------- osp eval, osp compare
+static const char *eval_flags_help =
+    "  --val FILE              validation tokens (default data/val.bin)\n"
+    "  --val-windows N         windows of seq-len tokens, 0 = the whole split (default 0)\n"
+    "  --wbits N               weight bits of the table, 2..8, 16 = off (default 4)\n"
+    "  --abits N               activation bits (default 4)\n"
+    "  --kvbits N              KV-cache bits (default 4)\n"
+    "  --no-clip-search        weights: plain absmax scale instead of the clip search\n"
+    "  --rotate                rotate the residual stream by a random-sign Hadamard first (QuaRot-style)\n"
+    "  --kurtosis-context C    full (default): tokens in their windows; none: each token alone,\n"
+    "                          as the authors' script measures it\n"
+    "  --threads N             OpenMP threads, 0 = all cores (default 0)\n";
+
+static const char *eval_help_head =
+    "usage: ./osp eval CKPT [flags]\n"
+    "Evaluates a checkpoint on the validation split: full-precision perplexity; excess kurtosis\n"
+    "of the hidden states (after the embedding, after each block, after the final norm) with the\n"
+    "largest |activation| of each; perplexity under RTN fake quantization of the weights (W),\n"
+    "activations (A) and KV cache, without and with the online FFN Hadamard (Had.).\n"
+    "  --json                  print one JSON object instead of the tables\n";
+
+static const char *compare_help_head =
+    "usage: ./osp compare CKPT [CKPT...] [flags]\n"
+    "Runs ./osp eval on each checkpoint and prints the results side by side in one table.\n";
+
+typedef struct { EvalOptions opt; const char *val_path; int threads; bool json; } EvalArgs;
+
+// Consumes one eval flag at a->i if it is one; shared by eval and compare.
+static bool parse_eval_flag(Args *a, EvalArgs *e) {
+    const char *f = a->argv[a->i];
+    if (!strcmp(f, "--val")) e->val_path = flag_value(a);
+    else if (!strcmp(f, "--val-windows")) e->opt.max_windows = (int)parse_int(f, flag_value(a), 0, 100000000);
+    else if (!strcmp(f, "--wbits") || !strcmp(f, "--abits") || !strcmp(f, "--kvbits")) {
+        int bits = (int)parse_int(f, flag_value(a), 2, 16);
+        if (bits > 8 && bits < 16) die("%s must be 2..8, or 16 for full precision; got %d", f, bits);
+        *(f[2] == 'w' ? &e->opt.wbits : f[2] == 'a' ? &e->opt.abits : &e->opt.kvbits) = bits;
+    }
+    else if (!strcmp(f, "--no-clip-search")) e->opt.clip_search = false;
+    else if (!strcmp(f, "--rotate")) e->opt.rotate = true;
+    else if (!strcmp(f, "--kurtosis-context")) {
+        const char *v = flag_value(a);
+        if (strcmp(v, "full") && strcmp(v, "none")) die("--kurtosis-context must be full or none, got '%s'", v);
+        e->opt.context_free_kurtosis = !strcmp(v, "none");
+    }
+    else if (!strcmp(f, "--threads")) e->threads = (int)parse_int(f, flag_value(a), 0, 1024);
+    else return false;
+    return true;
+}
+
+static EvalArgs eval_defaults(void) {
+    return (EvalArgs){.opt = {.wbits = 4, .abits = 4, .kvbits = 4, .clip_search = true}, .val_path = "data/val.bin"};
+}
+
+// Loads a checkpoint for evaluation against the validation tokens (checks vocab and length).
+static void load_for_eval(const char *path, TrainState *s, Model *m, const TokenData *val, const char *val_path) {
+    if (!checkpoint_load(path, s, m, 16, NULL)) die("%s", osp_error);
+    if (s->cfg.vocab_size != val->vocab_size) die("vocab mismatch: '%s' has vocab %d but %s has %d", path, s->cfg.vocab_size, val_path, val->vocab_size);
+    if (val->n < (size_t)s->cfg.seq_len + 1) die("'%s' has fewer than seq-len + 1 = %d tokens", val_path, s->cfg.seq_len + 1);
+    if (s->opt.optimizer < 0) die("'%s': bad optimizer", path);
+}
+
+static void bits_label(char *buf, size_t size, int row, const EvalOptions *o) {
+    if (row == 3) snprintf(buf, size, "W%dA%dKV%d", o->wbits, o->abits, o->kvbits);
+    else snprintf(buf, size, "%s%d only", quant_row_names[row], row == 0 ? o->wbits : row == 1 ? o->abits : o->kvbits);
+}
+
+static const char *state_label(int s, int n_states, char *buf, size_t size) {
+    if (s == 0) snprintf(buf, size, "embedding");
+    else if (s == n_states - 1) snprintf(buf, size, "final norm");
+    else snprintf(buf, size, "block %d", s);
+    return buf;
+}
+
+static void print_eval_text(const char *path, const TrainState *s, const EvalResult *r, const EvalOptions *o) {
+    char label[64];
+    printf("%s: preset %s%s, dim %d, %d layers, %d steps (%.2fM tokens)\n", path, preset_name(s->preset),
+           s->merged ? " (merged)" : "", s->cfg.dim, s->cfg.n_layers, s->step, (double)s->step * s->batch * s->cfg.seq_len / 1e6);
+    printf("validation: %ld windows x %d tokens%s\n", r->windows, s->cfg.seq_len, o->rotate ? "; residual stream rotated (--rotate)" : "");
+    printf("full precision: loss %.4f, perplexity %.2f\n\n", r->fp_loss, exp(r->fp_loss));
+    printf("excess kurtosis per token across %d channels (context: %s), mean over %ld tokens\n", s->cfg.dim,
+           o->context_free_kurtosis ? "none" : "full", r->kurt.tokens);
+    printf("  %-12s %10s %12s\n", "hidden state", "kurtosis", "max |act|");
+    for (int i = 0; i < r->kurt.n_states; i++)
+        printf("  %-12s %10.3f %12.3f\n", state_label(i, r->kurt.n_states, label, sizeof label), r->kurt.kurtosis[i], r->kurt.max_abs[i]);
+    printf("  %-12s %10.3f %12.3f\n\n", "mean", r->kurt.mean, kurtosis_max_abs(&r->kurt));
+    printf("perplexity under RTN fake quantization (weights per row, symmetric%s; activations per token\n"
+           "and KV per head, asymmetric; Had. = online Hadamard on the W2 input)\n", o->clip_search ? ", clip search" : ", no clip search");
+    printf("  %-12s %10s %10s\n", "setting", "no Had.", "Had.");
+    for (int i = 0; i < N_QUANT_ROWS; i++) {
+        bits_label(label, sizeof label, i, o);
+        printf("  %-12s %10.2f %10.2f\n", label, exp(r->quant_loss[i][0]), exp(r->quant_loss[i][1]));
+    }
+    printf("\nevaluation took %.1f s\n", r->seconds);
+}
+
+static void print_json_number(double v) {
+    if (isfinite(v)) printf("%.6g", v); else printf("null");
+}
+
+static void print_eval_json(const char *path, const TrainState *s, const EvalResult *r, const EvalOptions *o) {
+    printf("{\"checkpoint\": \"");
+    for (const char *p = path; *p; p++) printf(*p == '"' || *p == '\\' ? "\\%c" : "%c", *p);
+    printf("\", \"preset\": \"%s\", \"merged\": %s, \"steps\": %d, \"tokens\": %lld, \"windows\": %ld, \"seq_len\": %d,\n",
+           preset_name(s->preset), s->merged ? "true" : "false", s->step, (long long)s->step * s->batch * s->cfg.seq_len, r->windows, s->cfg.seq_len);
+    printf(" \"rotate\": %s, \"clip_search\": %s, \"kurtosis_context\": \"%s\",\n", o->rotate ? "true" : "false",
+           o->clip_search ? "true" : "false", o->context_free_kurtosis ? "none" : "full");
+    printf(" \"fp_loss\": "); print_json_number(r->fp_loss);
+    printf(", \"fp_ppl\": "); print_json_number(exp(r->fp_loss));
+    printf(",\n \"kurtosis\": "); print_json_number(r->kurt.mean);
+    printf(", \"max_abs_activation\": "); print_json_number(kurtosis_max_abs(&r->kurt));
+    printf(",\n \"kurtosis_per_state\": [");
+    for (int i = 0; i < r->kurt.n_states; i++) { printf(i ? ", " : ""); print_json_number(r->kurt.kurtosis[i]); }
+    printf("],\n \"max_abs_per_state\": [");
+    for (int i = 0; i < r->kurt.n_states; i++) { printf(i ? ", " : ""); print_json_number(r->kurt.max_abs[i]); }
+    printf("],\n \"bits\": {\"w\": %d, \"a\": %d, \"kv\": %d},\n \"quantized_ppl\": {", o->wbits, o->abits, o->kvbits);
+    const char *keys[N_QUANT_ROWS] = {"w", "a", "kv", "wakv"};
+    for (int i = 0; i < N_QUANT_ROWS; i++) {
+        printf("%s\"%s\": ", i ? ", " : "", keys[i]);
+        print_json_number(exp(r->quant_loss[i][0]));
+        printf(", \"%s_had\": ", keys[i]);
+        print_json_number(exp(r->quant_loss[i][1]));
+    }
+    printf("},\n \"seconds\": %.3f}\n", r->seconds);
+}
+
+static int cmd_eval(int argc, char **argv) {
+    Args a = {argc, 0, argv, "eval"};
+    EvalArgs e = eval_defaults();
+    const char *ckpt = NULL;
+    for (a.i = 0; a.i < argc; a.i++) {
+        if (parse_eval_flag(&a, &e)) continue;
+        if (!strcmp(argv[a.i], "--json")) e.json = true;
+        else if (argv[a.i][0] == '-' || ckpt) unknown_flag(&a);
+        else ckpt = argv[a.i];
+    }
+    if (!ckpt) die("no checkpoint given (see ./osp eval --help)");
+    set_num_threads(e.threads);
+    TokenData val;
+    if (!tokens_load(&val, e.val_path)) die("%s", osp_error);
+    TrainState s;
+    Model m;
+    load_for_eval(ckpt, &s, &m, &val, e.val_path);
+    if (e.opt.rotate && !is_power_of_two(s.cfg.dim)) die("--rotate needs dim a power of two ('%s' has %d)", ckpt, s.cfg.dim);
+    EvalResult r;
+    evaluate_model(&r, &m, &val, &e.opt);
+    (e.json ? print_eval_json : print_eval_text)(ckpt, &s, &r, &e.opt);
+    kurtosis_free(&r.kurt);
+    model_free(&m);
+    free(val.tokens);
+    return 0;
+}
 
 static int cmd_compare(int argc, char **argv) {
     Args a = {argc, 0, argv, "compare"};
-    const char *val_path = "data/val.bin";
+    EvalArgs e = eval_defaults();
     const char **ckpts = xmalloc(sizeof(char *) * (size_t)(argc ? argc : 1));
-    int n = 0, val_windows = 0, threads = 0;
+    int n = 0;
     for (a.i = 0; a.i < argc; a.i++) {
-        const char *f = argv[a.i];
-        if (!strcmp(f, "--val")) val_path = flag_value(&a);
-        else if (!strcmp(f, "--val-windows")) val_windows = (int)parse_int(f, flag_value(&a), 0, 100000000);
-        else if (!strcmp(f, "--threads")) threads = (int)parse_int(f, flag_value(&a), 0, 1024);
-        else if (f[0] == '-') unknown_flag(&a);
-        else ckpts[n++] = f;
+        if (parse_eval_flag(&a, &e)) continue;
+        if (argv[a.i][0] == '-') unknown_flag(&a);
+        ckpts[n++] = argv[a.i];
     }
     if (n == 0) die("no checkpoint given (see ./osp compare --help)");
-    set_num_threads(threads);
+    set_num_threads(e.threads);
     TokenData val;
-    if (!tokens_load(&val, val_path)) die("%s", osp_error);
-    printf("%-24s %-13s %8s %7s %9s %10s %9s %8s\n", "checkpoint", "preset", "params", "steps", "tokens", "opt state", "val loss", "val ppl");
+    if (!tokens_load(&val, e.val_path)) die("%s", osp_error);
+    TrainState *states = xmalloc(sizeof(TrainState) * (size_t)n);
+    EvalResult *results = xmalloc(sizeof(EvalResult) * (size_t)n);
+    size_t *state_bytes = xmalloc(sizeof(size_t) * (size_t)n);
+    double total = 0.0;
     for (int i = 0; i < n; i++) {
-        TrainState s;
         Model m;
-        if (!checkpoint_load(ckpts[i], &s, &m, 16, NULL)) die("%s", osp_error);
-        if (s.cfg.vocab_size != val.vocab_size) die("vocab mismatch: '%s' has vocab %d but %s has %d", ckpts[i], s.cfg.vocab_size, val_path, val.vocab_size);
-        if (val.n < (size_t)s.cfg.seq_len + 1) die("'%s' has fewer than seq-len + 1 = %d tokens", val_path, s.cfg.seq_len + 1);
+        load_for_eval(ckpts[i], &states[i], &m, &val, e.val_path);
+        if (e.opt.rotate && !is_power_of_two(states[i].cfg.dim)) die("--rotate needs dim a power of two ('%s' has %d)", ckpts[i], states[i].cfg.dim);
         size_t offset[N_PARAM_TENSORS];
-        char preset[32], state_bytes[32] = "-";   // a merged model has no optimizer state
-        if (!s.merged) snprintf(state_bytes, sizeof state_bytes, "%zu", sizeof(float) * optimizer_layout(&m, s.opt.optimizer, offset));
-        snprintf(preset, sizeof preset, "%s%s", preset_name(s.preset), s.merged ? "+merged" : "");
-        float loss = evaluate_loss(&m, &val, val_windows);
-        printf("%-24s %-13s %7.2fM %7d %8.2fM %10s %9.4f %8.2f\n", ckpts[i], preset, m.n_params / 1e6, s.step,
-               (double)s.step * s.batch * s.cfg.seq_len / 1e6, state_bytes, loss, exp(loss));
-        fflush(stdout);
+        state_bytes[i] = states[i].merged ? 0 : sizeof(float) * optimizer_layout(&m, states[i].opt.optimizer, offset);
+        fprintf(stderr, "evaluating %s (%d of %d)...\n", ckpts[i], i + 1, n);
+        evaluate_model(&results[i], &m, &val, &e.opt);
+        total += results[i].seconds;
         model_free(&m);
     }
-    free(val.tokens);
-    free(ckpts);
+    char label[64], cell[96];
+    printf("%-26s", "");
+    for (int i = 0; i < n; i++) printf(" %14.14s", ckpts[i]);
+    printf("\n%-26s", "preset");
+    for (int i = 0; i < n; i++) { snprintf(cell, sizeof cell, "%s%s", preset_name(states[i].preset), states[i].merged ? "+merged" : ""); printf(" %14s", cell); }
+    printf("\n%-26s", "training tokens");
+    for (int i = 0; i < n; i++) printf(" %13.2fM", (double)states[i].step * states[i].batch * states[i].cfg.seq_len / 1e6);
+    printf("\n%-26s", "optimizer state bytes");
+    for (int i = 0; i < n; i++) { snprintf(cell, sizeof cell, "%zu", state_bytes[i]); printf(" %14s", states[i].merged ? "-" : cell); }
+    printf("\n%-26s", "val loss");
+    for (int i = 0; i < n; i++) printf(" %14.4f", results[i].fp_loss);
+    printf("\n%-26s", "val ppl");
+    for (int i = 0; i < n; i++) printf(" %14.2f", exp(results[i].fp_loss));
+    snprintf(label, sizeof label, "excess kurtosis (%s)", e.opt.context_free_kurtosis ? "no ctx" : "ctx");
+    printf("\n%-26s", label);
+    for (int i = 0; i < n; i++) printf(" %14.3f", results[i].kurt.mean);
+    printf("\n%-26s", "max |activation|");
+    for (int i = 0; i < n; i++) printf(" %14.2f", kurtosis_max_abs(&results[i].kurt));
+    for (int row = 0; row < N_QUANT_ROWS; row++)
+        for (int had = 0; had < 2; had++) {
+            bits_label(label, sizeof label, row, &e.opt);
+            snprintf(cell, sizeof cell, "%s ppl%s", label, had ? " (Had.)" : "");
+            printf("\n%-26s", cell);
+            for (int i = 0; i < n; i++) printf(" %14.2f", exp(results[i].quant_loss[row][had]));
+        }
+    printf("\n\n%ld validation windows of %d tokens each; weights %s; %s; evaluation took %.1f s\n", results[0].windows,
+           states[0].cfg.seq_len, e.opt.clip_search ? "with clip search" : "without clip search",
+           e.opt.rotate ? "residual rotated" : "no residual rotation", total);
+    for (int i = 0; i < n; i++) kurtosis_free(&results[i].kurt);
+    free(states); free(results); free(state_bytes); free(ckpts); free(val.tokens);
     return 0;
 }
 
@@ -2131,7 +2682,8 @@ static const char *main_help =
     "  train       train a model (AdamW baseline or an OSP preset), write a checkpoint\n"
     "  sample      generate text from a checkpoint\n"
     "  merge       fold EmbProj and SSNorm away: a plain Llama checkpoint\n"
-    "  compare     validation loss of checkpoints, side by side\n";
+    "  eval        perplexity, excess kurtosis, and perplexity under 4-bit fake quantization\n"
+    "  compare     eval several checkpoints, side by side\n";
 
 int main(int argc, char **argv) {
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
@@ -2144,11 +2696,16 @@ int main(int argc, char **argv) {
         {"train", cmd_train, train_help},
         {"sample", cmd_sample, sample_help},
         {"merge", cmd_merge, merge_help},
-        {"compare", cmd_compare, compare_help},
+        {"eval", cmd_eval, eval_help_head},
+        {"compare", cmd_compare, compare_help_head},
     };
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
         if (strcmp(argv[1], commands[i].name) != 0) continue;
-        if (wants_help(argc - 2, argv + 2)) { printf(commands[i].help, TOKEN_FIRST_PIECE + 1, VOCAB_MAX); return 0; }
+        if (wants_help(argc - 2, argv + 2)) {
+            printf(commands[i].help, TOKEN_FIRST_PIECE + 1, VOCAB_MAX);
+            if (commands[i].run == cmd_eval || commands[i].run == cmd_compare) fputs(eval_flags_help, stdout);
+            return 0;
+        }
         return commands[i].run(argc - 2, argv + 2);
     }
     die("unknown command '%s' (see ./osp --help)", argv[1]);

@@ -763,6 +763,247 @@ static void test_merge_invariance(uint64_t *rng) {
 }
 
 /* ----------------------------------------------------------------------------
+ * Measurements: kurtosis, quantizers, Hadamard, rotations
+ * ------------------------------------------------------------------------- */
+
+static void test_kurtosis(uint64_t *rng) {
+    // Gaussian tokens: the sample excess kurtosis of d values has standard deviation
+    // sigma = sqrt(24/d); clamped at 0 its mean is about 0.4 sigma. The mean over 64 tokens
+    // must stay below sigma (its own spread is about 0.6 sigma / 8).
+    int d = 4096, tokens = 64;
+    float *x = random_floats((size_t)d * tokens, 1.0f, rng);
+    double gauss = 0.0, tol = sqrt(24.0 / d);
+    for (int n = 0; n < tokens; n++) gauss += kurtosis_excess(x + (size_t)n * d, d) / tokens;
+    // One channel with nearly all the energy: about d (d - 3 exactly for a one-hot vector).
+    float spike[128];
+    for (int i = 0; i < 128; i++) spike[i] = 1e-3f * rng_normal(rng);
+    spike[17] = 10.0f;
+    double one_hot = kurtosis_excess(spike, 128);
+    // By hand: x = (1, 2, 3, 4): mean(x⁴) = 354/4 = 88.5, unbiased var = 5/3, 88.5 / (25/9) - 3 = 28.86.
+    // x = (1, -1, 1, -1): 1 / (4/3)² - 3 < 0, clamped to 0.
+    float hand[4] = {1, 2, 3, 4}, alternating[4] = {1, -1, 1, -1};
+    double k_hand = kurtosis_excess(hand, 4), k_alt = kurtosis_excess(alternating, 4);
+    bool ok = gauss < tol && gauss > 0.0 && fabs(one_hot - 125.0) < 0.5 && fabs(k_hand - 28.86) < 1e-9 && k_alt == 0.0;
+    report(ok, "kurtosis: gaussian, one channel, by hand", "gaussian %.4f (< %.3f), spike %.2f (d-3 = 125), (1,2,3,4) %.4f (28.86), (1,-1,1,-1) %.1f",
+           gauss, tol, one_hot, k_hand, k_alt);
+    free(x);
+}
+
+// Distinct values in x [n].
+static int count_levels(const float *x, int n) {
+    int levels = 0;
+    for (int i = 0; i < n; i++) {
+        bool seen = false;
+        for (int j = 0; j < i && !seen; j++) seen = x[j] == x[i];
+        levels += !seen;
+    }
+    return levels;
+}
+
+static void test_quantizers(uint64_t *rng) {
+    enum { n = 256 };
+    float x[n], q[n], qq[n];
+    for (int i = 0; i < n; i++) x[i] = -1.3f + 4.2f * (float)i / (n - 1) + 1e-3f * rng_normal(rng);   // fills the range
+    x[5] = 0.0f;
+    memcpy(q, x, sizeof x);
+    quantize_asymmetric(q, n, n, 4);
+    float xmax = 0, xmin = 0;
+    for (int i = 0; i < n; i++) { xmax = fmaxf(xmax, x[i]); xmin = fminf(xmin, x[i]); }
+    float s = (xmax - xmin) / 15.0f, z = rintf(-xmin / s);
+    bool half_step = true;
+    for (int i = 0; i < n; i++) {
+        float level = rintf(x[i] / s) + z;
+        if (level >= 0 && level <= 15) half_step = half_step && fabsf(q[i] - x[i]) <= 0.5f * s * (1 + 1e-5f);
+    }
+    memcpy(qq, q, sizeof q);
+    quantize_asymmetric(qq, n, n, 4);
+    bool idempotent = memcmp(q, qq, sizeof q) == 0;
+    int levels = count_levels(q, n);
+    // Symmetric weights: error within half a step (p = 1 clips nothing), idempotent, at most 16
+    // levels and exactly 16 once clipping (p < 1) reaches -8.
+    float w[n], wq[n], wqq[n], wc[n];
+    for (int i = 0; i < n; i++) w[i] = -1.0f + 2.0f * (float)i / (n - 1);
+    quantize_row_symmetric(wq, w, n, 4, 1.0f);
+    float wmax = 0;
+    for (int i = 0; i < n; i++) wmax = fmaxf(wmax, fabsf(w[i]));
+    bool w_half = true;
+    for (int i = 0; i < n; i++) w_half = w_half && fabsf(wq[i] - w[i]) <= 0.5f * wmax / 7.0f * (1 + 1e-5f);
+    quantize_row_symmetric(wqq, wq, n, 4, 1.0f);
+    bool w_idem = memcmp(wq, wqq, sizeof wq) == 0;
+    quantize_row_symmetric(wc, w, n, 4, 0.5f);
+    int w_levels = count_levels(wq, n), clipped_levels = count_levels(wc, n);
+    bool ok = half_step && idempotent && levels == 16 && q[5] == 0.0f && w_half && w_idem && w_levels == 15 && clipped_levels == 16;
+    report(ok, "quantizers: half step, 16 levels, idempotent, 0->0",
+           "asym: err<=s/2 %s, %d levels, idempotent %s, zero->%g; sym: err<=s/2 %s, idempotent %s, %d levels (clipped %d)",
+           half_step ? "yes" : "NO", levels, idempotent ? "yes" : "NO", q[5], w_half ? "yes" : "NO", w_idem ? "yes" : "NO", w_levels, clipped_levels);
+}
+
+// The clip search picks the p in {1, 0.99, ..., 0.21} that a brute-force scan computed here,
+// in double and without osp's helpers, finds best for Σ|ŵ - w|^2.4.
+static void test_clip_search(uint64_t *rng) {
+    enum { n = 64 };
+    bool ok = true;
+    int agree = 0;
+    for (int trial = 0; trial < 20; trial++) {
+        float w[n], row[n], scratch[n];
+        for (int i = 0; i < n; i++) w[i] = rng_normal(rng) * (i == 3 ? 6.0f : 1.0f);   // an outlier makes clipping pay
+        double maxabs = 0;
+        for (int i = 0; i < n; i++) maxabs = fmax(maxabs, fabs(w[i]));
+        double best_err = INFINITY;
+        int best_i = 0;
+        for (int i = 0; i < 80; i++) {
+            double scale = (float)(1.0f - (float)i / 100.0f) * (float)maxabs / 7.0, err = 0.0;
+            for (int k = 0; k < n; k++) {
+                double qv = fmin(fmax(nearbyint(w[k] / scale), -8.0), 7.0) * scale;
+                err += pow(fabs(qv - w[k]), 2.4);
+            }
+            if (err < best_err * (1 - 1e-9)) { best_err = err; best_i = i; }
+        }
+        memcpy(row, w, sizeof w);
+        float p = quantize_weight_row(row, n, 4, true, scratch);
+        agree += fabsf(p - (1.0f - best_i / 100.0f)) < 1e-6f;
+    }
+    ok = agree == 20;
+    report(ok, "weight clip search = brute-force minimiser", "%d of 20 rows chose the brute-force p", agree);
+}
+
+static void test_hadamard(uint64_t *rng) {
+    int n = 64;
+    float *h = xmalloc(sizeof(float) * n * n), *x = random_floats((size_t)3 * n, 1.0f, rng), *fast = xmalloc(sizeof(float) * 3 * n);
+    hadamard_matrix(h, n);
+    memcpy(fast, x, sizeof(float) * 3 * n);
+    hadamard_transform(fast, 3, n);
+    double worst = 0.0, orth = 0.0;
+    for (int r = 0; r < 3; r++)
+        for (int i = 0; i < n; i++) {
+            double plain = 0.0;
+            for (int j = 0; j < n; j++) plain += (double)h[i * n + j] * x[r * n + j];
+            worst = fmax(worst, fabs(plain - fast[r * n + i]));
+        }
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < n; j++) {
+            double dotp = 0.0;
+            for (int k = 0; k < n; k++) dotp += (double)h[i * n + k] * h[j * n + k];
+            orth = fmax(orth, fabs(dotp - (i == j)));
+        }
+    report(worst < 1e-5 && orth < 1e-6, "hadamard: fast = plain matrix, H·Hᵀ = I", "max |fast - plain| %.1e, max |H·Hᵀ - I| %.1e (n = 64)", worst, orth);
+    free(h); free(x); free(fast);
+}
+
+// Logits of a model for fixed inputs, copied out.
+static float *logits_of(Model *m, const int *inputs, int B, int T) {
+    model_forward(m, inputs, NULL, B, T);
+    size_t n = (size_t)B * T * m->cfg.vocab_size;
+    float *out = xmalloc(sizeof(float) * n);
+    memcpy(out, m->act.logits, sizeof(float) * n);
+    return out;
+}
+
+static double max_rel_diff(const float *a, const float *b, size_t n) {
+    double diff = 0.0, scale = 0.0;
+    for (size_t i = 0; i < n; i++) { diff = fmax(diff, fabs(a[i] - b[i])); scale = fmax(scale, fabs(a[i])); }
+    return diff / scale;
+}
+
+// The FFN rotation (W2·Hᵀ offline, H·h online) and the full residual rotation leave the
+// full-precision logits unchanged, for per-channel RMSNorm gains (folded first) and for SSNorm.
+static void test_rotations(uint64_t *rng) {
+    double worst_ffn = 0.0, worst_res = 0.0;
+    for (int ssnorm = 0; ssnorm < 2; ssnorm++) {
+        Config cfg = test_config();
+        cfg.ssnorm = ssnorm;
+        cfg.embproj = ssnorm;
+        Model trained, m;
+        model_alloc(&trained, &cfg, 2);
+        for (size_t i = 0; i < trained.n_params; i++) trained.params[i] = 0.2f * rng_normal(rng);
+        for (int i = 0; i < N_PARAM_TENSORS; i++)
+            if (is_norm_gain(i)) for (size_t j = 0; j < param_size(&trained, i); j++) trained.params[trained.shape[i].offset + j] += 1.0f;
+        model_merge(&m, &trained, 2);
+        int inputs[16];
+        for (int i = 0; i < 16; i++) inputs[i] = (int)(rng_next(rng) % 300);
+        size_t nl = 16 * 300;
+        float *base = logits_of(&m, inputs, 2, 8);
+        Model work;
+        model_alloc(&work, &m.cfg, 2);
+        memcpy(work.params, m.params, sizeof(float) * m.n_params);
+        rotate_ffn_down(&work);
+        work.ffn_hadamard = 1;
+        float *ffn = logits_of(&work, inputs, 2, 8);
+        work.ffn_hadamard = 0;
+        memcpy(work.params, m.params, sizeof(float) * m.n_params);
+        rotate_residual(&work, 77);
+        float *res = logits_of(&work, inputs, 2, 8);
+        worst_ffn = fmax(worst_ffn, max_rel_diff(base, ffn, nl));
+        worst_res = fmax(worst_res, max_rel_diff(base, res, nl));
+        free(base); free(ffn); free(res);
+        model_free(&trained); model_free(&m); model_free(&work);
+    }
+    report(worst_ffn < 1e-5 && worst_res < 1e-5, "rotations keep full-precision logits", "FFN Hadamard %.1e, residual rotation %.1e (RMSNorm and SSNorm models)",
+           worst_ffn, worst_res);
+}
+
+// The report over a forward pass: state 0 is the embedding output, the last the final norm;
+// each state's kurtosis is the mean over tokens and its max |act| the largest entry.
+static void test_kurtosis_report(uint64_t *rng) {
+    Config cfg = test_config();
+    Model m;
+    model_alloc(&m, &cfg, 2);
+    for (size_t i = 0; i < m.n_params; i++) m.params[i] = 0.3f * rng_normal(rng);
+    int inputs[16];
+    for (int i = 0; i < 16; i++) inputs[i] = (int)(rng_next(rng) % 300);
+    model_forward(&m, inputs, NULL, 2, 8);
+    KurtosisReport r;
+    kurtosis_init(&r, cfg.n_layers);
+    kurtosis_accumulate(&r, &m);
+    kurtosis_finish(&r);
+    double k0 = 0.0, kl = 0.0, max0 = 0.0;
+    const float *embed = m.params + m.shape[PARAM_EMBED].offset;
+    for (int n = 0; n < 16; n++) {
+        k0 += kurtosis_excess(embed + (size_t)inputs[n] * cfg.dim, cfg.dim) / 16;
+        kl += kurtosis_excess(m.act.final_norm + (size_t)n * cfg.dim, cfg.dim) / 16;
+        for (int i = 0; i < cfg.dim; i++) max0 = fmax(max0, fabs(embed[(size_t)inputs[n] * cfg.dim + i]));
+    }
+    double mean = 0.0;
+    for (int s = 0; s < r.n_states; s++) mean += r.kurtosis[s] / r.n_states;
+    bool ok = r.n_states == cfg.n_layers + 2 && fabs(r.kurtosis[0] - k0) < 1e-9 && fabs(r.kurtosis[r.n_states - 1] - kl) < 1e-9 &&
+              r.max_abs[0] == max0 && fabs(r.mean - mean) < 1e-12 && kurtosis_max_abs(&r) >= max0 && r.tokens == 16;
+    report(ok, "kurtosis report: states, means, max |act|", "%d states (L + 2), embedding %.4f = %.4f, final norm %.4f = %.4f, mean %.4f",
+           r.n_states, r.kurtosis[0], k0, r.kurtosis[r.n_states - 1], kl, r.mean);
+    kurtosis_free(&r);
+    model_free(&m);
+}
+
+// 16-bit settings are full precision: the no-Had. column equals the full-precision loss
+// exactly; the Had. column only rotates (equal within float rounding).
+static void test_sixteen_bits_exact(uint64_t *rng) {
+    Config cfg = test_config();
+    Model m;
+    model_alloc(&m, &cfg, 2);
+    model_init(&m, 3);
+    TokenData val = {.vocab_size = 300, .n = 4 * 8 + 1};
+    val.tokens = xmalloc(sizeof(uint16_t) * val.n);
+    for (size_t i = 0; i < val.n; i++) val.tokens[i] = (uint16_t)(rng_next(rng) % 300);
+    EvalOptions o = {.wbits = QUANT_OFF, .abits = QUANT_OFF, .kvbits = QUANT_OFF, .clip_search = true};
+    EvalResult r;
+    evaluate_model(&r, &m, &val, &o);
+    bool exact = true;
+    double had = 0.0;
+    for (int i = 0; i < N_QUANT_ROWS; i++) {
+        exact = exact && r.quant_loss[i][0] == r.fp_loss;
+        had = fmax(had, fabs(r.quant_loss[i][1] - r.fp_loss));
+    }
+    o.wbits = o.abits = o.kvbits = 4;
+    EvalResult r4;
+    evaluate_model(&r4, &m, &val, &o);
+    bool four_differs = r4.quant_loss[3][0] != r4.fp_loss && r4.fp_loss == r.fp_loss;
+    report(exact && had < 1e-5 && four_differs, "16-bit settings reproduce full precision", "loss %.6f: %s..%s rows, no Had. %s, Had. within %.1e; 4-bit W4A4KV4 %.6f",
+           r.fp_loss, quant_row_names[0], quant_row_names[N_QUANT_ROWS - 1], exact ? "identical" : "DIFFERENT", had, r4.quant_loss[3][0]);
+    kurtosis_free(&r.kurt); kurtosis_free(&r4.kurt);
+    free(val.tokens);
+    model_free(&m);
+}
+
+/* ----------------------------------------------------------------------------
  * Training, checkpoints, bad files
  * ------------------------------------------------------------------------- */
 
@@ -966,7 +1207,7 @@ static void test_evaluate_loss(uint64_t *rng) {
         for (int t = 0; t < 8; t++) { inputs[t] = val.tokens[w * 8 + t]; targets[t] = val.tokens[w * 8 + t + 1]; }
         sum += model_forward(&m, inputs, targets, 1, 8);
     }
-    float batched = evaluate_loss(&m, &val, 0), limited = evaluate_loss(&m, &val, 2);
+    float batched = evaluate_loss(&m, &val, 0, NULL), limited = evaluate_loss(&m, &val, 2, NULL);
     float first_two = 0.0f;
     {
         int inputs[16], targets[16];
@@ -1049,6 +1290,13 @@ int main(int argc, char **argv) {
     test_muon_step(&rng);
     test_optimizer_state_size();
     test_merge_invariance(&rng);
+    test_kurtosis(&rng);
+    test_quantizers(&rng);
+    test_clip_search(&rng);
+    test_hadamard(&rng);
+    test_rotations(&rng);
+    test_kurtosis_report(&rng);
+    test_sixteen_bits_exact(&rng);
     test_schedule_and_clip();
     test_data_batches();
     for (int p = 0; p < N_PRESETS; p++) test_training_deterministic(p);
