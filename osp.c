@@ -2090,6 +2090,16 @@ static void load_tokenizer_or_die(Tokenizer *t, const char *path) {
     if (!tokenizer_load(t, path)) die("%s", osp_error);
 }
 
+// Reads a text file and encodes it: returns the ids (*count of them) and the file's size.
+static int *encode_text_file(const Tokenizer *t, const char *path, size_t *bytes, int *count) {
+    unsigned char *text = read_file(path, bytes);
+    if (!text) die("%s", osp_error);
+    int *ids = xmalloc(sizeof(int) * (*bytes ? *bytes : 1));
+    *count = tokenizer_encode(t, text, *bytes, ids);
+    free(text);
+    return ids;
+}
+
 // ---------------------------------------------------------------- osp tokenizer
 static const char *tokenizer_help =
     "usage: ./osp tokenizer --input TEXT [--vocab N] [--out FILE]\n"
@@ -2117,13 +2127,14 @@ static int cmd_tokenizer(int argc, char **argv) {
     double t0 = now_seconds();
     Tokenizer t;
     int n_chars = tokenizer_train(&t, text, n, vocab);
+    free(text);
     if (!tokenizer_save(&t, out)) die("%s", osp_error);
-    int *ids = xmalloc(sizeof(int) * (n ? n : 1));
-    int count = tokenizer_encode(&t, text, n, ids);
+    int count;
+    int *ids = encode_text_file(&t, input, &n, &count);
     printf("wrote %s: %d tokens (%d characters, %d merges); %zu bytes of text -> %d tokens (%.2f bytes/token) in %.1f s\n",
            out, t.vocab_size, n_chars, t.vocab_size - TOKEN_FIRST_PIECE - n_chars, n, count,
            count ? (double)n / count : 0.0, now_seconds() - t0);
-    free(ids); free(text);
+    free(ids);
     tokenizer_free(&t);
     return 0;
 }
@@ -2153,17 +2164,15 @@ static int cmd_prepare(int argc, char **argv) {
     Tokenizer t;
     load_tokenizer_or_die(&t, tok_path);
     size_t n;
-    unsigned char *text = read_file(input, &n);
-    if (!text) die("%s", osp_error);
-    int *ids = xmalloc(sizeof(int) * (n ? n : 1));
-    int count = tokenizer_encode(&t, text, n, ids);
+    int count;
+    int *ids = encode_text_file(&t, input, &n, &count);
     int n_train = (int)((long long)count * 9 / 10);
     if (n_train < 2 || count - n_train < 2) die("'%s' is too short to split (%d tokens)", input, count);
     if (!tokens_save(train, ids, (size_t)n_train, t.vocab_size) ||
         !tokens_save(val, ids + n_train, (size_t)(count - n_train), t.vocab_size)) die("%s", osp_error);
     printf("%s: %zu bytes -> %d tokens; wrote %s (%d tokens) and %s (%d tokens)\n",
            input, n, count, train, n_train, val, count - n_train);
-    free(ids); free(text);
+    free(ids);
     tokenizer_free(&t);
     return 0;
 }
@@ -2314,15 +2323,20 @@ static int cmd_train(int argc, char **argv) {
            c->dim, c->n_layers, c->n_heads, c->n_kv_heads, c->ffn_dim, c->seq_len, c->vocab_size, m->n_params / 1e6);
     printf("parameters:");
     for (int i = 0; i < N_PARAM_TENSORS; i++)
-        printf(" %s %s%dx%d%s", param_names[i], m->shape[i].count > 1 ? "[" : "", m->shape[i].rows, m->shape[i].cols,
-               m->shape[i].count > 1 ? "]xL" : "");
+        if (param_size(m, i) > 0)
+            printf(" %s %s%dx%d%s", param_names[i], m->shape[i].count > 1 ? "[" : "", m->shape[i].rows, m->shape[i].cols,
+                   m->shape[i].count > 1 ? "]xL" : "");
     printf("\n");
     size_t offset[N_PARAM_TENSORS];
     size_t state_bytes = sizeof(float) * optimizer_layout(m, st->opt.optimizer, offset);
     printf("recipe: preset %s: optimizer %s, %s, %s\n", preset_name(st->preset), optimizer_names[st->opt.optimizer],
            c->ssnorm ? "SSNorm" : "RMSNorm", c->embproj ? "EmbProj" : "no EmbProj");
-    printf("training: lr adam %g, lr muon %g, warmup %d, steps %d, batch %d (%zu tokens/step), wd %g, clip %g, seed %llu, %d thread%s\n",
-           st->opt.lr_adam, st->opt.lr_muon, st->opt.warmup, st->opt.steps, st->batch, tokens_per_step, st->opt.weight_decay,
+    char lrs[96];
+    if (st->opt.optimizer == OPTIMIZER_ADAM) snprintf(lrs, sizeof lrs, "lr %g", st->opt.lr_adam);
+    else if (st->opt.optimizer == OPTIMIZER_MUON_ONLY) snprintf(lrs, sizeof lrs, "lr muon %g", st->opt.lr_muon);
+    else snprintf(lrs, sizeof lrs, "lr muon %g (network), lr adam %g (embedding, head)", st->opt.lr_muon, st->opt.lr_adam);
+    printf("training: %s, warmup %d, steps %d, batch %d (%zu tokens/step), wd %g, clip %g, seed %llu, %d thread%s\n",
+           lrs, st->opt.warmup, st->opt.steps, st->batch, tokens_per_step, st->opt.weight_decay,
            st->opt.grad_clip, (unsigned long long)st->seed, num_threads(), num_threads() == 1 ? "" : "s");
     printf("optimizer state: %zu bytes (%.2f per parameter: AdamW keeps 2 buffers, Muon 1)\n",
            state_bytes, (double)state_bytes / sizeof(float) / m->n_params);
