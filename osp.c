@@ -2199,7 +2199,7 @@ static const char *train_help =
     "  --batch N        sequences per step (default 16)\n"
     "  --steps N        total steps (default 500)\n"
     "  --lr-adam F      peak lr of AdamW-updated tensors (default 3e-3); --lr is the same flag\n"
-    "  --lr-muon F      peak lr of Muon-updated tensors (default 3e-3)\n"
+    "  --lr-muon F      peak lr of Muon-updated tensors (default 1e-2)\n"
     "  --muon-momentum F  Muon's Nesterov momentum (default 0.95)\n"
     "  --ns-steps N     Muon's Newton-Schulz iterations (default 5)\n"
     "  --warmup N       linear warmup steps (default 50)\n"
@@ -2224,7 +2224,7 @@ static int cmd_train(int argc, char **argv) {
     Args a = {argc, 0, argv, "train"};
     TrainState s = {
         .cfg = {.dim = 128, .n_layers = 4, .n_heads = 4, .n_kv_heads = 4, .ffn_dim = 512, .seq_len = 128},
-        .opt = {.optimizer = OPTIMIZER_ADAM, .lr_adam = 3e-3f, .lr_muon = 3e-3f, .weight_decay = 0.01f, .beta1 = 0.9f,
+        .opt = {.optimizer = OPTIMIZER_ADAM, .lr_adam = 3e-3f, .lr_muon = 1e-2f, .weight_decay = 0.01f, .beta1 = 0.9f,
                 .beta2 = 0.95f, .eps = 1e-8f, .muon_momentum = 0.95f, .ns_steps = 5, .grad_clip = 1.0f, .warmup = 50, .steps = 500},
         .batch = 16, .seed = 1337,
     };
