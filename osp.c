@@ -618,46 +618,120 @@ static void rmsnorm_backward(float *dinp, float *dgain, const float *dout, const
     }
 }
 
-// out = inp · wᵀ. inp [N,C], w [OC,C], out [N,OC].
-static void matmul_forward(float *out, const float *inp, const float *w, int N, int C, int OC) {
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        const float *x = inp + (size_t)n * C;
-        float *y = out + (size_t)n * OC;
-        for (int o = 0; o < OC; o++) y[o] = dot(x, w + (size_t)o * C, C);
+// ---- Matrix multiplication: a fast tiled kernel, and the plain loops it is tested against.
+//
+// gemm computes C[M, N] = A·B, or C += A·B, for A and B given by strides: A[i][k] is
+// a[i·a_row + k·a_col] and B[k][j] is b[k·b_row + j·b_col], so either may be a transpose of
+// a row-major array. That lets one kernel serve the forward product, both backward products
+// and Muon's Newton-Schulz. The output is cut into tiles of GEMM_MR x GEMM_NR; for each
+// tile, A's GEMM_MR rows and B's GEMM_NR columns are copied ("packed") into contiguous
+// buffers, so the innermost loop reads both with unit stride. The 4 x 16 accumulators then
+// stay in 8 vector registers, and every step of k does 8 vector FMAs on one 16-float row
+// of B and 4 broadcast values of A. The compiler does the vectorizing: the unroll pragmas
+// only flatten the two tiny loops so that it sees straight-line code. Each output element is
+// summed by one thread over k in order, so results do not depend on the thread count.
+
+#define GEMM_MR 4
+#define GEMM_NR 16
+
+// Packing buffers, one pair per thread, grown as needed and never freed (allocation stays
+// out of the training loop after the first step).
+static float *gemm_buffers;
+static size_t gemm_buffers_floats;
+
+static float *gemm_workspace(size_t floats) {
+    if (floats > gemm_buffers_floats) {
+        free(gemm_buffers);
+        gemm_buffers = xmalloc(sizeof(float) * floats);
+        gemm_buffers_floats = floats;
+    }
+    return gemm_buffers;
+}
+
+// One tile: c [mr x nr, row stride ldc] (+)= Σ_k a_packed[k][0..MR) ⊗ b_packed[k][0..NR).
+static inline void gemm_tile(float *restrict c, int ldc, const float *restrict a_packed, const float *restrict b_packed,
+                             int K, bool accumulate, int mr, int nr) {
+    float acc[GEMM_MR][GEMM_NR];
+    for (int i = 0; i < GEMM_MR; i++)
+        for (int j = 0; j < GEMM_NR; j++) acc[i][j] = 0.0f;
+    for (int k = 0; k < K; k++) {
+        const float *ak = a_packed + (size_t)k * GEMM_MR, *bk = b_packed + (size_t)k * GEMM_NR;
+#pragma GCC unroll 4
+        for (int i = 0; i < GEMM_MR; i++) {
+            float aik = ak[i];
+#pragma GCC unroll 16
+            for (int j = 0; j < GEMM_NR; j++) acc[i][j] += aik * bk[j];
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) {
+            float *cij = c + (size_t)i * ldc + j;
+            *cij = (accumulate ? *cij : 0.0f) + acc[i][j];
+        }
+}
+
+// C[M, N] (row stride ldc) = A·B, or += A·B with accumulate; A and B as described above.
+static void gemm(float *c, int ldc, const float *a, size_t a_row, size_t a_col, const float *b, size_t b_row, size_t b_col,
+                 int M, int N, int K, bool accumulate) {
+    int m_tiles = (M + GEMM_MR - 1) / GEMM_MR, n_tiles = (N + GEMM_NR - 1) / GEMM_NR;
+    size_t per_thread = (size_t)K * (GEMM_MR + GEMM_NR);
+    float *buffers = gemm_workspace(per_thread * (size_t)num_threads());
+#pragma omp parallel
+    {
+#ifdef _OPENMP
+        float *a_packed = buffers + per_thread * (size_t)omp_get_thread_num();
+#else
+        float *a_packed = buffers;
+#endif
+        float *b_packed = a_packed + (size_t)K * GEMM_MR;
+        int packed_panel = -1;
+        // Tiles go column panel by column panel, so a thread packs each B panel once.
+#pragma omp for schedule(static)
+        for (int t = 0; t < m_tiles * n_tiles; t++) {
+            int panel = t / m_tiles, i0 = (t % m_tiles) * GEMM_MR, j0 = panel * GEMM_NR;
+            int mr = M - i0 < GEMM_MR ? M - i0 : GEMM_MR, nr = N - j0 < GEMM_NR ? N - j0 : GEMM_NR;
+            if (panel != packed_panel) {
+                for (int k = 0; k < K; k++)
+                    for (int j = 0; j < GEMM_NR; j++)
+                        b_packed[(size_t)k * GEMM_NR + j] = j < nr ? b[(size_t)k * b_row + (size_t)(j0 + j) * b_col] : 0.0f;
+                packed_panel = panel;
+            }
+            for (int k = 0; k < K; k++)
+                for (int i = 0; i < GEMM_MR; i++)
+                    a_packed[(size_t)k * GEMM_MR + i] = i < mr ? a[(size_t)(i0 + i) * a_row + (size_t)k * a_col] : 0.0f;
+            gemm_tile(c + (size_t)i0 * ldc + j0, ldc, a_packed, b_packed, K, accumulate, mr, nr);
+        }
     }
 }
 
-// dinp += dout · w;  dw += doutᵀ · inp. The dw loop works on blocks of rows so that a block
-// of inp stays in cache while several output rows of dw use it.
+// out = inp · wᵀ. inp [N,C], w [OC,C], out [N,OC]. (B[k][j] = w[j][k].)
+static void matmul_forward(float *out, const float *inp, const float *w, int N, int C, int OC) {
+    gemm(out, OC, inp, (size_t)C, 1, w, 1, (size_t)C, N, OC, C, false);
+}
+
+// dinp += dout · w  (dout [N,OC], w [OC,C]);  dw += doutᵀ · inp  (A[o][n] = dout[n][o]).
 static void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp,
                             const float *w, int N, int C, int OC) {
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        const float *g = dout + (size_t)n * OC;
-        float *dx = dinp + (size_t)n * C;
-        for (int o = 0; o < OC; o++) {
-            float go = g[o];
-            const float *wo = w + (size_t)o * C;
-            for (int c = 0; c < C; c++) dx[c] += go * wo[c];
-        }
-    }
-    enum { ROWS_PER_BLOCK = 64, OUTS_PER_BLOCK = 8 };
-#pragma omp parallel for schedule(static)
-    for (int o0 = 0; o0 < OC; o0 += OUTS_PER_BLOCK) {
-        int o1 = o0 + OUTS_PER_BLOCK < OC ? o0 + OUTS_PER_BLOCK : OC;
-        for (int n0 = 0; n0 < N; n0 += ROWS_PER_BLOCK) {
-            int n1 = n0 + ROWS_PER_BLOCK < N ? n0 + ROWS_PER_BLOCK : N;
-            for (int o = o0; o < o1; o++) {
-                float *dwo = dw + (size_t)o * C;
-                for (int n = n0; n < n1; n++) {
-                    float go = dout[(size_t)n * OC + o];
-                    const float *x = inp + (size_t)n * C;
-                    for (int c = 0; c < C; c++) dwo[c] += go * x[c];
-                }
+    gemm(dinp, C, dout, (size_t)OC, 1, w, (size_t)C, 1, N, C, OC, true);
+    gemm(dw, C, dout, 1, (size_t)OC, inp, (size_t)C, 1, OC, C, N, true);
+}
+
+// The plain loops: the reference the kernel is tested against (test_osp.c, odd shapes).
+// Not static, so that a build without the tests does not warn that nothing calls them.
+void matmul_forward_reference(float *out, const float *inp, const float *w, int N, int C, int OC);
+void matmul_forward_reference(float *out, const float *inp, const float *w, int N, int C, int OC) {
+    for (int n = 0; n < N; n++)
+        for (int o = 0; o < OC; o++) out[(size_t)n * OC + o] = dot(inp + (size_t)n * C, w + (size_t)o * C, C);
+}
+
+void matmul_backward_reference(float *dinp, float *dw, const float *dout, const float *inp, const float *w, int N, int C, int OC);
+void matmul_backward_reference(float *dinp, float *dw, const float *dout, const float *inp, const float *w, int N, int C, int OC) {
+    for (int n = 0; n < N; n++)
+        for (int o = 0; o < OC; o++)
+            for (int c = 0; c < C; c++) {
+                dinp[(size_t)n * C + c] += dout[(size_t)n * OC + o] * w[(size_t)o * C + c];
+                dw[(size_t)o * C + c] += dout[(size_t)n * OC + o] * inp[(size_t)n * C + c];
             }
-        }
-    }
 }
 
 // Rotary position embedding tables: cos/sin [T_max, head_dim/2] of pos * theta^(-2i/head_dim).
@@ -1362,20 +1436,19 @@ static void transpose(float *out, const float *in, int rows, int cols) {
 // Floats of work space newton_schulz needs for a rows x cols matrix.
 static size_t newton_schulz_scratch(int rows, int cols) {
     size_t n = (size_t)rows * cols, r = (size_t)(rows < cols ? rows : cols);
-    return 3 * n + 2 * r * r;
+    return 2 * n + 2 * r * r;
 }
 
 // Newton-Schulz orthogonalization (OSP-SPEC.md section 3): out [rows, cols] has U's singular
 // vectors with its singular values pushed into about [0.5, 1.2]. X = U / (|U|_F + 1e-7), then
 // `steps` times X = a·X + (b·A + c·A²)·X with A = X·Xᵀ. It works on the wide orientation
 // (rows <= cols), so a tall U is transposed first and the result transposed back. The three
-// products reuse matmul_forward (out = inp · wᵀ): A = X·Xᵀ directly, A² = A·Aᵀ because A is
-// symmetric, and B·X = B·(Xᵀ)ᵀ.
+// products use the model's gemm kernel: A = X·Xᵀ (Xᵀ through strides), A·A, and poly·X.
 static void newton_schulz(float *out, const float *u, int rows, int cols, int steps, float *scratch) {
     bool tall = rows > cols;
     int r = tall ? cols : rows, c = tall ? rows : cols;
     size_t n = (size_t)r * c;
-    float *x = scratch, *x_next = x + n, *xt = x_next + n, *gram = xt + n, *poly = gram + (size_t)r * r;
+    float *x = scratch, *x_next = x + n, *gram = x_next + n, *poly = gram + (size_t)r * r;
     double sq = 0.0;
     for (size_t i = 0; i < n; i++) sq += (double)u[i] * u[i];
     float inv_norm = (float)(1.0 / (sqrt(sq) + 1e-7));
@@ -1383,11 +1456,10 @@ static void newton_schulz(float *out, const float *u, int rows, int cols, int st
     else memcpy(x, u, sizeof(float) * n);
     for (size_t i = 0; i < n; i++) x[i] *= inv_norm;
     for (int step = 0; step < steps; step++) {
-        matmul_forward(gram, x, x, r, c, r);
-        matmul_forward(poly, gram, gram, r, r, r);
+        gemm(gram, r, x, (size_t)c, 1, x, 1, (size_t)c, r, r, c, false);          // A = X·Xᵀ
+        gemm(poly, r, gram, (size_t)r, 1, gram, (size_t)r, 1, r, r, r, false);    // A·A
         for (size_t i = 0; i < (size_t)r * r; i++) poly[i] = NS_B * gram[i] + NS_C * poly[i];
-        transpose(xt, x, r, c);
-        matmul_forward(x_next, poly, xt, r, r, c);
+        gemm(x_next, c, poly, (size_t)r, 1, x, (size_t)c, 1, r, c, r, false);     // (b·A + c·A²)·X
         for (size_t i = 0; i < n; i++) x[i] = NS_A * x[i] + x_next[i];
     }
     if (tall) transpose(out, x, r, c);

@@ -27,6 +27,13 @@ static float *random_floats(size_t n, float std, uint64_t *rng) {
     return x;
 }
 
+// max |a - b| / max |a|.
+static double max_rel_diff(const float *a, const float *b, size_t n) {
+    double diff = 0.0, scale = 0.0;
+    for (size_t i = 0; i < n; i++) { diff = fmax(diff, fabs(a[i] - b[i])); scale = fmax(scale, fabs(a[i])); }
+    return diff / scale;
+}
+
 static double weighted_sum(const float *out, const float *weights, size_t n) {
     double s = 0.0;
     for (size_t i = 0; i < n; i++) s += (double)out[i] * weights[i];
@@ -150,6 +157,34 @@ static void test_grad_matmul(uint64_t *rng) {
     grad_check_op("grad matmul", matmul_loss, &c, 2, (const char *[]){"x", "w"}, (float *[]){c.inp, c.w},
                   (float *[]){dinp, dw}, (size_t[]){(size_t)c.N * c.C, (size_t)c.OC * c.C}, rng);
     free(c.inp); free(c.w); free(c.out); free(c.R); free(dinp); free(dw);
+}
+
+// The tiled matmul kernel against the plain loops, on shapes that are not multiples of the
+// 4 x 16 tile, and on 1-row and 1-column cases. Both sum in float over k in order, but the
+// reference's dot product is vectorized with split accumulators, so they agree to rounding:
+// tolerance 1e-5 of the largest output.
+static void test_matmul_fast_vs_reference(uint64_t *rng) {
+    int shapes[][3] = {{1, 1, 1}, {1, 7, 33}, {37, 1, 19}, {5, 13, 1}, {70, 29, 45}, {64, 128, 512}, {3, 200, 17}};
+    double worst = 0.0;
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        int N = shapes[s][0], C = shapes[s][1], OC = shapes[s][2];
+        float *x = random_floats((size_t)N * C, 1.0f, rng), *w = random_floats((size_t)OC * C, 1.0f, rng);
+        float *g = random_floats((size_t)N * OC, 1.0f, rng);
+        float *fast = xmalloc(sizeof(float) * N * OC), *ref = xmalloc(sizeof(float) * N * OC);
+        float *dx_fast = random_floats((size_t)N * C, 1.0f, rng), *dw_fast = random_floats((size_t)OC * C, 1.0f, rng);
+        float *dx_ref = xmalloc(sizeof(float) * N * C), *dw_ref = xmalloc(sizeof(float) * OC * C);
+        memcpy(dx_ref, dx_fast, sizeof(float) * N * C);   // both add into the same starting values
+        memcpy(dw_ref, dw_fast, sizeof(float) * OC * C);
+        matmul_forward(fast, x, w, N, C, OC);
+        matmul_forward_reference(ref, x, w, N, C, OC);
+        matmul_backward(dx_fast, dw_fast, g, x, w, N, C, OC);
+        matmul_backward_reference(dx_ref, dw_ref, g, x, w, N, C, OC);
+        worst = fmax(worst, max_rel_diff(ref, fast, (size_t)N * OC));
+        worst = fmax(worst, max_rel_diff(dx_ref, dx_fast, (size_t)N * C));
+        worst = fmax(worst, max_rel_diff(dw_ref, dw_fast, (size_t)OC * C));
+        free(x); free(w); free(g); free(fast); free(ref); free(dx_fast); free(dw_fast); free(dx_ref); free(dw_ref);
+    }
+    report(worst < 1e-5, "matmul kernel = plain loops", "7 shapes incl. 1x1x1, 1-row, 1-column, 70x29x45: max diff %.1e of the largest value", worst);
 }
 
 // --- RoPE (in place, so the loss rotates a copy)
@@ -899,12 +934,6 @@ static float *logits_of(Model *m, const int *inputs, int B, int T) {
     return out;
 }
 
-static double max_rel_diff(const float *a, const float *b, size_t n) {
-    double diff = 0.0, scale = 0.0;
-    for (size_t i = 0; i < n; i++) { diff = fmax(diff, fabs(a[i] - b[i])); scale = fmax(scale, fabs(a[i])); }
-    return diff / scale;
-}
-
 // The FFN rotation (W2·Hᵀ offline, H·h online) and the full residual rotation leave the
 // full-precision logits unchanged, for per-channel RMSNorm gains (folded first) and for SSNorm.
 static void test_rotations(uint64_t *rng) {
@@ -1271,6 +1300,7 @@ int main(int argc, char **argv) {
     test_grad_rmsnorm("grad rmsnorm", 1, &rng);
     test_grad_rmsnorm("grad ssnorm (single scale)", 0, &rng);
     test_grad_matmul(&rng);
+    test_matmul_fast_vs_reference(&rng);
     test_grad_rope(&rng);
     test_rope_layout();
     test_grad_attention(&rng);
