@@ -167,6 +167,15 @@ static void set_num_threads(int n) {
 #endif
 }
 
+// Time spent in the main parts of a training step, summed for ./osp bench. Off (and free)
+// unless bench switches `profiling` on.
+enum { PART_MATMUL_FORWARD, PART_MATMUL_BACKWARD, PART_ATTENTION, PART_OPTIMIZER, PART_NEWTON_SCHULZ, N_PARTS };
+static double part_seconds[N_PARTS];
+static bool profiling;
+
+static double part_begin(void) { return profiling ? now_seconds() : 0.0; }
+static void part_end(int part, double t0) { if (profiling) part_seconds[part] += now_seconds() - t0; }
+
 // Formats a duration like "4m05s" for progress lines.
 static const char *format_duration(double seconds, char *buf, size_t size) {
     if (seconds < 0 || !isfinite(seconds)) seconds = 0;
@@ -706,14 +715,18 @@ static void gemm(float *c, int ldc, const float *a, size_t a_row, size_t a_col, 
 
 // out = inp · wᵀ. inp [N,C], w [OC,C], out [N,OC]. (B[k][j] = w[j][k].)
 static void matmul_forward(float *out, const float *inp, const float *w, int N, int C, int OC) {
+    double t0 = part_begin();
     gemm(out, OC, inp, (size_t)C, 1, w, 1, (size_t)C, N, OC, C, false);
+    part_end(PART_MATMUL_FORWARD, t0);
 }
 
 // dinp += dout · w  (dout [N,OC], w [OC,C]);  dw += doutᵀ · inp  (A[o][n] = dout[n][o]).
 static void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp,
                             const float *w, int N, int C, int OC) {
+    double t0 = part_begin();
     gemm(dinp, C, dout, (size_t)OC, 1, w, (size_t)C, 1, N, C, OC, true);
     gemm(dw, C, dout, 1, (size_t)OC, inp, (size_t)C, 1, OC, C, N, true);
+    part_end(PART_MATMUL_BACKWARD, t0);
 }
 
 // The plain loops: the reference the kernel is tested against (test_osp.c, odd shapes).
@@ -779,6 +792,7 @@ static void rope_backward(float *dx, const float *cos_table, const float *sin_ta
 // only t2 <= t is written).
 static void attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
                               int B, int T, int H, int KVH, int hd) {
+    double t0 = part_begin();
     float scale = 1.0f / sqrtf((float)hd);
     int group = H / KVH;
 #pragma omp parallel for collapse(3) schedule(static)
@@ -804,6 +818,7 @@ static void attention_forward(float *out, float *att, const float *q, const floa
                     for (int i = 0; i < hd; i++) o[i] += p[t2] * vt[i];
                 }
             }
+    part_end(PART_ATTENTION, t0);
 }
 
 // Backward of attention. With s = scaled scores and p = softmax(s):
@@ -814,6 +829,7 @@ static void attention_forward(float *out, float *att, const float *q, const floa
 static void attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,
                                const float *att, const float *q, const float *k, const float *v,
                                int B, int T, int H, int KVH, int hd) {
+    double t0 = part_begin();
     float scale = 1.0f / sqrtf((float)hd);
     int group = H / KVH;
 #pragma omp parallel for collapse(2) schedule(static)
@@ -838,6 +854,7 @@ static void attention_backward(float *dq, float *dk, float *dv, const float *dou
                         }
                     }
                 }
+    part_end(PART_ATTENTION, t0);
 }
 
 // SwiGLU: out = silu(gate) * up, silu(x) = x * sigmoid(x). All [n].
@@ -1445,6 +1462,7 @@ static size_t newton_schulz_scratch(int rows, int cols) {
 // (rows <= cols), so a tall U is transposed first and the result transposed back. The three
 // products use the model's gemm kernel: A = X·Xᵀ (Xᵀ through strides), A·A, and poly·X.
 static void newton_schulz(float *out, const float *u, int rows, int cols, int steps, float *scratch) {
+    double t0 = part_begin();
     bool tall = rows > cols;
     int r = tall ? cols : rows, c = tall ? rows : cols;
     size_t n = (size_t)r * c;
@@ -1464,6 +1482,7 @@ static void newton_schulz(float *out, const float *u, int rows, int cols, int st
     }
     if (tall) transpose(out, x, r, c);
     else memcpy(out, x, sizeof(float) * n);
+    part_end(PART_NEWTON_SCHULZ, t0);
 }
 
 // One Muon step on a rows x cols matrix w with gradient g and momentum buffer mom:
@@ -1516,9 +1535,22 @@ static size_t optimizer_scratch(const Model *m, int optimizer) {
     return most;
 }
 
+// FLOPs of Muon's Newton-Schulz in one optimizer step: per matrix, with r its shorter and c its
+// longer side, every iteration does X·Xᵀ (2r²c), A·A (2r³) and poly·X (2r²c).
+static double newton_schulz_flops(const Model *m, const OptimConfig *o) {
+    double flops = 0.0;
+    for (int i = 0; i < N_PARAM_TENSORS; i++) {
+        if (!uses_muon(o->optimizer, i) || m->shape[i].rows == 1 || param_size(m, i) == 0) continue;
+        double r = fmin(m->shape[i].rows, m->shape[i].cols), c = fmax(m->shape[i].rows, m->shape[i].cols);
+        flops += (double)m->shape[i].count * o->ns_steps * (4.0 * r * r * c + 2.0 * r * r * r);
+    }
+    return flops;
+}
+
 // Applies one optimizer step (t = 1-based step count, factor = schedule multiplier) to every
 // tensor: AdamW on the whole tensor, or Muon on each of its matrices (each layer separately).
 static void optimizer_step(Model *m, const OptimConfig *o, float *state, float *scratch, float factor, int t) {
+    double t0 = part_begin();
     size_t offset[N_PARAM_TENSORS];
     optimizer_layout(m, o->optimizer, offset);
     for (int i = 0; i < N_PARAM_TENSORS; i++) {
@@ -1533,6 +1565,7 @@ static void optimizer_step(Model *m, const OptimConfig *o, float *state, float *
         for (int k = 0; k < m->shape[i].count; k++)
             muon_update(p + k * per, g + k * per, st + k * per, m->shape[i].rows, m->shape[i].cols, o, factor * o->lr_muon, scratch);
     }
+    part_end(PART_OPTIMIZER, t0);
 }
 
 /* ============================================================================
@@ -2759,6 +2792,230 @@ static int cmd_compare(int argc, char **argv) {
     return 0;
 }
 
+// ---------------------------------------------------------------- osp bench
+static const char *bench_help =
+    "usage: ./osp bench [flags]\n"
+    "Measures this machine's fp32 peak, then times training steps on synthetic tokens: ms/step,\n"
+    "tokens/s, GFLOP/s and its share of the peak, a breakdown by part, 1 vs all threads, Muon's\n"
+    "overhead (osp vs adam) against what its FLOPs predict, the matmul kernel alone, and memory.\n"
+    "  --preset NAME    preset of the breakdown (default adam); adam and osp are always timed\n"
+    "  --dim, --layers, --heads, --kv-heads, --ffn-dim, --seq-len, --batch   as for train\n"
+    "  --steps N        timed steps per run, after 2 warm-up steps (default 10)\n"
+    "  --threads N      threads of the main runs, 0 = all cores (default 0)\n";
+
+// Width in floats of the widest vector unit the compiler targets (a predefined macro, not an
+// intrinsic): the peak loop needs that many lanes per chain.
+#if defined(__AVX512F__)
+#define VECTOR_FLOATS 16
+#elif defined(__AVX__)
+#define VECTOR_FLOATS 8
+#else
+#define VECTOR_FLOATS 4
+#endif
+#define PEAK_CHAINS (12 * VECTOR_FLOATS)
+
+// Measured fp32 peak in GFLOP/s with `threads` threads. Each thread runs 12 independent
+// vector-wide multiply-add chains (a plain loop the compiler turns into FMAs): enough to cover
+// the FMA latency of two units (4 cycles x 2), few enough to stay in 16 registers.
+static double measure_peak_gflops(int threads) {
+    long iterations = 20000000;
+    double t0 = now_seconds(), sink = 0.0;
+#pragma omp parallel num_threads(threads) reduction(+ : sink)
+    {
+        float acc[PEAK_CHAINS], mul = 0.999999f + 1e-9f * (float)sink, add = 1e-6f;
+        for (int i = 0; i < PEAK_CHAINS; i++) acc[i] = (float)i;
+        for (long it = 0; it < iterations; it++) {
+#pragma GCC unroll 192
+            for (int i = 0; i < PEAK_CHAINS; i++) acc[i] = acc[i] * mul + add;
+        }
+        for (int i = 0; i < PEAK_CHAINS; i++) sink += acc[i];
+    }
+    double seconds = now_seconds() - t0;
+    if (sink == 42.0) printf(" ");   // keeps the loop from being optimized away
+    return 2.0 * PEAK_CHAINS * (double)iterations * threads / seconds / 1e9;
+}
+
+// The clock in MHz that Linux reports for the first CPU, or 0 if unknown.
+static double cpu_mhz(void) {
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    if (!f) return 0.0;
+    char line[256];
+    double mhz = 0.0;
+    while (mhz == 0.0 && fgets(line, sizeof line, f))
+        if (!strncmp(line, "cpu MHz", 7)) { const char *colon = strchr(line, ':'); if (colon) mhz = atof(colon + 1); }
+    fclose(f);
+    return mhz;
+}
+
+typedef struct { double ms_per_step, parts_ms[N_PARTS], forward_backward_ms; size_t allocated_bytes; } StepTiming;
+
+// Times `steps` training steps (after 2 warm-up steps) of a preset on synthetic tokens.
+static StepTiming time_training(const TrainState *proto, int preset, int steps, int threads) {
+    TrainState s = *proto;
+    s.preset = preset;
+    s.opt.optimizer = presets[preset].optimizer;
+    s.cfg.ssnorm = presets[preset].ssnorm;
+    s.cfg.embproj = presets[preset].embproj;
+    set_num_threads(threads);
+    Trainer tr = {0};
+    trainer_init(&tr, &s);
+    tr.train.vocab_size = s.cfg.vocab_size;
+    tr.train.n = (size_t)s.batch * s.cfg.seq_len * 4 + 1;
+    tr.train.tokens = xmalloc(sizeof(uint16_t) * tr.train.n);
+    uint64_t rng = 7;
+    for (size_t i = 0; i < tr.train.n; i++) tr.train.tokens[i] = (uint16_t)(rng_next(&rng) % (uint64_t)s.cfg.vocab_size);
+    float norm;
+    for (int i = 0; i < 2; i++) train_step(&tr, &norm);
+    StepTiming r = {0};
+    size_t offset[N_PARAM_TENSORS];
+    r.allocated_bytes = sizeof(float) * (2 * tr.model.n_params + 2 * tr.model.act_floats + optimizer_layout(&tr.model, s.opt.optimizer, offset) +
+                                         optimizer_scratch(&tr.model, s.opt.optimizer));
+    memset(part_seconds, 0, sizeof part_seconds);
+    profiling = true;
+    double t0 = now_seconds(), fb = 0.0;
+    for (int i = 0; i < steps; i++) {
+        data_next_batch(&tr.train, &tr.state.rng, s.batch, s.cfg.seq_len, tr.inputs, tr.targets);
+        double f0 = now_seconds();
+        model_forward(&tr.model, tr.inputs, tr.targets, s.batch, s.cfg.seq_len);
+        model_backward(&tr.model);
+        fb += now_seconds() - f0;
+        clip_grad_norm(tr.model.grads, tr.model.n_params, s.opt.grad_clip);
+        optimizer_step(&tr.model, &s.opt, tr.opt_state, tr.opt_scratch, 1.0f, i + 3);
+    }
+    r.ms_per_step = 1e3 * (now_seconds() - t0) / steps;
+    profiling = false;
+    for (int p = 0; p < N_PARTS; p++) r.parts_ms[p] = 1e3 * part_seconds[p] / steps;
+    r.forward_backward_ms = 1e3 * fb / steps;
+    trainer_free(&tr);
+    return r;
+}
+
+// GFLOP/s of the matmul kernel alone, forward and backward, on N x C by OC x C.
+static void time_matmul(int N, int C, int OC, int threads, double *forward, double *backward) {
+    set_num_threads(threads);
+    uint64_t rng = 3;
+    float *x = xmalloc(sizeof(float) * N * C), *w = xmalloc(sizeof(float) * OC * C), *y = xmalloc(sizeof(float) * N * OC);
+    float *dx = xcalloc((size_t)N * C, sizeof(float)), *dw = xcalloc((size_t)OC * C, sizeof(float));
+    for (size_t i = 0; i < (size_t)N * C; i++) x[i] = rng_normal(&rng);
+    for (size_t i = 0; i < (size_t)OC * C; i++) w[i] = rng_normal(&rng);
+    double flops = 2.0 * N * C * OC;
+    matmul_forward(y, x, w, N, C, OC);
+    double t0 = now_seconds();
+    for (int r = 0; r < 10; r++) matmul_forward(y, x, w, N, C, OC);
+    *forward = 10 * flops / (now_seconds() - t0) / 1e9;
+    t0 = now_seconds();
+    for (int r = 0; r < 5; r++) matmul_backward(dx, dw, y, x, w, N, C, OC);
+    *backward = 5 * 2 * flops / (now_seconds() - t0) / 1e9;
+    free(x); free(w); free(y); free(dx); free(dw);
+}
+
+static int cmd_bench(int argc, char **argv) {
+    Args a = {argc, 0, argv, "bench"};
+    TrainState s = {
+        .cfg = {.vocab_size = 512, .dim = 128, .n_layers = 4, .n_heads = 4, .n_kv_heads = 4, .ffn_dim = 512, .seq_len = 128},
+        .opt = {.lr_adam = 3e-3f, .lr_muon = 1e-2f, .weight_decay = 0.01f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f,
+                .muon_momentum = 0.95f, .ns_steps = 5, .grad_clip = 1.0f, .warmup = 1, .steps = 1000},
+        .batch = 16, .seed = 1,
+    };
+    int preset = 0, steps = 10, threads = 0;
+    for (a.i = 0; a.i < argc; a.i++) {
+        const char *f = argv[a.i];
+        if (!strcmp(f, "--preset")) {
+            const char *name = flag_value(&a);
+            for (preset = 0; preset < N_PRESETS && strcmp(presets[preset].name, name); preset++) {}
+            if (preset == N_PRESETS) die("unknown preset '%s' (adam, muon-only, muon, muon-ssnorm, muon-embproj, osp)", name);
+        }
+        else if (!strcmp(f, "--dim")) s.cfg.dim = (int)parse_int(f, flag_value(&a), 2, 8192);
+        else if (!strcmp(f, "--layers")) s.cfg.n_layers = (int)parse_int(f, flag_value(&a), 1, 256);
+        else if (!strcmp(f, "--heads")) s.cfg.n_heads = (int)parse_int(f, flag_value(&a), 1, 1024);
+        else if (!strcmp(f, "--kv-heads")) s.cfg.n_kv_heads = (int)parse_int(f, flag_value(&a), 1, 1024);
+        else if (!strcmp(f, "--ffn-dim")) s.cfg.ffn_dim = (int)parse_int(f, flag_value(&a), 1, 65536);
+        else if (!strcmp(f, "--seq-len")) s.cfg.seq_len = (int)parse_int(f, flag_value(&a), 2, 65536);
+        else if (!strcmp(f, "--batch")) s.batch = (int)parse_int(f, flag_value(&a), 1, 65536);
+        else if (!strcmp(f, "--steps")) steps = (int)parse_int(f, flag_value(&a), 1, 100000);
+        else if (!strcmp(f, "--threads")) threads = (int)parse_int(f, flag_value(&a), 0, 1024);
+        else unknown_flag(&a);
+    }
+    const char *problem = config_problem(&s.cfg);
+    if (problem) die("%s", problem);
+    set_num_threads(threads);
+    int all = num_threads();
+    int N = s.batch * s.cfg.seq_len;
+    double peak1 = measure_peak_gflops(1), peak = measure_peak_gflops(all), mhz = cpu_mhz();
+    printf("machine: %d thread%s; measured fp32 peak %.1f GFLOP/s on 1 thread, %.1f on %d", all, all == 1 ? "" : "s", peak1, peak, all);
+    if (mhz > 0) printf(" (%.1f FLOP/cycle/core at the %.0f MHz /proc/cpuinfo reports; vector width %d floats)", peak1 * 1e3 / mhz, mhz, VECTOR_FLOATS);
+    printf("\nmodel: dim %d, layers %d, heads %d (kv %d), ffn %d, seq %d, vocab %d, batch %d: %d tokens/step\n\n",
+           s.cfg.dim, s.cfg.n_layers, s.cfg.n_heads, s.cfg.n_kv_heads, s.cfg.ffn_dim, s.cfg.seq_len, s.cfg.vocab_size, s.batch, N);
+
+    int shown[2] = {preset, preset_of(OPTIMIZER_MUON, 1, 1)};
+    int n_shown = preset == shown[1] ? 1 : 2;
+    StepTiming adam = {0}, osp = {0}, one_thread = {0};
+    double flops[N_PRESETS] = {0};
+    for (int k = 0; k < n_shown; k++) {
+        int p = shown[k];
+        StepTiming t = time_training(&s, p, steps, all);
+        Config c = s.cfg;
+        c.ssnorm = presets[p].ssnorm;
+        c.embproj = presets[p].embproj;
+        Model shape;
+        model_alloc(&shape, &c, 1);
+        OptimConfig o = s.opt;
+        o.optimizer = presets[p].optimizer;
+        flops[p] = model_flops_per_step(&shape, s.batch, s.cfg.seq_len);
+        double ns_flops = newton_schulz_flops(&shape, &o);
+        model_free(&shape);
+        double gflops = flops[p] / (t.ms_per_step * 1e-3) / 1e9;
+        printf("training step, preset %s, %d threads: %.1f ms/step, %.0f tokens/s, %.2f GFLOP/s = %.1f%% of peak\n", presets[p].name, all,
+               t.ms_per_step, N / (t.ms_per_step * 1e-3), gflops, 100 * gflops / peak);
+        double matmul = t.parts_ms[PART_MATMUL_FORWARD] + t.parts_ms[PART_MATMUL_BACKWARD];
+        double rest = t.forward_backward_ms - matmul - t.parts_ms[PART_ATTENTION];
+        double other = t.ms_per_step - t.forward_backward_ms - t.parts_ms[PART_OPTIMIZER];
+        const char *names[] = {"matmul forward", "matmul backward", "attention", "norms, elementwise, loss", "optimizer", "  of which Newton-Schulz", "batch, clipping"};
+        double ms[] = {t.parts_ms[PART_MATMUL_FORWARD], t.parts_ms[PART_MATMUL_BACKWARD], t.parts_ms[PART_ATTENTION], rest,
+                       t.parts_ms[PART_OPTIMIZER], t.parts_ms[PART_NEWTON_SCHULZ], other};
+        printf("  %-26s %9s %7s\n", "part", "ms/step", "share");
+        for (int i = 0; i < 7; i++) printf("  %-26s %9.1f %6.1f%%\n", names[i], ms[i], 100 * ms[i] / t.ms_per_step);
+        if (ns_flops > 0)
+            printf("  Newton-Schulz: %.2f GFLOP per step, %.1f GFLOP/s\n", ns_flops / 1e9, ns_flops / (t.parts_ms[PART_NEWTON_SCHULZ] * 1e-3) / 1e9);
+        printf("\n");
+        if (p == 0) adam = t;
+        if (p == shown[1]) osp = t;
+    }
+    if (n_shown == 1 || shown[0] != 0) adam = time_training(&s, 0, steps, all);
+    if (!flops[0]) { Model shape; model_alloc(&shape, &s.cfg, 1); flops[0] = model_flops_per_step(&shape, s.batch, s.cfg.seq_len); model_free(&shape); }
+    {
+        Config c = s.cfg;
+        c.ssnorm = c.embproj = 1;
+        Model shape;
+        model_alloc(&shape, &c, 1);
+        OptimConfig o = s.opt;
+        o.optimizer = OPTIMIZER_MUON;
+        double ns_flops = newton_schulz_flops(&shape, &o);
+        model_free(&shape);
+        double measured = osp.ms_per_step / adam.ms_per_step, predicted = (flops[shown[1]] + ns_flops) / flops[0];
+        double ns_share_2pct = osp.parts_ms[PART_NEWTON_SCHULZ] / (0.02 * adam.ms_per_step / N);
+        printf("Muon overhead: osp step / adam step = %.3f measured; FLOPs predict %.3f (measured/predicted %.2f)\n",
+               measured, predicted, measured / predicted);
+        printf("  Newton-Schulz costs %.1f ms/step whatever the batch; it falls to 2%% of the step at about %.0f tokens/step\n"
+               "  (%.0f by FLOPs: %.2f GFLOP vs 6 x params x tokens)\n", osp.parts_ms[PART_NEWTON_SCHULZ], ns_share_2pct,
+               ns_flops / (0.02 * flops[0] / N), ns_flops / 1e9);
+    }
+    one_thread = time_training(&s, 0, steps, 1);
+    printf("threads: adam step %.1f ms on 1 thread, %.1f ms on %d: %.2fx\n", one_thread.ms_per_step, adam.ms_per_step, all,
+           one_thread.ms_per_step / adam.ms_per_step);
+    double fwd1, bwd1, fwd, bwd;
+    int biggest = s.cfg.ffn_dim > s.cfg.vocab_size ? s.cfg.ffn_dim : s.cfg.vocab_size;
+    time_matmul(N, s.cfg.dim, biggest, 1, &fwd1, &bwd1);
+    time_matmul(N, s.cfg.dim, biggest, all, &fwd, &bwd);
+    printf("matmul kernel alone, [%d x %d] x [%d x %d]^T: forward %.1f GFLOP/s (%.0f%% of peak), backward %.1f (%.0f%%) on %d threads;\n"
+           "  1 thread: forward %.1f (%.0f%% of the 1-thread peak), backward %.1f (%.0f%%)\n",
+           N, s.cfg.dim, biggest, s.cfg.dim, fwd, 100 * fwd / peak, bwd, 100 * bwd / peak, all, fwd1, 100 * fwd1 / peak1, bwd1, 100 * bwd1 / peak1);
+    printf("memory allocated (parameters, gradients, activations and their gradients, optimizer state and scratch):\n"
+           "  adam %.1f MB, osp %.1f MB\n", adam.allocated_bytes / 1e6, osp.allocated_bytes / 1e6);
+    set_num_threads(threads);
+    return 0;
+}
+
 // ---------------------------------------------------------------- main
 static const char *main_help =
     "osp: Outlier-Safe Pre-Training reference implementation\n"
@@ -2769,7 +3026,8 @@ static const char *main_help =
     "  sample      generate text from a checkpoint\n"
     "  merge       fold EmbProj and SSNorm away: a plain Llama checkpoint\n"
     "  eval        perplexity, excess kurtosis, and perplexity under 4-bit fake quantization\n"
-    "  compare     eval several checkpoints, side by side\n";
+    "  compare     eval several checkpoints, side by side\n"
+    "  bench       speed: this machine's peak, ms/step, GFLOP/s, breakdown, Muon overhead\n";
 
 int main(int argc, char **argv) {
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
@@ -2784,6 +3042,7 @@ int main(int argc, char **argv) {
         {"merge", cmd_merge, merge_help},
         {"eval", cmd_eval, eval_help_head},
         {"compare", cmd_compare, compare_help_head},
+        {"bench", cmd_bench, bench_help},
     };
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
         if (strcmp(argv[1], commands[i].name) != 0) continue;
