@@ -1252,16 +1252,21 @@ static void test_evaluate_loss(uint64_t *rng) {
 // FLOP count for the test config worked out by hand: matmul weights per layer
 // 256 (q) + 128 (k) + 128 (v) + 256 (o) + 3 x 512 (ffn) = 2304, x 2 layers + 300 x 16 (head)
 // = 9408; 6 x 9408 x 8 tokens = 451584; attention 12 x 2 layers x 4 heads x 4 x 36 pairs = 13824.
+// Newton-Schulz under muon, per iteration 4r²c + 2r³ (r short side, c long side), 5 iterations:
+// q, o (16x16) 24576 each; k, v (8x16) 5120 each; gate, up, down (16 by 32) 40960 each; so
+// 5 x (2 x 24576 + 2 x 5120 + 3 x 40960) = 911360 per layer, 1822720 for 2 layers.
 static void test_flops_and_format(void) {
     Config cfg = test_config();
     Model m;
     model_alloc(&m, &cfg, 1);
     double flops = model_flops_per_step(&m, 1, 8);
+    OptimConfig o = {.optimizer = OPTIMIZER_MUON, .ns_steps = 5};
+    double ns = newton_schulz_flops(&m, &o);
     char a[32], b[32];
     format_duration(245.0, a, sizeof a);
     format_duration(3725.0, b, sizeof b);
-    bool ok = flops == 465408.0 && !strcmp(a, "4m05s") && !strcmp(b, "1h02m");
-    report(ok, "flop count and duration format", "%.0f FLOP/step (expected 465408); 245 s = %s, 3725 s = %s", flops, a, b);
+    bool ok = flops == 465408.0 && ns == 1822720.0 && !strcmp(a, "4m05s") && !strcmp(b, "1h02m");
+    report(ok, "flop counts and duration format", "%.0f FLOP/step (465408), Newton-Schulz %.0f (1822720); 245 s = %s, 3725 s = %s", flops, ns, a, b);
     model_free(&m);
 }
 
