@@ -632,39 +632,59 @@ static void rmsnorm_backward(float *dinp, float *dgain, const float *dout, const
 // gemm computes C[M, N] = A·B, or C += A·B, for A and B given by strides: A[i][k] is
 // a[i·a_row + k·a_col] and B[k][j] is b[k·b_row + j·b_col], so either may be a transpose of
 // a row-major array. That lets one kernel serve the forward product, both backward products
-// and Muon's Newton-Schulz. The output is cut into tiles of GEMM_MR x GEMM_NR; for each
-// tile, A's GEMM_MR rows and B's GEMM_NR columns are copied ("packed") into contiguous
-// buffers, so the innermost loop reads both with unit stride. The 4 x 16 accumulators then
-// stay in 8 vector registers, and every step of k does 8 vector FMAs on one 16-float row
-// of B and 4 broadcast values of A. The compiler does the vectorizing: the unroll pragmas
-// only flatten the two tiny loops so that it sees straight-line code. Each output element is
+// and Muon's Newton-Schulz. First A and B are copied ("packed") once into tile-major buffers:
+// A in tiles of GEMM_MR rows, B in panels of GEMM_NR columns, each laid out k by k. Then
+// every GEMM_MR x GEMM_NR tile of C reads its two slices with unit stride, keeps its 4 x 16
+// accumulators in 8 vector registers, and does 8 vector FMAs per k on one row of the B panel
+// and 4 broadcast values of A. The compiler does the vectorizing: the unroll pragmas only
+// flatten the two tiny loops so that it sees straight-line code. Each output element is
 // summed by one thread over k in order, so results do not depend on the thread count.
 
 #define GEMM_MR 4
 #define GEMM_NR 16
 
-// Packing buffers, one pair per thread, grown as needed and never freed (allocation stays
-// out of the training loop after the first step).
-static float *gemm_buffers;
-static size_t gemm_buffers_floats;
+// The packing buffer, grown as needed and never freed, so that allocation stays out of the
+// training loop after the first step. gemm is therefore not reentrant: call it from serial
+// code (it parallelizes inside).
+static float *gemm_buffer;
+static size_t gemm_buffer_floats;
 
 static float *gemm_workspace(size_t floats) {
-    if (floats > gemm_buffers_floats) {
-        free(gemm_buffers);
-        gemm_buffers = xmalloc(sizeof(float) * floats);
-        gemm_buffers_floats = floats;
+    if (floats > gemm_buffer_floats) {
+        free(gemm_buffer);
+        gemm_buffer = xmalloc(sizeof(float) * floats);
+        gemm_buffer_floats = floats;
     }
-    return gemm_buffers;
+    return gemm_buffer;
 }
 
-// One tile: c [mr x nr, row stride ldc] (+)= Σ_k a_packed[k][0..MR) ⊗ b_packed[k][0..NR).
-static inline void gemm_tile(float *restrict c, int ldc, const float *restrict a_packed, const float *restrict b_packed,
+// Packs X [rows, K] (X[i][k] = x[i·row + k·col]) into tiles of `tile` rows:
+// out[(i / tile)·tile·K + k·tile + i % tile], the last tile zero-padded. It walks the source
+// along whichever index has unit stride.
+static void pack_tiles(float *out, const float *x, size_t row, size_t col, int rows, int K, int tile) {
+    int tiles = (rows + tile - 1) / tile;
+    if (col == 1) {
+#pragma omp parallel for schedule(static)
+        for (int i = 0; i < tiles * tile; i++) {
+            float *o = out + (size_t)(i / tile) * tile * K + i % tile;
+            for (int k = 0; k < K; k++) o[(size_t)k * tile] = i < rows ? x[(size_t)i * row + k] : 0.0f;
+        }
+    } else {
+#pragma omp parallel for schedule(static)
+        for (int k = 0; k < K; k++)
+            for (int i = 0; i < tiles * tile; i++)
+                out[(size_t)(i / tile) * tile * K + (size_t)k * tile + i % tile] = i < rows ? x[(size_t)i * row + (size_t)k * col] : 0.0f;
+    }
+}
+
+// One tile: c [mr x nr, row stride ldc] (+)= Σ_k a_tile[k][0..MR) ⊗ b_panel[k][0..NR).
+static inline void gemm_tile(float *restrict c, int ldc, const float *restrict a_tile, const float *restrict b_panel,
                              int K, bool accumulate, int mr, int nr) {
     float acc[GEMM_MR][GEMM_NR];
     for (int i = 0; i < GEMM_MR; i++)
         for (int j = 0; j < GEMM_NR; j++) acc[i][j] = 0.0f;
     for (int k = 0; k < K; k++) {
-        const float *ak = a_packed + (size_t)k * GEMM_MR, *bk = b_packed + (size_t)k * GEMM_NR;
+        const float *ak = a_tile + (size_t)k * GEMM_MR, *bk = b_panel + (size_t)k * GEMM_NR;
 #pragma GCC unroll 4
         for (int i = 0; i < GEMM_MR; i++) {
             float aik = ak[i];
@@ -683,33 +703,16 @@ static inline void gemm_tile(float *restrict c, int ldc, const float *restrict a
 static void gemm(float *c, int ldc, const float *a, size_t a_row, size_t a_col, const float *b, size_t b_row, size_t b_col,
                  int M, int N, int K, bool accumulate) {
     int m_tiles = (M + GEMM_MR - 1) / GEMM_MR, n_tiles = (N + GEMM_NR - 1) / GEMM_NR;
-    size_t per_thread = (size_t)K * (GEMM_MR + GEMM_NR);
-    float *buffers = gemm_workspace(per_thread * (size_t)num_threads());
-#pragma omp parallel
-    {
-#ifdef _OPENMP
-        float *a_packed = buffers + per_thread * (size_t)omp_get_thread_num();
-#else
-        float *a_packed = buffers;
-#endif
-        float *b_packed = a_packed + (size_t)K * GEMM_MR;
-        int packed_panel = -1;
-        // Tiles go column panel by column panel, so a thread packs each B panel once.
-#pragma omp for schedule(static)
-        for (int t = 0; t < m_tiles * n_tiles; t++) {
-            int panel = t / m_tiles, i0 = (t % m_tiles) * GEMM_MR, j0 = panel * GEMM_NR;
-            int mr = M - i0 < GEMM_MR ? M - i0 : GEMM_MR, nr = N - j0 < GEMM_NR ? N - j0 : GEMM_NR;
-            if (panel != packed_panel) {
-                for (int k = 0; k < K; k++)
-                    for (int j = 0; j < GEMM_NR; j++)
-                        b_packed[(size_t)k * GEMM_NR + j] = j < nr ? b[(size_t)k * b_row + (size_t)(j0 + j) * b_col] : 0.0f;
-                packed_panel = panel;
-            }
-            for (int k = 0; k < K; k++)
-                for (int i = 0; i < GEMM_MR; i++)
-                    a_packed[(size_t)k * GEMM_MR + i] = i < mr ? a[(size_t)(i0 + i) * a_row + (size_t)k * a_col] : 0.0f;
-            gemm_tile(c + (size_t)i0 * ldc + j0, ldc, a_packed, b_packed, K, accumulate, mr, nr);
-        }
+    size_t a_floats = (size_t)m_tiles * GEMM_MR * K;
+    float *a_packed = gemm_workspace(a_floats + (size_t)n_tiles * GEMM_NR * K), *b_packed = a_packed + a_floats;
+    pack_tiles(a_packed, a, a_row, a_col, M, K, GEMM_MR);
+    pack_tiles(b_packed, b, b_col, b_row, N, K, GEMM_NR);   // Bᵀ's rows are B's columns
+    // Tiles go panel by panel, so consecutive tiles of a thread share their B panel in cache.
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < m_tiles * n_tiles; t++) {
+        int panel = t / m_tiles, tile = t % m_tiles, i0 = tile * GEMM_MR, j0 = panel * GEMM_NR;
+        gemm_tile(c + (size_t)i0 * ldc + j0, ldc, a_packed + (size_t)tile * GEMM_MR * K, b_packed + (size_t)panel * GEMM_NR * K,
+                  K, accumulate, M - i0 < GEMM_MR ? M - i0 : GEMM_MR, N - j0 < GEMM_NR ? N - j0 : GEMM_NR);
     }
 }
 
