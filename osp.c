@@ -1733,10 +1733,7 @@ static void model_merge(Model *dst, const Model *src, int max_batch) {
         if (i == PARAM_EMBED && src->cfg.embproj) {
             matmul_forward(out, in, param_at(src, P, PARAM_EMBPROJ_IN, 0), V, d, d);
         } else if (i == PARAM_HEAD && src->cfg.embproj) {
-            float *p_out_t = xmalloc(sizeof(float) * (size_t)d * d);
-            transpose(p_out_t, param_at(src, P, PARAM_EMBPROJ_OUT, 0), d, d);
-            matmul_forward(out, in, p_out_t, V, d, d);
-            free(p_out_t);
+            gemm(out, d, in, (size_t)d, 1, param_at(src, P, PARAM_EMBPROJ_OUT, 0), (size_t)d, 1, V, d, d, false);
         } else if (is_norm_gain(i) && src->cfg.ssnorm) {
             for (size_t j = 0; j < n; j++) out[j] = in[j / (size_t)d];
         } else {
