@@ -2195,6 +2195,28 @@ static void load_tokenizer_or_die(Tokenizer *t, const char *path) {
     if (!tokenizer_load(t, path)) die("%s", osp_error);
 }
 
+// Index of the preset called name; dies naming the choices if there is none.
+static int find_preset(const char *name) {
+    for (int p = 0; p < N_PRESETS; p++)
+        if (!strcmp(presets[p].name, name)) return p;
+    die("unknown preset '%s' (adam, muon-only, muon, muon-ssnorm, muon-embproj, osp)", name);
+    return -1;
+}
+
+// Consumes one model-shape or batch flag at a->i if it is one; shared by train and bench.
+static bool parse_shape_flag(Args *a, TrainState *s) {
+    const char *f = a->argv[a->i];
+    if (!strcmp(f, "--dim")) s->cfg.dim = (int)parse_int(f, flag_value(a), 2, 8192);
+    else if (!strcmp(f, "--layers")) s->cfg.n_layers = (int)parse_int(f, flag_value(a), 1, 256);
+    else if (!strcmp(f, "--heads")) s->cfg.n_heads = (int)parse_int(f, flag_value(a), 1, 1024);
+    else if (!strcmp(f, "--kv-heads")) s->cfg.n_kv_heads = (int)parse_int(f, flag_value(a), 1, 1024);
+    else if (!strcmp(f, "--ffn-dim")) s->cfg.ffn_dim = (int)parse_int(f, flag_value(a), 1, 65536);
+    else if (!strcmp(f, "--seq-len")) s->cfg.seq_len = (int)parse_int(f, flag_value(a), 2, 65536);
+    else if (!strcmp(f, "--batch")) s->batch = (int)parse_int(f, flag_value(a), 1, 65536);
+    else return false;
+    return true;
+}
+
 // Reads a text file and encodes it: returns the ids (*count of them) and the file's size.
 static int *encode_text_file(const Tokenizer *t, const char *path, size_t *bytes, int *count) {
     unsigned char *text = read_file(path, bytes);
@@ -2340,10 +2362,7 @@ static int cmd_train(int argc, char **argv) {
         const char *f = argv[a.i];
         bool fixed = true;   // fixed by the checkpoint when resuming
         if (!strcmp(f, "--preset")) {
-            const char *name = flag_value(&a);
-            int p = 0;
-            while (p < N_PRESETS && strcmp(presets[p].name, name) != 0) p++;
-            if (p == N_PRESETS) die("unknown preset '%s' (adam, muon-only, muon, muon-ssnorm, muon-embproj, osp)", name);
+            int p = find_preset(flag_value(&a));
             s.opt.optimizer = presets[p].optimizer;
             s.cfg.ssnorm = presets[p].ssnorm;
             s.cfg.embproj = presets[p].embproj;
@@ -2356,13 +2375,7 @@ static int cmd_train(int argc, char **argv) {
         }
         else if (!strcmp(f, "--ssnorm")) s.cfg.ssnorm = 1;
         else if (!strcmp(f, "--embproj")) s.cfg.embproj = 1;
-        else if (!strcmp(f, "--dim")) s.cfg.dim = (int)parse_int(f, flag_value(&a), 2, 8192);
-        else if (!strcmp(f, "--layers")) s.cfg.n_layers = (int)parse_int(f, flag_value(&a), 1, 256);
-        else if (!strcmp(f, "--heads")) s.cfg.n_heads = (int)parse_int(f, flag_value(&a), 1, 1024);
-        else if (!strcmp(f, "--kv-heads")) s.cfg.n_kv_heads = (int)parse_int(f, flag_value(&a), 1, 1024);
-        else if (!strcmp(f, "--ffn-dim")) s.cfg.ffn_dim = (int)parse_int(f, flag_value(&a), 1, 65536);
-        else if (!strcmp(f, "--seq-len")) s.cfg.seq_len = (int)parse_int(f, flag_value(&a), 2, 65536);
-        else if (!strcmp(f, "--batch")) s.batch = (int)parse_int(f, flag_value(&a), 1, 65536);
+        else if (parse_shape_flag(&a, &s)) {}
         else if (!strcmp(f, "--lr") || !strcmp(f, "--lr-adam")) s.opt.lr_adam = parse_float(f, flag_value(&a), 1e-8, 10.0);
         else if (!strcmp(f, "--lr-muon")) s.opt.lr_muon = parse_float(f, flag_value(&a), 1e-8, 10.0);
         else if (!strcmp(f, "--muon-momentum")) s.opt.muon_momentum = parse_float(f, flag_value(&a), 0.0, 0.9999);
@@ -2920,18 +2933,8 @@ static int cmd_bench(int argc, char **argv) {
     int preset = 0, steps = 10, threads = 0;
     for (a.i = 0; a.i < argc; a.i++) {
         const char *f = argv[a.i];
-        if (!strcmp(f, "--preset")) {
-            const char *name = flag_value(&a);
-            for (preset = 0; preset < N_PRESETS && strcmp(presets[preset].name, name); preset++) {}
-            if (preset == N_PRESETS) die("unknown preset '%s' (adam, muon-only, muon, muon-ssnorm, muon-embproj, osp)", name);
-        }
-        else if (!strcmp(f, "--dim")) s.cfg.dim = (int)parse_int(f, flag_value(&a), 2, 8192);
-        else if (!strcmp(f, "--layers")) s.cfg.n_layers = (int)parse_int(f, flag_value(&a), 1, 256);
-        else if (!strcmp(f, "--heads")) s.cfg.n_heads = (int)parse_int(f, flag_value(&a), 1, 1024);
-        else if (!strcmp(f, "--kv-heads")) s.cfg.n_kv_heads = (int)parse_int(f, flag_value(&a), 1, 1024);
-        else if (!strcmp(f, "--ffn-dim")) s.cfg.ffn_dim = (int)parse_int(f, flag_value(&a), 1, 65536);
-        else if (!strcmp(f, "--seq-len")) s.cfg.seq_len = (int)parse_int(f, flag_value(&a), 2, 65536);
-        else if (!strcmp(f, "--batch")) s.batch = (int)parse_int(f, flag_value(&a), 1, 65536);
+        if (!strcmp(f, "--preset")) preset = find_preset(flag_value(&a));
+        else if (parse_shape_flag(&a, &s)) {}
         else if (!strcmp(f, "--steps")) steps = (int)parse_int(f, flag_value(&a), 1, 100000);
         else if (!strcmp(f, "--threads")) threads = (int)parse_int(f, flag_value(&a), 0, 1024);
         else unknown_flag(&a);
