@@ -1595,6 +1595,13 @@ static int preset_of(int optimizer, int ssnorm, int embproj) {
 
 static const char *preset_name(int preset) { return preset >= 0 && preset < N_PRESETS ? presets[preset].name : "custom"; }
 
+// Sets the optimizer, SSNorm and EmbProj switches of a run to those of preset p.
+static void apply_preset(Config *cfg, OptimConfig *opt, int p) {
+    opt->optimizer = presets[p].optimizer;
+    cfg->ssnorm = presets[p].ssnorm;
+    cfg->embproj = presets[p].embproj;
+}
+
 /* ============================================================================
  * Checkpoints
  *
@@ -2361,12 +2368,8 @@ static int cmd_train(int argc, char **argv) {
     for (a.i = 0; a.i < argc; a.i++) {
         const char *f = argv[a.i];
         bool fixed = true;   // fixed by the checkpoint when resuming
-        if (!strcmp(f, "--preset")) {
-            int p = find_preset(flag_value(&a));
-            s.opt.optimizer = presets[p].optimizer;
-            s.cfg.ssnorm = presets[p].ssnorm;
-            s.cfg.embproj = presets[p].embproj;
-        } else if (!strcmp(f, "--optimizer")) {
+        if (!strcmp(f, "--preset")) apply_preset(&s.cfg, &s.opt, find_preset(flag_value(&a)));
+        else if (!strcmp(f, "--optimizer")) {
             const char *name = flag_value(&a);
             int o = 0;
             while (o < N_OPTIMIZERS && strcmp(optimizer_names[o], name) != 0) o++;
@@ -2649,7 +2652,6 @@ static void load_for_eval(const char *path, TrainState *s, Model *m, const Token
     if (!checkpoint_load(path, s, m, 16, NULL)) die("%s", osp_error);
     if (s->cfg.vocab_size != val->vocab_size) die("vocab mismatch: '%s' has vocab %d but %s has %d", path, s->cfg.vocab_size, val_path, val->vocab_size);
     if (val->n < (size_t)s->cfg.seq_len + 1) die("'%s' has fewer than seq-len + 1 = %d tokens", val_path, s->cfg.seq_len + 1);
-    if (s->opt.optimizer < 0) die("'%s': bad optimizer", path);
 }
 
 static void bits_label(char *buf, size_t size, int row, const EvalOptions *o) {
@@ -2866,9 +2868,7 @@ typedef struct { double ms_per_step, parts_ms[N_PARTS], forward_backward_ms; siz
 static StepTiming time_training(const TrainState *proto, int preset, int steps, int threads) {
     TrainState s = *proto;
     s.preset = preset;
-    s.opt.optimizer = presets[preset].optimizer;
-    s.cfg.ssnorm = presets[preset].ssnorm;
-    s.cfg.embproj = presets[preset].embproj;
+    apply_preset(&s.cfg, &s.opt, preset);
     set_num_threads(threads);
     Trainer tr = {0};
     trainer_init(&tr, &s);
@@ -2901,6 +2901,17 @@ static StepTiming time_training(const TrainState *proto, int preset, int steps, 
     r.forward_backward_ms = 1e3 * fb / steps;
     trainer_free(&tr);
     return r;
+}
+
+// Model FLOPs of one training step and Newton-Schulz FLOPs of one optimizer step, for preset p.
+static void preset_flops(const TrainState *proto, int p, double *model_flops, double *ns_flops) {
+    TrainState s = *proto;
+    apply_preset(&s.cfg, &s.opt, p);
+    Model shape;
+    model_alloc(&shape, &s.cfg, 1);
+    *model_flops = model_flops_per_step(&shape, s.batch, s.cfg.seq_len);
+    *ns_flops = newton_schulz_flops(&shape, &s.opt);
+    model_free(&shape);
 }
 
 // GFLOP/s of the matmul kernel alone, forward and backward, on N x C by OC x C.
@@ -2950,24 +2961,16 @@ static int cmd_bench(int argc, char **argv) {
     printf("\nmodel: dim %d, layers %d, heads %d (kv %d), ffn %d, seq %d, vocab %d, batch %d: %d tokens/step\n\n",
            s.cfg.dim, s.cfg.n_layers, s.cfg.n_heads, s.cfg.n_kv_heads, s.cfg.ffn_dim, s.cfg.seq_len, s.cfg.vocab_size, s.batch, N);
 
-    int shown[2] = {preset, preset_of(OPTIMIZER_MUON, 1, 1)};
-    int n_shown = preset == shown[1] ? 1 : 2;
-    StepTiming adam = {0}, osp = {0}, one_thread = {0};
-    double flops[N_PRESETS] = {0};
+    int adam_preset = find_preset("adam"), osp_preset = find_preset("osp");
+    int shown[2] = {preset, osp_preset};
+    int n_shown = preset == osp_preset ? 1 : 2;
+    StepTiming adam = {0}, osp = {0};
     for (int k = 0; k < n_shown; k++) {
         int p = shown[k];
         StepTiming t = time_training(&s, p, steps, all);
-        Config c = s.cfg;
-        c.ssnorm = presets[p].ssnorm;
-        c.embproj = presets[p].embproj;
-        Model shape;
-        model_alloc(&shape, &c, 1);
-        OptimConfig o = s.opt;
-        o.optimizer = presets[p].optimizer;
-        flops[p] = model_flops_per_step(&shape, s.batch, s.cfg.seq_len);
-        double ns_flops = newton_schulz_flops(&shape, &o);
-        model_free(&shape);
-        double gflops = flops[p] / (t.ms_per_step * 1e-3) / 1e9;
+        double model_flops, ns_flops;
+        preset_flops(&s, p, &model_flops, &ns_flops);
+        double gflops = model_flops / (t.ms_per_step * 1e-3) / 1e9;
         printf("training step, preset %s, %d threads: %.1f ms/step, %.0f tokens/s, %.2f GFLOP/s = %.1f%% of peak\n", presets[p].name, all,
                t.ms_per_step, N / (t.ms_per_step * 1e-3), gflops, 100 * gflops / peak);
         double matmul = t.parts_ms[PART_MATMUL_FORWARD] + t.parts_ms[PART_MATMUL_BACKWARD];
@@ -2981,29 +2984,24 @@ static int cmd_bench(int argc, char **argv) {
         if (ns_flops > 0)
             printf("  Newton-Schulz: %.2f GFLOP per step, %.1f GFLOP/s\n", ns_flops / 1e9, ns_flops / (t.parts_ms[PART_NEWTON_SCHULZ] * 1e-3) / 1e9);
         printf("\n");
-        if (p == 0) adam = t;
-        if (p == shown[1]) osp = t;
+        if (p == adam_preset) adam = t;
+        if (p == osp_preset) osp = t;
     }
-    if (n_shown == 1 || shown[0] != 0) adam = time_training(&s, 0, steps, all);
-    if (!flops[0]) { Model shape; model_alloc(&shape, &s.cfg, 1); flops[0] = model_flops_per_step(&shape, s.batch, s.cfg.seq_len); model_free(&shape); }
+    if (preset != adam_preset) adam = time_training(&s, adam_preset, steps, all);
     {
-        Config c = s.cfg;
-        c.ssnorm = c.embproj = 1;
-        Model shape;
-        model_alloc(&shape, &c, 1);
-        OptimConfig o = s.opt;
-        o.optimizer = OPTIMIZER_MUON;
-        double ns_flops = newton_schulz_flops(&shape, &o);
-        model_free(&shape);
-        double measured = osp.ms_per_step / adam.ms_per_step, predicted = (flops[shown[1]] + ns_flops) / flops[0];
+        double adam_flops, osp_flops, ns_flops, unused;
+        preset_flops(&s, adam_preset, &adam_flops, &unused);
+        preset_flops(&s, osp_preset, &osp_flops, &ns_flops);
+        double flops_adam_per_token = adam_flops / N;
+        double measured = osp.ms_per_step / adam.ms_per_step, predicted = (osp_flops + ns_flops) / adam_flops;
         double ns_share_2pct = osp.parts_ms[PART_NEWTON_SCHULZ] / (0.02 * adam.ms_per_step / N);
         printf("Muon overhead: osp step / adam step = %.3f measured; FLOPs predict %.3f (measured/predicted %.2f)\n",
                measured, predicted, measured / predicted);
         printf("  Newton-Schulz costs %.1f ms/step whatever the batch; it falls to 2%% of the step at about %.0f tokens/step\n"
                "  (%.0f by FLOPs: %.2f GFLOP vs 6 x params x tokens)\n", osp.parts_ms[PART_NEWTON_SCHULZ], ns_share_2pct,
-               ns_flops / (0.02 * flops[0] / N), ns_flops / 1e9);
+               ns_flops / (0.02 * flops_adam_per_token), ns_flops / 1e9);
     }
-    one_thread = time_training(&s, 0, steps, 1);
+    StepTiming one_thread = time_training(&s, adam_preset, steps, 1);
     printf("threads: adam step %.1f ms on 1 thread, %.1f ms on %d: %.2fx\n", one_thread.ms_per_step, adam.ms_per_step, all,
            one_thread.ms_per_step / adam.ms_per_step);
     double fwd1, bwd1, fwd, bwd;
