@@ -13,6 +13,7 @@ Build: make            Test: make test            Train and sample: make run
 
 #include <errno.h>
 #include <float.h>
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -21,6 +22,7 @@ Build: make            Test: make test            Train and sample: make run
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/stat.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -106,7 +108,7 @@ static void atomic_write(AtomicFile *af, const void *data, size_t size) {
 }
 
 static bool atomic_close(AtomicFile *af) {
-    bool ok = af->ok && fflush(af->f) == 0;
+    bool ok = af->ok && !ferror(af->f) && fflush(af->f) == 0;
     ok = (fclose(af->f) == 0) && ok;
     if (!ok) { remove(af->tmp_path); return fail("error writing '%s'", af->tmp_path); }
     if (rename(af->tmp_path, af->path) != 0) {
@@ -1817,6 +1819,14 @@ static void kurtosis_finish(KurtosisReport *r) {
     }
 }
 
+// Name of hidden state s of a KurtosisReport: the embedding, a block's output, the final norm.
+static const char *state_label(int s, int n_states, char *buf, size_t size) {
+    if (s == 0) snprintf(buf, size, "embedding");
+    else if (s == n_states - 1) snprintf(buf, size, "final norm");
+    else snprintf(buf, size, "block %d", s);
+    return buf;
+}
+
 static double kurtosis_max_abs(const KurtosisReport *r) {
     double mx = 0.0;
     for (int s = 0; s < r->n_states; s++) mx = fmax(mx, r->max_abs[s]);
@@ -2037,7 +2047,7 @@ typedef struct {
     Model model;
     float *opt_state;        // optimizer buffers (optimizer_layout)
     float *opt_scratch;      // Muon's work space
-    TokenData train, val;
+    const TokenData *train, *val;   // borrowed: the caller loads and frees the data
     int *inputs, *targets;   // [batch, seq_len]
 } Trainer;
 
@@ -2047,7 +2057,7 @@ static float train_step(Trainer *tr, float *grad_norm) {
     TrainState *s = &tr->state;
     Model *m = &tr->model;
     int B = s->batch, T = s->cfg.seq_len;
-    data_next_batch(&tr->train, &s->rng, B, T, tr->inputs, tr->targets);
+    data_next_batch(tr->train, &s->rng, B, T, tr->inputs, tr->targets);
     float loss = model_forward(m, tr->inputs, tr->targets, B, T);
     if (!isfinite(loss)) return loss;
     model_backward(m);
@@ -2063,9 +2073,11 @@ static void trainer_alloc_buffers(Trainer *tr) {
     tr->targets = xmalloc(sizeof(int) * (size_t)tr->state.batch * tr->state.cfg.seq_len);
 }
 
-// Sets up a fresh run: model initialized from the seed, zero optimizer state.
+// Sets up a fresh run: model and batch sampler seeded from s->seed, zero optimizer state.
 static void trainer_init(Trainer *tr, const TrainState *s) {
     tr->state = *s;
+    tr->state.step = 0;
+    tr->state.rng = s->seed;
     model_alloc(&tr->model, &s->cfg, s->batch);
     model_init(&tr->model, s->seed);
     size_t offset[N_PARAM_TENSORS];
@@ -2084,8 +2096,224 @@ static bool trainer_resume(Trainer *tr, const char *path) {
 static void trainer_free(Trainer *tr) {
     model_free(&tr->model);
     free(tr->opt_state); free(tr->opt_scratch); free(tr->inputs); free(tr->targets);
-    free(tr->train.tokens); free(tr->val.tokens);
     memset(tr, 0, sizeof *tr);
+}
+
+// Kurtosis over training, one row per measured step. Kept in memory and rewritten whole at
+// every row (through a temporary file), so an interrupted run never leaves half a CSV.
+typedef struct {
+    int n_states, n, cap;
+    int *step;
+    double *values;   // [n][2 + n_states]: mean kurtosis, max |act|, then each hidden state's
+} KurtosisLog;
+
+static int kurtosis_log_cols(const KurtosisLog *l) { return 2 + l->n_states; }
+
+static void kurtosis_log_add(KurtosisLog *l, int step, double mean, double max_abs, const double *per_state) {
+    int cols = kurtosis_log_cols(l);
+    if (l->n == l->cap) {
+        l->cap = l->cap ? 2 * l->cap : 64;
+        int *steps = xmalloc(sizeof(int) * (size_t)l->cap);
+        double *values = xmalloc(sizeof(double) * (size_t)l->cap * cols);
+        if (l->n) { memcpy(steps, l->step, sizeof(int) * (size_t)l->n); memcpy(values, l->values, sizeof(double) * (size_t)l->n * cols); }
+        free(l->step); free(l->values);
+        l->step = steps; l->values = values;
+    }
+    double *v = l->values + (size_t)l->n * cols;
+    v[0] = mean;
+    v[1] = max_abs;
+    memcpy(v + 2, per_state, sizeof(double) * (size_t)l->n_states);
+    l->step[l->n++] = step;
+}
+
+static void kurtosis_log_free(KurtosisLog *l) { free(l->step); free(l->values); memset(l, 0, sizeof *l); }
+
+// Writes the log as CSV: step, tokens, kurtosis (mean over states), max_abs, then one column
+// per hidden state.
+static bool kurtosis_log_save(const KurtosisLog *l, const char *path, size_t tokens_per_step) {
+    AtomicFile af;
+    if (!atomic_open(&af, path)) return false;
+    char label[32];
+    fprintf(af.f, "step,tokens,kurtosis,max_abs");
+    for (int s = 0; s < l->n_states; s++) fprintf(af.f, ",%s", state_label(s, l->n_states, label, sizeof label));
+    fprintf(af.f, "\n");
+    for (int i = 0; i < l->n; i++) {
+        fprintf(af.f, "%d,%zu", l->step[i], (size_t)l->step[i] * tokens_per_step);
+        for (int c = 0; c < kurtosis_log_cols(l); c++) fprintf(af.f, ",%.6g", l->values[(size_t)i * kurtosis_log_cols(l) + c]);
+        fprintf(af.f, "\n");
+    }
+    return atomic_close(&af);
+}
+
+// Reads a CSV written by kurtosis_log_save, keeping the rows up to max_step (a resumed run
+// measures the later steps again). l->n_states must be set; a missing file reads as empty.
+static bool kurtosis_log_load(KurtosisLog *l, const char *path, int max_step) {
+    FILE *probe = fopen(path, "rb");
+    if (!probe) return true;
+    fclose(probe);
+    size_t len;
+    char *text = (char *)read_file(path, &len);
+    if (!text) return false;
+    char *line = text, *end = text + len;
+    double *v = xmalloc(sizeof(double) * (size_t)kurtosis_log_cols(l));
+    bool ok = true;
+    for (int line_no = 1; ok && line < end; line_no++) {
+        char *eol = memchr(line, '\n', (size_t)(end - line));
+        if (!eol) { ok = fail("'%s' line %d is incomplete", path, line_no); break; }
+        *eol = '\0';
+        if (line_no > 1) {
+            char *p = line, *next;
+            long step = strtol(p, &next, 10);
+            int fields = next != p;
+            p = next;
+            for (int c = -1; fields && c < kurtosis_log_cols(l); c++) {   // c = -1: the tokens column
+                if (*p != ',') { fields = 0; break; }
+                double x = strtod(p + 1, &next);
+                if (next == p + 1) { fields = 0; break; }
+                if (c >= 0) v[c] = x;
+                p = next;
+            }
+            if (!fields || *p != '\0') ok = fail("'%s' line %d is not a row of %d kurtosis values", path, line_no, l->n_states);
+            else if (step <= max_step) kurtosis_log_add(l, (int)step, v[0], v[1], v + 2);
+        }
+        line = eol + 1;
+    }
+    free(v);
+    free(text);
+    return ok;
+}
+
+// How a run reports and saves; ./osp train and ./osp ablation both drive train_run.
+typedef struct {
+    const char *out;            // checkpoint, written every eval_every steps and at the end
+    int eval_every;             // 0 = only at the end
+    int val_windows;            // windows of the periodic validation loss, 0 = all
+    int log_every;
+    int kurtosis_every;         // 0 = off
+    const char *kurtosis_csv;   // NULL, or where the kurtosis rows go (kept through a resume)
+    FILE *log;                  // the step lines
+    // Called after every logged step with the mean seconds per step since the last call.
+    void (*on_log)(void *ctx, const TrainState *s, float loss, double seconds_per_step);
+    void *ctx;
+} RunOptions;
+
+typedef struct { int steps_done; bool diverged; double tokens_per_second; float loss, val_loss; } RunResult;
+
+// The run's description: model, parameters, recipe, learning rates, optimizer state, data.
+static void print_run_header(FILE *log, const Trainer *tr) {
+    const TrainState *st = &tr->state;
+    const Config *c = &st->cfg;
+    const Model *m = &tr->model;
+    fprintf(log, "model: dim %d, layers %d, heads %d (kv %d), ffn %d, seq %d, vocab %d: %.2fM parameters\n",
+            c->dim, c->n_layers, c->n_heads, c->n_kv_heads, c->ffn_dim, c->seq_len, c->vocab_size, m->n_params / 1e6);
+    fprintf(log, "parameters:");
+    for (int i = 0; i < N_PARAM_TENSORS; i++)
+        if (param_size(m, i) > 0)
+            fprintf(log, " %s %s%dx%d%s", param_names[i], m->shape[i].count > 1 ? "[" : "", m->shape[i].rows, m->shape[i].cols,
+                    m->shape[i].count > 1 ? "]xL" : "");
+    fprintf(log, "\n");
+    size_t offset[N_PARAM_TENSORS];
+    size_t state_bytes = sizeof(float) * optimizer_layout(m, st->opt.optimizer, offset);
+    fprintf(log, "recipe: preset %s: optimizer %s, %s, %s\n", preset_name(st->preset), optimizer_names[st->opt.optimizer],
+            c->ssnorm ? "SSNorm" : "RMSNorm", c->embproj ? "EmbProj" : "no EmbProj");
+    char lrs[96];
+    if (st->opt.optimizer == OPTIMIZER_ADAM) snprintf(lrs, sizeof lrs, "lr %g", st->opt.lr_adam);
+    else if (st->opt.optimizer == OPTIMIZER_MUON_ONLY) snprintf(lrs, sizeof lrs, "lr muon %g", st->opt.lr_muon);
+    else snprintf(lrs, sizeof lrs, "lr muon %g (network), lr adam %g (embedding, head)", st->opt.lr_muon, st->opt.lr_adam);
+    fprintf(log, "training: %s, warmup %d, steps %d, batch %d (%zu tokens/step), wd %g, clip %g, seed %llu, %d thread%s\n",
+            lrs, st->opt.warmup, st->opt.steps, st->batch, (size_t)st->batch * c->seq_len, st->opt.weight_decay,
+            st->opt.grad_clip, (unsigned long long)st->seed, num_threads(), num_threads() == 1 ? "" : "s");
+    fprintf(log, "optimizer state: %zu bytes (%.2f per parameter: AdamW keeps 2 buffers, Muon 1)\n",
+            state_bytes, (double)state_bytes / sizeof(float) / m->n_params);
+    fprintf(log, "data: %zu train tokens, %zu val tokens\n", tr->train->n, tr->val->n);
+}
+
+// Measures the kurtosis of the hidden states on a fixed batch (the first `batch` validation
+// windows), logs it, and adds it to klog.
+static void log_kurtosis(Trainer *tr, const RunOptions *ro, KurtosisLog *klog) {
+    const TrainState *st = &tr->state;
+    KurtosisReport kr;
+    kurtosis_init(&kr, st->cfg.n_layers);
+    evaluate_loss(&tr->model, tr->val, st->batch, &kr);
+    kurtosis_finish(&kr);
+    fprintf(ro->log, "step %6d/%d | kurtosis %.4f | max |act| %.3f | per state", st->step, st->opt.steps, kr.mean, kurtosis_max_abs(&kr));
+    for (int i = 0; i < kr.n_states; i++) fprintf(ro->log, " %.3f", kr.kurtosis[i]);
+    fprintf(ro->log, "\n");
+    kurtosis_log_add(klog, st->step, kr.mean, kurtosis_max_abs(&kr), kr.kurtosis);
+    kurtosis_free(&kr);
+}
+
+// Trains from the trainer's current step to opt.steps: logs, measures kurtosis, validates and
+// checkpoints as ro says. Returns false (osp_error set) on a NaN or Inf loss, leaving the last
+// checkpoint intact, or when a file cannot be written.
+static bool train_run(Trainer *tr, const RunOptions *ro, RunResult *res) {
+    TrainState *st = &tr->state;
+    Model *m = &tr->model;
+    size_t tokens_per_step = (size_t)st->batch * st->cfg.seq_len;
+    double flops_per_step = model_flops_per_step(m, st->batch, st->cfg.seq_len);
+    print_run_header(ro->log, tr);
+    if (st->step > 0) fprintf(ro->log, "resumed at step %d\n", st->step);
+    KurtosisLog klog = {.n_states = st->cfg.n_layers + 2};
+    bool ok = true, diverged = false;
+    if (ro->kurtosis_every > 0) {
+        if (ro->kurtosis_csv) ok = kurtosis_log_load(&klog, ro->kurtosis_csv, st->step);
+        if (ok && (klog.n == 0 || klog.step[klog.n - 1] < st->step)) {   // the starting point, once
+            log_kurtosis(tr, ro, &klog);
+            if (ro->kurtosis_csv) ok = kurtosis_log_save(&klog, ro->kurtosis_csv, tokens_per_step);
+        }
+    }
+    double t_start = now_seconds(), t_window = t_start, t_aside_total = 0.0;
+    int window_steps = 0, start_step = st->step;
+    float loss = 0.0f, grad_norm = 0.0f, val_loss = NAN;
+    while (ok && st->step < st->opt.steps) {
+        // The lr shown is the network's: Muon's, or AdamW's under the adam preset.
+        float lr = lr_factor(&st->opt, st->step) * (st->opt.optimizer == OPTIMIZER_ADAM ? st->opt.lr_adam : st->opt.lr_muon);
+        loss = train_step(tr, &grad_norm);
+        if (!isfinite(loss)) {
+            diverged = true;
+            ok = fail("loss is %s at step %d; stopping (the last checkpoint in '%s', if any, is intact)",
+                      isnan(loss) ? "NaN" : "Inf", st->step + 1, ro->out);
+            break;
+        }
+        window_steps++;
+        bool last = st->step == st->opt.steps;
+        if (st->step % ro->log_every == 0 || last || st->step == start_step + 1) {
+            double now = now_seconds(), dt = (now - t_window) / window_steps;
+            char eta[32];
+            fprintf(ro->log, "step %6d/%d | loss %.4f | lr %.2e | norm %6.3f | %7.1f ms/step | %7.0f tok/s | %5.2f GFLOP/s | left %s\n",
+                    st->step, st->opt.steps, loss, lr, grad_norm, 1e3 * dt, tokens_per_step / dt, flops_per_step / dt / 1e9,
+                    format_duration(dt * (st->opt.steps - st->step), eta, sizeof eta));
+            fflush(ro->log);
+            if (ro->on_log) ro->on_log(ro->ctx, st, loss, dt);
+            t_window = now;
+            window_steps = 0;
+        }
+        double t_aside = now_seconds();   // kurtosis and evaluation stay out of the step timing
+        if (ro->kurtosis_every > 0 && (st->step % ro->kurtosis_every == 0 || last)) {
+            log_kurtosis(tr, ro, &klog);
+            if (ro->kurtosis_csv) ok = kurtosis_log_save(&klog, ro->kurtosis_csv, tokens_per_step);
+        }
+        if (ok && (last || (ro->eval_every > 0 && st->step % ro->eval_every == 0))) {
+            double t0 = now_seconds();
+            val_loss = evaluate_loss(m, tr->val, ro->val_windows, NULL);
+            ok = checkpoint_save(ro->out, st, m, tr->opt_state);
+            if (ok) fprintf(ro->log, "step %6d/%d | val loss %.4f | val ppl %.2f | saved %s (%.1f s)\n", st->step, st->opt.steps,
+                            val_loss, exp(val_loss), ro->out, now_seconds() - t0);
+        }
+        fflush(ro->log);
+        t_window += now_seconds() - t_aside;
+        t_aside_total += now_seconds() - t_aside;
+    }
+    double elapsed = now_seconds() - t_start;
+    int done = st->step - start_step;
+    *res = (RunResult){.steps_done = done, .diverged = diverged, .loss = loss, .val_loss = val_loss,
+                       .tokens_per_second = done > 0 ? tokens_per_step * done / (elapsed - t_aside_total) : NAN};
+    if (ok && done > 0)
+        fprintf(ro->log, "done: %d steps in %.1f s (%.1f ms/step, %.0f tok/s, %.2f GFLOP/s incl. evaluation); final train loss %.4f, val loss %.4f\n",
+                done, elapsed, 1e3 * elapsed / done, tokens_per_step * done / elapsed, flops_per_step * done / elapsed / 1e9, loss, val_loss);
+    fflush(ro->log);
+    kurtosis_log_free(&klog);
+    return ok;
 }
 
 /* ============================================================================
@@ -2151,6 +2379,82 @@ static void generate(Model *m, const Tokenizer *tok, const char *prompt, int n_n
 /* ============================================================================
  * Command line
  * ========================================================================== */
+/* ============================================================================
+ * Plots: a line chart as SVG (kurtosis over training, the analogue of the paper's Figure 3)
+ * ========================================================================== */
+
+typedef struct { const char *label; int n; const double *x, *y; } PlotLine;
+
+// A "nice" tick step (1, 2 or 5 times a power of ten) giving about `ticks` intervals over span.
+static double nice_step(double span, int ticks) {
+    double raw = span / ticks, p = pow(10.0, floor(log10(raw))), f = raw / p;
+    return p * (f <= 1.0 ? 1.0 : f <= 2.0 ? 2.0 : f <= 5.0 ? 5.0 : 10.0);
+}
+
+// Writes lines[] as an SVG chart: linear x from 0, logarithmic y over whole decades (values
+// below y_floor are drawn at y_floor, since log(0) has no place), labelled axes, a legend.
+static bool write_svg_plot(const char *path, const char *title, const char *x_label, const char *y_label,
+                           const PlotLine *lines, int n_lines, double y_floor) {
+    static const char *colors[] = {"#d62728", "#ff7f0e", "#9467bd", "#2ca02c", "#8c564b", "#1f77b4", "#e377c2", "#7f7f7f"};
+    const double W = 760, H = 480, left = 80, right = 190, top = 50, bottom = 60;
+    double x_max = 0.0, y_lo = INFINITY, y_hi = -INFINITY;
+    for (int l = 0; l < n_lines; l++)
+        for (int i = 0; i < lines[l].n; i++) {
+            double y = fmax(lines[l].y[i], y_floor);
+            x_max = fmax(x_max, lines[l].x[i]);
+            y_lo = fmin(y_lo, y);
+            y_hi = fmax(y_hi, y);
+        }
+    if (!(x_max > 0.0)) x_max = 1.0;
+    if (!isfinite(y_lo)) y_lo = y_hi = 1.0;
+    int dec_lo = (int)floor(log10(y_lo)), dec_hi = (int)ceil(log10(y_hi));
+    if (dec_hi == dec_lo) dec_hi++;
+    double pw = W - left - right, ph = H - top - bottom;
+    AtomicFile af;
+    if (!atomic_open(&af, path)) return false;
+    FILE *f = af.f;
+    fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" viewBox=\"0 0 %.0f %.0f\" "
+               "font-family=\"sans-serif\" font-size=\"13\">\n", W, H, W, H);
+    fprintf(f, "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n");
+    fprintf(f, "<text x=\"%.1f\" y=\"28\" text-anchor=\"middle\" font-size=\"16\">%s</text>\n", left + pw / 2, title);
+    // y: a grid line and label per decade, minor ticks at 2..9.
+    for (int d = dec_lo; d <= dec_hi; d++) {
+        double py = top + ph * (1.0 - (double)(d - dec_lo) / (dec_hi - dec_lo));
+        fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/>\n", left, py, left + pw, py);
+        fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">%g</text>\n", left - 8, py + 4, pow(10.0, d));
+        for (int m = 2; d < dec_hi && m < 10; m++) {
+            double my = py - ph * log10((double)m) / (dec_hi - dec_lo);
+            fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#888\"/>\n", left - 4, my, left, my);
+        }
+    }
+    // x: ticks at a nice step.
+    double step = nice_step(x_max, 6);
+    for (double x = 0.0; x <= x_max * (1.0 + 1e-9); x += step) {
+        double px = left + pw * x / x_max;
+        fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/>\n", px, top, px, top + ph);
+        fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%g</text>\n", px, top + ph + 18, x);
+    }
+    fprintf(f, "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"none\" stroke=\"black\"/>\n", left, top, pw, ph);
+    fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%s</text>\n", left + pw / 2, H - 15, x_label);
+    fprintf(f, "<text transform=\"translate(22 %.1f) rotate(-90)\" text-anchor=\"middle\">%s</text>\n", top + ph / 2, y_label);
+    for (int l = 0; l < n_lines; l++) {
+        const char *color = colors[l % (int)(sizeof colors / sizeof colors[0])];
+        fprintf(f, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"2\" points=\"", color);
+        for (int i = 0; i < lines[l].n; i++) {
+            double y = fmax(lines[l].y[i], y_floor);
+            fprintf(f, "%s%.1f,%.1f", i ? " " : "", left + pw * lines[l].x[i] / x_max,
+                    top + ph * (1.0 - (log10(y) - dec_lo) / (dec_hi - dec_lo)));
+        }
+        fprintf(f, "\"/>\n");
+        double ly = top + 12 + 22 * l;
+        fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-width=\"3\"/>\n",
+                left + pw + 14, ly, left + pw + 40, ly, color);
+        fprintf(f, "<text x=\"%.1f\" y=\"%.1f\">%s</text>\n", left + pw + 48, ly + 4, lines[l].label);
+    }
+    fprintf(f, "</svg>\n");
+    return atomic_close(&af);
+}
+
 #ifndef TESTING
 
 // Strict number parsing: the whole string must be a number within [lo, hi].
@@ -2351,19 +2655,57 @@ static const char *train_help =
     "  --val-windows N  validation windows of seq-len tokens, 0 = all (default 128)\n"
     "  --kurtosis-every N  log excess kurtosis and max |activation| of the hidden states every N\n"
     "                   steps, on a fixed batch (the first --batch validation windows); 0 = off\n"
+    "  --kurtosis-csv FILE  also write those measurements as CSV (kept through --resume)\n"
     "  --log-every N    print every N steps (default 10)\n"
     "  --threads N      OpenMP threads, 0 = all cores (default 0)\n";
 
-static int cmd_train(int argc, char **argv) {
-    Args a = {argc, 0, argv, "train"};
-    TrainState s = {
+// The defaults of ./osp train (and of each run of ./osp ablation).
+static TrainState default_train_state(void) {
+    return (TrainState){
         .cfg = {.dim = 128, .n_layers = 4, .n_heads = 4, .n_kv_heads = 4, .ffn_dim = 512, .seq_len = 128},
         .opt = {.optimizer = OPTIMIZER_ADAM, .lr_adam = 3e-3f, .lr_muon = 1e-2f, .weight_decay = 0.01f, .beta1 = 0.9f,
                 .beta2 = 0.95f, .eps = 1e-8f, .muon_momentum = 0.95f, .ns_steps = 5, .grad_clip = 1.0f, .warmup = 50, .steps = 500},
         .batch = 16, .seed = 1337,
     };
+}
+
+// Consumes one optimization flag at a->i if it is one; shared by train and ablation.
+static bool parse_optim_flag(Args *a, TrainState *s) {
+    const char *f = a->argv[a->i];
+    if (!strcmp(f, "--lr") || !strcmp(f, "--lr-adam")) s->opt.lr_adam = parse_float(f, flag_value(a), 1e-8, 10.0);
+    else if (!strcmp(f, "--lr-muon")) s->opt.lr_muon = parse_float(f, flag_value(a), 1e-8, 10.0);
+    else if (!strcmp(f, "--muon-momentum")) s->opt.muon_momentum = parse_float(f, flag_value(a), 0.0, 0.9999);
+    else if (!strcmp(f, "--ns-steps")) s->opt.ns_steps = (int)parse_int(f, flag_value(a), 1, 100);
+    else if (!strcmp(f, "--warmup")) s->opt.warmup = (int)parse_int(f, flag_value(a), 0, 100000000);
+    else if (!strcmp(f, "--wd")) s->opt.weight_decay = parse_float(f, flag_value(a), 0.0, 10.0);
+    else if (!strcmp(f, "--grad-clip")) s->opt.grad_clip = parse_float(f, flag_value(a), 0.0, 1e6);
+    else if (!strcmp(f, "--seed")) s->seed = parse_u64(f, flag_value(a));
+    else return false;
+    return true;
+}
+
+// Loads the training and validation tokens and checks them against the tokenizer.
+static void load_training_data(TokenData *train, TokenData *val, const char *train_path, const char *val_path,
+                               const Tokenizer *tok, const char *tok_path) {
+    if (!tokens_load(train, train_path) || !tokens_load(val, val_path)) die("%s", osp_error);
+    if (train->vocab_size != tok->vocab_size || val->vocab_size != tok->vocab_size)
+        die("vocab mismatch: %s has %d tokens but the data was made with vocab %d (run 'make data' again)", tok_path, tok->vocab_size, train->vocab_size);
+}
+
+// Checks the settings of a new run (steps set) and the data against its context length.
+static void check_run(const TrainState *s, const TokenData *train, const TokenData *val, const char *train_path, const char *val_path) {
+    if (s->opt.warmup > s->opt.steps) die("--warmup %d exceeds --steps %d", s->opt.warmup, s->opt.steps);
+    const char *problem = config_problem(&s->cfg);
+    if (problem) die("%s", problem);
+    if (train->n < (size_t)s->cfg.seq_len + 1) die("'%s' has %zu tokens, fewer than seq-len + 1 = %d", train_path, train->n, s->cfg.seq_len + 1);
+    if (val->n < (size_t)s->cfg.seq_len + 1) die("'%s' has %zu tokens, fewer than seq-len + 1 = %d", val_path, val->n, s->cfg.seq_len + 1);
+}
+
+static int cmd_train(int argc, char **argv) {
+    Args a = {argc, 0, argv, "train"};
+    TrainState s = default_train_state();
     const char *train_path = "data/train.bin", *val_path = "data/val.bin", *tok_path = "tokenizer.bin";
-    const char *out = NULL, *resume = NULL, *fixed_flag = NULL;
+    const char *out = NULL, *resume = NULL, *fixed_flag = NULL, *kurtosis_csv = NULL;
     int eval_every = 100, log_every = 10, threads = 0, val_windows = 128, steps = -1, kurtosis_every = 0;
     for (a.i = 0; a.i < argc; a.i++) {
         const char *f = argv[a.i];
@@ -2378,15 +2720,7 @@ static int cmd_train(int argc, char **argv) {
         }
         else if (!strcmp(f, "--ssnorm")) s.cfg.ssnorm = 1;
         else if (!strcmp(f, "--embproj")) s.cfg.embproj = 1;
-        else if (parse_shape_flag(&a, &s)) {}
-        else if (!strcmp(f, "--lr") || !strcmp(f, "--lr-adam")) s.opt.lr_adam = parse_float(f, flag_value(&a), 1e-8, 10.0);
-        else if (!strcmp(f, "--lr-muon")) s.opt.lr_muon = parse_float(f, flag_value(&a), 1e-8, 10.0);
-        else if (!strcmp(f, "--muon-momentum")) s.opt.muon_momentum = parse_float(f, flag_value(&a), 0.0, 0.9999);
-        else if (!strcmp(f, "--ns-steps")) s.opt.ns_steps = (int)parse_int(f, flag_value(&a), 1, 100);
-        else if (!strcmp(f, "--warmup")) s.opt.warmup = (int)parse_int(f, flag_value(&a), 0, 100000000);
-        else if (!strcmp(f, "--wd")) s.opt.weight_decay = parse_float(f, flag_value(&a), 0.0, 10.0);
-        else if (!strcmp(f, "--grad-clip")) s.opt.grad_clip = parse_float(f, flag_value(&a), 0.0, 1e6);
-        else if (!strcmp(f, "--seed")) s.seed = parse_u64(f, flag_value(&a));
+        else if (parse_shape_flag(&a, &s) || parse_optim_flag(&a, &s)) {}
         else {
             fixed = false;
             if (!strcmp(f, "--steps")) steps = (int)parse_int(f, flag_value(&a), 1, 100000000);
@@ -2398,6 +2732,7 @@ static int cmd_train(int argc, char **argv) {
             else if (!strcmp(f, "--eval-every")) eval_every = (int)parse_int(f, flag_value(&a), 0, 100000000);
             else if (!strcmp(f, "--val-windows")) val_windows = (int)parse_int(f, flag_value(&a), 0, 100000000);
             else if (!strcmp(f, "--kurtosis-every")) kurtosis_every = (int)parse_int(f, flag_value(&a), 0, 100000000);
+            else if (!strcmp(f, "--kurtosis-csv")) kurtosis_csv = flag_value(&a);
             else if (!strcmp(f, "--log-every")) log_every = (int)parse_int(f, flag_value(&a), 1, 100000000);
             else if (!strcmp(f, "--threads")) threads = (int)parse_int(f, flag_value(&a), 0, 1024);
             else unknown_flag(&a);
@@ -2406,6 +2741,7 @@ static int cmd_train(int argc, char **argv) {
     }
     set_num_threads(threads);
     if (!out) out = resume ? resume : "model.ckpt";
+    if (kurtosis_csv && kurtosis_every == 0) die("--kurtosis-csv needs --kurtosis-every N");
 
     Trainer tr = {0};
     if (resume) {
@@ -2418,103 +2754,29 @@ static int cmd_train(int argc, char **argv) {
     }
     Tokenizer tok;
     load_tokenizer_or_die(&tok, tok_path);
-    if (!tokens_load(&tr.train, train_path) || !tokens_load(&tr.val, val_path)) die("%s", osp_error);
-    if (tr.train.vocab_size != tok.vocab_size || tr.val.vocab_size != tok.vocab_size)
-        die("vocab mismatch: %s has %d tokens but the data was made with vocab %d (run 'make data' again)", tok_path, tok.vocab_size, tr.train.vocab_size);
+    TokenData train, val;
+    load_training_data(&train, &val, train_path, val_path, &tok, tok_path);
     if (!resume) {
         s.cfg.vocab_size = tok.vocab_size;
         s.preset = preset_of(s.opt.optimizer, s.cfg.ssnorm, s.cfg.embproj);
         if (steps > 0) s.opt.steps = steps;
-        if (s.opt.warmup > s.opt.steps) die("--warmup %d exceeds --steps %d", s.opt.warmup, s.opt.steps);
-        const char *problem = config_problem(&s.cfg);
-        if (problem) die("%s", problem);
+        check_run(&s, &train, &val, train_path, val_path);
         trainer_init(&tr, &s);
     } else if (tr.state.cfg.vocab_size != tok.vocab_size) {
         die("vocab mismatch: checkpoint '%s' has vocab %d but %s has %d", resume, tr.state.cfg.vocab_size, tok_path, tok.vocab_size);
+    } else {
+        check_run(&tr.state, &train, &val, train_path, val_path);
     }
-    TrainState *st = &tr.state;
-    const Config *c = &st->cfg;
-    if (tr.train.n < (size_t)c->seq_len + 1) die("'%s' has %zu tokens, fewer than seq-len + 1 = %d", train_path, tr.train.n, c->seq_len + 1);
-    if (tr.val.n < (size_t)c->seq_len + 1) die("'%s' has %zu tokens, fewer than seq-len + 1 = %d", val_path, tr.val.n, c->seq_len + 1);
-
-    Model *m = &tr.model;
-    size_t tokens_per_step = (size_t)st->batch * c->seq_len;
-    double flops_per_step = model_flops_per_step(m, st->batch, c->seq_len);
-    printf("model: dim %d, layers %d, heads %d (kv %d), ffn %d, seq %d, vocab %d: %.2fM parameters\n",
-           c->dim, c->n_layers, c->n_heads, c->n_kv_heads, c->ffn_dim, c->seq_len, c->vocab_size, m->n_params / 1e6);
-    printf("parameters:");
-    for (int i = 0; i < N_PARAM_TENSORS; i++)
-        if (param_size(m, i) > 0)
-            printf(" %s %s%dx%d%s", param_names[i], m->shape[i].count > 1 ? "[" : "", m->shape[i].rows, m->shape[i].cols,
-                   m->shape[i].count > 1 ? "]xL" : "");
-    printf("\n");
-    size_t offset[N_PARAM_TENSORS];
-    size_t state_bytes = sizeof(float) * optimizer_layout(m, st->opt.optimizer, offset);
-    printf("recipe: preset %s: optimizer %s, %s, %s\n", preset_name(st->preset), optimizer_names[st->opt.optimizer],
-           c->ssnorm ? "SSNorm" : "RMSNorm", c->embproj ? "EmbProj" : "no EmbProj");
-    char lrs[96];
-    if (st->opt.optimizer == OPTIMIZER_ADAM) snprintf(lrs, sizeof lrs, "lr %g", st->opt.lr_adam);
-    else if (st->opt.optimizer == OPTIMIZER_MUON_ONLY) snprintf(lrs, sizeof lrs, "lr muon %g", st->opt.lr_muon);
-    else snprintf(lrs, sizeof lrs, "lr muon %g (network), lr adam %g (embedding, head)", st->opt.lr_muon, st->opt.lr_adam);
-    printf("training: %s, warmup %d, steps %d, batch %d (%zu tokens/step), wd %g, clip %g, seed %llu, %d thread%s\n",
-           lrs, st->opt.warmup, st->opt.steps, st->batch, tokens_per_step, st->opt.weight_decay,
-           st->opt.grad_clip, (unsigned long long)st->seed, num_threads(), num_threads() == 1 ? "" : "s");
-    printf("optimizer state: %zu bytes (%.2f per parameter: AdamW keeps 2 buffers, Muon 1)\n",
-           state_bytes, (double)state_bytes / sizeof(float) / m->n_params);
-    printf("data: %zu train tokens, %zu val tokens\n", tr.train.n, tr.val.n);
-    if (resume) printf("resumed from %s at step %d\n", resume, st->step);
-
-    double t_start = now_seconds(), t_window = t_start;
-    int window_steps = 0, start_step = st->step;
-    float loss = 0.0f, grad_norm = 0.0f, val_loss = NAN;
-    while (st->step < st->opt.steps) {
-        // The lr shown is the network's: Muon's, or AdamW's under the adam preset.
-        float lr = lr_factor(&st->opt, st->step) * (st->opt.optimizer == OPTIMIZER_ADAM ? st->opt.lr_adam : st->opt.lr_muon);
-        loss = train_step(&tr, &grad_norm);
-        if (!isfinite(loss))
-            die("loss is %s at step %d; stopping (the last checkpoint in '%s', if any, is intact)",
-                isnan(loss) ? "NaN" : "Inf", st->step + 1, out);
-        window_steps++;
-        bool last = st->step == st->opt.steps;
-        if (st->step % log_every == 0 || last || st->step == start_step + 1) {
-            double now = now_seconds(), dt = (now - t_window) / window_steps;
-            char eta[32];
-            printf("step %6d/%d | loss %.4f | lr %.2e | norm %6.3f | %7.1f ms/step | %7.0f tok/s | %5.2f GFLOP/s | left %s\n",
-                   st->step, st->opt.steps, loss, lr, grad_norm, 1e3 * dt, tokens_per_step / dt, flops_per_step / dt / 1e9,
-                   format_duration(dt * (st->opt.steps - st->step), eta, sizeof eta));
-            fflush(stdout);
-            t_window = now;
-            window_steps = 0;
-        }
-        double t_aside = now_seconds();   // kurtosis and evaluation stay out of the step timing
-        if (kurtosis_every > 0 && (st->step % kurtosis_every == 0 || last)) {
-            KurtosisReport kr;
-            kurtosis_init(&kr, c->n_layers);
-            evaluate_loss(m, &tr.val, st->batch, &kr);
-            kurtosis_finish(&kr);
-            printf("step %6d/%d | kurtosis %.4f | max |act| %.3f | per state", st->step, st->opt.steps, kr.mean, kurtosis_max_abs(&kr));
-            for (int i = 0; i < kr.n_states; i++) printf(" %.3f", kr.kurtosis[i]);
-            printf("\n");
-            kurtosis_free(&kr);
-        }
-        if (last || (eval_every > 0 && st->step % eval_every == 0)) {
-            double t0 = now_seconds();
-            val_loss = evaluate_loss(m, &tr.val, val_windows, NULL);
-            if (!checkpoint_save(out, st, m, tr.opt_state)) die("%s", osp_error);
-            printf("step %6d/%d | val loss %.4f | val ppl %.2f | saved %s (%.1f s)\n", st->step, st->opt.steps,
-                   val_loss, exp(val_loss), out, now_seconds() - t0);
-        }
-        fflush(stdout);
-        t_window += now_seconds() - t_aside;
-    }
-    double elapsed = now_seconds() - t_start;
-    int done = st->step - start_step;
-    if (done > 0)
-        printf("done: %d steps in %.1f s (%.1f ms/step, %.0f tok/s, %.2f GFLOP/s incl. evaluation); final train loss %.4f, val loss %.4f\n",
-               done, elapsed, 1e3 * elapsed / done, tokens_per_step * done / elapsed, flops_per_step * done / elapsed / 1e9, loss, val_loss);
-    else
-        printf("nothing to do: '%s' has already completed %d of %d steps\n", resume, st->step, st->opt.steps);
+    tr.train = &train;
+    tr.val = &val;
+    RunOptions ro = {.out = out, .eval_every = eval_every, .val_windows = val_windows, .log_every = log_every,
+                     .kurtosis_every = kurtosis_every, .kurtosis_csv = kurtosis_csv, .log = stdout};
+    RunResult res;
+    if (tr.state.step == tr.state.opt.steps)
+        printf("nothing to do: '%s' has already completed %d of %d steps\n", resume, tr.state.step, tr.state.opt.steps);
+    else if (!train_run(&tr, &ro, &res)) die("%s", osp_error);
     trainer_free(&tr);
+    free(train.tokens); free(val.tokens);
     tokenizer_free(&tok);
     return 0;
 }
@@ -2659,13 +2921,6 @@ static void bits_label(char *buf, size_t size, int row, const EvalOptions *o) {
     else snprintf(buf, size, "%s%d only", quant_row_names[row], row == 0 ? o->wbits : row == 1 ? o->abits : o->kvbits);
 }
 
-static const char *state_label(int s, int n_states, char *buf, size_t size) {
-    if (s == 0) snprintf(buf, size, "embedding");
-    else if (s == n_states - 1) snprintf(buf, size, "final norm");
-    else snprintf(buf, size, "block %d", s);
-    return buf;
-}
-
 static void print_eval_text(const char *path, const TrainState *s, const EvalResult *r, const EvalOptions *o) {
     char label[64];
     printf("%s: preset %s%s, dim %d, %d layers, %d steps (%.2fM tokens)\n", path, preset_name(s->preset),
@@ -2807,6 +3062,469 @@ static int cmd_compare(int argc, char **argv) {
     return 0;
 }
 
+// Model FLOPs of one training step and Newton-Schulz FLOPs of one optimizer step, for preset p.
+static void preset_flops(const TrainState *proto, int p, double *model_flops, double *ns_flops) {
+    TrainState s = *proto;
+    apply_preset(&s.cfg, &s.opt, p);
+    Model shape;
+    model_alloc(&shape, &s.cfg, 1);
+    *model_flops = model_flops_per_step(&shape, s.batch, s.cfg.seq_len);
+    *ns_flops = newton_schulz_flops(&shape, &s.opt);
+    model_free(&shape);
+}
+
+// ---------------------------------------------------------------- osp ablation
+static const char *ablation_help =
+    "usage: ./osp ablation [flags]\n"
+    "The paper's ablation on a laptop: trains the six presets (adam, muon-only, muon, muon-ssnorm,\n"
+    "muon-embproj, osp) on the same data and token budget for each seed, evaluates each run,\n"
+    "prints the paper-style table beside the paper's numbers, and writes to --dir:\n"
+    "  PRESET-sSEED.ckpt, .log, .kurtosis.csv   each run's checkpoint, training log, kurtosis\n"
+    "  results.csv     one row per run: tokens/s, optimizer state, kurtosis, fp and 4-bit ppl\n"
+    "  kurtosis.csv    kurtosis over training of every run, in one file\n"
+    "  kurtosis.svg    excess kurtosis over training, log scale, one line per preset (seed mean)\n"
+    "  table.txt       the printed table\n"
+    "Run it again with the same flags after an interruption: finished runs are skipped and an\n"
+    "unfinished one resumes from its last checkpoint (every --kurtosis-every steps).\n"
+    "  --dir DIR          output directory (default runs/ablation)\n"
+    "  --seeds N          seeds per preset: --seed, --seed + 1, ... (default 2)\n"
+    "  --seed N           first seed (default 1337)\n"
+    "  --steps N          steps per run (default 800)\n"
+    "  --lr-adam F        AdamW's lr: every tensor under adam, embedding and head otherwise\n"
+    "                     (default 1e-2)\n"
+    "  --lr-muon F        Muon's lr (default 1e-2)\n"
+    "  --kurtosis-every N measure kurtosis and checkpoint every N steps (default 50)\n"
+    "  --eval-windows N   validation windows of the final evaluation, 0 = all (default 0)\n"
+    "  --threads N        OpenMP threads, 0 = all cores (default 0)\n"
+    "  --train, --val, --tokenizer FILE   as for ./osp train\n"
+    "  model, batch and other optimization flags as for ./osp train (same defaults):\n"
+    "  --dim --layers --heads --kv-heads --ffn-dim --seq-len --batch --warmup --wd --grad-clip\n"
+    "  --muon-momentum --ns-steps\n";
+
+// The paper's ablation (OSP-SPEC.md section 4), in presets[] order: excess kurtosis and 4-4-4
+// perplexity without and with the FFN Hadamard, 1.4B parameters after 100B tokens.
+static const struct { double kurtosis, ppl_444, ppl_444_had; } paper_ablation[N_PRESETS] = {
+    {1818.56, 8e4, 3e4}, {361.35, 8e5, 24.8}, {1575.12, 1e4, 15.8},
+    {66.69, 44.2, 34.1}, {703.23, 114.6, 22.3}, {0.04, 19.6, 13.5},
+};
+
+// One run of the ablation and what is known of it (from this invocation or results.csv).
+typedef struct {
+    int preset;
+    uint64_t seed;
+    int diverged_step;          // 0: no divergence
+    bool evaluated;
+    double tokens_per_second;   // measured while training, NAN if unknown
+    double state_bytes;
+    double windows, kurtosis, max_abs, fp_ppl, quant_ppl[N_QUANT_ROWS][2];
+} AblationRun;
+
+#define ABLATION_VALUES (6 + 2 * N_QUANT_ROWS)   // results.csv columns after preset and seed
+
+static void ablation_values(AblationRun *r, double **v) {
+    double *fields[ABLATION_VALUES] = {&r->tokens_per_second, &r->state_bytes, &r->windows, &r->kurtosis, &r->max_abs, &r->fp_ppl};
+    for (int q = 0; q < N_QUANT_ROWS; q++) { fields[6 + q] = &r->quant_ppl[q][0]; fields[6 + N_QUANT_ROWS + q] = &r->quant_ppl[q][1]; }
+    memcpy(v, fields, sizeof fields);
+}
+
+// results.csv: a header, then per run: preset, seed, diverged_step, then ABLATION_VALUES numbers.
+static bool ablation_save_results(const char *path, AblationRun *runs, int n_runs) {
+    AtomicFile af;
+    if (!atomic_open(&af, path)) return false;
+    fprintf(af.f, "preset,seed,diverged_step,tokens_per_s,optimizer_state_bytes,val_windows,kurtosis,max_abs_activation,fp_ppl");
+    for (int had = 0; had < 2; had++)
+        for (int q = 0; q < N_QUANT_ROWS; q++) fprintf(af.f, ",%s4_ppl%s", q == 3 ? "w4a4kv4" : q == 0 ? "w" : q == 1 ? "a" : "kv", had ? "_had" : "");
+    fprintf(af.f, "\n");
+    for (int i = 0; i < n_runs; i++) {
+        double *v[ABLATION_VALUES];
+        ablation_values(&runs[i], v);
+        fprintf(af.f, "%s,%llu,%d", presets[runs[i].preset].name, (unsigned long long)runs[i].seed, runs[i].diverged_step);
+        for (int c = 0; c < ABLATION_VALUES; c++) fprintf(af.f, ",%.10g", *v[c]);
+        fprintf(af.f, "\n");
+    }
+    return atomic_close(&af);
+}
+
+// Fills runs[] from an earlier results.csv (missing: nothing known yet).
+static bool ablation_load_results(const char *path, AblationRun *runs, int n_runs) {
+    FILE *probe = fopen(path, "rb");
+    if (!probe) return true;
+    fclose(probe);
+    size_t len;
+    char *text = (char *)read_file(path, &len);
+    if (!text) return false;
+    bool ok = true;
+    char *line = text, *end = text + len;
+    for (int line_no = 1; ok && line < end; line_no++) {
+        char *eol = memchr(line, '\n', (size_t)(end - line));
+        if (!eol) { ok = fail("'%s' line %d is incomplete", path, line_no); break; }
+        *eol = '\0';
+        char *comma = strchr(line, ',');
+        if (line_no > 1 && comma) {
+            *comma = '\0';
+            char *p = comma + 1, *next;
+            unsigned long long seed = strtoull(p, &next, 10);
+            long diverged = strtol(next + (*next == ','), &p, 10);
+            double values[ABLATION_VALUES];
+            int c = 0;
+            while (c < ABLATION_VALUES && *p == ',') { values[c] = strtod(p + 1, &next); if (next == p + 1) break; p = next; c++; }
+            if (c != ABLATION_VALUES || *p) { ok = fail("'%s' line %d is not a results row", path, line_no); break; }
+            for (int i = 0; i < n_runs; i++) {
+                if (strcmp(presets[runs[i].preset].name, line) || runs[i].seed != seed) continue;
+                double *v[ABLATION_VALUES];
+                ablation_values(&runs[i], v);
+                for (int k = 0; k < ABLATION_VALUES; k++) *v[k] = values[k];
+                runs[i].diverged_step = (int)diverged;
+                runs[i].evaluated = isfinite(runs[i].fp_ppl);
+            }
+        } else if (line_no > 1 || strncmp(line, "preset,seed,", 12) != 0) {
+            ok = fail("'%s' line %d is not a results row", path, line_no);
+        }
+        line = eol + 1;
+    }
+    free(text);
+    return ok;
+}
+
+// Dies if a checkpoint found in the ablation directory was trained with other settings.
+static void ablation_check_settings(const char *path, const TrainState *have, const TrainState *want) {
+    const char *what = memcmp(&have->cfg, &want->cfg, sizeof(Config)) ? "the model shape"
+                     : have->opt.steps != want->opt.steps ? "--steps"
+                     : have->opt.lr_adam != want->opt.lr_adam ? "--lr-adam"
+                     : have->opt.lr_muon != want->opt.lr_muon ? "--lr-muon"
+                     : have->batch != want->batch ? "--batch"
+                     : memcmp(&have->opt, &want->opt, sizeof(OptimConfig)) ? "an optimization setting"
+                     : have->preset != want->preset || have->seed != want->seed ? "the preset or seed" : NULL;
+    if (what) die("'%s' was trained with a different %s than asked now; use another --dir or delete the old runs", path, what);
+}
+
+// Live progress: which run, its step and loss, and the time left for it and for all runs.
+typedef struct {
+    int run, n_runs;                 // run: 0-based index of the one training now
+    const AblationRun *runs;
+    const double *step_flops;        // [N_PRESETS] FLOPs of one training step
+    int *steps_left;                 // [n_runs] steps still to train
+    bool *eval_left;                 // [n_runs] evaluation still to do
+    double eval_flops, eval_seconds; // one evaluation: its FLOPs (estimate), its time once measured
+} AblationProgress;
+
+static void ablation_on_log(void *ctx, const TrainState *s, float loss, double seconds_per_step) {
+    AblationProgress *p = ctx;
+    int preset = p->runs[p->run].preset;
+    p->steps_left[p->run] = s->opt.steps - s->step;
+    double seconds_per_flop = seconds_per_step / p->step_flops[preset], all = 0.0;
+    for (int i = p->run; i < p->n_runs; i++) {
+        all += p->steps_left[i] * p->step_flops[p->runs[i].preset] * seconds_per_flop;
+        if (p->eval_left[i]) all += p->eval_seconds > 0 ? p->eval_seconds : p->eval_flops * seconds_per_flop;
+    }
+    char run_left[32], all_left[32];
+    printf("run %2d/%d %-12s seed %-5llu | step %5d/%d | loss %.4f | %6.0f tok/s | run left %s | all left %s\n",
+           p->run + 1, p->n_runs, presets[preset].name, (unsigned long long)s->seed, s->step, s->opt.steps, loss,
+           s->batch * s->cfg.seq_len / seconds_per_step, format_duration(seconds_per_step * (s->opt.steps - s->step), run_left, sizeof run_left),
+           format_duration(all, all_left, sizeof all_left));
+    fflush(stdout);
+}
+
+// The table's columns. Quantized rows are indices into quant_ppl; the increases are percent
+// over full precision.
+enum { COL_KURTOSIS, COL_MAX_ABS, COL_FP, COL_W4, COL_A4, COL_KV4, COL_444, COL_444_HAD, COL_TOKENS_PER_S, N_COLS };
+static const struct { const char *name; int width, decimals, quant_row, had; } ablation_cols[N_COLS] = {
+    {"kurtosis", 14, 3, -1, 0}, {"max |act|", 13, 1, -1, 0}, {"fp ppl", 13, 2, -1, 0}, {"W4 ppl", 13, 2, 0, 0},
+    {"A4 ppl", 13, 2, 1, 0}, {"KV4 ppl", 13, 2, 2, 0}, {"4-4-4 ppl", 13, 2, 3, 0}, {"+Had. ppl", 13, 2, 3, 1},
+    {"tok/s", 11, 0, -1, 0},
+};
+
+static double ablation_value(const AblationRun *r, int col, bool increase) {
+    int q = ablation_cols[col].quant_row;
+    if (q >= 0) return increase ? 100.0 * (r->quant_ppl[q][ablation_cols[col].had] / r->fp_ppl - 1.0) : r->quant_ppl[q][ablation_cols[col].had];
+    return col == COL_KURTOSIS ? r->kurtosis : col == COL_MAX_ABS ? r->max_abs : col == COL_FP ? r->fp_ppl : r->tokens_per_second;
+}
+
+// Prints "mean ±half-range" of one column over a preset's evaluated runs (one seed: the value).
+static void print_spread(FILE *f, const AblationRun *runs, int n_runs, int preset, int col, bool increase, int width, int decimals) {
+    double lo = INFINITY, hi = -INFINITY, sum = 0.0;
+    int n = 0;
+    for (int i = 0; i < n_runs; i++) {
+        if (runs[i].preset != preset || !runs[i].evaluated) continue;
+        double v = ablation_value(&runs[i], col, increase);
+        if (!isfinite(v)) continue;
+        lo = fmin(lo, v); hi = fmax(hi, v); sum += v; n++;
+    }
+    char cell[64];
+    if (n == 0) snprintf(cell, sizeof cell, "-");
+    else if (n == 1) snprintf(cell, sizeof cell, "%.*f", decimals, sum);
+    else snprintf(cell, sizeof cell, "%.*f ±%.*f", decimals, sum / n, decimals, (hi - lo) / 2);
+    fprintf(f, " %*s", width + (n > 1 ? 1 : 0), cell);   // "±" is two bytes in UTF-8, one column
+}
+
+// The paper-style table: a row per preset, this run's numbers beside the paper's; then the
+// 4-bit perplexity increases over full precision.
+static void print_ablation_table(FILE *f, const AblationRun *runs, int n_runs, const TrainState *proto, int n_seeds) {
+    size_t tokens = (size_t)proto->opt.steps * proto->batch * proto->cfg.seq_len;
+    double windows = 0;
+    for (int i = 0; i < n_runs; i++) if (runs[i].evaluated) windows = runs[i].windows;
+    fprintf(f, "ablation: 6 presets x %d seed%s, %d steps x %d tokens = %.2fM tokens each; dim %d, %d layers, ffn %d, seq %d;\n"
+               "lr adam %g, lr muon %g; perplexity on %.0f validation windows. Cells: mean ±half the range over seeds.\n\n",
+           n_seeds, n_seeds == 1 ? "" : "s", proto->opt.steps, proto->batch * proto->cfg.seq_len, tokens / 1e6, proto->cfg.dim,
+           proto->cfg.n_layers, proto->cfg.ffn_dim, proto->cfg.seq_len, proto->opt.lr_adam, proto->opt.lr_muon, windows);
+    fprintf(f, "%-13s", "");
+    for (int c = 0; c < N_COLS; c++) fprintf(f, " %*s", ablation_cols[c].width, "");
+    fprintf(f, " %9s | %9s %9s %9s\n%-13s", "", "paper", "paper", "paper", "preset");
+    for (int c = 0; c < N_COLS; c++) fprintf(f, " %*s", ablation_cols[c].width, ablation_cols[c].name);
+    fprintf(f, " %9s | %9s %9s %9s\n", "state MB", "kurtosis", "4-4-4 ppl", "+Had. ppl");
+    for (int p = 0; p < N_PRESETS; p++) {
+        fprintf(f, "%-13s", presets[p].name);
+        for (int c = 0; c < N_COLS; c++) print_spread(f, runs, n_runs, p, c, false, ablation_cols[c].width, ablation_cols[c].decimals);
+        double bytes = NAN;
+        int diverged = 0;
+        for (int i = 0; i < n_runs; i++)
+            if (runs[i].preset == p) { bytes = runs[i].state_bytes; if (runs[i].diverged_step) diverged = runs[i].diverged_step; }
+        char ppl[2][32];   // the paper's perplexities run from 13.5 to 8e5
+        for (int had = 0; had < 2; had++) {
+            double v = had ? paper_ablation[p].ppl_444_had : paper_ablation[p].ppl_444;
+            snprintf(ppl[had], sizeof ppl[had], v < 1e3 ? "%.1f" : "%.0e", v);
+        }
+        fprintf(f, " %9.2f | %9.2f %9s %9s", bytes / 1e6, paper_ablation[p].kurtosis, ppl[0], ppl[1]);
+        if (diverged) fprintf(f, "  (a seed diverged at step %d)", diverged);
+        fprintf(f, "\n");
+    }
+    fprintf(f, "\nperplexity increase over full precision, %% (mean ±half the range over seeds)\n%-13s", "preset");
+    for (int c = COL_W4; c <= COL_444_HAD; c++) fprintf(f, " %13s", ablation_cols[c].name);
+    fprintf(f, "\n");
+    for (int p = 0; p < N_PRESETS; p++) {
+        fprintf(f, "%-13s", presets[p].name);
+        for (int c = COL_W4; c <= COL_444_HAD; c++) print_spread(f, runs, n_runs, p, c, true, 13, 1);
+        fprintf(f, "\n");
+    }
+}
+
+// Creates a directory and its parents (mkdir -p).
+static void make_directories(const char *dir) {
+    char path[4096];
+    if (snprintf(path, sizeof path, "%s", dir) >= (int)sizeof path) die("path too long: '%s'", dir);
+    for (char *p = path + 1; ; p++) {
+        if (*p != '/' && *p != '\0') continue;
+        char c = *p;
+        *p = '\0';
+        if (mkdir(path, 0777) != 0 && errno != EEXIST) die("cannot create directory '%s': %s", path, strerror(errno));
+        if (c == '\0') break;
+        *p = c;
+    }
+}
+
+static bool file_exists(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (f) fclose(f);
+    return f != NULL;
+}
+
+// Joins every run's kurtosis CSV into dir/kurtosis.csv and plots the mean over seeds of each
+// preset in dir/kurtosis.svg.
+static void ablation_write_curves(const char *dir, const AblationRun *runs, int n_runs, const TrainState *proto) {
+    char path[4200], label[32];
+    int n_states = proto->cfg.n_layers + 2;
+    size_t tokens_per_step = (size_t)proto->batch * proto->cfg.seq_len;
+    KurtosisLog *logs = xcalloc((size_t)n_runs, sizeof(KurtosisLog));
+    for (int i = 0; i < n_runs; i++) {
+        logs[i].n_states = n_states;
+        snprintf(path, sizeof path, "%s/%s-s%llu.kurtosis.csv", dir, presets[runs[i].preset].name, (unsigned long long)runs[i].seed);
+        if (!kurtosis_log_load(&logs[i], path, INT_MAX)) die("%s", osp_error);
+    }
+    snprintf(path, sizeof path, "%s/kurtosis.csv", dir);
+    AtomicFile af;
+    if (!atomic_open(&af, path)) die("%s", osp_error);
+    fprintf(af.f, "preset,seed,step,tokens,kurtosis,max_abs");
+    for (int s = 0; s < n_states; s++) fprintf(af.f, ",%s", state_label(s, n_states, label, sizeof label));
+    fprintf(af.f, "\n");
+    for (int i = 0; i < n_runs; i++)
+        for (int r = 0; r < logs[i].n; r++) {
+            fprintf(af.f, "%s,%llu,%d,%zu", presets[runs[i].preset].name, (unsigned long long)runs[i].seed, logs[i].step[r],
+                    (size_t)logs[i].step[r] * tokens_per_step);
+            for (int c = 0; c < kurtosis_log_cols(&logs[i]); c++) fprintf(af.f, ",%.6g", logs[i].values[(size_t)r * kurtosis_log_cols(&logs[i]) + c]);
+            fprintf(af.f, "\n");
+        }
+    if (!atomic_close(&af)) die("%s", osp_error);
+    // One line per preset: at each step every seed has measured, the mean of their kurtosis.
+    PlotLine lines[N_PRESETS];
+    double *xy = xcalloc((size_t)2 * N_PRESETS * (proto->opt.steps + 2), sizeof(double));
+    int n_lines = 0;
+    for (int p = 0; p < N_PRESETS; p++) {
+        double *x = xy + (size_t)2 * n_lines * (proto->opt.steps + 2), *y = x + proto->opt.steps + 2;
+        int n = 0, first = -1;
+        for (int i = 0; i < n_runs; i++) if (runs[i].preset == p && first < 0) first = i;
+        for (int r = 0; first >= 0 && r < logs[first].n; r++) {
+            int step = logs[first].step[r], seeds = 0;
+            double sum = 0.0;
+            for (int i = 0; i < n_runs; i++) {
+                if (runs[i].preset != p) continue;
+                for (int k = 0; k < logs[i].n; k++)
+                    if (logs[i].step[k] == step) { sum += logs[i].values[(size_t)k * kurtosis_log_cols(&logs[i])]; seeds++; break; }
+            }
+            int n_seeds = 0;
+            for (int i = 0; i < n_runs; i++) n_seeds += runs[i].preset == p;
+            if (seeds < n_seeds || n >= proto->opt.steps + 2) continue;
+            x[n] = step * (double)tokens_per_step / 1e6;
+            y[n++] = sum / seeds;
+        }
+        if (n > 0) lines[n_lines++] = (PlotLine){presets[p].name, n, x, y};
+    }
+    snprintf(path, sizeof path, "%s/kurtosis.svg", dir);
+    if (!write_svg_plot(path, "Excess kurtosis of the residual stream during training", "training tokens (millions)",
+                        "excess kurtosis (log scale)", lines, n_lines, 1e-3)) die("%s", osp_error);
+    free(xy);
+    for (int i = 0; i < n_runs; i++) kurtosis_log_free(&logs[i]);
+    free(logs);
+}
+
+static int cmd_ablation(int argc, char **argv) {
+    Args a = {argc, 0, argv, "ablation"};
+    TrainState proto = default_train_state();
+    proto.opt.steps = 800;
+    proto.opt.lr_adam = 1e-2f;
+    proto.opt.lr_muon = 1e-2f;
+    const char *dir = "runs/ablation", *train_path = "data/train.bin", *val_path = "data/val.bin", *tok_path = "tokenizer.bin";
+    int n_seeds = 2, kurtosis_every = 50, threads = 0;
+    EvalOptions eopt = {.wbits = 4, .abits = 4, .kvbits = 4, .clip_search = true, .max_windows = 0};
+    for (a.i = 0; a.i < argc; a.i++) {
+        const char *f = argv[a.i];
+        if (parse_shape_flag(&a, &proto) || parse_optim_flag(&a, &proto)) {}
+        else if (!strcmp(f, "--dir")) dir = flag_value(&a);
+        else if (!strcmp(f, "--seeds")) n_seeds = (int)parse_int(f, flag_value(&a), 1, 100);
+        else if (!strcmp(f, "--steps")) proto.opt.steps = (int)parse_int(f, flag_value(&a), 1, 100000000);
+        else if (!strcmp(f, "--kurtosis-every")) kurtosis_every = (int)parse_int(f, flag_value(&a), 1, 100000000);
+        else if (!strcmp(f, "--eval-windows")) eopt.max_windows = (int)parse_int(f, flag_value(&a), 0, 100000000);
+        else if (!strcmp(f, "--train")) train_path = flag_value(&a);
+        else if (!strcmp(f, "--val")) val_path = flag_value(&a);
+        else if (!strcmp(f, "--tokenizer")) tok_path = flag_value(&a);
+        else if (!strcmp(f, "--threads")) threads = (int)parse_int(f, flag_value(&a), 0, 1024);
+        else unknown_flag(&a);
+    }
+    set_num_threads(threads);
+    Tokenizer tok;
+    load_tokenizer_or_die(&tok, tok_path);
+    TokenData train, val;
+    load_training_data(&train, &val, train_path, val_path, &tok, tok_path);
+    proto.cfg.vocab_size = tok.vocab_size;
+    check_run(&proto, &train, &val, train_path, val_path);
+    make_directories(dir);
+
+    int n_runs = n_seeds * N_PRESETS;
+    AblationRun *runs = xcalloc((size_t)n_runs, sizeof(AblationRun));
+    int *steps_left = xcalloc((size_t)n_runs, sizeof(int));
+    bool *eval_left = xcalloc((size_t)n_runs, sizeof(bool));
+    double step_flops[N_PRESETS], ns_flops;
+    for (int p = 0; p < N_PRESETS; p++) preset_flops(&proto, p, &step_flops[p], &ns_flops);
+    for (int i = 0; i < n_runs; i++) {
+        double *v[ABLATION_VALUES];
+        runs[i] = (AblationRun){.preset = i % N_PRESETS, .seed = proto.seed + (uint64_t)(i / N_PRESETS)};
+        ablation_values(&runs[i], v);
+        for (int k = 0; k < ABLATION_VALUES; k++) *v[k] = NAN;
+    }
+    char results_path[4200], path[4200], log_path[4200], csv_path[4200];
+    snprintf(results_path, sizeof results_path, "%s/results.csv", dir);
+    if (!ablation_load_results(results_path, runs, n_runs)) die("%s", osp_error);
+    for (int i = 0; i < n_runs; i++) {
+        steps_left[i] = runs[i].evaluated || runs[i].diverged_step ? 0 : proto.opt.steps;
+        eval_left[i] = !runs[i].evaluated && !runs[i].diverged_step;
+    }
+    // One evaluation is 9 forward passes over the windows (fp, then 4 rows x 2): ~1/3 of a step's FLOPs each.
+    long windows = (long)((val.n - 1) / proto.cfg.seq_len);
+    if (eopt.max_windows > 0 && eopt.max_windows < windows) windows = eopt.max_windows;
+    AblationProgress prog = {.n_runs = n_runs, .runs = runs, .step_flops = step_flops, .steps_left = steps_left, .eval_left = eval_left,
+                             .eval_flops = 9.0 * windows / proto.batch * step_flops[0] / 3.0};
+    printf("ablation: %d runs (6 presets x %d seeds), %d steps each, in %s; progress every 25 steps, details in the logs\n",
+           n_runs, n_seeds, proto.opt.steps, dir);
+    for (int i = 0; i < n_runs; i++) {
+        AblationRun *r = &runs[i];
+        const char *name = presets[r->preset].name;
+        unsigned long long seed = (unsigned long long)r->seed;
+        if (r->diverged_step) {
+            printf("run %2d/%d %-12s seed %-5llu | diverged at step %d earlier; skipped (delete its row in %s to retry)\n",
+                   i + 1, n_runs, name, seed, r->diverged_step, results_path);
+            continue;
+        }
+        snprintf(path, sizeof path, "%s/%s-s%llu.ckpt", dir, name, seed);
+        snprintf(log_path, sizeof log_path, "%s/%s-s%llu.log", dir, name, seed);
+        snprintf(csv_path, sizeof csv_path, "%s/%s-s%llu.kurtosis.csv", dir, name, seed);
+        TrainState want = proto;
+        want.seed = r->seed;
+        want.preset = r->preset;
+        apply_preset(&want.cfg, &want.opt, r->preset);
+        Trainer tr = {0};
+        if (file_exists(path)) {
+            if (!trainer_resume(&tr, path)) die("%s", osp_error);
+            ablation_check_settings(path, &tr.state, &want);
+        } else {
+            trainer_init(&tr, &want);
+            r->evaluated = false;
+        }
+        tr.train = &train;
+        tr.val = &val;
+        size_t offset[N_PARAM_TENSORS];
+        r->state_bytes = (double)(sizeof(float) * optimizer_layout(&tr.model, tr.state.opt.optimizer, offset));
+        if (tr.state.step < tr.state.opt.steps) {
+            printf("run %2d/%d %-12s seed %-5llu | %s %d; log %s\n", i + 1, n_runs, name, seed,
+                   tr.state.step ? "resuming at step" : "training from step", tr.state.step, log_path);
+            FILE *log = fopen(log_path, tr.state.step ? "a" : "w");
+            if (!log) die("cannot open '%s': %s", log_path, strerror(errno));
+            prog.run = i;
+            RunOptions ro = {.out = path, .eval_every = kurtosis_every, .val_windows = 64, .log_every = 25,
+                             .kurtosis_every = kurtosis_every, .kurtosis_csv = csv_path, .log = log, .on_log = ablation_on_log, .ctx = &prog};
+            RunResult res;
+            bool ok = train_run(&tr, &ro, &res);
+            if (!ok) fprintf(log, "osp: error: %s\n", osp_error);
+            fclose(log);
+            steps_left[i] = 0;
+            if (!ok && !res.diverged) die("%s", osp_error);
+            r->tokens_per_second = res.tokens_per_second;
+            r->evaluated = false;
+            if (res.diverged) {
+                r->diverged_step = tr.state.step + 1;
+                eval_left[i] = false;
+                printf("run %2d/%d %-12s seed %-5llu | %s\n", i + 1, n_runs, name, seed, osp_error);
+            }
+            if (!ablation_save_results(results_path, runs, n_runs)) die("%s", osp_error);
+        }
+        if (!r->evaluated && !r->diverged_step) {
+            printf("run %2d/%d %-12s seed %-5llu | evaluating: fp, kurtosis, W4, A4, KV4, 4-4-4, each without and with Had.\n",
+                   i + 1, n_runs, name, seed);
+            fflush(stdout);
+            EvalResult er;
+            evaluate_model(&er, &tr.model, &val, &eopt);
+            r->evaluated = true;
+            r->windows = (double)er.windows;
+            r->kurtosis = er.kurt.mean;
+            r->max_abs = kurtosis_max_abs(&er.kurt);
+            r->fp_ppl = exp(er.fp_loss);
+            for (int q = 0; q < N_QUANT_ROWS; q++)
+                for (int had = 0; had < 2; had++) r->quant_ppl[q][had] = exp(er.quant_loss[q][had]);
+            kurtosis_free(&er.kurt);
+            eval_left[i] = false;
+            prog.eval_seconds = er.seconds;
+            if (!ablation_save_results(results_path, runs, n_runs)) die("%s", osp_error);
+            printf("run %2d/%d %-12s seed %-5llu | kurtosis %.3f | fp ppl %.2f | 4-4-4 ppl %.2f | +Had. %.2f | evaluated in %.0f s\n",
+                   i + 1, n_runs, name, seed, r->kurtosis, r->fp_ppl, r->quant_ppl[3][0], r->quant_ppl[3][1], er.seconds);
+        } else if (!r->diverged_step) {
+            printf("run %2d/%d %-12s seed %-5llu | done earlier\n", i + 1, n_runs, name, seed);
+        }
+        fflush(stdout);
+        trainer_free(&tr);
+    }
+    ablation_write_curves(dir, runs, n_runs, &proto);
+    snprintf(path, sizeof path, "%s/table.txt", dir);
+    AtomicFile af;
+    if (!atomic_open(&af, path)) die("%s", osp_error);
+    print_ablation_table(af.f, runs, n_runs, &proto, n_seeds);
+    if (!atomic_close(&af)) die("%s", osp_error);
+    printf("\n");
+    print_ablation_table(stdout, runs, n_runs, &proto, n_seeds);
+    printf("\nwrote %s/{results.csv, kurtosis.csv, kurtosis.svg, table.txt}\n", dir);
+    free(runs); free(steps_left); free(eval_left);
+    free(train.tokens); free(val.tokens);
+    tokenizer_free(&tok);
+    return 0;
+}
+
 // ---------------------------------------------------------------- osp bench
 static const char *bench_help =
     "usage: ./osp bench [flags]\n"
@@ -2872,11 +3590,11 @@ static StepTiming time_training(const TrainState *proto, int preset, int steps, 
     set_num_threads(threads);
     Trainer tr = {0};
     trainer_init(&tr, &s);
-    tr.train.vocab_size = s.cfg.vocab_size;
-    tr.train.n = (size_t)s.batch * s.cfg.seq_len * 4 + 1;
-    tr.train.tokens = xmalloc(sizeof(uint16_t) * tr.train.n);
+    TokenData train = {.vocab_size = s.cfg.vocab_size, .n = (size_t)s.batch * s.cfg.seq_len * 4 + 1};
+    train.tokens = xmalloc(sizeof(uint16_t) * train.n);
     uint64_t rng = 7;
-    for (size_t i = 0; i < tr.train.n; i++) tr.train.tokens[i] = (uint16_t)(rng_next(&rng) % (uint64_t)s.cfg.vocab_size);
+    for (size_t i = 0; i < train.n; i++) train.tokens[i] = (uint16_t)(rng_next(&rng) % (uint64_t)s.cfg.vocab_size);
+    tr.train = &train;
     float norm;
     for (int i = 0; i < 2; i++) train_step(&tr, &norm);
     StepTiming r = {0};
@@ -2887,7 +3605,7 @@ static StepTiming time_training(const TrainState *proto, int preset, int steps, 
     profiling = true;
     double t0 = now_seconds(), fb = 0.0;
     for (int i = 0; i < steps; i++) {
-        data_next_batch(&tr.train, &tr.state.rng, s.batch, s.cfg.seq_len, tr.inputs, tr.targets);
+        data_next_batch(tr.train, &tr.state.rng, s.batch, s.cfg.seq_len, tr.inputs, tr.targets);
         double f0 = now_seconds();
         model_forward(&tr.model, tr.inputs, tr.targets, s.batch, s.cfg.seq_len);
         model_backward(&tr.model);
@@ -2900,18 +3618,8 @@ static StepTiming time_training(const TrainState *proto, int preset, int steps, 
     for (int p = 0; p < N_PARTS; p++) r.parts_ms[p] = 1e3 * part_seconds[p] / steps;
     r.forward_backward_ms = 1e3 * fb / steps;
     trainer_free(&tr);
+    free(train.tokens);
     return r;
-}
-
-// Model FLOPs of one training step and Newton-Schulz FLOPs of one optimizer step, for preset p.
-static void preset_flops(const TrainState *proto, int p, double *model_flops, double *ns_flops) {
-    TrainState s = *proto;
-    apply_preset(&s.cfg, &s.opt, p);
-    Model shape;
-    model_alloc(&shape, &s.cfg, 1);
-    *model_flops = model_flops_per_step(&shape, s.batch, s.cfg.seq_len);
-    *ns_flops = newton_schulz_flops(&shape, &s.opt);
-    model_free(&shape);
 }
 
 // GFLOP/s of the matmul kernel alone, forward and backward, on N x C by OC x C.
@@ -3028,6 +3736,7 @@ static const char *main_help =
     "  merge       fold EmbProj and SSNorm away: a plain Llama checkpoint\n"
     "  eval        perplexity, excess kurtosis, and perplexity under 4-bit fake quantization\n"
     "  compare     eval several checkpoints, side by side\n"
+    "  ablation    the paper's ablation: six presets x seeds, kurtosis curves, 4-bit table\n"
     "  bench       speed: this machine's peak, ms/step, GFLOP/s, breakdown, Muon overhead\n";
 
 int main(int argc, char **argv) {
@@ -3043,6 +3752,7 @@ int main(int argc, char **argv) {
         {"merge", cmd_merge, merge_help},
         {"eval", cmd_eval, eval_help_head},
         {"compare", cmd_compare, compare_help_head},
+        {"ablation", cmd_ablation, ablation_help},
         {"bench", cmd_bench, bench_help},
     };
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {

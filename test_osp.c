@@ -1045,17 +1045,11 @@ static void tiny_trainer(Trainer *tr, int preset, uint64_t seed) {
     apply_preset(&s.cfg, &s.opt, preset);
     memset(tr, 0, sizeof *tr);
     trainer_init(tr, &s);
-    tr->train.vocab_size = 300;
-    tr->train.n = 500;
-    tr->train.tokens = xmalloc(sizeof(uint16_t) * 500);
+    static uint16_t tokens[500];
+    static TokenData train = {.vocab_size = 300, .n = 500, .tokens = tokens};
     uint64_t rng = 99;
-    for (int i = 0; i < 500; i++) tr->train.tokens[i] = (uint16_t)(i % 7 == 0 ? (int)(rng_next(&rng) % 300) : (i * 13) % 300);
-}
-
-static void copy_data(Trainer *dst, const Trainer *src) {
-    dst->train = src->train;
-    dst->train.tokens = xmalloc(sizeof(uint16_t) * src->train.n);
-    memcpy(dst->train.tokens, src->train.tokens, sizeof(uint16_t) * src->train.n);
+    for (int i = 0; i < 500; i++) tokens[i] = (uint16_t)(i % 7 == 0 ? (int)(rng_next(&rng) % 300) : (i * 13) % 300);
+    tr->train = &train;
 }
 
 static void run_steps(Trainer *tr, int n, float *losses) {
@@ -1124,7 +1118,7 @@ static void test_checkpoint_resume(int preset) {
                        memcmp(&resumed.state.opt, &part.state.opt, sizeof(OptimConfig)) == 0 &&
                        memcmp(&resumed.state.cfg, &part.state.cfg, sizeof(Config)) == 0;
     if (loaded) {
-        copy_data(&resumed, &part);
+        resumed.train = part.train;
         run_steps(&resumed, 5, lp + 3);
     }
     bool same = loaded && memcmp(lf, lp, sizeof lf) == 0;
@@ -1293,6 +1287,142 @@ static void test_generate(void) {
     tokenizer_free(&t);
 }
 
+// The seed sets both the initialization and the batch order.
+static void test_seed_sets_batches(void) {
+    Trainer a, b, c;
+    tiny_trainer(&a, 0, 21);
+    tiny_trainer(&b, 0, 21);
+    tiny_trainer(&c, 0, 22);
+    int in_a[24], in_b[24], in_c[24], targets[24];
+    data_next_batch(a.train, &a.state.rng, 3, 8, in_a, targets);
+    data_next_batch(b.train, &b.state.rng, 3, 8, in_b, targets);
+    data_next_batch(c.train, &c.state.rng, 3, 8, in_c, targets);
+    bool same = !memcmp(in_a, in_b, sizeof in_a), batches_differ = memcmp(in_a, in_c, sizeof in_a) != 0;
+    bool init_differs = memcmp(a.model.params, c.model.params, sizeof(float) * a.model.n_params) != 0;
+    report(same && batches_differ && init_differs, "seed sets the batch order and the init",
+           "seed 21 twice: batches %s; seed 22: batches %s, init %s", same ? "equal" : "DIFFER",
+           batches_differ ? "differ" : "EQUAL", init_differs ? "differs" : "EQUAL");
+    trainer_free(&a); trainer_free(&b); trainer_free(&c);
+}
+
+// The kurtosis CSV: rows written then read back; a resumed run keeps the rows up to its step;
+// a damaged file is refused.
+static void test_kurtosis_log_file(void) {
+    const char *path = "test_kurtosis.csv.tmp";
+    KurtosisLog log = {.n_states = 3}, back = {.n_states = 3}, head = {.n_states = 3}, broken = {.n_states = 3};
+    double states[3][3] = {{0.1, 0.2, 0.3}, {1.5, 2.5, 3.5}, {10.0, 20.0, 30.0}};
+    for (int r = 0; r < 3; r++) kurtosis_log_add(&log, 50 * r, 1.0 + r, 100.0 * r, states[r]);
+    bool saved = kurtosis_log_save(&log, path, 2048);
+    bool loaded = kurtosis_log_load(&back, path, INT_MAX) && kurtosis_log_load(&head, path, 99);
+    bool same = loaded && back.n == 3 && head.n == 2 && head.step[1] == 50;
+    for (int i = 0; same && i < 3 * kurtosis_log_cols(&log); i++) same = fabs(back.values[i] - log.values[i]) <= 1e-5 * fabs(log.values[i]);
+    size_t size;
+    unsigned char *bytes = read_file(path, &size);
+    FILE *f = fopen(path, "wb");
+    fwrite(bytes, 1, size - 4, f);   // cut the last row short
+    fclose(f);
+    bool refused = !kurtosis_log_load(&broken, path, INT_MAX) && strstr(osp_error, "line 4");
+    report(saved && same && refused, "kurtosis CSV: round trip, resume, damage", "3 rows back %s, 2 kept up to step 99; cut file %s",
+           same ? "equal" : "DIFFER", refused ? osp_error : "ACCEPTED");
+    free(bytes);
+    remove(path);
+    kurtosis_log_free(&log); kurtosis_log_free(&back); kurtosis_log_free(&head); kurtosis_log_free(&broken);
+}
+
+// An interruption of train_run, simulated by copying its files as they were at step 8 (the
+// checkpoint is from step 4, the CSV already has step 6): resuming from those copies writes
+// the same kurtosis CSV and ends in the same parameters as the uninterrupted run.
+typedef struct { const char *files[2], *copies[2]; int at_step; } Snapshot;
+
+static void snapshot_files(void *ctx, const TrainState *s, float loss, double seconds_per_step) {
+    (void)loss; (void)seconds_per_step;
+    Snapshot *snap = ctx;
+    if (s->step != snap->at_step) return;
+    for (int i = 0; i < 2; i++) {
+        size_t size;
+        unsigned char *bytes = read_file(snap->files[i], &size);
+        FILE *f = fopen(snap->copies[i], "wb");
+        fwrite(bytes, 1, size, f);
+        fclose(f);
+        free(bytes);
+    }
+}
+
+static void test_train_run_resume(void) {
+    const char *ckpt = "test_run.ckpt.tmp", *csv = "test_run.csv.tmp", *ckpt_copy = "test_run_copy.ckpt.tmp", *csv_copy = "test_run_copy.csv.tmp";
+    Snapshot snap = {{ckpt, csv}, {ckpt_copy, csv_copy}, 8};
+    Trainer full, resumed = {0};
+    tiny_trainer(&full, 5, 17);
+    full.state.opt.steps = 10;
+    full.val = full.train;
+    FILE *log = tmpfile();
+    RunOptions ro = {.out = ckpt, .eval_every = 4, .val_windows = 2, .log_every = 2, .kurtosis_every = 2, .kurtosis_csv = csv,
+                     .log = log, .on_log = snapshot_files, .ctx = &snap};
+    RunResult res;
+    bool ran = train_run(&full, &ro, &res);
+    bool loaded = trainer_resume(&resumed, ckpt_copy);
+    int resumed_at = loaded ? resumed.state.step : -1;
+    bool from_4 = resumed_at == 4;
+    RunOptions ro2 = ro;
+    ro2.out = ckpt_copy;
+    ro2.kurtosis_csv = csv_copy;
+    ro2.on_log = NULL;
+    bool reran = false;
+    if (loaded) {
+        resumed.train = resumed.val = full.train;
+        reran = train_run(&resumed, &ro2, &res);
+    }
+    size_t n1 = 0, n2 = 0;
+    unsigned char *a = read_file(csv, &n1), *b = read_file(csv_copy, &n2);
+    bool csv_same = a && b && n1 == n2 && !memcmp(a, b, n1);
+    bool params_same = reran && !memcmp(full.model.params, resumed.model.params, sizeof(float) * full.model.n_params);
+    int rows = 0;
+    for (size_t i = 0; a && i < n1; i++) rows += a[i] == '\n';
+    report(ran && from_4 && csv_same && params_same && rows == 7, "train_run: resume keeps the kurtosis CSV",
+           "resumed at step %d; CSV %s (%d rows: steps 0-10 by 2); parameters %s", resumed_at,
+           csv_same ? "identical" : "DIFFERS", rows - 1, params_same ? "bit-identical" : "DIFFER");
+    free(a); free(b);
+    fclose(log);
+    remove(ckpt); remove(csv); remove(ckpt_copy); remove(csv_copy);
+    trainer_free(&full);
+    if (loaded) trainer_free(&resumed);
+}
+
+// The SVG plot: one polyline per line, every point inside the frame, y on a log scale whose
+// decades fall on the gridlines (data from 0.01 to 100: 4 decades over the 370-pixel frame).
+static void test_svg_plot(void) {
+    const char *path = "test_plot.svg.tmp";
+    double x[4] = {0.0, 1.0, 2.0, 3.0}, y1[4] = {0.01, 0.1, 1.0, 100.0}, y2[4] = {0.0, 0.05, 0.05, 0.05};
+    PlotLine lines[2] = {{"rising", 4, x, y1}, {"flat", 4, x, y2}};
+    bool written = write_svg_plot(path, "t", "x", "y", lines, 2, 0.01);
+    size_t size = 0;
+    char *svg = written ? (char *)read_file(path, &size) : NULL;
+    bool ok = svg != NULL;
+    int polylines = 0, points = 0;
+    bool inside = true, decade = false, floor_ok = false;
+    if (ok) {
+        svg = realloc(svg, size + 1);
+        svg[size] = '\0';
+        ok = !strncmp(svg, "<svg", 4) && strstr(svg, "</svg>\n") == svg + size - 7 && strstr(svg, ">rising<") && strstr(svg, ">flat<");
+        for (char *p = strstr(svg, "points=\""); p; p = strstr(p, "points=\"")) {
+            polylines++;
+            p += 8;
+            for (int i = 0; i < 4; i++) {
+                double px = strtod(p, &p), py = strtod(p + 1, &p);
+                points++;
+                inside = inside && px >= 80.0 && px <= 570.0 && py >= 50.0 && py <= 420.0;
+                if (polylines == 1 && i == 2) decade = fabs(py - 235.0) < 0.06;   // y = 1: halfway up
+                if (polylines == 2 && i == 0) floor_ok = fabs(py - 420.0) < 0.06;  // 0 drawn at the floor 0.01
+            }
+        }
+    }
+    report(ok && polylines == 2 && points == 8 && inside && decade && floor_ok, "SVG plot: lines, frame, log scale",
+           "%d polylines, %d points %s; y = 1 on its gridline: %s; y = 0 at the floor: %s", polylines, points,
+           inside ? "inside the frame" : "OUTSIDE", decade ? "yes" : "NO", floor_ok ? "yes" : "NO");
+    free(svg);
+    remove(path);
+}
+
 int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--quick")) quick = true;
@@ -1341,6 +1471,10 @@ int main(int argc, char **argv) {
     test_evaluate_loss(&rng);
     test_flops_and_format();
     test_generate();
+    test_seed_sets_batches();
+    test_kurtosis_log_file();
+    test_train_run_resume();
+    test_svg_plot();
     printf("(%.1f s)\n%d passed, %d failed\n", now_seconds() - t0, n_passed, n_failed);
     return n_failed ? 1 : 0;
 }
