@@ -71,7 +71,7 @@ run: osp data
 ablation: osp data
 	./osp ablation --dir runs/ablation
 
-# Twice the width (the default model of ./osp train) for 2.5x the steps: about 4 hours on 2 cores.
+# Twice the width (the default model of ./osp train) for 2.5x the steps: about 4.5 hours on 2 cores.
 ablation-long: osp data
 	./osp ablation --dir runs/ablation-long --dim 128 --ffn-dim 512 --steps 3000 --kurtosis-every 100
 

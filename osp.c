@@ -2128,20 +2128,28 @@ static void kurtosis_log_add(KurtosisLog *l, int step, double mean, double max_a
 
 static void kurtosis_log_free(KurtosisLog *l) { free(l->step); free(l->values); memset(l, 0, sizeof *l); }
 
-// Writes the log as CSV: step, tokens, kurtosis (mean over states), max_abs, then one column
-// per hidden state.
+// CSV of the log: `columns` (leading columns, e.g. "preset,seed," or ""), then step, tokens,
+// kurtosis (mean over states), max_abs, one column per hidden state. The header is written
+// when `header` is set; each row starts with `prefix`, the values of the leading columns.
+static void kurtosis_log_write(FILE *f, const KurtosisLog *l, bool header, const char *columns, const char *prefix,
+                               size_t tokens_per_step) {
+    char label[32];
+    if (header) {
+        fprintf(f, "%sstep,tokens,kurtosis,max_abs", columns);
+        for (int s = 0; s < l->n_states; s++) fprintf(f, ",%s", state_label(s, l->n_states, label, sizeof label));
+        fprintf(f, "\n");
+    }
+    for (int i = 0; i < l->n; i++) {
+        fprintf(f, "%s%d,%zu", prefix, l->step[i], (size_t)l->step[i] * tokens_per_step);
+        for (int c = 0; c < kurtosis_log_cols(l); c++) fprintf(f, ",%.6g", l->values[(size_t)i * kurtosis_log_cols(l) + c]);
+        fprintf(f, "\n");
+    }
+}
+
 static bool kurtosis_log_save(const KurtosisLog *l, const char *path, size_t tokens_per_step) {
     AtomicFile af;
     if (!atomic_open(&af, path)) return false;
-    char label[32];
-    fprintf(af.f, "step,tokens,kurtosis,max_abs");
-    for (int s = 0; s < l->n_states; s++) fprintf(af.f, ",%s", state_label(s, l->n_states, label, sizeof label));
-    fprintf(af.f, "\n");
-    for (int i = 0; i < l->n; i++) {
-        fprintf(af.f, "%d,%zu", l->step[i], (size_t)l->step[i] * tokens_per_step);
-        for (int c = 0; c < kurtosis_log_cols(l); c++) fprintf(af.f, ",%.6g", l->values[(size_t)i * kurtosis_log_cols(l) + c]);
-        fprintf(af.f, "\n");
-    }
+    kurtosis_log_write(af.f, l, true, "", "", tokens_per_step);
     return atomic_close(&af);
 }
 
@@ -2257,7 +2265,7 @@ static bool train_run(Trainer *tr, const RunOptions *ro, RunResult *res) {
     bool ok = true, diverged = false;
     if (ro->kurtosis_every > 0) {
         if (ro->kurtosis_csv && st->step > 0) ok = kurtosis_log_load(&klog, ro->kurtosis_csv, st->step);
-        if (ok && (klog.n == 0 || klog.step[klog.n - 1] < st->step)) {   // the starting point, once
+        if (ok && st->step == 0) {   // the starting point (a resumed run has its row already)
             log_kurtosis(tr, ro, &klog);
             if (ro->kurtosis_csv) ok = kurtosis_log_save(&klog, ro->kurtosis_csv, tokens_per_step);
         }
@@ -3031,7 +3039,10 @@ static int cmd_compare(int argc, char **argv) {
     }
     char label[64], cell[96];
     printf("%-26s", "");
-    for (int i = 0; i < n; i++) printf(" %14.14s", ckpts[i]);
+    for (int i = 0; i < n; i++) {   // the file name without its directory, as much as fits
+        const char *slash = strrchr(ckpts[i], '/');
+        printf(" %14.14s", slash ? slash + 1 : ckpts[i]);
+    }
     printf("\n%-26s", "preset");
     for (int i = 0; i < n; i++) { snprintf(cell, sizeof cell, "%s%s", preset_name(states[i].preset), states[i].merged ? "+merged" : ""); printf(" %14s", cell); }
     printf("\n%-26s", "training tokens");
@@ -3135,7 +3146,7 @@ static bool ablation_save_results(const char *path, AblationRun *runs, int n_run
     if (!atomic_open(&af, path)) return false;
     fprintf(af.f, "preset,seed,diverged_step,tokens_per_s,optimizer_state_bytes,val_windows,kurtosis,max_abs_activation,fp_ppl");
     for (int had = 0; had < 2; had++)
-        for (int q = 0; q < N_QUANT_ROWS; q++) fprintf(af.f, ",%s4_ppl%s", q == 3 ? "w4a4kv4" : q == 0 ? "w" : q == 1 ? "a" : "kv", had ? "_had" : "");
+        for (int q = 0; q < N_QUANT_ROWS; q++) fprintf(af.f, ",%s_ppl%s", q == 3 ? "w4a4kv4" : q == 0 ? "w4" : q == 1 ? "a4" : "kv4", had ? "_had" : "");
     fprintf(af.f, "\n");
     for (int i = 0; i < n_runs; i++) {
         double *v[ABLATION_VALUES];
@@ -3323,7 +3334,7 @@ static bool file_exists(const char *path) {
 // Joins every run's kurtosis CSV into dir/kurtosis.csv and plots the mean over seeds of each
 // preset in dir/kurtosis.svg.
 static void ablation_write_curves(const char *dir, const AblationRun *runs, int n_runs, const TrainState *proto) {
-    char path[4200], label[32];
+    char path[4200];
     int n_states = proto->cfg.n_layers + 2;
     size_t tokens_per_step = (size_t)proto->batch * proto->cfg.seq_len;
     KurtosisLog *logs = xcalloc((size_t)n_runs, sizeof(KurtosisLog));
@@ -3335,16 +3346,11 @@ static void ablation_write_curves(const char *dir, const AblationRun *runs, int 
     snprintf(path, sizeof path, "%s/kurtosis.csv", dir);
     AtomicFile af;
     if (!atomic_open(&af, path)) die("%s", osp_error);
-    fprintf(af.f, "preset,seed,step,tokens,kurtosis,max_abs");
-    for (int s = 0; s < n_states; s++) fprintf(af.f, ",%s", state_label(s, n_states, label, sizeof label));
-    fprintf(af.f, "\n");
-    for (int i = 0; i < n_runs; i++)
-        for (int r = 0; r < logs[i].n; r++) {
-            fprintf(af.f, "%s,%llu,%d,%zu", presets[runs[i].preset].name, (unsigned long long)runs[i].seed, logs[i].step[r],
-                    (size_t)logs[i].step[r] * tokens_per_step);
-            for (int c = 0; c < kurtosis_log_cols(&logs[i]); c++) fprintf(af.f, ",%.6g", logs[i].values[(size_t)r * kurtosis_log_cols(&logs[i]) + c]);
-            fprintf(af.f, "\n");
-        }
+    for (int i = 0; i < n_runs; i++) {
+        char prefix[64];
+        snprintf(prefix, sizeof prefix, "%s,%llu,", presets[runs[i].preset].name, (unsigned long long)runs[i].seed);
+        kurtosis_log_write(af.f, &logs[i], i == 0, "preset,seed,", prefix, tokens_per_step);
+    }
     if (!atomic_close(&af)) die("%s", osp_error);
     // One line per preset: at each step every seed has measured, the mean of their kurtosis.
     PlotLine lines[N_PRESETS];
@@ -3352,9 +3358,10 @@ static void ablation_write_curves(const char *dir, const AblationRun *runs, int 
     int n_lines = 0;
     for (int p = 0; p < N_PRESETS; p++) {
         double *x = xy + (size_t)2 * n_lines * (proto->opt.steps + 2), *y = x + proto->opt.steps + 2;
-        int n = 0, first = -1;
-        for (int i = 0; i < n_runs; i++) if (runs[i].preset == p && first < 0) first = i;
-        for (int r = 0; first >= 0 && r < logs[first].n; r++) {
+        int n = 0, first = -1, n_seeds = 0;
+        for (int i = 0; i < n_runs; i++)
+            if (runs[i].preset == p) { n_seeds++; if (first < 0) first = i; }
+        for (int r = 0; first >= 0 && r < logs[first].n && n < proto->opt.steps + 2; r++) {
             int step = logs[first].step[r], seeds = 0;
             double sum = 0.0;
             for (int i = 0; i < n_runs; i++) {
@@ -3362,9 +3369,7 @@ static void ablation_write_curves(const char *dir, const AblationRun *runs, int 
                 for (int k = 0; k < logs[i].n; k++)
                     if (logs[i].step[k] == step) { sum += logs[i].values[(size_t)k * kurtosis_log_cols(&logs[i])]; seeds++; break; }
             }
-            int n_seeds = 0;
-            for (int i = 0; i < n_runs; i++) n_seeds += runs[i].preset == p;
-            if (seeds < n_seeds || n >= proto->opt.steps + 2) continue;
+            if (seeds < n_seeds) continue;
             x[n] = step * (double)tokens_per_step / 1e6;
             y[n++] = sum / seeds;
         }
@@ -3463,6 +3468,7 @@ static int cmd_ablation(int argc, char **argv) {
         } else {
             trainer_init(&tr, &want);
             r->evaluated = false;
+            eval_left[i] = true;
         }
         tr.train = &train;
         tr.val = &val;

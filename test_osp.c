@@ -1038,7 +1038,7 @@ static void test_sixteen_bits_exact(uint64_t *rng) {
 
 // A tiny training setup for a preset, on synthetic tokens (no corpus needed).
 static void tiny_trainer(Trainer *tr, int preset, uint64_t seed) {
-    TrainState s = {.cfg = test_config(), .batch = 3, .seed = seed, .rng = seed, .preset = preset};
+    TrainState s = {.cfg = test_config(), .batch = 3, .seed = seed, .preset = preset};
     s.opt = (OptimConfig){.lr_adam = 1e-2f, .lr_muon = 1e-2f, .weight_decay = 0.01f,
                           .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .muon_momentum = 0.95f, .ns_steps = 5,
                           .grad_clip = 1.0f, .warmup = 2, .steps = 8};
