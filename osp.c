@@ -89,6 +89,46 @@ static unsigned char *read_file(const char *path, size_t *len) {
     return buf;
 }
 
+static bool file_exists(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (f) fclose(f);
+    return f != NULL;
+}
+
+// Reads a text file as lines, split in place in *buffer (the caller frees it). A missing file
+// reads as no lines; a last line without its newline (a file cut short) is an error.
+static bool read_lines(const char *path, char **buffer, char ***lines, int *n_lines) {
+    *buffer = NULL; *lines = NULL; *n_lines = 0;
+    if (!file_exists(path)) return true;
+    size_t len;
+    char *text = (char *)read_file(path, &len);
+    if (!text) return false;
+    int n = 0;
+    for (size_t i = 0; i < len; i++) n += text[i] == '\n';
+    *buffer = text;
+    *lines = xmalloc(sizeof(char *) * (size_t)(n ? n : 1));
+    for (char *line = text, *end = text + len; line < end; ) {
+        char *eol = memchr(line, '\n', (size_t)(end - line));
+        if (!eol) return fail("'%s' line %d is incomplete", path, *n_lines + 1);
+        *eol = '\0';
+        (*lines)[(*n_lines)++] = line;
+        line = eol + 1;
+    }
+    return true;
+}
+
+// Parses n numbers from *p, each after a comma, and advances *p; false if one is missing.
+static bool parse_csv_numbers(char **p, double *out, int n) {
+    for (int i = 0; i < n; i++) {
+        char *next;
+        if (**p != ',') return false;
+        out[i] = strtod(*p + 1, &next);
+        if (next == *p + 1) return false;
+        *p = next;
+    }
+    return true;
+}
+
 // Files are written to "<path>.tmp" and renamed into place only when complete, so a crash
 // or a full disk never leaves a half-written file under the real name.
 typedef struct { FILE *f; char tmp_path[4096]; const char *path; bool ok; } AtomicFile;
@@ -2156,38 +2196,19 @@ static bool kurtosis_log_save(const KurtosisLog *l, const char *path, size_t tok
 // Reads a CSV written by kurtosis_log_save, keeping the rows up to max_step (a resumed run
 // measures the later steps again). l->n_states must be set; a missing file reads as empty.
 static bool kurtosis_log_load(KurtosisLog *l, const char *path, int max_step) {
-    FILE *probe = fopen(path, "rb");
-    if (!probe) return true;
-    fclose(probe);
-    size_t len;
-    char *text = (char *)read_file(path, &len);
-    if (!text) return false;
-    char *line = text, *end = text + len;
-    double *v = xmalloc(sizeof(double) * (size_t)kurtosis_log_cols(l));
-    bool ok = true;
-    for (int line_no = 1; ok && line < end; line_no++) {
-        char *eol = memchr(line, '\n', (size_t)(end - line));
-        if (!eol) { ok = fail("'%s' line %d is incomplete", path, line_no); break; }
-        *eol = '\0';
-        if (line_no > 1) {
-            char *p = line, *next;
-            long step = strtol(p, &next, 10);
-            int fields = next != p;
-            p = next;
-            for (int c = -1; fields && c < kurtosis_log_cols(l); c++) {   // c = -1: the tokens column
-                if (*p != ',') { fields = 0; break; }
-                double x = strtod(p + 1, &next);
-                if (next == p + 1) { fields = 0; break; }
-                if (c >= 0) v[c] = x;
-                p = next;
-            }
-            if (!fields || *p != '\0') ok = fail("'%s' line %d is not a row of %d kurtosis values", path, line_no, l->n_states);
-            else if (step <= max_step) kurtosis_log_add(l, (int)step, v[0], v[1], v + 2);
-        }
-        line = eol + 1;
+    char *text, **lines;
+    int n_lines;
+    bool ok = read_lines(path, &text, &lines, &n_lines);
+    double *v = xmalloc(sizeof(double) * (size_t)(1 + kurtosis_log_cols(l)));   // tokens, then the values
+    for (int i = 1; ok && i < n_lines; i++) {   // line 0: the header
+        char *p = lines[i], *next;
+        long step = strtol(p, &next, 10);
+        p = next;
+        if (next == lines[i] || !parse_csv_numbers(&p, v, 1 + kurtosis_log_cols(l)) || *p != '\0')
+            ok = fail("'%s' line %d is not a row of %d kurtosis values", path, i + 1, l->n_states);
+        else if (step <= max_step) kurtosis_log_add(l, (int)step, v[1], v[2], v + 3);
     }
-    free(v);
-    free(text);
+    free(v); free(lines); free(text);
     return ok;
 }
 
@@ -3160,42 +3181,29 @@ static bool ablation_save_results(const char *path, AblationRun *runs, int n_run
 
 // Fills runs[] from an earlier results.csv (missing: nothing known yet).
 static bool ablation_load_results(const char *path, AblationRun *runs, int n_runs) {
-    FILE *probe = fopen(path, "rb");
-    if (!probe) return true;
-    fclose(probe);
-    size_t len;
-    char *text = (char *)read_file(path, &len);
-    if (!text) return false;
-    bool ok = true;
-    char *line = text, *end = text + len;
-    for (int line_no = 1; ok && line < end; line_no++) {
-        char *eol = memchr(line, '\n', (size_t)(end - line));
-        if (!eol) { ok = fail("'%s' line %d is incomplete", path, line_no); break; }
-        *eol = '\0';
-        char *comma = strchr(line, ',');
-        if (line_no > 1 && comma) {
-            *comma = '\0';
-            char *p = comma + 1, *next;
-            unsigned long long seed = strtoull(p, &next, 10);
-            long diverged = strtol(next + (*next == ','), &p, 10);
-            double values[ABLATION_VALUES];
-            int c = 0;
-            while (c < ABLATION_VALUES && *p == ',') { values[c] = strtod(p + 1, &next); if (next == p + 1) break; p = next; c++; }
-            if (c != ABLATION_VALUES || *p) { ok = fail("'%s' line %d is not a results row", path, line_no); break; }
-            for (int i = 0; i < n_runs; i++) {
-                if (strcmp(presets[runs[i].preset].name, line) || runs[i].seed != seed) continue;
-                double *v[ABLATION_VALUES];
-                ablation_values(&runs[i], v);
-                for (int k = 0; k < ABLATION_VALUES; k++) *v[k] = values[k];
-                runs[i].diverged_step = (int)diverged;
-                runs[i].evaluated = isfinite(runs[i].fp_ppl);
-            }
-        } else if (line_no > 1 || strncmp(line, "preset,seed,", 12) != 0) {
-            ok = fail("'%s' line %d is not a results row", path, line_no);
+    char *text, **lines;
+    int n_lines;
+    bool ok = read_lines(path, &text, &lines, &n_lines);
+    if (ok && n_lines > 0 && strncmp(lines[0], "preset,seed,", 12) != 0) ok = fail("'%s' is not a results file", path);
+    for (int i = 1; ok && i < n_lines; i++) {
+        char *comma = strchr(lines[i], ','), *p = comma;
+        unsigned long long seed = comma ? strtoull(comma + 1, &p, 10) : 0;
+        double values[1 + ABLATION_VALUES];   // diverged_step, then the values
+        if (!comma || p == comma + 1 || !parse_csv_numbers(&p, values, 1 + ABLATION_VALUES) || *p) {
+            ok = fail("'%s' line %d is not a results row", path, i + 1);
+            break;
         }
-        line = eol + 1;
+        *comma = '\0';
+        for (int r = 0; r < n_runs; r++) {
+            if (strcmp(presets[runs[r].preset].name, lines[i]) || runs[r].seed != seed) continue;
+            double *v[ABLATION_VALUES];
+            ablation_values(&runs[r], v);
+            for (int k = 0; k < ABLATION_VALUES; k++) *v[k] = values[1 + k];
+            runs[r].diverged_step = (int)values[0];
+            runs[r].evaluated = isfinite(runs[r].fp_ppl);
+        }
     }
-    free(text);
+    free(lines); free(text);
     return ok;
 }
 
@@ -3323,12 +3331,6 @@ static void make_directories(const char *dir) {
         if (c == '\0') break;
         *p = c;
     }
-}
-
-static bool file_exists(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (f) fclose(f);
-    return f != NULL;
 }
 
 // Joins every run's kurtosis CSV into dir/kurtosis.csv and plots the mean over seeds of each
