@@ -66,6 +66,12 @@ static void *xcalloc(size_t count, size_t size) {
     return p;
 }
 
+static void *xrealloc(void *p, size_t n) {
+    void *bigger = realloc(p, n ? n : 1);
+    if (!bigger) die("out of memory allocating %zu bytes", n);
+    return bigger;
+}
+
 // Reads a whole file into memory; *len gets its size. Returns NULL (and sets osp_error).
 static unsigned char *read_file(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");
@@ -75,12 +81,7 @@ static unsigned char *read_file(const char *path, size_t *len) {
     size_t got;
     while ((got = fread(buf + n, 1, cap - n, f)) > 0) {
         n += got;
-        if (n == cap) {
-            cap *= 2;
-            unsigned char *bigger = realloc(buf, cap);
-            if (!bigger) die("out of memory reading '%s'", path);
-            buf = bigger;
-        }
+        if (n == cap) buf = xrealloc(buf, cap *= 2);
     }
     bool err = ferror(f);
     fclose(f);
@@ -2153,11 +2154,8 @@ static void kurtosis_log_add(KurtosisLog *l, int step, double mean, double max_a
     int cols = kurtosis_log_cols(l);
     if (l->n == l->cap) {
         l->cap = l->cap ? 2 * l->cap : 64;
-        int *steps = xmalloc(sizeof(int) * (size_t)l->cap);
-        double *values = xmalloc(sizeof(double) * (size_t)l->cap * cols);
-        if (l->n) { memcpy(steps, l->step, sizeof(int) * (size_t)l->n); memcpy(values, l->values, sizeof(double) * (size_t)l->n * cols); }
-        free(l->step); free(l->values);
-        l->step = steps; l->values = values;
+        l->step = xrealloc(l->step, sizeof(int) * (size_t)l->cap);
+        l->values = xrealloc(l->values, sizeof(double) * (size_t)l->cap * cols);
     }
     double *v = l->values + (size_t)l->n * cols;
     v[0] = mean;
@@ -2226,7 +2224,7 @@ typedef struct {
     void *ctx;
 } RunOptions;
 
-typedef struct { int steps_done; bool diverged; double tokens_per_second; float loss, val_loss; } RunResult;
+typedef struct { bool diverged; double tokens_per_second; } RunResult;   // tokens/s of the training steps alone
 
 // The run's description: model, parameters, recipe, learning rates, optimizer state, data.
 static void print_run_header(FILE *log, const Trainer *tr) {
@@ -2330,13 +2328,13 @@ static bool train_run(Trainer *tr, const RunOptions *ro, RunResult *res) {
                             val_loss, exp(val_loss), ro->out, now_seconds() - t0);
         }
         fflush(ro->log);
-        t_window += now_seconds() - t_aside;
-        t_aside_total += now_seconds() - t_aside;
+        double aside = now_seconds() - t_aside;
+        t_window += aside;
+        t_aside_total += aside;
     }
     double elapsed = now_seconds() - t_start;
     int done = st->step - start_step;
-    *res = (RunResult){.steps_done = done, .diverged = diverged, .loss = loss, .val_loss = val_loss,
-                       .tokens_per_second = done > 0 ? tokens_per_step * done / (elapsed - t_aside_total) : NAN};
+    *res = (RunResult){.diverged = diverged, .tokens_per_second = done > 0 ? tokens_per_step * done / (elapsed - t_aside_total) : NAN};
     if (ok && done > 0)
         fprintf(ro->log, "done: %d steps in %.1f s (%.1f ms/step, %.0f tok/s, %.2f GFLOP/s incl. evaluation); final train loss %.4f, val loss %.4f\n",
                 done, elapsed, 1e3 * elapsed / done, tokens_per_step * done / elapsed, flops_per_step * done / elapsed / 1e9, loss, val_loss);
@@ -2406,9 +2404,6 @@ static void generate(Model *m, const Tokenizer *tok, const char *prompt, int n_n
 }
 
 /* ============================================================================
- * Command line
- * ========================================================================== */
-/* ============================================================================
  * Plots: a line chart as SVG (kurtosis over training, the analogue of the paper's Figure 3)
  * ========================================================================== */
 
@@ -2418,6 +2413,14 @@ typedef struct { const char *label; int n; const double *x, *y; } PlotLine;
 static double nice_step(double span, int ticks) {
     double raw = span / ticks, p = pow(10.0, floor(log10(raw))), f = raw / p;
     return p * (f <= 1.0 ? 1.0 : f <= 2.0 ? 2.0 : f <= 5.0 ? 5.0 : 10.0);
+}
+
+// Geometry of a chart: the plot frame in pixels, x from 0 to x_max, y over decades dec_lo..dec_hi.
+typedef struct { double left, top, width, height, x_max; int dec_lo, dec_hi; } PlotFrame;
+
+static double plot_x(const PlotFrame *f, double x) { return f->left + f->width * x / f->x_max; }
+static double plot_y(const PlotFrame *f, double log10_y) {
+    return f->top + f->height * (1.0 - (log10_y - f->dec_lo) / (f->dec_hi - f->dec_lo));
 }
 
 // Writes lines[] as an SVG chart: linear x from 0, logarithmic y over whole decades (values
@@ -2436,54 +2439,52 @@ static bool write_svg_plot(const char *path, const char *title, const char *x_la
         }
     if (!(x_max > 0.0)) x_max = 1.0;
     if (!isfinite(y_lo)) y_lo = y_hi = 1.0;
-    int dec_lo = (int)floor(log10(y_lo)), dec_hi = (int)ceil(log10(y_hi));
-    if (dec_hi == dec_lo) dec_hi++;
-    double pw = W - left - right, ph = H - top - bottom;
+    PlotFrame fr = {left, top, W - left - right, H - top - bottom, x_max, (int)floor(log10(y_lo)), (int)ceil(log10(y_hi))};
+    if (fr.dec_hi == fr.dec_lo) fr.dec_hi++;
     AtomicFile af;
     if (!atomic_open(&af, path)) return false;
     FILE *f = af.f;
     fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" viewBox=\"0 0 %.0f %.0f\" "
                "font-family=\"sans-serif\" font-size=\"13\">\n", W, H, W, H);
     fprintf(f, "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n");
-    fprintf(f, "<text x=\"%.1f\" y=\"28\" text-anchor=\"middle\" font-size=\"16\">%s</text>\n", left + pw / 2, title);
+    fprintf(f, "<text x=\"%.1f\" y=\"28\" text-anchor=\"middle\" font-size=\"16\">%s</text>\n", left + fr.width / 2, title);
     // y: a grid line and label per decade, minor ticks at 2..9.
-    for (int d = dec_lo; d <= dec_hi; d++) {
-        double py = top + ph * (1.0 - (double)(d - dec_lo) / (dec_hi - dec_lo));
-        fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/>\n", left, py, left + pw, py);
+    for (int d = fr.dec_lo; d <= fr.dec_hi; d++) {
+        double py = plot_y(&fr, d);
+        fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/>\n", left, py, left + fr.width, py);
         fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">%g</text>\n", left - 8, py + 4, pow(10.0, d));
-        for (int m = 2; d < dec_hi && m < 10; m++) {
-            double my = py - ph * log10((double)m) / (dec_hi - dec_lo);
+        for (int m = 2; d < fr.dec_hi && m < 10; m++) {
+            double my = plot_y(&fr, d + log10((double)m));
             fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#888\"/>\n", left - 4, my, left, my);
         }
     }
     // x: ticks at a nice step.
     double step = nice_step(x_max, 6);
     for (double x = 0.0; x <= x_max * (1.0 + 1e-9); x += step) {
-        double px = left + pw * x / x_max;
-        fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/>\n", px, top, px, top + ph);
-        fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%g</text>\n", px, top + ph + 18, x);
+        double px = plot_x(&fr, x);
+        fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/>\n", px, top, px, top + fr.height);
+        fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%g</text>\n", px, top + fr.height + 18, x);
     }
-    fprintf(f, "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"none\" stroke=\"black\"/>\n", left, top, pw, ph);
-    fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%s</text>\n", left + pw / 2, H - 15, x_label);
-    fprintf(f, "<text transform=\"translate(22 %.1f) rotate(-90)\" text-anchor=\"middle\">%s</text>\n", top + ph / 2, y_label);
+    fprintf(f, "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"none\" stroke=\"black\"/>\n", left, top, fr.width, fr.height);
+    fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%s</text>\n", left + fr.width / 2, H - 15, x_label);
+    fprintf(f, "<text transform=\"translate(22 %.1f) rotate(-90)\" text-anchor=\"middle\">%s</text>\n", top + fr.height / 2, y_label);
     for (int l = 0; l < n_lines; l++) {
         const char *color = colors[l % (int)(sizeof colors / sizeof colors[0])];
         fprintf(f, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"2\" points=\"", color);
-        for (int i = 0; i < lines[l].n; i++) {
-            double y = fmax(lines[l].y[i], y_floor);
-            fprintf(f, "%s%.1f,%.1f", i ? " " : "", left + pw * lines[l].x[i] / x_max,
-                    top + ph * (1.0 - (log10(y) - dec_lo) / (dec_hi - dec_lo)));
-        }
+        for (int i = 0; i < lines[l].n; i++)
+            fprintf(f, "%s%.1f,%.1f", i ? " " : "", plot_x(&fr, lines[l].x[i]), plot_y(&fr, log10(fmax(lines[l].y[i], y_floor))));
         fprintf(f, "\"/>\n");
-        double ly = top + 12 + 22 * l;
-        fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-width=\"3\"/>\n",
-                left + pw + 14, ly, left + pw + 40, ly, color);
-        fprintf(f, "<text x=\"%.1f\" y=\"%.1f\">%s</text>\n", left + pw + 48, ly + 4, lines[l].label);
+        double ly = top + 12 + 22 * l, lx = left + fr.width;
+        fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-width=\"3\"/>\n", lx + 14, ly, lx + 40, ly, color);
+        fprintf(f, "<text x=\"%.1f\" y=\"%.1f\">%s</text>\n", lx + 48, ly + 4, lines[l].label);
     }
     fprintf(f, "</svg>\n");
     return atomic_close(&af);
 }
 
+/* ============================================================================
+ * Command line
+ * ========================================================================== */
 #ifndef TESTING
 
 // Strict number parsing: the whole string must be a number within [lo, hi].
@@ -3161,6 +3162,32 @@ static void ablation_values(AblationRun *r, double **v) {
     memcpy(v, fields, sizeof fields);
 }
 
+// dir/PRESET-sSEED<suffix>: where a run keeps its checkpoint, log and kurtosis CSV.
+static void ablation_path(char *buf, size_t size, const char *dir, const AblationRun *r, const char *suffix) {
+    if (snprintf(buf, size, "%s/%s-s%llu%s", dir, presets[r->preset].name, (unsigned long long)r->seed, suffix) >= (int)size)
+        die("path too long in '%s'", dir);
+}
+
+// Starts a progress line about run i: "run  3/12 muon         seed 1337  | ".
+static void print_run_prefix(int i, int n_runs, const AblationRun *r) {
+    printf("run %2d/%d %-12s seed %-5llu | ", i + 1, n_runs, presets[r->preset].name, (unsigned long long)r->seed);
+}
+
+// Evaluates a finished run as ./osp eval does and records the results; returns the seconds taken.
+static double ablation_evaluate(AblationRun *r, const Model *m, const TokenData *val, const EvalOptions *o) {
+    EvalResult er;
+    evaluate_model(&er, m, val, o);
+    r->evaluated = true;
+    r->windows = (double)er.windows;
+    r->kurtosis = er.kurt.mean;
+    r->max_abs = kurtosis_max_abs(&er.kurt);
+    r->fp_ppl = exp(er.fp_loss);
+    for (int q = 0; q < N_QUANT_ROWS; q++)
+        for (int had = 0; had < 2; had++) r->quant_ppl[q][had] = exp(er.quant_loss[q][had]);
+    kurtosis_free(&er.kurt);
+    return er.seconds;
+}
+
 // results.csv: a header, then per run: preset, seed, diverged_step, then ABLATION_VALUES numbers.
 static bool ablation_save_results(const char *path, AblationRun *runs, int n_runs) {
     AtomicFile af;
@@ -3239,8 +3266,8 @@ static void ablation_on_log(void *ctx, const TrainState *s, float loss, double s
         if (p->eval_left[i]) all += p->eval_seconds > 0 ? p->eval_seconds : p->eval_flops * seconds_per_flop;
     }
     char run_left[32], all_left[32];
-    printf("run %2d/%d %-12s seed %-5llu | step %5d/%d | loss %.4f | %6.0f tok/s | run left %s | all left %s\n",
-           p->run + 1, p->n_runs, presets[preset].name, (unsigned long long)s->seed, s->step, s->opt.steps, loss,
+    print_run_prefix(p->run, p->n_runs, &p->runs[p->run]);
+    printf("step %5d/%d | loss %.4f | %6.0f tok/s | run left %s | all left %s\n", s->step, s->opt.steps, loss,
            s->batch * s->cfg.seq_len / seconds_per_step, format_duration(seconds_per_step * (s->opt.steps - s->step), run_left, sizeof run_left),
            format_duration(all, all_left, sizeof all_left));
     fflush(stdout);
@@ -3342,7 +3369,7 @@ static void ablation_write_curves(const char *dir, const AblationRun *runs, int 
     KurtosisLog *logs = xcalloc((size_t)n_runs, sizeof(KurtosisLog));
     for (int i = 0; i < n_runs; i++) {
         logs[i].n_states = n_states;
-        snprintf(path, sizeof path, "%s/%s-s%llu.kurtosis.csv", dir, presets[runs[i].preset].name, (unsigned long long)runs[i].seed);
+        ablation_path(path, sizeof path, dir, &runs[i], ".kurtosis.csv");
         if (!kurtosis_log_load(&logs[i], path, INT_MAX)) die("%s", osp_error);
     }
     snprintf(path, sizeof path, "%s/kurtosis.csv", dir);
@@ -3449,16 +3476,14 @@ static int cmd_ablation(int argc, char **argv) {
            n_runs, n_seeds, proto.opt.steps, dir);
     for (int i = 0; i < n_runs; i++) {
         AblationRun *r = &runs[i];
-        const char *name = presets[r->preset].name;
-        unsigned long long seed = (unsigned long long)r->seed;
         if (r->diverged_step) {
-            printf("run %2d/%d %-12s seed %-5llu | diverged at step %d earlier; skipped (delete its row in %s to retry)\n",
-                   i + 1, n_runs, name, seed, r->diverged_step, results_path);
+            print_run_prefix(i, n_runs, r);
+            printf("diverged at step %d earlier; skipped (delete its row in %s to retry)\n", r->diverged_step, results_path);
             continue;
         }
-        snprintf(path, sizeof path, "%s/%s-s%llu.ckpt", dir, name, seed);
-        snprintf(log_path, sizeof log_path, "%s/%s-s%llu.log", dir, name, seed);
-        snprintf(csv_path, sizeof csv_path, "%s/%s-s%llu.kurtosis.csv", dir, name, seed);
+        ablation_path(path, sizeof path, dir, r, ".ckpt");
+        ablation_path(log_path, sizeof log_path, dir, r, ".log");
+        ablation_path(csv_path, sizeof csv_path, dir, r, ".kurtosis.csv");
         TrainState want = proto;
         want.seed = r->seed;
         want.preset = r->preset;
@@ -3469,7 +3494,6 @@ static int cmd_ablation(int argc, char **argv) {
             ablation_check_settings(path, &tr.state, &want);
         } else {
             trainer_init(&tr, &want);
-            r->evaluated = false;
             eval_left[i] = true;
         }
         tr.train = &train;
@@ -3477,8 +3501,8 @@ static int cmd_ablation(int argc, char **argv) {
         size_t offset[N_PARAM_TENSORS];
         r->state_bytes = (double)(sizeof(float) * optimizer_layout(&tr.model, tr.state.opt.optimizer, offset));
         if (tr.state.step < tr.state.opt.steps) {
-            printf("run %2d/%d %-12s seed %-5llu | %s %d; log %s\n", i + 1, n_runs, name, seed,
-                   tr.state.step ? "resuming at step" : "training from step", tr.state.step, log_path);
+            print_run_prefix(i, n_runs, r);
+            printf("%s %d; log %s\n", tr.state.step ? "resuming at step" : "training from step", tr.state.step, log_path);
             FILE *log = fopen(log_path, tr.state.step ? "a" : "w");
             if (!log) die("cannot open '%s': %s", log_path, strerror(errno));
             prog.run = i;
@@ -3495,31 +3519,23 @@ static int cmd_ablation(int argc, char **argv) {
             if (res.diverged) {
                 r->diverged_step = tr.state.step + 1;
                 eval_left[i] = false;
-                printf("run %2d/%d %-12s seed %-5llu | %s\n", i + 1, n_runs, name, seed, osp_error);
+                print_run_prefix(i, n_runs, r);
+                printf("%s\n", osp_error);
             }
             if (!ablation_save_results(results_path, runs, n_runs)) die("%s", osp_error);
         }
+        print_run_prefix(i, n_runs, r);
         if (!r->evaluated && !r->diverged_step) {
-            printf("run %2d/%d %-12s seed %-5llu | evaluating: fp, kurtosis, W4, A4, KV4, 4-4-4, each without and with Had.\n",
-                   i + 1, n_runs, name, seed);
+            printf("evaluating: fp, kurtosis, W4, A4, KV4, 4-4-4, each without and with Had.\n");
             fflush(stdout);
-            EvalResult er;
-            evaluate_model(&er, &tr.model, &val, &eopt);
-            r->evaluated = true;
-            r->windows = (double)er.windows;
-            r->kurtosis = er.kurt.mean;
-            r->max_abs = kurtosis_max_abs(&er.kurt);
-            r->fp_ppl = exp(er.fp_loss);
-            for (int q = 0; q < N_QUANT_ROWS; q++)
-                for (int had = 0; had < 2; had++) r->quant_ppl[q][had] = exp(er.quant_loss[q][had]);
-            kurtosis_free(&er.kurt);
+            prog.eval_seconds = ablation_evaluate(r, &tr.model, &val, &eopt);
             eval_left[i] = false;
-            prog.eval_seconds = er.seconds;
             if (!ablation_save_results(results_path, runs, n_runs)) die("%s", osp_error);
-            printf("run %2d/%d %-12s seed %-5llu | kurtosis %.3f | fp ppl %.2f | 4-4-4 ppl %.2f | +Had. %.2f | evaluated in %.0f s\n",
-                   i + 1, n_runs, name, seed, r->kurtosis, r->fp_ppl, r->quant_ppl[3][0], r->quant_ppl[3][1], er.seconds);
+            print_run_prefix(i, n_runs, r);
+            printf("kurtosis %.3f | fp ppl %.2f | 4-4-4 ppl %.2f | +Had. %.2f | evaluated in %.0f s\n",
+                   r->kurtosis, r->fp_ppl, r->quant_ppl[3][0], r->quant_ppl[3][1], prog.eval_seconds);
         } else if (!r->diverged_step) {
-            printf("run %2d/%d %-12s seed %-5llu | done earlier\n", i + 1, n_runs, name, seed);
+            printf("done earlier\n");
         }
         fflush(stdout);
         trainer_free(&tr);
