@@ -6,7 +6,8 @@ readable reference for "Outlier-Safe Pre-Training for Robust 4-Bit Quantization 
 Language Models" (Park et al., 2025). The exact definitions followed are in OSP-SPEC.md.
 
 Read top to bottom: utilities, tokenizer, data, layers (each forward followed by its
-backward), model, optimizer, training, sampling, command line.
+backward), quantization, model, optimizers, presets, checkpoints, merging, export,
+evaluation, training, sampling, plots, command line.
 
 Build: make            Test: make test            Train and sample: make run
 */
@@ -1793,6 +1794,289 @@ static void model_merge(Model *dst, const Model *src, int max_batch) {
 }
 
 /* ============================================================================
+ * Export: the merged model in the files of two inference runtimes
+ *
+ * Both writers take a merged model (model_merge: no EmbProj, a gain per channel), which is a
+ * plain Llama, and the tokenizer it was trained with. Little-endian, as the checkpoints.
+ *
+ * GGUF version 3, read by llama.cpp. A string is a uint64 byte count and the bytes (UTF-8, no
+ * NUL). The file holds, in order:
+ *   header    char magic[4] "GGUF", uint32 version 3, uint64 tensor_count, uint64 kv_count
+ *   metadata  kv_count times: string key, uint32 value type, value; an array value is a
+ *             uint32 element type, a uint64 count and the elements
+ *   tensors   tensor_count times: string name, uint32 n_dims, uint64 ne[n_dims] (fastest-
+ *             varying first, so a [rows][cols] matrix has ne = {cols, rows}), uint32 type
+ *             (0 F32, 1 F16), uint64 offset from the start of the data section
+ *   data      after zero padding to a multiple of general.alignment (32); each tensor starts
+ *             at a multiple of it, with zero padding after each one
+ * The names and keys are those of llama.cpp's "llama" architecture. osp.c's RoPE rotates
+ * adjacent pairs (2i, 2i+1) of each head (OSP-SPEC.md section 1), which is the rotation
+ * llama.cpp applies for this architecture, so Wq and Wk are written as they are: they need
+ * none of the row permutation that converting Hugging Face checkpoints needs.
+ *
+ * llama2.c's legacy format (version 0, read by run.c): int32 dim, hidden_dim, n_layers,
+ * n_heads, n_kv_heads, vocab_size (negative: the head follows, not shared with the
+ * embedding), seq_len; then float32 token_embedding [V,d], rms_att [L,d], wq [L,d,d],
+ * wk [L,kv_dim,d], wv [L,kv_dim,d], wo [L,d,d], rms_ffn [L,d], w1 [L,f,d] (gate),
+ * w2 [L,d,f] (down), w3 [L,f,d] (up), rms_final [d], freq_cis_real and freq_cis_imag
+ * [seq_len, head_dim/2] each (cos and sin of the RoPE angles; current run.c skips them and
+ * computes its own), wcls [V,d]. run.c's constants are ours: RMSNorm eps 1e-5, RoPE theta
+ * 10000. Its tokenizer file is tokenizer.bin as it is.
+ * ========================================================================== */
+
+#define GGUF_VERSION 3u
+#define GGUF_ALIGNMENT 32
+enum { GGUF_TYPE_UINT32 = 4, GGUF_TYPE_INT32 = 5, GGUF_TYPE_FLOAT32 = 6, GGUF_TYPE_BOOL = 7, GGUF_TYPE_STRING = 8, GGUF_TYPE_ARRAY = 9 };
+enum { GGML_TYPE_F32 = 0, GGML_TYPE_F16 = 1 };
+enum { TOKEN_TYPE_NORMAL = 1, TOKEN_TYPE_UNKNOWN = 2, TOKEN_TYPE_CONTROL = 3, TOKEN_TYPE_BYTE = 6 };
+#define F16_MAX 65504.0f
+#define SPIECE_SPACE "\xE2\x96\x81"   // U+2581, SentencePiece's visible space
+
+// llama.cpp's name of each parameter tensor (EmbProj is merged away; per-layer tensors get
+// the prefix "blk.N.", all get the suffix ".weight").
+static const char *gguf_names[N_PARAM_TENSORS] = {
+    [PARAM_EMBED] = "token_embd", [PARAM_ATTN_NORM] = "attn_norm", [PARAM_ATTN_Q] = "attn_q", [PARAM_ATTN_K] = "attn_k",
+    [PARAM_ATTN_V] = "attn_v", [PARAM_ATTN_OUT] = "attn_output", [PARAM_FFN_NORM] = "ffn_norm",
+    [PARAM_FFN_GATE] = "ffn_gate", [PARAM_FFN_UP] = "ffn_up", [PARAM_FFN_DOWN] = "ffn_down",
+    [PARAM_FINAL_NORM] = "output_norm", [PARAM_HEAD] = "output",
+};
+
+// float32 -> IEEE half, rounding to nearest even; beyond the half range gives infinity.
+static uint16_t float_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+    uint32_t mag = x & 0x7FFFFFFFu;
+    if (mag > 0x7F800000u) return sign | 0x7E00;                      // NaN
+    if (mag >= 0x477FF000u) return sign | 0x7C00;                     // rounds to 65536 or more
+    if (mag < 0x38800000u) return sign | (uint16_t)lrintf(fabsf(f) * 16777216.0f);   // subnormal: units of 2^-24
+    uint32_t h = (mag - 0x38000000u) >> 13, rest = mag & 0x1FFFu;   // exponent bias 127 -> 15
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) h++;
+    return sign | (uint16_t)h;
+}
+
+// A growing byte buffer that counts the entries put into it (metadata keys, tensor infos).
+typedef struct { unsigned char *data; size_t len, cap; uint64_t entries; } ByteList;
+
+static void put_bytes(ByteList *b, const void *p, size_t n) {
+    if (b->len + n > b->cap) {
+        b->cap = 2 * (b->len + n) + 256;
+        b->data = xrealloc(b->data, b->cap);
+    }
+    memcpy(b->data + b->len, p, n);
+    b->len += n;
+}
+static void put_u32(ByteList *b, uint32_t v) { put_bytes(b, &v, 4); }
+static void put_u64(ByteList *b, uint64_t v) { put_bytes(b, &v, 8); }
+static void put_string(ByteList *b, const char *s, size_t n) { put_u64(b, n); put_bytes(b, s, n); }
+
+// Starts metadata entry `key` of value type `type` (the value is put next).
+static void gguf_key(ByteList *kv, const char *key, uint32_t type) {
+    put_string(kv, key, strlen(key));
+    put_u32(kv, type);
+    kv->entries++;
+}
+static void gguf_kv_u32(ByteList *kv, const char *key, uint32_t v) { gguf_key(kv, key, GGUF_TYPE_UINT32); put_u32(kv, v); }
+static void gguf_kv_f32(ByteList *kv, const char *key, float v) { gguf_key(kv, key, GGUF_TYPE_FLOAT32); put_bytes(kv, &v, 4); }
+static void gguf_kv_bool(ByteList *kv, const char *key, bool v) { uint8_t b = v; gguf_key(kv, key, GGUF_TYPE_BOOL); put_bytes(kv, &b, 1); }
+static void gguf_kv_string(ByteList *kv, const char *key, const char *s) { gguf_key(kv, key, GGUF_TYPE_STRING); put_string(kv, s, strlen(s)); }
+static void gguf_array(ByteList *kv, const char *key, uint32_t elem_type, uint64_t count) {
+    gguf_key(kv, key, GGUF_TYPE_ARRAY);
+    put_u32(kv, elem_type);
+    put_u64(kv, count);
+}
+
+// True if s[0..len) is UTF-8 text: whole characters, no NUL.
+static bool is_utf8_text(const unsigned char *s, int len) {
+    for (int i = 0; i < len;) {
+        int n = utf8_unit_length(s, (size_t)len, (size_t)i);
+        if (!is_utf8_char(s + i, n)) return false;
+        i += n;
+    }
+    return true;
+}
+
+// llama.cpp's text of token `id`: SentencePiece style, every space written as U+2581. Its
+// "llama" tokenizer turns each space of the input into U+2581 before looking pieces up, and
+// back when printing. out needs room for 3 * length bytes; returns the byte count.
+static int gguf_token_text(const Tokenizer *t, int id, char *out) {
+    int n = 0;
+    for (int k = 0; k < t->lengths[id]; k++) {
+        if (t->pieces[id][k] == ' ') { memcpy(out + n, SPIECE_SPACE, 3); n += 3; }
+        else out[n++] = t->pieces[id][k];
+    }
+    return n;
+}
+
+static int gguf_token_type(int id) {
+    return id == TOKEN_UNK ? TOKEN_TYPE_UNKNOWN : id < TOKEN_BYTE0 ? TOKEN_TYPE_CONTROL
+         : id < TOKEN_FIRST_PIECE ? TOKEN_TYPE_BYTE : TOKEN_TYPE_NORMAL;
+}
+
+typedef enum { EXPORT_GGUF, EXPORT_GGUF_F16, EXPORT_LLAMA2C } ExportFormat;
+
+// Why the merged model m with tokenizer t cannot be written in `format`, or NULL.
+static const char *export_problem(const Model *m, const Tokenizer *t, ExportFormat format) {
+    static char msg[320];
+    if (m->cfg.embproj || m->cfg.ssnorm) return "internal: export needs a merged model";
+    if (t->vocab_size != m->cfg.vocab_size) {
+        snprintf(msg, sizeof msg, "vocab mismatch: the model has %d tokens, the tokenizer %d", m->cfg.vocab_size, t->vocab_size);
+        return msg;
+    }
+    for (int i = 0; i < N_PARAM_TENSORS; i++) {
+        const float *p = m->params + m->shape[i].offset;
+        for (size_t j = 0; j < param_size(m, i); j++) {
+            if (!isfinite(p[j])) { snprintf(msg, sizeof msg, "parameter tensor %s holds NaN or Inf", param_names[i]); return msg; }
+            if (format == EXPORT_GGUF_F16 && !is_norm_gain(i) && fabsf(p[j]) > F16_MAX) {
+                snprintf(msg, sizeof msg, "%s holds %g, beyond float16's largest value %g: export without --f16", param_names[i], p[j], F16_MAX);
+                return msg;
+            }
+        }
+    }
+    if (format == EXPORT_LLAMA2C && tokenizer_lookup(t, " ", 1) == -1)
+        return "run.c starts every prompt with the token \" \" (SentencePiece's dummy prefix), and this tokenizer has none";
+    if (format != EXPORT_LLAMA2C)
+        for (int id = 0; id < t->vocab_size; id++) {
+            const unsigned char *s = (const unsigned char *)t->pieces[id];
+            if (!is_utf8_text(s, t->lengths[id])) { snprintf(msg, sizeof msg, "token %d is not UTF-8 text, which GGUF strings must be", id); return msg; }
+            if (strstr(t->pieces[id], SPIECE_SPACE)) {
+                snprintf(msg, sizeof msg, "token %d contains U+2581, which llama.cpp's tokenizer reads as a space", id);
+                return msg;
+            }
+        }
+    return NULL;
+}
+
+// The GGUF tensors in file order: token_embd, each block's nine tensors, output_norm, output.
+typedef struct { int param, layer; } ExportTensor;
+
+static bool is_block_tensor(int i) { return i >= PARAM_ATTN_NORM && i <= PARAM_FFN_DOWN; }
+
+static int gguf_tensors(const Model *m, ExportTensor *list) {
+    int n = 0;
+    list[n++] = (ExportTensor){PARAM_EMBED, 0};
+    for (int l = 0; l < m->cfg.n_layers; l++)
+        for (int i = 0; i < N_PARAM_TENSORS; i++)
+            if (is_block_tensor(i)) list[n++] = (ExportTensor){i, l};
+    list[n++] = (ExportTensor){PARAM_FINAL_NORM, 0};
+    list[n++] = (ExportTensor){PARAM_HEAD, 0};
+    return n;
+}
+
+static size_t align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
+
+// Writes the merged model m and tokenizer t as GGUF: F32 throughout, or with --f16 every
+// matrix in F16 (norm gains stay F32, as llama.cpp's own converter keeps them).
+static bool export_gguf(const char *path, const Model *m, const Tokenizer *t, bool f16, const char *model_name) {
+    const Config *c = &m->cfg;
+    ByteList kv = {0}, info = {0};
+    gguf_kv_string(&kv, "general.architecture", "llama");
+    gguf_kv_string(&kv, "general.name", model_name);
+    gguf_kv_u32(&kv, "general.alignment", GGUF_ALIGNMENT);
+    gguf_kv_u32(&kv, "general.file_type", f16 ? 1 : 0);   // llama.cpp's ftype: all F32 / mostly F16
+    gguf_kv_u32(&kv, "llama.vocab_size", (uint32_t)c->vocab_size);
+    gguf_kv_u32(&kv, "llama.context_length", (uint32_t)c->seq_len);
+    gguf_kv_u32(&kv, "llama.embedding_length", (uint32_t)c->dim);
+    gguf_kv_u32(&kv, "llama.block_count", (uint32_t)c->n_layers);
+    gguf_kv_u32(&kv, "llama.feed_forward_length", (uint32_t)c->ffn_dim);
+    gguf_kv_u32(&kv, "llama.attention.head_count", (uint32_t)c->n_heads);
+    gguf_kv_u32(&kv, "llama.attention.head_count_kv", (uint32_t)c->n_kv_heads);
+    gguf_kv_u32(&kv, "llama.rope.dimension_count", (uint32_t)head_dim(c));
+    gguf_kv_f32(&kv, "llama.attention.layer_norm_rms_epsilon", RMSNORM_EPS);
+    gguf_kv_f32(&kv, "llama.rope.freq_base", ROPE_THETA);
+    gguf_kv_string(&kv, "tokenizer.ggml.model", "llama");
+    gguf_array(&kv, "tokenizer.ggml.tokens", GGUF_TYPE_STRING, (uint64_t)t->vocab_size);
+    char *text = xmalloc(3 * (size_t)t->max_token_length + 1);
+    for (int id = 0; id < t->vocab_size; id++) put_string(&kv, text, (size_t)gguf_token_text(t, id, text));
+    free(text);
+    gguf_array(&kv, "tokenizer.ggml.scores", GGUF_TYPE_FLOAT32, (uint64_t)t->vocab_size);
+    put_bytes(&kv, t->scores, sizeof(float) * (size_t)t->vocab_size);
+    gguf_array(&kv, "tokenizer.ggml.token_type", GGUF_TYPE_INT32, (uint64_t)t->vocab_size);
+    for (int id = 0; id < t->vocab_size; id++) put_u32(&kv, (uint32_t)gguf_token_type(id));
+    gguf_kv_u32(&kv, "tokenizer.ggml.bos_token_id", TOKEN_BOS);
+    gguf_kv_u32(&kv, "tokenizer.ggml.eos_token_id", TOKEN_EOS);
+    gguf_kv_u32(&kv, "tokenizer.ggml.unknown_token_id", TOKEN_UNK);
+    // osp.c trains on text encoded without BOS and without SentencePiece's dummy space prefix.
+    gguf_kv_bool(&kv, "tokenizer.ggml.add_bos_token", false);
+    gguf_kv_bool(&kv, "tokenizer.ggml.add_eos_token", false);
+    gguf_kv_bool(&kv, "tokenizer.ggml.add_space_prefix", false);
+
+    ExportTensor *list = xmalloc(sizeof(ExportTensor) * (size_t)(3 + 9 * c->n_layers));
+    int n_tensors = gguf_tensors(m, list);
+    uint64_t offset = 0;
+    size_t largest = 0;
+    for (int k = 0; k < n_tensors; k++) {
+        const ParamShape *s = &m->shape[list[k].param];
+        bool half = f16 && !is_norm_gain(list[k].param);
+        char name[64];
+        if (is_block_tensor(list[k].param))
+            snprintf(name, sizeof name, "blk.%d.%s.weight", list[k].layer, gguf_names[list[k].param]);
+        else
+            snprintf(name, sizeof name, "%s.weight", gguf_names[list[k].param]);
+        put_string(&info, name, strlen(name));
+        bool vector = s->rows == 1;
+        put_u32(&info, vector ? 1 : 2);
+        put_u64(&info, (uint64_t)s->cols);
+        if (!vector) put_u64(&info, (uint64_t)s->rows);
+        put_u32(&info, half ? GGML_TYPE_F16 : GGML_TYPE_F32);
+        put_u64(&info, offset);
+        offset += align_up((size_t)s->rows * s->cols * (half ? 2 : 4), GGUF_ALIGNMENT);
+        if ((size_t)s->rows * s->cols > largest) largest = (size_t)s->rows * s->cols;
+    }
+
+    static const unsigned char zeros[GGUF_ALIGNMENT];
+    AtomicFile af;
+    bool ok = atomic_open(&af, path);
+    if (ok) {
+        uint32_t version = GGUF_VERSION;
+        uint64_t counts[2] = {(uint64_t)n_tensors, kv.entries};
+        atomic_write(&af, "GGUF", 4);
+        atomic_write(&af, &version, 4);
+        atomic_write(&af, counts, sizeof counts);
+        atomic_write(&af, kv.data, kv.len);
+        atomic_write(&af, info.data, info.len);
+        size_t meta = 24 + kv.len + info.len;
+        atomic_write(&af, zeros, align_up(meta, GGUF_ALIGNMENT) - meta);
+        uint16_t *halves = xmalloc(sizeof(uint16_t) * largest);
+        for (int k = 0; k < n_tensors; k++) {
+            const ParamShape *s = &m->shape[list[k].param];
+            const float *p = param_at(m, m->params, list[k].param, list[k].layer);
+            size_t n = (size_t)s->rows * s->cols, bytes = n * 4;
+            if (f16 && !is_norm_gain(list[k].param)) {
+                for (size_t j = 0; j < n; j++) halves[j] = float_to_half(p[j]);
+                bytes = n * 2;
+                atomic_write(&af, halves, bytes);
+            } else {
+                atomic_write(&af, p, bytes);
+            }
+            atomic_write(&af, zeros, align_up(bytes, GGUF_ALIGNMENT) - bytes);
+        }
+        free(halves);
+        ok = atomic_close(&af);
+    }
+    free(kv.data); free(info.data); free(list);
+    return ok;
+}
+
+// Writes the merged model m in llama2.c's legacy format (run.c's tensor order).
+static bool export_llama2c(const char *path, const Model *m) {
+    const Config *c = &m->cfg;
+    static const int order[] = {PARAM_EMBED, PARAM_ATTN_NORM, PARAM_ATTN_Q, PARAM_ATTN_K, PARAM_ATTN_V, PARAM_ATTN_OUT,
+                                PARAM_FFN_NORM, PARAM_FFN_GATE, PARAM_FFN_DOWN, PARAM_FFN_UP, PARAM_FINAL_NORM};
+    AtomicFile af;
+    if (!atomic_open(&af, path)) return false;
+    int32_t header[7] = {c->dim, c->ffn_dim, c->n_layers, c->n_heads, c->n_kv_heads, -c->vocab_size, c->seq_len};
+    atomic_write(&af, header, sizeof header);
+    for (size_t k = 0; k < sizeof order / sizeof order[0]; k++)
+        atomic_write(&af, m->params + m->shape[order[k]].offset, sizeof(float) * param_size(m, order[k]));
+    size_t table = sizeof(float) * (size_t)c->seq_len * (size_t)(head_dim(c) / 2);
+    atomic_write(&af, m->rope_cos, table);
+    atomic_write(&af, m->rope_sin, table);
+    atomic_write(&af, m->params + m->shape[PARAM_HEAD].offset, sizeof(float) * param_size(m, PARAM_HEAD));
+    return atomic_close(&af);
+}
+
+/* ============================================================================
  * Evaluation: perplexity, excess kurtosis, and perplexity under 4-bit fake quantization
  * (OSP-SPEC.md section 5). Checkpoints are merged first (section 6): a merged model computes
  * the same function, and P_in, P_out would stay full precision anyway.
@@ -2886,6 +3170,67 @@ static int cmd_merge(int argc, char **argv) {
     return 0;
 }
 
+// ---------------------------------------------------------------- osp export
+static const char *export_help =
+    "usage: ./osp export CKPT [--gguf OUT.gguf [--f16]] [--llama2c OUT.bin] [--tokenizer FILE]\n"
+    "Merges the checkpoint (EmbProj folded into the embedding and head, SSNorm scalars expanded to\n"
+    "per-channel gains) and writes the resulting plain Llama for an inference runtime.\n"
+    "  --gguf FILE             GGUF v3 for llama.cpp (architecture llama, tokenizer included)\n"
+    "  --f16                   GGUF matrices in float16 (norm gains stay float32); default float32\n"
+    "  --llama2c FILE          llama2.c's legacy format for run.c (float32; run.c reads the\n"
+    "                          tokenizer from tokenizer.bin: ./run FILE -z tokenizer.bin)\n"
+    "  --tokenizer FILE        the tokenizer the model was trained with (default tokenizer.bin)\n";
+
+static int cmd_export(int argc, char **argv) {
+    Args a = {argc, 0, argv, "export"};
+    const char *ckpt = NULL, *gguf_path = NULL, *llama2c_path = NULL, *tok_path = "tokenizer.bin";
+    bool f16 = false;
+    for (a.i = 0; a.i < argc; a.i++) {
+        const char *f = argv[a.i];
+        if (!strcmp(f, "--gguf")) gguf_path = flag_value(&a);
+        else if (!strcmp(f, "--llama2c")) llama2c_path = flag_value(&a);
+        else if (!strcmp(f, "--f16")) f16 = true;
+        else if (!strcmp(f, "--tokenizer")) tok_path = flag_value(&a);
+        else if (f[0] == '-' || ckpt) unknown_flag(&a);
+        else ckpt = f;
+    }
+    if (!ckpt) die("no checkpoint given (see ./osp export --help)");
+    if (!gguf_path && !llama2c_path) die("nothing to write: give --gguf FILE and/or --llama2c FILE");
+    if (f16 && !gguf_path) die("--f16 applies to --gguf; the llama2.c format holds float32 only");
+    const char *outs[2] = {gguf_path, llama2c_path};
+    for (int k = 0; k < 2; k++)
+        if (outs[k] && (!strcmp(outs[k], ckpt) || !strcmp(outs[k], tok_path))) die("export would overwrite its input '%s'", outs[k]);
+    if (gguf_path && llama2c_path && !strcmp(gguf_path, llama2c_path)) die("--gguf and --llama2c name the same file '%s'", gguf_path);
+    Tokenizer tok;
+    load_tokenizer_or_die(&tok, tok_path);
+    TrainState s;
+    Model in, m;
+    if (!checkpoint_load(ckpt, &s, &in, 1, NULL)) die("%s", osp_error);
+    model_merge(&m, &in, 1);
+    ExportFormat formats[2] = {f16 ? EXPORT_GGUF_F16 : EXPORT_GGUF, EXPORT_LLAMA2C};
+    for (int k = 0; k < 2; k++) {
+        const char *problem = outs[k] ? export_problem(&m, &tok, formats[k]) : NULL;
+        if (problem) die("cannot export '%s' to %s: %s", ckpt, outs[k], problem);
+    }
+    printf("%s: preset %s, merged%s%s: a plain Llama, %zu parameters\n", ckpt, preset_name(s.preset),
+           in.cfg.embproj ? ", EmbProj folded into the embedding and head" : "",
+           in.cfg.ssnorm ? ", SSNorm scalars expanded to per-channel gains" : "", m.n_params);
+    if (gguf_path) {
+        char name[64];
+        snprintf(name, sizeof name, "osp.c %s", preset_name(s.preset));
+        if (!export_gguf(gguf_path, &m, &tok, f16, name)) die("%s", osp_error);
+        printf("wrote %s: GGUF v3, llama, %s, %d tensors, vocab %d\n", gguf_path, f16 ? "F16 matrices" : "F32",
+               3 + 9 * m.cfg.n_layers, tok.vocab_size);
+    }
+    if (llama2c_path) {
+        if (!export_llama2c(llama2c_path, &m)) die("%s", osp_error);
+        printf("wrote %s: llama2.c legacy (version 0), float32; run it with tokenizer %s\n", llama2c_path, tok_path);
+    }
+    model_free(&in); model_free(&m);
+    tokenizer_free(&tok);
+    return 0;
+}
+
 // ---------------------------------------------------------------- osp eval, osp compare
 static const char *eval_flags_help =
     "  --val FILE              validation tokens (default data/val.bin)\n"
@@ -3764,6 +4109,7 @@ static const char *main_help =
     "  train       train a model (AdamW baseline or an OSP preset), write a checkpoint\n"
     "  sample      generate text from a checkpoint\n"
     "  merge       fold EmbProj and SSNorm away: a plain Llama checkpoint\n"
+    "  export      merge, then write GGUF (llama.cpp) and/or llama2.c (run.c) model files\n"
     "  eval        perplexity, excess kurtosis, and perplexity under 4-bit fake quantization\n"
     "  compare     eval several checkpoints, side by side\n"
     "  ablation    the paper's ablation: six presets x seeds, kurtosis curves, 4-bit table\n"
@@ -3780,6 +4126,7 @@ int main(int argc, char **argv) {
         {"train", cmd_train, train_help},
         {"sample", cmd_sample, sample_help},
         {"merge", cmd_merge, merge_help},
+        {"export", cmd_export, export_help},
         {"eval", cmd_eval, eval_help_head},
         {"compare", cmd_compare, compare_help_head},
         {"ablation", cmd_ablation, ablation_help},

@@ -752,6 +752,17 @@ static void test_optimizer_state_size(void) {
 // Merging EmbProj and SSNorm into a plain Llama keeps the logits (within 1e-5 relative), also
 // through a checkpoint. P_in, P_out are perturbed off orthogonal and the gains off 1, as after
 // training.
+// Perturbs the norm gains (and EmbProj) away from their init so that merging has work to do.
+static void perturb_gains_and_projections(Model *m, uint64_t *rng) {
+    for (int i = 0; i < N_PARAM_TENSORS; i++) {
+        float *p = m->params + m->shape[i].offset;
+        for (size_t j = 0; j < param_size(m, i); j++) {
+            if (is_norm_gain(i)) p[j] = 1.0f + 0.3f * rng_normal(rng);
+            if (i == PARAM_EMBPROJ_IN || i == PARAM_EMBPROJ_OUT) p[j] += 0.1f * rng_normal(rng);
+        }
+    }
+}
+
 static void test_merge_invariance(uint64_t *rng) {
     Config cfg = test_config();
     cfg.ssnorm = 1;
@@ -759,13 +770,7 @@ static void test_merge_invariance(uint64_t *rng) {
     Model m, merged, loaded;
     model_alloc(&m, &cfg, 2);
     model_init(&m, 9);
-    for (int i = 0; i < N_PARAM_TENSORS; i++) {
-        float *p = m.params + m.shape[i].offset;
-        for (size_t j = 0; j < param_size(&m, i); j++) {
-            if (is_norm_gain(i)) p[j] = 1.0f + 0.3f * rng_normal(rng);
-            if (i == PARAM_EMBPROJ_IN || i == PARAM_EMBPROJ_OUT) p[j] += 0.1f * rng_normal(rng);
-        }
-    }
+    perturb_gains_and_projections(&m, rng);
     int inputs[16];
     for (int i = 0; i < 16; i++) inputs[i] = (int)(rng_next(rng) % 300);
     size_t nl = 16 * 300;
@@ -1423,6 +1428,474 @@ static void test_svg_plot(void) {
     remove(path);
 }
 
+/* ----------------------------------------------------------------------------
+ * Export: the GGUF and llama2.c files are read back by readers written from the formats'
+ * descriptions (GGUF v3; run.c's read_checkpoint), with the names, keys and constants spelled
+ * out here rather than taken from the writers. The model is rebuilt from each file and its
+ * logits are compared with the original, unmerged checkpoint's.
+ * ------------------------------------------------------------------------- */
+
+static float half_to_float(uint16_t h) {
+    int exponent = (h >> 10) & 31, mantissa = h & 1023;
+    double v = exponent == 0 ? ldexp(mantissa, -24) : exponent == 31 ? (mantissa ? NAN : INFINITY) : ldexp(1024 + mantissa, exponent - 25);
+    return (float)((h & 0x8000) ? -v : v);
+}
+
+static void test_float_to_half(uint64_t *rng) {
+    struct { float f; uint16_t h; } cases[] = {
+        {0.0f, 0x0000}, {-0.0f, 0x8000}, {1.0f, 0x3C00}, {-2.0f, 0xC000}, {0.1f, 0x2E66}, {65504.0f, 0x7BFF},
+        {65519.0f, 0x7BFF}, {65520.0f, 0x7C00}, {1e9f, 0x7C00}, {0x1p-14f, 0x0400}, {0x1p-24f, 0x0001},
+        {0x1p-25f, 0x0000}, {0x3p-25f, 0x0002}, {1.0f + 0x1p-11f, 0x3C00}, {1.0f + 0x3p-11f, 0x3C02}, {INFINITY, 0x7C00},
+    };
+    int wrong = 0;
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) wrong += float_to_half(cases[k].f) != cases[k].h;
+    // Random values over the half range round to within half a unit in the last place.
+    double worst = 0.0;
+    for (int k = 0; k < 100000; k++) {
+        float f = ldexpf(rng_uniform(rng) * 2.0f - 1.0f, (int)(rng_next(rng) % 40) - 24);
+        float back = half_to_float(float_to_half(f));
+        worst = fmax(worst, fabs(back - f) / fmax(fabs(f), 0x1p-14));
+    }
+    report(wrong == 0 && worst <= 0x1p-11 && isnan(half_to_float(float_to_half(NAN))), "float16 conversion",
+           "%d of %zu known values wrong; random values: max error %.3g (half ulp 4.9e-4)", wrong, sizeof cases / sizeof cases[0], worst);
+}
+
+// A parsed GGUF file. Metadata values and tensor data stay in `bytes`, found by offset.
+typedef struct { char key[96]; uint32_t type, elem_type; uint64_t count; size_t value; } GgufEntry;
+typedef struct { char name[96]; uint32_t n_dims, type; uint64_t ne[4], offset; } GgufTensorInfo;
+typedef struct {
+    unsigned char *bytes;
+    size_t size, data_start;
+    uint32_t version, alignment;
+    uint64_t n_tensors, n_kv;
+    GgufEntry *kv;
+    GgufTensorInfo *tensors;
+} Gguf;
+
+enum { GGUF_STRING = 8, GGUF_ARRAY = 9 };
+
+static bool gguf_read_string(Reader *r, char *out, size_t size) {
+    uint64_t n = 0;
+    reader_get(r, &n, 8);
+    if (r->short_read || n > r->len - r->pos) return false;
+    size_t keep = n < size - 1 ? (size_t)n : size - 1;
+    memcpy(out, r->p + r->pos, keep);
+    out[keep] = 0;
+    r->pos += (size_t)n;
+    return true;
+}
+
+static bool gguf_skip(Reader *r, uint32_t type) {
+    static const size_t sizes[13] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
+    if (type == GGUF_STRING) {
+        uint64_t n = 0;
+        reader_get(r, &n, 8);
+        if (r->short_read || n > r->len - r->pos) return false;
+        r->pos += (size_t)n;
+        return true;
+    }
+    if (type >= 13 || type == GGUF_ARRAY || sizes[type] > r->len - r->pos) return false;
+    r->pos += sizes[type];
+    return true;
+}
+
+// Parses header, metadata and tensor infos; returns NULL or what is wrong.
+static const char *gguf_parse(Gguf *g, const char *path) {
+    memset(g, 0, sizeof *g);
+    g->bytes = read_file(path, &g->size);
+    if (!g->bytes) return "cannot read the file";
+    Reader r = {g->bytes, g->size, 0, false};
+    char magic[4];
+    reader_get(&r, magic, 4);
+    reader_get(&r, &g->version, 4);
+    reader_get(&r, &g->n_tensors, 8);
+    reader_get(&r, &g->n_kv, 8);
+    if (r.short_read || memcmp(magic, "GGUF", 4) != 0) return "bad magic";
+    if (g->version != 3) return "not version 3";
+    if (g->n_kv > 1000 || g->n_tensors > 100000) return "implausible counts";
+    g->alignment = 32;
+    g->kv = xcalloc(g->n_kv + 1, sizeof(GgufEntry));
+    g->tensors = xcalloc(g->n_tensors + 1, sizeof(GgufTensorInfo));
+    for (uint64_t i = 0; i < g->n_kv; i++) {
+        GgufEntry *e = &g->kv[i];
+        if (!gguf_read_string(&r, e->key, sizeof e->key)) return "truncated key";
+        reader_get(&r, &e->type, 4);
+        if (e->type == GGUF_ARRAY) {
+            reader_get(&r, &e->elem_type, 4);
+            reader_get(&r, &e->count, 8);
+        }
+        e->value = r.pos;
+        for (uint64_t k = 0; k < (e->type == GGUF_ARRAY ? e->count : 1); k++)
+            if (r.short_read || !gguf_skip(&r, e->type == GGUF_ARRAY ? e->elem_type : e->type)) return "bad or truncated value";
+        if (!strcmp(e->key, "general.alignment")) {
+            if (e->type != 4) return "general.alignment is not uint32";
+            memcpy(&g->alignment, g->bytes + e->value, 4);
+            if (g->alignment == 0 || (g->alignment & (g->alignment - 1))) return "alignment not a power of 2";
+        }
+    }
+    for (uint64_t i = 0; i < g->n_tensors; i++) {
+        GgufTensorInfo *t = &g->tensors[i];
+        if (!gguf_read_string(&r, t->name, sizeof t->name)) return "truncated tensor name";
+        reader_get(&r, &t->n_dims, 4);
+        if (t->n_dims < 1 || t->n_dims > 4) return "bad n_dims";
+        for (uint32_t k = 0; k < t->n_dims; k++) reader_get(&r, &t->ne[k], 8);
+        reader_get(&r, &t->type, 4);
+        reader_get(&r, &t->offset, 8);
+        if (r.short_read) return "truncated tensor info";
+    }
+    g->data_start = (r.pos + g->alignment - 1) / g->alignment * g->alignment;
+    return NULL;
+}
+
+static void gguf_free(Gguf *g) { free(g->bytes); free(g->kv); free(g->tensors); }
+
+static const GgufEntry *gguf_find(const Gguf *g, const char *key) {
+    for (uint64_t i = 0; i < g->n_kv; i++) if (!strcmp(g->kv[i].key, key)) return &g->kv[i];
+    return NULL;
+}
+
+static uint32_t gguf_u32(const Gguf *g, const char *key) {
+    uint32_t v = 0;
+    const GgufEntry *e = gguf_find(g, key);
+    if (e) memcpy(&v, g->bytes + e->value, 4);
+    return v;
+}
+
+// Element k of a string array: its bytes (not NUL-terminated) and length.
+static const char *gguf_array_string(const Gguf *g, const GgufEntry *e, uint64_t k, uint64_t *len) {
+    Reader r = {g->bytes, g->size, e->value, false};
+    for (uint64_t i = 0; i < k; i++) gguf_skip(&r, GGUF_STRING);
+    reader_get(&r, len, 8);
+    return (const char *)g->bytes + r.pos;
+}
+
+// Checks that the metadata is exactly the expected set of keys, with their types and values.
+static bool gguf_check_metadata(const Gguf *g, const Config *c, bool f16, char *why, size_t why_size) {
+    struct { const char *key; uint32_t type; double number; const char *text; uint32_t elem_type; } want[] = {
+        {"general.architecture", GGUF_STRING, 0, "llama", 0},
+        {"general.name", GGUF_STRING, 0, NULL, 0},
+        {"general.alignment", 4, 32, NULL, 0},
+        {"general.file_type", 4, f16 ? 1 : 0, NULL, 0},
+        {"llama.vocab_size", 4, c->vocab_size, NULL, 0},
+        {"llama.context_length", 4, c->seq_len, NULL, 0},
+        {"llama.embedding_length", 4, c->dim, NULL, 0},
+        {"llama.block_count", 4, c->n_layers, NULL, 0},
+        {"llama.feed_forward_length", 4, c->ffn_dim, NULL, 0},
+        {"llama.attention.head_count", 4, c->n_heads, NULL, 0},
+        {"llama.attention.head_count_kv", 4, c->n_kv_heads, NULL, 0},
+        {"llama.rope.dimension_count", 4, c->dim / c->n_heads, NULL, 0},
+        {"llama.attention.layer_norm_rms_epsilon", 6, 1e-5f, NULL, 0},
+        {"llama.rope.freq_base", 6, 10000.0f, NULL, 0},
+        {"tokenizer.ggml.model", GGUF_STRING, 0, "llama", 0},
+        {"tokenizer.ggml.tokens", GGUF_ARRAY, c->vocab_size, NULL, GGUF_STRING},
+        {"tokenizer.ggml.scores", GGUF_ARRAY, c->vocab_size, NULL, 6},
+        {"tokenizer.ggml.token_type", GGUF_ARRAY, c->vocab_size, NULL, 5},
+        {"tokenizer.ggml.bos_token_id", 4, 1, NULL, 0},
+        {"tokenizer.ggml.eos_token_id", 4, 2, NULL, 0},
+        {"tokenizer.ggml.unknown_token_id", 4, 0, NULL, 0},
+        {"tokenizer.ggml.add_bos_token", 7, 0, NULL, 0},
+        {"tokenizer.ggml.add_eos_token", 7, 0, NULL, 0},
+        {"tokenizer.ggml.add_space_prefix", 7, 0, NULL, 0},
+    };
+    size_t n_want = sizeof want / sizeof want[0];
+    if (g->n_kv != n_want) { snprintf(why, why_size, "%llu keys, expected %zu", (unsigned long long)g->n_kv, n_want); return false; }
+    for (size_t k = 0; k < n_want; k++) {
+        const GgufEntry *e = gguf_find(g, want[k].key);
+        const unsigned char *v = e ? g->bytes + e->value : NULL;
+        bool ok = e && e->type == want[k].type;
+        if (ok && want[k].type == 4) { uint32_t x; memcpy(&x, v, 4); ok = x == want[k].number; }
+        if (ok && want[k].type == 6) { float x; memcpy(&x, v, 4); ok = x == (float)want[k].number; }
+        if (ok && want[k].type == 7) ok = *v == want[k].number;
+        if (ok && want[k].type == GGUF_STRING) {
+            uint64_t n;
+            memcpy(&n, v, 8);
+            ok = want[k].text ? n == strlen(want[k].text) && !memcmp(v + 8, want[k].text, (size_t)n) : n > 0;
+        }
+        if (ok && want[k].type == GGUF_ARRAY) ok = e->elem_type == want[k].elem_type && e->count == want[k].number;
+        if (!ok) { snprintf(why, why_size, "key %s missing or wrong", want[k].key); return false; }
+    }
+    return true;
+}
+
+// Rebuilds a plain model from the tensors of g: names, shapes, types, alignment, and that the
+// tensors lie in the file without overlapping.
+static bool gguf_rebuild(const Gguf *g, Model *m, bool f16, char *why, size_t why_size) {
+    Config c = {.vocab_size = (int)gguf_u32(g, "llama.vocab_size"), .dim = (int)gguf_u32(g, "llama.embedding_length"),
+                .n_layers = (int)gguf_u32(g, "llama.block_count"), .n_heads = (int)gguf_u32(g, "llama.attention.head_count"),
+                .n_kv_heads = (int)gguf_u32(g, "llama.attention.head_count_kv"), .ffn_dim = (int)gguf_u32(g, "llama.feed_forward_length"),
+                .seq_len = (int)gguf_u32(g, "llama.context_length")};
+    if (config_problem(&c)) { snprintf(why, why_size, "config: %s", config_problem(&c)); return false; }
+    model_alloc(m, &c, 1);
+    struct { int param; const char *name; bool per_layer; } names[] = {
+        {PARAM_EMBED, "token_embd", false}, {PARAM_ATTN_NORM, "attn_norm", true}, {PARAM_ATTN_Q, "attn_q", true},
+        {PARAM_ATTN_K, "attn_k", true}, {PARAM_ATTN_V, "attn_v", true}, {PARAM_ATTN_OUT, "attn_output", true},
+        {PARAM_FFN_NORM, "ffn_norm", true}, {PARAM_FFN_GATE, "ffn_gate", true}, {PARAM_FFN_UP, "ffn_up", true},
+        {PARAM_FFN_DOWN, "ffn_down", true}, {PARAM_FINAL_NORM, "output_norm", false}, {PARAM_HEAD, "output", false},
+    };
+    uint64_t expected = 3 + 9 * (uint64_t)c.n_layers, found = 0, end = 0;
+    if (g->n_tensors != expected) { snprintf(why, why_size, "%llu tensors, expected %llu", (unsigned long long)g->n_tensors, (unsigned long long)expected); return false; }
+    for (size_t k = 0; k < sizeof names / sizeof names[0]; k++) {
+        const ParamShape *s = &m->shape[names[k].param];
+        for (int l = 0; l < (names[k].per_layer ? c.n_layers : 1); l++) {
+            char name[96];
+            if (names[k].per_layer) snprintf(name, sizeof name, "blk.%d.%s.weight", l, names[k].name);
+            else snprintf(name, sizeof name, "%s.weight", names[k].name);
+            const GgufTensorInfo *t = NULL;
+            for (uint64_t i = 0; i < g->n_tensors; i++) if (!strcmp(g->tensors[i].name, name)) { t = &g->tensors[i]; found++; }
+            bool vector = s->rows == 1;
+            uint32_t type = f16 && !vector ? 1 : 0;
+            size_t n = (size_t)s->rows * s->cols, bytes = n * (type ? 2 : 4);
+            if (!t || t->n_dims != (vector ? 1u : 2u) || t->ne[0] != (uint64_t)s->cols || (!vector && t->ne[1] != (uint64_t)s->rows) || t->type != type) {
+                snprintf(why, why_size, "tensor %s missing or with the wrong shape or type", name);
+                return false;
+            }
+            if (t->offset % g->alignment || g->data_start + t->offset + bytes > g->size) {
+                snprintf(why, why_size, "tensor %s misaligned or past the end", name);
+                return false;
+            }
+            // Overlap: the tensors, sorted by offset, must each end before the next begins.
+            for (uint64_t i = 0; i < g->n_tensors; i++) {
+                const GgufTensorInfo *o = &g->tensors[i];
+                if (o != t && o->offset >= t->offset && o->offset < t->offset + bytes) { snprintf(why, why_size, "tensor %s overlaps %s", name, o->name); return false; }
+            }
+            if (t->offset + bytes > end) end = t->offset + bytes;
+            float *dst = param_at(m, m->params, names[k].param, l);
+            const unsigned char *src = g->bytes + g->data_start + t->offset;
+            for (size_t j = 0; j < n; j++) {
+                if (type) { uint16_t h; memcpy(&h, src + 2 * j, 2); dst[j] = half_to_float(h); }
+                else memcpy(dst + j, src + 4 * j, 4);
+            }
+        }
+    }
+    if (found != expected) { snprintf(why, why_size, "duplicate tensor names"); return false; }
+    if (g->data_start % g->alignment || g->size < g->data_start + end || g->size - (g->data_start + end) >= g->alignment) {
+        snprintf(why, why_size, "file size %zu does not end the data at %llu", g->size, (unsigned long long)(g->data_start + end));
+        return false;
+    }
+    return true;
+}
+
+// Rebuilds a plain model from a llama2.c legacy file as run.c maps it (read_checkpoint,
+// memory_map_weights); freq_err receives the largest error of the stored RoPE tables.
+static bool llama2c_rebuild(const char *path, Model *m, double *freq_err, char *why, size_t why_size) {
+    size_t size;
+    unsigned char *bytes = read_file(path, &size);
+    int32_t h[7];
+    if (!bytes || size < sizeof h) { free(bytes); snprintf(why, why_size, "cannot read a header"); return false; }
+    memcpy(h, bytes, sizeof h);
+    Config c = {.dim = h[0], .ffn_dim = h[1], .n_layers = h[2], .n_heads = h[3], .n_kv_heads = h[4], .vocab_size = abs(h[5]), .seq_len = h[6]};
+    if (config_problem(&c) || h[5] >= 0) { free(bytes); snprintf(why, why_size, "bad header (or a shared head)"); return false; }
+    size_t V = (size_t)c.vocab_size, d = (size_t)c.dim, L = (size_t)c.n_layers, f = (size_t)c.ffn_dim, hs = d / (size_t)c.n_heads;
+    size_t kvd = (size_t)c.n_kv_heads * hs, T = (size_t)c.seq_len;
+    size_t floats = V * d + L * d + L * d * d + 2 * L * kvd * d + L * d * d + L * d + 3 * L * d * f + d + T * hs + V * d;
+    if (size != sizeof h + 4 * floats) { free(bytes); snprintf(why, why_size, "size %zu, expected %zu", size, sizeof h + 4 * floats); return false; }
+    model_alloc(m, &c, 1);
+    const float *p = (const float *)(bytes + sizeof h);
+    struct { int param; size_t n; } order[] = {
+        {PARAM_EMBED, V * d}, {PARAM_ATTN_NORM, L * d}, {PARAM_ATTN_Q, L * d * d}, {PARAM_ATTN_K, L * kvd * d},
+        {PARAM_ATTN_V, L * kvd * d}, {PARAM_ATTN_OUT, L * d * d}, {PARAM_FFN_NORM, L * d}, {PARAM_FFN_GATE, L * f * d},
+        {PARAM_FFN_DOWN, L * d * f}, {PARAM_FFN_UP, L * f * d}, {PARAM_FINAL_NORM, d},
+    };
+    for (size_t k = 0; k < sizeof order / sizeof order[0]; k++) {
+        memcpy(m->params + m->shape[order[k].param].offset, p, sizeof(float) * order[k].n);
+        p += order[k].n;
+    }
+    *freq_err = 0.0;
+    for (size_t t = 0; t < T; t++)
+        for (size_t i = 0; i < hs / 2; i++) {
+            double angle = (double)t / pow(10000.0, 2.0 * (double)i / (double)hs);
+            *freq_err = fmax(*freq_err, fabs(p[t * (hs / 2) + i] - cos(angle)));
+            *freq_err = fmax(*freq_err, fabs(p[T * (hs / 2) + t * (hs / 2) + i] - sin(angle)));
+        }
+    p += T * hs;
+    memcpy(m->params + m->shape[PARAM_HEAD].offset, p, sizeof(float) * V * d);
+    free(bytes);
+    return true;
+}
+
+// Largest |w_half - w| over the matrices, relative to half an F16 unit in the last place of w.
+static double f16_rounding_error(const Model *rebuilt, const Model *merged) {
+    double worst = 0.0;
+    for (int i = 0; i < N_PARAM_TENSORS; i++) {
+        if (is_norm_gain(i)) continue;
+        const float *a = rebuilt->params + rebuilt->shape[i].offset, *b = merged->params + merged->shape[i].offset;
+        for (size_t j = 0; j < param_size(merged, i); j++)
+            worst = fmax(worst, fabs(a[j] - b[j]) / fmax(fabs(b[j]) * 0x1p-11, 0x1p-25));
+    }
+    return worst;
+}
+
+// Exports `orig` (any preset, merged inside the writers' callers as ./osp export does) in the
+// three forms, reads each back and compares logits on one full-context sequence.
+static void test_export_model(const char *label, Model *orig, const Tokenizer *tok, uint64_t *rng) {
+    const Config *c = &orig->cfg;
+    int T = c->seq_len;
+    int *inputs = xmalloc(sizeof(int) * (size_t)T);
+    for (int t = 0; t < T; t++) inputs[t] = (int)(rng_next(rng) % (uint64_t)c->vocab_size);
+    float *want = logits_of(orig, inputs, 1, T);
+    size_t n_logits = (size_t)T * c->vocab_size;
+    Model merged;
+    model_merge(&merged, orig, 1);
+    const char *paths[3] = {"test_export_f32.gguf.tmp", "test_export_f16.gguf.tmp", "test_export.bin.tmp"};
+    for (int form = 0; form < 3; form++) {
+        char why[640] = "", name[96];
+        Model back;
+        bool built = false, ok = false;
+        double rel = 0.0, extra = 0.0;
+        ExportFormat format = form == 0 ? EXPORT_GGUF : form == 1 ? EXPORT_GGUF_F16 : EXPORT_LLAMA2C;
+        const char *problem = export_problem(&merged, tok, format);
+        if (problem) snprintf(why, sizeof why, "refused: %s", problem);
+        else if (form < 2) {
+            Gguf g = {0};
+            const char *parse_error = NULL;
+            if (!export_gguf(paths[form], &merged, tok, form == 1, "osp.c test")) snprintf(why, sizeof why, "%s", osp_error);
+            else if ((parse_error = gguf_parse(&g, paths[form]))) snprintf(why, sizeof why, "%s", parse_error);
+            else if (gguf_check_metadata(&g, c, form == 1, why, sizeof why)) built = gguf_rebuild(&g, &back, form == 1, why, sizeof why);
+            extra = g.alignment;
+            gguf_free(&g);
+        } else if (!export_llama2c(paths[form], &merged)) {
+            snprintf(why, sizeof why, "%s", osp_error);
+        } else {
+            built = llama2c_rebuild(paths[form], &back, &extra, why, sizeof why);
+        }
+        if (built) {
+            float *got = logits_of(&back, inputs, 1, T);
+            rel = max_rel_diff(want, got, n_logits);
+            free(got);
+            if (form == 1) extra = f16_rounding_error(&back, &merged);
+            model_free(&back);
+            // F16 weights move the logits by about 1e-3 relative; F32 only by the merge's rounding.
+            ok = rel < (form == 1 ? 1e-2 : 1e-5) && (form != 1 || extra <= 1.0) && (form != 2 || extra < 1e-6);
+        }
+        static const char *forms[3] = {"GGUF F32", "GGUF F16", "llama2.c"};
+        snprintf(name, sizeof name, "export %s: %s", forms[form], label);
+        if (!built) report(false, name, "%s", why);
+        else if (form == 0) report(ok, name, "keys, tensors, alignment %.0f ok; logits rel diff %.1e", extra, rel);
+        else if (form == 1) report(ok, name, "each weight within %.2f half-ulp; logits rel diff %.1e", extra, rel);
+        else report(ok, name, "run.c layout ok, RoPE tables err %.1e; logits rel diff %.1e", extra, rel);
+        remove(paths[form]);
+    }
+    model_free(&merged);
+    free(want); free(inputs);
+}
+
+// The GGUF vocabulary is tokenizer.bin's: the same pieces (a space written as U+2581), the
+// same scores bit for bit, and the token types llama.cpp needs to find specials and bytes.
+static void test_export_tokenizer(const Tokenizer *tok) {
+    Config c = {.vocab_size = tok->vocab_size, .dim = 8, .n_layers = 1, .n_heads = 2, .n_kv_heads = 2, .ffn_dim = 8, .seq_len = 4};
+    Model m;
+    model_alloc(&m, &c, 1);
+    const char *path = "test_export_tokens.gguf.tmp";
+    Gguf g = {0};
+    const char *problem = NULL;
+    int pieces_ok = 0, scores_ok = 0, types_ok = 0, with_space = 0;
+    if (!export_gguf(path, &m, tok, false, "osp.c test")) problem = osp_error;
+    else if (!(problem = gguf_parse(&g, path))) {
+        const GgufEntry *tokens = gguf_find(&g, "tokenizer.ggml.tokens"), *scores = gguf_find(&g, "tokenizer.ggml.scores"),
+                        *types = gguf_find(&g, "tokenizer.ggml.token_type");
+        if (!tokens || !scores || !types || tokens->count != (uint64_t)tok->vocab_size) problem = "tokenizer arrays missing";
+        for (int id = 0; !problem && id < tok->vocab_size; id++) {
+            uint64_t len;
+            const char *text = gguf_array_string(&g, tokens, (uint64_t)id, &len);
+            char piece[256];
+            size_t n = 0;
+            for (uint64_t k = 0; k < len && n < sizeof piece; k++) {
+                if (k + 2 < len && !memcmp(text + k, "\xE2\x96\x81", 3)) { piece[n++] = ' '; k += 2; }
+                else piece[n++] = text[k];
+            }
+            with_space += memchr(tok->pieces[id], ' ', (size_t)tok->lengths[id]) != NULL;
+            pieces_ok += n == (size_t)tok->lengths[id] && !memcmp(piece, tok->pieces[id], n) && !memchr(text, ' ', (size_t)len);
+            scores_ok += !memcmp(g.bytes + scores->value + 4 * (size_t)id, &tok->scores[id], 4);
+            int32_t type;
+            memcpy(&type, g.bytes + types->value + 4 * (size_t)id, 4);
+            types_ok += type == (id == 0 ? 2 : id < 3 ? 3 : id < 259 ? 6 : 1);
+        }
+    }
+    int V = tok->vocab_size;
+    report(!problem && pieces_ok == V && scores_ok == V && types_ok == V, "export: GGUF tokenizer equals tokenizer.bin",
+           problem ? problem : "%d/%d pieces (%d with a space), %d/%d scores, %d/%d types", pieces_ok, V, with_space, scores_ok, V, types_ok, V);
+    gguf_free(&g);
+    remove(path);
+    model_free(&m);
+}
+
+// What the formats cannot hold is refused with a message before anything is written.
+static void test_export_refusals(void) {
+    Tokenizer t;
+    tokenizer_init_base(&t, 300);
+    tokenizer_add(&t, " ", 1, 0.0f);
+    tokenizer_add(&t, "a", 1, 0.0f);
+    tokenizer_add(&t, "x" SPIECE_SPACE, 4, -1.0f);
+    tokenizer_index(&t);
+    Config c = {.vocab_size = t.vocab_size, .dim = 8, .n_layers = 1, .n_heads = 2, .n_kv_heads = 2, .ffn_dim = 8, .seq_len = 4};
+    Model m;
+    model_alloc(&m, &c, 1);
+    int refused = 0, cases = 0;
+    #define EXPECT(cond) do { cases++; refused += (cond) ? 1 : 0; } while (0)
+    const char *p;
+    EXPECT((p = export_problem(&m, &t, EXPORT_GGUF)) && strstr(p, "U+2581"));
+    EXPECT(export_problem(&m, &t, EXPORT_LLAMA2C) == NULL);
+    memcpy(t.pieces[t.vocab_size - 1], "x\xFF", 2);
+    t.lengths[t.vocab_size - 1] = 2;
+    EXPECT((p = export_problem(&m, &t, EXPORT_GGUF)) && strstr(p, "UTF-8"));
+    memcpy(t.pieces[t.vocab_size - 1], "xy", 2);
+    EXPECT(export_problem(&m, &t, EXPORT_GGUF) == NULL);
+    m.params[m.shape[PARAM_HEAD].offset] = 1e5f;
+    EXPECT((p = export_problem(&m, &t, EXPORT_GGUF_F16)) && strstr(p, "float16"));
+    EXPECT(export_problem(&m, &t, EXPORT_GGUF) == NULL);
+    m.params[m.shape[PARAM_HEAD].offset] = NAN;
+    EXPECT((p = export_problem(&m, &t, EXPORT_LLAMA2C)) && strstr(p, "NaN"));
+    m.params[m.shape[PARAM_HEAD].offset] = 0.0f;
+    t.pieces[TOKEN_FIRST_PIECE][0] = 'b';   // no " " token: run.c's dummy prefix would be -1
+    free(t.sorted_ids);
+    tokenizer_index(&t);
+    EXPECT((p = export_problem(&m, &t, EXPORT_LLAMA2C)) && strstr(p, "dummy prefix"));
+    model_free(&m);
+    c.vocab_size--;
+    model_alloc(&m, &c, 1);
+    EXPECT((p = export_problem(&m, &t, EXPORT_GGUF)) && strstr(p, "vocab mismatch"));
+    #undef EXPECT
+    report(refused == cases, "export: refuses what a format cannot hold", "%d/%d cases as expected (U+2581 and non-UTF-8 tokens, "
+           "F16 overflow, NaN, no \" \" token for run.c, vocab mismatch)", refused, cases);
+    model_free(&m);
+    tokenizer_free(&t);
+}
+
+// Both presets in make run's shape (the OSP one with EmbProj and SSNorm to merge, the Adam one
+// with grouped KV heads), then make run's own checkpoints when they are present.
+static void test_export(uint64_t *rng) {
+    Tokenizer tok;
+    if (!tokenizer_load(&tok, "tokenizer.bin")) { report(false, "export", "%s", osp_error); return; }
+    test_export_tokenizer(&tok);
+    test_export_refusals();
+    for (int k = 0; k < 2; k++) {
+        Config c = {.vocab_size = tok.vocab_size, .dim = 128, .n_layers = 4, .n_heads = 4, .n_kv_heads = 4, .ffn_dim = 512, .seq_len = 128};
+        c.ssnorm = c.embproj = k == 0;
+        if (k == 1) c.n_kv_heads = c.n_heads / 2;
+        Model m;
+        model_alloc(&m, &c, 1);
+        model_init(&m, 40 + (uint64_t)k);
+        perturb_gains_and_projections(&m, rng);
+        test_export_model(k == 0 ? "osp, make run shape, EmbProj + SSNorm" : "adam, make run shape, 2 KV heads", &m, &tok, rng);
+        model_free(&m);
+    }
+    const char *runs[2] = {"adam.ckpt", "osp.ckpt"};
+    int present = 0;
+    for (int k = 0; k < 2; k++) {
+        if (!file_exists(runs[k])) continue;
+        TrainState st;
+        Model m;
+        char label[64];
+        snprintf(label, sizeof label, "make run's %s", runs[k]);
+        if (!checkpoint_load(runs[k], &st, &m, 1, NULL)) { report(false, label, "%s", osp_error); continue; }
+        test_export_model(label, &m, &tok, rng);
+        model_free(&m);
+        present++;
+    }
+    if (present < 2) printf("note %-44s %d of adam.ckpt, osp.ckpt found; run make run to check them too\n", "export: make run's checkpoints", present);
+    tokenizer_free(&tok);
+}
+
 int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--quick")) quick = true;
@@ -1475,6 +1948,8 @@ int main(int argc, char **argv) {
     test_kurtosis_log_file();
     test_train_run_resume();
     test_svg_plot();
+    test_float_to_half(&rng);
+    test_export(&rng);
     printf("(%.1f s)\n%d passed, %d failed\n", now_seconds() - t0, n_passed, n_failed);
     return n_failed ? 1 : 0;
 }
