@@ -1833,6 +1833,9 @@ static void test_export_refusals(void) {
     int refused = 0, cases = 0;
     #define EXPECT(cond) do { cases++; refused += (cond) ? 1 : 0; } while (0)
     const char *p;
+    m.cfg.ssnorm = 1;   // the writers take merged models only
+    EXPECT((p = export_problem(&m, &t, EXPORT_LLAMA2C)) && strstr(p, "merged"));
+    m.cfg.ssnorm = 0;
     EXPECT((p = export_problem(&m, &t, EXPORT_GGUF)) && strstr(p, "U+2581"));
     EXPECT(export_problem(&m, &t, EXPORT_LLAMA2C) == NULL);
     memcpy(t.pieces[t.vocab_size - 1], "x\xFF", 2);
@@ -1855,28 +1858,32 @@ static void test_export_refusals(void) {
     model_alloc(&m, &c, 1);
     EXPECT((p = export_problem(&m, &t, EXPORT_GGUF)) && strstr(p, "vocab mismatch"));
     #undef EXPECT
-    report(refused == cases, "export: refuses what a format cannot hold", "%d/%d cases as expected (U+2581 and non-UTF-8 tokens, "
-           "F16 overflow, NaN, no \" \" token for run.c, vocab mismatch)", refused, cases);
+    report(refused == cases, "export: refuses what a format cannot hold", "%d/%d cases as expected (unmerged model, U+2581 and non-UTF-8 "
+           "tokens, F16 overflow, NaN, no \" \" token for run.c, vocab mismatch)", refused, cases);
     model_free(&m);
     tokenizer_free(&t);
 }
 
 // Both presets in make run's shape (the OSP one with EmbProj and SSNorm to merge, the Adam one
-// with grouped KV heads), then make run's own checkpoints when they are present.
+// with grouped KV heads), a model whose tensors are not multiples of the 32-byte alignment (so
+// the padding is exercised), then make run's own checkpoints when they are present.
 static void test_export(uint64_t *rng) {
     Tokenizer tok;
     if (!tokenizer_load(&tok, "tokenizer.bin")) { report(false, "export", "%s", osp_error); return; }
     test_export_tokenizer(&tok);
     test_export_refusals();
-    for (int k = 0; k < 2; k++) {
-        Config c = {.vocab_size = tok.vocab_size, .dim = 128, .n_layers = 4, .n_heads = 4, .n_kv_heads = 4, .ffn_dim = 512, .seq_len = 128};
-        c.ssnorm = c.embproj = k == 0;
-        if (k == 1) c.n_kv_heads = c.n_heads / 2;
+    Config shapes[3] = {
+        {.vocab_size = tok.vocab_size, .dim = 128, .n_layers = 4, .n_heads = 4, .n_kv_heads = 4, .ffn_dim = 512, .seq_len = 128, .ssnorm = 1, .embproj = 1},
+        {.vocab_size = tok.vocab_size, .dim = 128, .n_layers = 4, .n_heads = 4, .n_kv_heads = 2, .ffn_dim = 512, .seq_len = 128},
+        {.vocab_size = tok.vocab_size, .dim = 18, .n_layers = 2, .n_heads = 3, .n_kv_heads = 1, .ffn_dim = 30, .seq_len = 16, .ssnorm = 1, .embproj = 1},
+    };
+    const char *labels[3] = {"osp (EmbProj, SSNorm)", "adam (2 KV heads)", "osp, sizes needing padding"};
+    for (int k = 0; k < 3; k++) {
         Model m;
-        model_alloc(&m, &c, 1);
+        model_alloc(&m, &shapes[k], 1);
         model_init(&m, 40 + (uint64_t)k);
         perturb_gains_and_projections(&m, rng);
-        test_export_model(k == 0 ? "osp, make run shape, EmbProj + SSNorm" : "adam, make run shape, 2 KV heads", &m, &tok, rng);
+        test_export_model(labels[k], &m, &tok, rng);
         model_free(&m);
     }
     const char *runs[2] = {"adam.ckpt", "osp.ckpt"};
@@ -1886,7 +1893,7 @@ static void test_export(uint64_t *rng) {
         TrainState st;
         Model m;
         char label[64];
-        snprintf(label, sizeof label, "make run's %s", runs[k]);
+        snprintf(label, sizeof label, "%s (make run)", runs[k]);
         if (!checkpoint_load(runs[k], &st, &m, 1, NULL)) { report(false, label, "%s", osp_error); continue; }
         test_export_model(label, &m, &tok, rng);
         model_free(&m);
