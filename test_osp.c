@@ -1725,7 +1725,7 @@ static double f16_rounding_error(const Model *rebuilt, const Model *merged) {
     return worst;
 }
 
-// Exports `orig` (any preset, merged inside the writers' callers as ./osp export does) in the
+// Exports `orig` (any preset; merged first, as ./osp export does) in the
 // three forms, reads each back and compares logits on one full-context sequence.
 static void test_export_model(const char *label, Model *orig, const Tokenizer *tok, uint64_t *rng) {
     const Config *c = &orig->cfg;
