@@ -1947,12 +1947,14 @@ static const char *export_problem(const Model *m, const Tokenizer *t, ExportForm
     return NULL;
 }
 
-// The GGUF tensors in file order: token_embd, each block's nine tensors, output_norm, output.
 typedef struct { int param, layer; } ExportTensor;
 
 static bool is_block_tensor(int i) { return i >= PARAM_ATTN_NORM && i <= PARAM_FFN_DOWN; }
 
-static int gguf_tensors(const Model *m, ExportTensor *list) {
+// The GGUF tensors in file order: token_embd, each block's nine tensors, output_norm, output.
+// Returns the list (the caller frees it) and its length in *count.
+static ExportTensor *gguf_tensors(const Model *m, int *count) {
+    ExportTensor *list = xmalloc(sizeof(ExportTensor) * (size_t)N_PARAM_TENSORS * (size_t)m->cfg.n_layers);
     int n = 0;
     list[n++] = (ExportTensor){PARAM_EMBED, 0};
     for (int l = 0; l < m->cfg.n_layers; l++)
@@ -1960,14 +1962,16 @@ static int gguf_tensors(const Model *m, ExportTensor *list) {
             if (is_block_tensor(i)) list[n++] = (ExportTensor){i, l};
     list[n++] = (ExportTensor){PARAM_FINAL_NORM, 0};
     list[n++] = (ExportTensor){PARAM_HEAD, 0};
-    return n;
+    *count = n;
+    return list;
 }
 
 static size_t align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
 // Writes the merged model m and tokenizer t as GGUF: F32 throughout, or with --f16 every
-// matrix in F16 (norm gains stay F32, as llama.cpp's own converter keeps them).
-static bool export_gguf(const char *path, const Model *m, const Tokenizer *t, bool f16, const char *model_name) {
+// matrix in F16 (norm gains stay F32, as llama.cpp's own converter keeps them). The number
+// of tensors written goes to *n_tensors.
+static bool export_gguf(const char *path, const Model *m, const Tokenizer *t, bool f16, const char *model_name, int *n_tensors) {
     const Config *c = &m->cfg;
     ByteList kv = {0}, info = {0};
     gguf_kv_string(&kv, "general.architecture", "llama");
@@ -2001,11 +2005,10 @@ static bool export_gguf(const char *path, const Model *m, const Tokenizer *t, bo
     gguf_kv_bool(&kv, "tokenizer.ggml.add_eos_token", false);
     gguf_kv_bool(&kv, "tokenizer.ggml.add_space_prefix", false);
 
-    ExportTensor *list = xmalloc(sizeof(ExportTensor) * (size_t)(3 + 9 * c->n_layers));
-    int n_tensors = gguf_tensors(m, list);
+    ExportTensor *list = gguf_tensors(m, n_tensors);
     uint64_t offset = 0;
     size_t largest = 0;
-    for (int k = 0; k < n_tensors; k++) {
+    for (int k = 0; k < *n_tensors; k++) {
         const ParamShape *s = &m->shape[list[k].param];
         bool half = f16 && !is_norm_gain(list[k].param);
         char name[64];
@@ -2029,7 +2032,7 @@ static bool export_gguf(const char *path, const Model *m, const Tokenizer *t, bo
     bool ok = atomic_open(&af, path);
     if (ok) {
         uint32_t version = GGUF_VERSION;
-        uint64_t counts[2] = {(uint64_t)n_tensors, kv.entries};
+        uint64_t counts[2] = {(uint64_t)*n_tensors, kv.entries};
         atomic_write(&af, "GGUF", 4);
         atomic_write(&af, &version, 4);
         atomic_write(&af, counts, sizeof counts);
@@ -2038,7 +2041,7 @@ static bool export_gguf(const char *path, const Model *m, const Tokenizer *t, bo
         size_t meta = 24 + kv.len + info.len;
         atomic_write(&af, zeros, align_up(meta, GGUF_ALIGNMENT) - meta);
         uint16_t *halves = xmalloc(sizeof(uint16_t) * largest);
-        for (int k = 0; k < n_tensors; k++) {
+        for (int k = 0; k < *n_tensors; k++) {
             const ParamShape *s = &m->shape[list[k].param];
             const float *p = param_at(m, m->params, list[k].param, list[k].layer);
             size_t n = (size_t)s->rows * s->cols, bytes = n * 4;
@@ -3218,9 +3221,9 @@ static int cmd_export(int argc, char **argv) {
     if (gguf_path) {
         char name[64];
         snprintf(name, sizeof name, "osp.c %s", preset_name(s.preset));
-        if (!export_gguf(gguf_path, &m, &tok, f16, name)) die("%s", osp_error);
-        printf("wrote %s: GGUF v3, llama, %s, %d tensors, vocab %d\n", gguf_path, f16 ? "F16 matrices" : "F32",
-               3 + 9 * m.cfg.n_layers, tok.vocab_size);
+        int n_tensors;
+        if (!export_gguf(gguf_path, &m, &tok, f16, name, &n_tensors)) die("%s", osp_error);
+        printf("wrote %s: GGUF v3, llama, %s, %d tensors, vocab %d\n", gguf_path, f16 ? "F16 matrices" : "F32", n_tensors, tok.vocab_size);
     }
     if (llama2c_path) {
         if (!export_llama2c(llama2c_path, &m)) die("%s", osp_error);

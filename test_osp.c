@@ -1472,18 +1472,8 @@ typedef struct {
     GgufTensorInfo *tensors;
 } Gguf;
 
-enum { GGUF_STRING = 8, GGUF_ARRAY = 9 };
-
-static bool gguf_read_string(Reader *r, char *out, size_t size) {
-    uint64_t n = 0;
-    reader_get(r, &n, 8);
-    if (r->short_read || n > r->len - r->pos) return false;
-    size_t keep = n < size - 1 ? (size_t)n : size - 1;
-    memcpy(out, r->p + r->pos, keep);
-    out[keep] = 0;
-    r->pos += (size_t)n;
-    return true;
-}
+// GGUF value types, spelled out here from the format description.
+enum { GGUF_U32 = 4, GGUF_I32 = 5, GGUF_F32 = 6, GGUF_BOOL = 7, GGUF_STRING = 8, GGUF_ARRAY = 9 };
 
 static bool gguf_skip(Reader *r, uint32_t type) {
     static const size_t sizes[13] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
@@ -1496,6 +1486,16 @@ static bool gguf_skip(Reader *r, uint32_t type) {
     }
     if (type >= 13 || type == GGUF_ARRAY || sizes[type] > r->len - r->pos) return false;
     r->pos += sizes[type];
+    return true;
+}
+
+// Reads a string into out (NUL-terminated, cut to size); false if it runs past the end.
+static bool gguf_read_string(Reader *r, char *out, size_t size) {
+    size_t start = r->pos + 8;
+    if (!gguf_skip(r, GGUF_STRING)) return false;
+    size_t n = r->pos - start, keep = n < size - 1 ? n : size - 1;
+    memcpy(out, r->p + start, keep);
+    out[keep] = 0;
     return true;
 }
 
@@ -1528,7 +1528,7 @@ static const char *gguf_parse(Gguf *g, const char *path) {
         for (uint64_t k = 0; k < (e->type == GGUF_ARRAY ? e->count : 1); k++)
             if (r.short_read || !gguf_skip(&r, e->type == GGUF_ARRAY ? e->elem_type : e->type)) return "bad or truncated value";
         if (!strcmp(e->key, "general.alignment")) {
-            if (e->type != 4) return "general.alignment is not uint32";
+            if (e->type != GGUF_U32) return "general.alignment is not uint32";
             memcpy(&g->alignment, g->bytes + e->value, 4);
             if (g->alignment == 0 || (g->alignment & (g->alignment - 1))) return "alignment not a power of 2";
         }
@@ -1561,41 +1561,33 @@ static uint32_t gguf_u32(const Gguf *g, const char *key) {
     return v;
 }
 
-// Element k of a string array: its bytes (not NUL-terminated) and length.
-static const char *gguf_array_string(const Gguf *g, const GgufEntry *e, uint64_t k, uint64_t *len) {
-    Reader r = {g->bytes, g->size, e->value, false};
-    for (uint64_t i = 0; i < k; i++) gguf_skip(&r, GGUF_STRING);
-    reader_get(&r, len, 8);
-    return (const char *)g->bytes + r.pos;
-}
-
 // Checks that the metadata is exactly the expected set of keys, with their types and values.
 static bool gguf_check_metadata(const Gguf *g, const Config *c, bool f16, char *why, size_t why_size) {
     struct { const char *key; uint32_t type; double number; const char *text; uint32_t elem_type; } want[] = {
         {"general.architecture", GGUF_STRING, 0, "llama", 0},
         {"general.name", GGUF_STRING, 0, NULL, 0},
-        {"general.alignment", 4, 32, NULL, 0},
-        {"general.file_type", 4, f16 ? 1 : 0, NULL, 0},
-        {"llama.vocab_size", 4, c->vocab_size, NULL, 0},
-        {"llama.context_length", 4, c->seq_len, NULL, 0},
-        {"llama.embedding_length", 4, c->dim, NULL, 0},
-        {"llama.block_count", 4, c->n_layers, NULL, 0},
-        {"llama.feed_forward_length", 4, c->ffn_dim, NULL, 0},
-        {"llama.attention.head_count", 4, c->n_heads, NULL, 0},
-        {"llama.attention.head_count_kv", 4, c->n_kv_heads, NULL, 0},
-        {"llama.rope.dimension_count", 4, c->dim / c->n_heads, NULL, 0},
-        {"llama.attention.layer_norm_rms_epsilon", 6, 1e-5f, NULL, 0},
-        {"llama.rope.freq_base", 6, 10000.0f, NULL, 0},
+        {"general.alignment", GGUF_U32, 32, NULL, 0},
+        {"general.file_type", GGUF_U32, f16 ? 1 : 0, NULL, 0},
+        {"llama.vocab_size", GGUF_U32, c->vocab_size, NULL, 0},
+        {"llama.context_length", GGUF_U32, c->seq_len, NULL, 0},
+        {"llama.embedding_length", GGUF_U32, c->dim, NULL, 0},
+        {"llama.block_count", GGUF_U32, c->n_layers, NULL, 0},
+        {"llama.feed_forward_length", GGUF_U32, c->ffn_dim, NULL, 0},
+        {"llama.attention.head_count", GGUF_U32, c->n_heads, NULL, 0},
+        {"llama.attention.head_count_kv", GGUF_U32, c->n_kv_heads, NULL, 0},
+        {"llama.rope.dimension_count", GGUF_U32, c->dim / c->n_heads, NULL, 0},
+        {"llama.attention.layer_norm_rms_epsilon", GGUF_F32, 1e-5f, NULL, 0},
+        {"llama.rope.freq_base", GGUF_F32, 10000.0f, NULL, 0},
         {"tokenizer.ggml.model", GGUF_STRING, 0, "llama", 0},
         {"tokenizer.ggml.tokens", GGUF_ARRAY, c->vocab_size, NULL, GGUF_STRING},
-        {"tokenizer.ggml.scores", GGUF_ARRAY, c->vocab_size, NULL, 6},
-        {"tokenizer.ggml.token_type", GGUF_ARRAY, c->vocab_size, NULL, 5},
-        {"tokenizer.ggml.bos_token_id", 4, 1, NULL, 0},
-        {"tokenizer.ggml.eos_token_id", 4, 2, NULL, 0},
-        {"tokenizer.ggml.unknown_token_id", 4, 0, NULL, 0},
-        {"tokenizer.ggml.add_bos_token", 7, 0, NULL, 0},
-        {"tokenizer.ggml.add_eos_token", 7, 0, NULL, 0},
-        {"tokenizer.ggml.add_space_prefix", 7, 0, NULL, 0},
+        {"tokenizer.ggml.scores", GGUF_ARRAY, c->vocab_size, NULL, GGUF_F32},
+        {"tokenizer.ggml.token_type", GGUF_ARRAY, c->vocab_size, NULL, GGUF_I32},
+        {"tokenizer.ggml.bos_token_id", GGUF_U32, 1, NULL, 0},
+        {"tokenizer.ggml.eos_token_id", GGUF_U32, 2, NULL, 0},
+        {"tokenizer.ggml.unknown_token_id", GGUF_U32, 0, NULL, 0},
+        {"tokenizer.ggml.add_bos_token", GGUF_BOOL, 0, NULL, 0},
+        {"tokenizer.ggml.add_eos_token", GGUF_BOOL, 0, NULL, 0},
+        {"tokenizer.ggml.add_space_prefix", GGUF_BOOL, 0, NULL, 0},
     };
     size_t n_want = sizeof want / sizeof want[0];
     if (g->n_kv != n_want) { snprintf(why, why_size, "%llu keys, expected %zu", (unsigned long long)g->n_kv, n_want); return false; }
@@ -1603,9 +1595,9 @@ static bool gguf_check_metadata(const Gguf *g, const Config *c, bool f16, char *
         const GgufEntry *e = gguf_find(g, want[k].key);
         const unsigned char *v = e ? g->bytes + e->value : NULL;
         bool ok = e && e->type == want[k].type;
-        if (ok && want[k].type == 4) { uint32_t x; memcpy(&x, v, 4); ok = x == want[k].number; }
-        if (ok && want[k].type == 6) { float x; memcpy(&x, v, 4); ok = x == (float)want[k].number; }
-        if (ok && want[k].type == 7) ok = *v == want[k].number;
+        if (ok && want[k].type == GGUF_U32) { uint32_t x; memcpy(&x, v, 4); ok = x == want[k].number; }
+        if (ok && want[k].type == GGUF_F32) { float x; memcpy(&x, v, 4); ok = x == (float)want[k].number; }
+        if (ok && want[k].type == GGUF_BOOL) ok = *v == want[k].number;
         if (ok && want[k].type == GGUF_STRING) {
             uint64_t n;
             memcpy(&n, v, 8);
@@ -1739,6 +1731,7 @@ static void test_export_model(const char *label, Model *orig, const Tokenizer *t
     const char *paths[3] = {"test_export_f32.gguf.tmp", "test_export_f16.gguf.tmp", "test_export.bin.tmp"};
     for (int form = 0; form < 3; form++) {
         char why[640] = "", name[96];
+        int n_tensors;
         Model back;
         bool built = false, ok = false;
         double rel = 0.0, extra = 0.0;
@@ -1748,7 +1741,7 @@ static void test_export_model(const char *label, Model *orig, const Tokenizer *t
         else if (form < 2) {
             Gguf g = {0};
             const char *parse_error = NULL;
-            if (!export_gguf(paths[form], &merged, tok, form == 1, "osp.c test")) snprintf(why, sizeof why, "%s", osp_error);
+            if (!export_gguf(paths[form], &merged, tok, form == 1, "osp.c test", &n_tensors)) snprintf(why, sizeof why, "%s", osp_error);
             else if ((parse_error = gguf_parse(&g, paths[form]))) snprintf(why, sizeof why, "%s", parse_error);
             else if (gguf_check_metadata(&g, c, form == 1, why, sizeof why)) built = gguf_rebuild(&g, &back, form == 1, why, sizeof why);
             extra = g.alignment;
@@ -1787,16 +1780,20 @@ static void test_export_tokenizer(const Tokenizer *tok) {
     model_alloc(&m, &c, 1);
     const char *path = "test_export_tokens.gguf.tmp";
     Gguf g = {0};
+    int n_tensors;
     const char *problem = NULL;
     int pieces_ok = 0, scores_ok = 0, types_ok = 0, with_space = 0;
-    if (!export_gguf(path, &m, tok, false, "osp.c test")) problem = osp_error;
+    if (!export_gguf(path, &m, tok, false, "osp.c test", &n_tensors)) problem = osp_error;
     else if (!(problem = gguf_parse(&g, path))) {
         const GgufEntry *tokens = gguf_find(&g, "tokenizer.ggml.tokens"), *scores = gguf_find(&g, "tokenizer.ggml.scores"),
                         *types = gguf_find(&g, "tokenizer.ggml.token_type");
         if (!tokens || !scores || !types || tokens->count != (uint64_t)tok->vocab_size) problem = "tokenizer arrays missing";
+        Reader r = {g.bytes, g.size, problem ? 0 : tokens->value, false};
         for (int id = 0; !problem && id < tok->vocab_size; id++) {
             uint64_t len;
-            const char *text = gguf_array_string(&g, tokens, (uint64_t)id, &len);
+            reader_get(&r, &len, 8);
+            const char *text = (const char *)g.bytes + r.pos;
+            r.pos += (size_t)len;
             char piece[256];
             size_t n = 0;
             for (uint64_t k = 0; k < len && n < sizeof piece; k++) {
