@@ -671,99 +671,157 @@ static void rmsnorm_backward(float *dinp, float *dgain, const float *dout, const
     }
 }
 
-// ---- Matrix multiplication: a fast tiled kernel, and the plain loops it is tested against.
+// ---- Matrix multiplication: one register-tiled kernel, and the plain loops it is tested against.
 //
-// gemm computes C[M, N] = A·B, or C += A·B, for A and B given by strides: A[i][k] is
-// a[i·a_row + k·a_col] and B[k][j] is b[k·b_row + j·b_col], so either may be a transpose of
-// a row-major array. That lets one kernel serve the forward product, both backward products
-// and Muon's Newton-Schulz. First A and B are copied ("packed") once into tile-major buffers:
-// A in tiles of GEMM_MR rows, B in panels of GEMM_NR columns, each laid out k by k. Then
-// every GEMM_MR x GEMM_NR tile of C reads its two slices with unit stride, keeps its 4 x 16
-// accumulators in 8 vector registers, and does 8 vector FMAs per k on one row of the B panel
-// and 4 broadcast values of A. The compiler does the vectorizing: the unroll pragmas only
-// flatten the two tiny loops so that it sees straight-line code. Each output element is
-// summed by one thread over k in order, so results do not depend on the thread count.
+// A product C[M, N] = A·B (or C += A·B) is given by strides: A[i][k] = a[i·a_row + k·a_col] and
+// B[k][j] = b[k·b_row + j·b_col], so either may be the transpose of a row-major array. One kernel
+// thus serves the forward product, both backward products, attention and Newton-Schulz.
+//
+// C is cut into tiles of GEMM_MR x GEMM_NR. A tile keeps its sums in vectors of 8 floats, two
+// per row, and for each k does 2·MR vector multiply-adds on one row of B (two vectors) and MR
+// broadcast values of A. MR is as large as the registers allow: 6 rows (12 accumulators + 2 B
+// vectors + 1 broadcast) on AVX2's 16 registers or NEON's 32 (two per vector), 12 on AVX-512's
+// 32. The vectors are GCC/Clang vector extensions, so the layout is fixed in the source rather
+// than left to the auto-vectorizer (which made a 30x slower kernel of the plain loop for
+// AVX-512), and it stays portable C.
+// A row of B must be 16 floats in a row: B is read in place when it is row-major and the panel
+// full; otherwise the panel is first copied ("packed") into a K x 16 buffer, zero-padded. A is
+// read in place, one value per tile row and k, whatever its strides.
+//
+// Every element of C is summed over k in order by one tile, so results do not depend on the
+// number of threads nor on how the work is split.
 
-#define GEMM_MR 4
+typedef float vec8 __attribute__((vector_size(32)));   // 8 floats, one AVX register or two NEON
+
+#if defined(__AVX512F__)
+#define GEMM_MR 12
+#else
+#define GEMM_MR 6
+#endif
 #define GEMM_NR 16
+#define GEMM_ITEM_ROWS 96   // rows of C per work item of gemm_parallel, a multiple of GEMM_MR
 
-// The packing buffer, grown as needed and never freed, so that allocation stays out of the
-// training loop after the first step. gemm is therefore not reentrant: call it from serial
-// code (it parallelizes inside).
-static float *gemm_buffer;
-static size_t gemm_buffer_floats;
+// Causal attention needs only a triangle of some products (see attention_forward):
+enum {
+    GEMM_FULL,
+    GEMM_LOWER,     // only C[i][j] with j <= i is needed: tiles right of the diagonal are skipped
+    GEMM_A_LOWER,   // A[i][k] = 0 for k > i: a tile sums k up to its last row only
+    GEMM_A_UPPER,   // A[i][k] = 0 for k < i: a tile sums k from its first row only
+};
 
-static float *gemm_workspace(size_t floats) {
-    if (floats > gemm_buffer_floats) {
-        free(gemm_buffer);
-        gemm_buffer = xmalloc(sizeof(float) * floats);
-        gemm_buffer_floats = floats;
+typedef struct {
+    float *c; size_t ldc;              // C [M, N], row stride ldc
+    const float *a; size_t a_row, a_col;
+    const float *b; size_t b_row, b_col;
+    int M, N, K;
+    bool accumulate;                   // C += A·B instead of C = A·B
+    int shape;                         // GEMM_FULL or a triangle
+} Gemm;
+
+// Per-thread work space, grown as needed and never freed, so that allocation stays out of the
+// training loop after the first step. One buffer per use, so that users can nest.
+enum { WORKSPACE_PANEL, WORKSPACE_SCORES, WORKSPACE_MUON, N_WORKSPACES };
+static _Thread_local float *workspace_buffer[N_WORKSPACES];
+static _Thread_local size_t workspace_floats[N_WORKSPACES];
+
+static float *workspace(int which, size_t floats) {
+    if (floats > workspace_floats[which]) {
+        free(workspace_buffer[which]);
+        workspace_buffer[which] = xmalloc(sizeof(float) * floats);
+        workspace_floats[which] = floats;
     }
-    return gemm_buffer;
+    return workspace_buffer[which];
 }
 
-// Packs X [rows, K] (X[i][k] = x[i·row + k·col]) into tiles of `tile` rows:
-// out[(i / tile)·tile·K + k·tile + i % tile], the last tile zero-padded. It walks the source
-// along whichever index has unit stride.
-static void pack_tiles(float *out, const float *x, size_t row, size_t col, int rows, int K, int tile) {
-    int tiles = (rows + tile - 1) / tile;
-    if (col == 1) {
-#pragma omp parallel for schedule(static)
-        for (int i = 0; i < tiles * tile; i++) {
-            float *o = out + (size_t)(i / tile) * tile * K + i % tile;
-            for (int k = 0; k < K; k++) o[(size_t)k * tile] = i < rows ? x[(size_t)i * row + k] : 0.0f;
-        }
-    } else {
-#pragma omp parallel for schedule(static)
-        for (int k = 0; k < K; k++)
-            for (int i = 0; i < tiles * tile; i++)
-                out[(size_t)(i / tile) * tile * K + (size_t)k * tile + i % tile] = i < rows ? x[(size_t)i * row + (size_t)k * col] : 0.0f;
-    }
-}
+static inline vec8 load8(const float *p) { vec8 v; memcpy(&v, p, sizeof v); return v; }
+static inline void store8(float *p, vec8 v) { memcpy(p, &v, sizeof v); }
 
-// One tile: c [mr x nr, row stride ldc] (+)= Σ_k a_tile[k][0..MR) ⊗ b_panel[k][0..NR).
-static inline void gemm_tile(float *restrict c, int ldc, const float *restrict a_tile, const float *restrict b_panel,
-                             int K, bool accumulate, int mr, int nr) {
-    float acc[GEMM_MR][GEMM_NR];
-    for (int i = 0; i < GEMM_MR; i++)
-        for (int j = 0; j < GEMM_NR; j++) acc[i][j] = 0.0f;
-    for (int k = 0; k < K; k++) {
-        const float *ak = a_tile + (size_t)k * GEMM_MR, *bk = b_panel + (size_t)k * GEMM_NR;
-#pragma GCC unroll 4
+// One tile: c[i][j] (+)= Σ_{k0 <= k < k1} A[i][k]·panel[k][j] for i < mr, j < nr, where a points
+// at the tile's first row of A and panel rows are panel_row floats apart. A short tile
+// (mr < MR) repeats its last row of A, so the loop is always the full MR x 16.
+static inline void gemm_tile(float *restrict c, size_t ldc, const float *a, size_t a_row, size_t a_col,
+                             const float *panel, size_t panel_row, int k0, int k1, bool accumulate, int mr, int nr) {
+    const float *row[GEMM_MR];
+    for (int i = 0; i < GEMM_MR; i++) row[i] = a + (size_t)(i < mr ? i : mr - 1) * a_row;
+    vec8 acc[GEMM_MR][2];
+    for (int i = 0; i < GEMM_MR; i++) acc[i][0] = acc[i][1] = (vec8){0};
+    for (int k = k0; k < k1; k++) {
+        vec8 b0 = load8(panel + (size_t)k * panel_row), b1 = load8(panel + (size_t)k * panel_row + 8);
+#pragma GCC unroll 12
         for (int i = 0; i < GEMM_MR; i++) {
-            float aik = ak[i];
-#pragma GCC unroll 16
-            for (int j = 0; j < GEMM_NR; j++) acc[i][j] += aik * bk[j];
+            float aik = row[i][(size_t)k * a_col];
+            acc[i][0] += aik * b0;
+            acc[i][1] += aik * b1;
         }
     }
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nr; j++) {
-            float *cij = c + (size_t)i * ldc + j;
-            *cij = (accumulate ? *cij : 0.0f) + acc[i][j];
+    for (int i = 0; i < mr; i++) {
+        float *ci = c + (size_t)i * ldc;
+        if (nr == GEMM_NR) {
+            store8(ci, (accumulate ? load8(ci) : (vec8){0}) + acc[i][0]);
+            store8(ci + 8, (accumulate ? load8(ci + 8) : (vec8){0}) + acc[i][1]);
+        } else {
+            float sums[GEMM_NR];
+            memcpy(sums, acc[i], sizeof sums);
+            for (int j = 0; j < nr; j++) ci[j] = (accumulate ? ci[j] : 0.0f) + sums[j];
         }
+    }
 }
 
-// C[M, N] (row stride ldc) = A·B, or += A·B with accumulate; A and B as described above.
-static void gemm(float *c, int ldc, const float *a, size_t a_row, size_t a_col, const float *b, size_t b_row, size_t b_col,
-                 int M, int N, int K, bool accumulate) {
-    int m_tiles = (M + GEMM_MR - 1) / GEMM_MR, n_tiles = (N + GEMM_NR - 1) / GEMM_NR;
-    size_t a_floats = (size_t)m_tiles * GEMM_MR * K;
-    float *a_packed = gemm_workspace(a_floats + (size_t)n_tiles * GEMM_NR * K), *b_packed = a_packed + a_floats;
-    pack_tiles(a_packed, a, a_row, a_col, M, K, GEMM_MR);
-    pack_tiles(b_packed, b, b_col, b_row, N, K, GEMM_NR);   // Bᵀ's rows are B's columns
-    // Tiles go panel by panel, so consecutive tiles of a thread share their B panel in cache.
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < m_tiles * n_tiles; t++) {
-        int panel = t / m_tiles, tile = t % m_tiles, i0 = tile * GEMM_MR, j0 = panel * GEMM_NR;
-        gemm_tile(c + (size_t)i0 * ldc + j0, ldc, a_packed + (size_t)tile * GEMM_MR * K, b_packed + (size_t)panel * GEMM_NR * K,
-                  K, accumulate, M - i0 < GEMM_MR ? M - i0 : GEMM_MR, N - j0 < GEMM_NR ? N - j0 : GEMM_NR);
+// Rows [i_begin, i_end) of column panel `panel` (columns 16·panel ...) of a product, on the
+// calling thread. i_begin is a multiple of GEMM_MR, so tiles sit at the same rows however the
+// rows are split (the triangles rely on that).
+static void gemm_block(const Gemm *g, int panel, int i_begin, int i_end) {
+    int j0 = panel * GEMM_NR, nr = g->N - j0 < GEMM_NR ? g->N - j0 : GEMM_NR;
+    if (g->shape == GEMM_LOWER && j0 > i_end - 1) return;
+    const float *p = g->b + (size_t)j0 * g->b_col;
+    size_t p_row = g->b_row;
+    if (g->b_col != 1 || nr < GEMM_NR) {   // pack: buf[k][j] = B[k][j0 + j], zero beyond N
+        float *buf = workspace(WORKSPACE_PANEL, (size_t)g->K * GEMM_NR);
+        for (int k = 0; k < g->K; k++)
+            for (int j = 0; j < GEMM_NR; j++) buf[k * GEMM_NR + j] = j < nr ? p[(size_t)k * g->b_row + (size_t)j * g->b_col] : 0.0f;
+        p = buf;
+        p_row = GEMM_NR;
+    }
+    for (int i0 = i_begin; i0 < i_end; i0 += GEMM_MR) {
+        int mr = i_end - i0 < GEMM_MR ? i_end - i0 : GEMM_MR;
+        if (g->shape == GEMM_LOWER && j0 > i0 + mr - 1) continue;
+        int k0 = g->shape == GEMM_A_UPPER ? i0 : 0;
+        int k1 = g->shape == GEMM_A_LOWER && i0 + mr < g->K ? i0 + mr : g->K;
+        gemm_tile(g->c + (size_t)i0 * g->ldc + j0, g->ldc, g->a + (size_t)i0 * g->a_row, g->a_row, g->a_col,
+                  p, p_row, k0, k1, g->accumulate, mr, nr);
+    }
+}
+
+// A whole product on the calling thread (for callers that are themselves split over threads).
+static void gemm_serial(const Gemm *g) {
+    for (int panel = 0; panel * GEMM_NR < g->N; panel++) gemm_block(g, panel, 0, g->M);
+}
+
+// n independent products (no two write the same C), split over the threads in one parallel
+// region. The work items (a panel of GEMM_ITEM_ROWS rows) are handed out one at a time, so a
+// thread that the OS shares with another program simply takes fewer of them.
+static void gemm_parallel(const Gemm *g, int n) {
+    int first_item[8 + 1] = {0};
+    if (n > 8) die("internal: gemm_parallel of %d products", n);
+    for (int p = 0; p < n; p++) {
+        int panels = (g[p].N + GEMM_NR - 1) / GEMM_NR, blocks = (g[p].M + GEMM_ITEM_ROWS - 1) / GEMM_ITEM_ROWS;
+        first_item[p + 1] = first_item[p] + panels * blocks;
+    }
+#pragma omp parallel for schedule(dynamic)
+    for (int item = 0; item < first_item[n]; item++) {
+        int p = 0;
+        while (item >= first_item[p + 1]) p++;
+        int blocks = (g[p].M + GEMM_ITEM_ROWS - 1) / GEMM_ITEM_ROWS, local = item - first_item[p];
+        int i0 = local % blocks * GEMM_ITEM_ROWS, i1 = i0 + GEMM_ITEM_ROWS < g[p].M ? i0 + GEMM_ITEM_ROWS : g[p].M;
+        gemm_block(&g[p], local / blocks, i0, i1);
     }
 }
 
 // out = inp · wᵀ. inp [N,C], w [OC,C], out [N,OC]. (B[k][j] = w[j][k].)
 static void matmul_forward(float *out, const float *inp, const float *w, int N, int C, int OC) {
     double t0 = part_begin();
-    gemm(out, OC, inp, (size_t)C, 1, w, 1, (size_t)C, N, OC, C, false);
+    Gemm g = {out, (size_t)OC, inp, (size_t)C, 1, w, 1, (size_t)C, N, OC, C, false, GEMM_FULL};
+    gemm_parallel(&g, 1);
     part_end(PART_MATMUL_FORWARD, t0);
 }
 
@@ -771,8 +829,11 @@ static void matmul_forward(float *out, const float *inp, const float *w, int N, 
 static void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp,
                             const float *w, int N, int C, int OC) {
     double t0 = part_begin();
-    gemm(dinp, C, dout, (size_t)OC, 1, w, (size_t)C, 1, N, C, OC, true);
-    gemm(dw, C, dout, 1, (size_t)OC, inp, (size_t)C, 1, OC, C, N, true);
+    Gemm g[2] = {   // dw's work items are the larger (k runs over all N tokens): first, for balance
+        {dw, (size_t)C, dout, 1, (size_t)OC, inp, (size_t)C, 1, OC, C, N, true, GEMM_FULL},
+        {dinp, (size_t)C, dout, (size_t)OC, 1, w, (size_t)C, 1, N, C, OC, true, GEMM_FULL},
+    };
+    gemm_parallel(g, 2);
     part_end(PART_MATMUL_BACKWARD, t0);
 }
 
@@ -835,14 +896,82 @@ static void rope_backward(float *dx, const float *cos_table, const float *sin_ta
 }
 
 // Causal attention with grouped KV heads: query head h reads KV head h / (H / KVH).
-// q [B,T,H,hd], k and v [B,T,KVH,hd], out [B,T,H,hd], att [B,H,T,T] (softmax probabilities;
-// only t2 <= t is written).
+// q [B,T,H,hd], k and v [B,T,KVH,hd], out [B,T,H,hd], att [B,H,T,T] softmax probabilities.
+// For each (b, h), on one thread: S = Q·Kᵀ (only tiles on or left of the diagonal), then each
+// row t becomes p = softmax(scale·S[t][0..t]), then out = P·V. P is zeroed right of the diagonal
+// up to the end of the row's GEMM_MR-row tile, since the P·V tiles (GEMM_A_LOWER) and the backward's
+// Pᵀ tiles (GEMM_A_UPPER) read that far; beyond it att holds unused values.
 static void attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
                               int B, int T, int H, int KVH, int hd) {
     double t0 = part_begin();
     float scale = 1.0f / sqrtf((float)hd);
     int group = H / KVH;
-#pragma omp parallel for collapse(3) schedule(static)
+    size_t q_row = (size_t)H * hd, kv_row = (size_t)KVH * hd;
+#pragma omp parallel for collapse(2) schedule(dynamic)
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++) {
+            size_t qo = (size_t)b * T * q_row + (size_t)h * hd, kvo = (size_t)b * T * kv_row + (size_t)(h / group) * hd;
+            float *p = att + ((size_t)b * H + h) * T * T;
+            gemm_serial(&(Gemm){p, (size_t)T, q + qo, q_row, 1, k + kvo, 1, kv_row, T, T, hd, false, GEMM_LOWER});
+            for (int t = 0; t < T; t++) {
+                float *row = p + (size_t)t * T, maxval = -FLT_MAX, sum = 0.0f;
+                for (int t2 = 0; t2 <= t; t2++) { row[t2] *= scale; maxval = fmaxf(maxval, row[t2]); }
+                for (int t2 = 0; t2 <= t; t2++) { row[t2] = expf(row[t2] - maxval); sum += row[t2]; }
+                float inv = 1.0f / sum;
+                for (int t2 = 0; t2 <= t; t2++) row[t2] *= inv;
+                int tile_end = (t / GEMM_MR + 1) * GEMM_MR;
+                for (int t2 = t + 1; t2 < tile_end && t2 < T; t2++) row[t2] = 0.0f;
+            }
+            gemm_serial(&(Gemm){out + qo, q_row, p, (size_t)T, 1, v + kvo, kv_row, 1, T, hd, T, false, GEMM_A_LOWER});
+        }
+    part_end(PART_ATTENTION, t0);
+}
+
+// Backward of attention. With s = scaled scores and p = softmax(s):
+// dv[t2] += p[t2]·dout;  dp[t2] = dout·v[t2];  ds[t2] = p[t2]·(dp[t2] - Σ p·dp), and
+// Σ p·dp = dout·out (since out = Σ p·v), so no scratch row is needed.
+// dq += scale·Σ ds·k;  dk[t2] += scale·ds[t2]·q. As matrices, per (b, h): dP = dO·Vᵀ (lower
+// triangle), dS from it row by row, dQ += dS·K, dK += dSᵀ·Q, dV += Pᵀ·dO. Parallel over
+// (b, KV head), each KV head's query heads in order, so dk and dv rows have one writer.
+static void attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                               const float *att, const float *q, const float *k, const float *v,
+                               int B, int T, int H, int KVH, int hd) {
+    double t0 = part_begin();
+    float scale = 1.0f / sqrtf((float)hd);
+    int group = H / KVH;
+    size_t q_row = (size_t)H * hd, kv_row = (size_t)KVH * hd;
+#pragma omp parallel for collapse(2) schedule(dynamic)
+    for (int b = 0; b < B; b++)
+        for (int kh = 0; kh < KVH; kh++) {
+            size_t kvo = (size_t)b * T * kv_row + (size_t)kh * hd;
+            float *ds = workspace(WORKSPACE_SCORES, (size_t)T * T);
+            for (int h = kh * group; h < (kh + 1) * group; h++) {
+                size_t qo = (size_t)b * T * q_row + (size_t)h * hd;
+                const float *p = att + ((size_t)b * H + h) * T * T;
+                gemm_serial(&(Gemm){ds, (size_t)T, dout + qo, q_row, 1, v + kvo, 1, kv_row, T, T, hd, false, GEMM_LOWER});
+                for (int t = 0; t < T; t++) {
+                    const float *pt = p + (size_t)t * T;
+                    float *dst = ds + (size_t)t * T, p_dot_dp = dot(dout + qo + t * q_row, out + qo + t * q_row, hd);
+                    for (int t2 = 0; t2 <= t; t2++) dst[t2] = pt[t2] * (dst[t2] - p_dot_dp) * scale;
+                    int tile_end = (t / GEMM_MR + 1) * GEMM_MR;
+                    for (int t2 = t + 1; t2 < tile_end && t2 < T; t2++) dst[t2] = 0.0f;
+                }
+                gemm_serial(&(Gemm){dq + qo, q_row, ds, (size_t)T, 1, k + kvo, kv_row, 1, T, hd, T, true, GEMM_A_LOWER});
+                gemm_serial(&(Gemm){dk + kvo, kv_row, ds, 1, (size_t)T, q + qo, q_row, 1, T, hd, T, true, GEMM_A_UPPER});
+                gemm_serial(&(Gemm){dv + kvo, kv_row, p, 1, (size_t)T, dout + qo, q_row, 1, T, hd, T, true, GEMM_A_UPPER});
+            }
+        }
+    part_end(PART_ATTENTION, t0);
+}
+
+// The plain loops of attention, forward and backward, as the reference for the two above
+// (test_osp.c: odd shapes, T = 1, causal tiles cut mid-tile). They write att only for t2 <= t.
+void attention_forward_reference(float *out, float *att, const float *q, const float *k, const float *v,
+                                 int B, int T, int H, int KVH, int hd);
+void attention_forward_reference(float *out, float *att, const float *q, const float *k, const float *v,
+                                 int B, int T, int H, int KVH, int hd) {
+    float scale = 1.0f / sqrtf((float)hd);
+    int group = H / KVH;
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++)
             for (int t = 0; t < T; t++) {
@@ -865,43 +994,36 @@ static void attention_forward(float *out, float *att, const float *q, const floa
                     for (int i = 0; i < hd; i++) o[i] += p[t2] * vt[i];
                 }
             }
-    part_end(PART_ATTENTION, t0);
 }
 
-// Backward of attention. With s = scaled scores and p = softmax(s):
-// dv[t2] += p[t2]·dout;  dp[t2] = dout·v[t2];  ds[t2] = p[t2]·(dp[t2] - Σ p·dp), and
-// Σ p·dp = dout·out (since out = Σ p·v), so no scratch row is needed.
-// dq += scale·Σ ds·k;  dk[t2] += scale·ds[t2]·q. Parallel over (b, KV head): each KV head's
-// dk, dv rows are written by one thread only.
-static void attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,
-                               const float *att, const float *q, const float *k, const float *v,
-                               int B, int T, int H, int KVH, int hd) {
-    double t0 = part_begin();
+void attention_backward_reference(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                                  const float *att, const float *q, const float *k, const float *v,
+                                  int B, int T, int H, int KVH, int hd);
+void attention_backward_reference(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                                  const float *att, const float *q, const float *k, const float *v,
+                                  int B, int T, int H, int KVH, int hd) {
     float scale = 1.0f / sqrtf((float)hd);
     int group = H / KVH;
-#pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
-        for (int kh = 0; kh < KVH; kh++)
-            for (int h = kh * group; h < (kh + 1) * group; h++)
-                for (int t = 0; t < T; t++) {
-                    size_t row = ((size_t)b * T + t) * H + h;
-                    const float *p = att + (((size_t)b * H + h) * T + t) * T;
-                    const float *go = dout + row * hd, *qt = q + row * hd;
-                    float *dqt = dq + row * hd;
-                    float p_dot_dp = dot(go, out + row * hd, hd);
-                    for (int t2 = 0; t2 <= t; t2++) {
-                        size_t kv_row = ((size_t)b * T + t2) * KVH + kh;
-                        const float *kt = k + kv_row * hd, *vt = v + kv_row * hd;
-                        float *dkt = dk + kv_row * hd, *dvt = dv + kv_row * hd;
-                        float ds = p[t2] * (dot(go, vt, hd) - p_dot_dp) * scale;
-                        for (int i = 0; i < hd; i++) {
-                            dvt[i] += p[t2] * go[i];
-                            dqt[i] += ds * kt[i];
-                            dkt[i] += ds * qt[i];
-                        }
+        for (int h = 0; h < H; h++)
+            for (int t = 0; t < T; t++) {
+                size_t row = ((size_t)b * T + t) * H + h;
+                const float *p = att + (((size_t)b * H + h) * T + t) * T;
+                const float *go = dout + row * hd, *qt = q + row * hd;
+                float *dqt = dq + row * hd;
+                float p_dot_dp = dot(go, out + row * hd, hd);
+                for (int t2 = 0; t2 <= t; t2++) {
+                    size_t kv_row = ((size_t)b * T + t2) * KVH + h / group;
+                    const float *kt = k + kv_row * hd, *vt = v + kv_row * hd;
+                    float *dkt = dk + kv_row * hd, *dvt = dv + kv_row * hd;
+                    float ds = p[t2] * (dot(go, vt, hd) - p_dot_dp) * scale;
+                    for (int i = 0; i < hd; i++) {
+                        dvt[i] += p[t2] * go[i];
+                        dqt[i] += ds * kt[i];
+                        dkt[i] += ds * qt[i];
                     }
                 }
-    part_end(PART_ATTENTION, t0);
+            }
 }
 
 // SwiGLU: out = silu(gate) * up, silu(x) = x * sigmoid(x). All [n].
@@ -1473,11 +1595,12 @@ static float clip_grad_norm(float *grads, size_t n, float max_norm) {
 // One AdamW step (t = 1-based step count) on n parameters with moments m, v:
 // m = b1·m + (1-b1)·g;  v = b2·v + (1-b2)·g²;  w -= lr·(m̂ / (sqrt(v̂) + eps) + wd·w),
 // with bias-corrected m̂ = m / (1 - b1^t), v̂ = v / (1 - b2^t). Weight decay applies to every
-// parameter, norm gains included, as OSP-SPEC.md writes the update.
+// parameter, norm gains included, as OSP-SPEC.md writes the update. Called inside a parallel
+// region, the elements are split over its threads (an orphaned `omp for`); outside, one does all.
 static void adamw_update(float *params, const float *grads, float *m, float *v, size_t n,
                          const OptimConfig *o, float lr, int t) {
     float c1 = 1.0f - powf(o->beta1, (float)t), c2 = 1.0f - powf(o->beta2, (float)t);
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static) nowait
     for (size_t i = 0; i < n; i++) {
         float g = grads[i];
         m[i] = o->beta1 * m[i] + (1.0f - o->beta1) * g;
@@ -1509,7 +1632,6 @@ static size_t newton_schulz_scratch(int rows, int cols) {
 // (rows <= cols), so a tall U is transposed first and the result transposed back. The three
 // products use the model's gemm kernel: A = X·Xᵀ (Xᵀ through strides), A·A, and poly·X.
 static void newton_schulz(float *out, const float *u, int rows, int cols, int steps, float *scratch) {
-    double t0 = part_begin();
     bool tall = rows > cols;
     int r = tall ? cols : rows, c = tall ? rows : cols;
     size_t n = (size_t)r * c;
@@ -1521,15 +1643,14 @@ static void newton_schulz(float *out, const float *u, int rows, int cols, int st
     else memcpy(x, u, sizeof(float) * n);
     for (size_t i = 0; i < n; i++) x[i] *= inv_norm;
     for (int step = 0; step < steps; step++) {
-        gemm(gram, r, x, (size_t)c, 1, x, 1, (size_t)c, r, r, c, false);          // A = X·Xᵀ
-        gemm(poly, r, gram, (size_t)r, 1, gram, (size_t)r, 1, r, r, r, false);    // A·A
+        gemm_serial(&(Gemm){gram, (size_t)r, x, (size_t)c, 1, x, 1, (size_t)c, r, r, c, false, GEMM_FULL});        // A = X·Xᵀ
+        gemm_serial(&(Gemm){poly, (size_t)r, gram, (size_t)r, 1, gram, (size_t)r, 1, r, r, r, false, GEMM_FULL});  // A·A
         for (size_t i = 0; i < (size_t)r * r; i++) poly[i] = NS_B * gram[i] + NS_C * poly[i];
-        gemm(x_next, c, poly, (size_t)r, 1, x, (size_t)c, 1, r, c, r, false);     // (b·A + c·A²)·X
+        gemm_serial(&(Gemm){x_next, (size_t)c, poly, (size_t)r, 1, x, (size_t)c, 1, r, c, r, false, GEMM_FULL});   // (b·A + c·A²)·X
         for (size_t i = 0; i < n; i++) x[i] = NS_A * x[i] + x_next[i];
     }
     if (tall) transpose(out, x, r, c);
     else memcpy(out, x, sizeof(float) * n);
-    part_end(PART_NEWTON_SCHULZ, t0);
 }
 
 // One Muon step on a rows x cols matrix w with gradient g and momentum buffer mom:
@@ -1596,23 +1717,33 @@ static double newton_schulz_flops(const Model *m, const OptimConfig *o) {
 
 // Applies one optimizer step (t = 1-based step count, factor = schedule multiplier) to every
 // tensor: AdamW on the whole tensor, or Muon on each of its matrices (each layer separately).
-static void optimizer_step(Model *m, const OptimConfig *o, float *state, float *scratch, float factor, int t) {
-    double t0 = part_begin();
+// One parallel region: the AdamW tensors are split elementwise, then each Muon matrix goes whole
+// to one thread (its Newton-Schulz products are too small to split well), handed out one at a
+// time so a thread slowed by another program takes fewer.
+static void optimizer_step(Model *m, const OptimConfig *o, float *state, float factor, int t) {
     size_t offset[N_PARAM_TENSORS];
     optimizer_layout(m, o->optimizer, offset);
-    for (int i = 0; i < N_PARAM_TENSORS; i++) {
-        size_t n = param_size(m, i);
-        if (n == 0) continue;
-        float *p = m->params + m->shape[i].offset, *g = m->grads + m->shape[i].offset, *st = state + offset[i];
-        if (!uses_muon(o->optimizer, i)) {
-            adamw_update(p, g, st, st + n, n, o, factor * o->lr_adam, t);
-            continue;
+    int first_matrix[N_PARAM_TENSORS + 1] = {0};   // Muon matrices numbered across tensors
+    for (int i = 0; i < N_PARAM_TENSORS; i++)
+        first_matrix[i + 1] = first_matrix[i] + (uses_muon(o->optimizer, i) && param_size(m, i) ? m->shape[i].count : 0);
+    size_t scratch_floats = optimizer_scratch(m, o->optimizer);
+#pragma omp parallel
+    {
+        for (int i = 0; i < N_PARAM_TENSORS; i++) {
+            size_t n = param_size(m, i);
+            if (n == 0 || uses_muon(o->optimizer, i)) continue;
+            float *st = state + offset[i];
+            adamw_update(m->params + m->shape[i].offset, m->grads + m->shape[i].offset, st, st + n, n, o, factor * o->lr_adam, t);
         }
-        size_t per = (size_t)m->shape[i].rows * m->shape[i].cols;
-        for (int k = 0; k < m->shape[i].count; k++)
-            muon_update(p + k * per, g + k * per, st + k * per, m->shape[i].rows, m->shape[i].cols, o, factor * o->lr_muon, scratch);
+#pragma omp for schedule(dynamic)
+        for (int j = 0; j < first_matrix[N_PARAM_TENSORS]; j++) {
+            int i = 0;
+            while (j >= first_matrix[i + 1]) i++;
+            size_t per = (size_t)m->shape[i].rows * m->shape[i].cols, at = m->shape[i].offset + (size_t)(j - first_matrix[i]) * per;
+            muon_update(m->params + at, m->grads + at, state + offset[i] + (at - m->shape[i].offset), m->shape[i].rows,
+                        m->shape[i].cols, o, factor * o->lr_muon, workspace(WORKSPACE_MUON, scratch_floats));
+        }
     }
-    part_end(PART_OPTIMIZER, t0);
 }
 
 /* ============================================================================
@@ -1784,7 +1915,8 @@ static void model_merge(Model *dst, const Model *src, int max_batch) {
         if (i == PARAM_EMBED && src->cfg.embproj) {
             matmul_forward(out, in, param_at(src, P, PARAM_EMBPROJ_IN, 0), V, d, d);
         } else if (i == PARAM_HEAD && src->cfg.embproj) {
-            gemm(out, d, in, (size_t)d, 1, param_at(src, P, PARAM_EMBPROJ_OUT, 0), (size_t)d, 1, V, d, d, false);
+            gemm_parallel(&(Gemm){out, (size_t)d, in, (size_t)d, 1, param_at(src, P, PARAM_EMBPROJ_OUT, 0), (size_t)d, 1, V, d, d,
+                                  false, GEMM_FULL}, 1);
         } else if (is_norm_gain(i) && src->cfg.ssnorm) {
             for (size_t j = 0; j < n; j++) out[j] = in[j / (size_t)d];
         } else {
@@ -2374,7 +2506,6 @@ typedef struct {
     TrainState state;
     Model model;
     float *opt_state;        // optimizer buffers (optimizer_layout)
-    float *opt_scratch;      // Muon's work space
     const TokenData *train, *val;   // borrowed: the caller loads and frees the data
     int *inputs, *targets;   // [batch, seq_len]
 } Trainer;
@@ -2390,13 +2521,12 @@ static float train_step(Trainer *tr, float *grad_norm) {
     if (!isfinite(loss)) return loss;
     model_backward(m);
     *grad_norm = clip_grad_norm(m->grads, m->n_params, s->opt.grad_clip);
-    optimizer_step(m, &s->opt, tr->opt_state, tr->opt_scratch, lr_factor(&s->opt, s->step), s->step + 1);
+    optimizer_step(m, &s->opt, tr->opt_state, lr_factor(&s->opt, s->step), s->step + 1);
     s->step++;
     return loss;
 }
 
 static void trainer_alloc_buffers(Trainer *tr) {
-    tr->opt_scratch = xmalloc(sizeof(float) * optimizer_scratch(&tr->model, tr->state.opt.optimizer));
     tr->inputs = xmalloc(sizeof(int) * (size_t)tr->state.batch * tr->state.cfg.seq_len);
     tr->targets = xmalloc(sizeof(int) * (size_t)tr->state.batch * tr->state.cfg.seq_len);
 }
@@ -2423,7 +2553,7 @@ static bool trainer_resume(Trainer *tr, const char *path) {
 
 static void trainer_free(Trainer *tr) {
     model_free(&tr->model);
-    free(tr->opt_state); free(tr->opt_scratch); free(tr->inputs); free(tr->targets);
+    free(tr->opt_state); free(tr->inputs); free(tr->targets);
     memset(tr, 0, sizeof *tr);
 }
 
@@ -3989,7 +4119,9 @@ static StepTiming time_training(const TrainState *proto, int preset, int steps, 
         model_backward(&tr.model);
         fb += now_seconds() - f0;
         clip_grad_norm(tr.model.grads, tr.model.n_params, s.opt.grad_clip);
-        optimizer_step(&tr.model, &s.opt, tr.opt_state, tr.opt_scratch, 1.0f, i + 3);
+        double o0 = now_seconds();
+        optimizer_step(&tr.model, &s.opt, tr.opt_state, 1.0f, i + 3);
+        part_seconds[PART_OPTIMIZER] += now_seconds() - o0;
     }
     r.ms_per_step = 1e3 * (now_seconds() - t0) / steps;
     profiling = false;
