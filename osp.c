@@ -23,7 +23,10 @@ Build: make            Test: make test            Train and sample: make run
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -213,7 +216,7 @@ static void set_num_threads(int n) {
 
 // Time spent in the main parts of a training step, summed for ./osp bench. Off (and free)
 // unless bench switches `profiling` on.
-enum { PART_MATMUL_FORWARD, PART_MATMUL_BACKWARD, PART_ATTENTION, PART_OPTIMIZER, PART_NEWTON_SCHULZ, N_PARTS };
+enum { PART_MATMUL_FORWARD, PART_MATMUL_BACKWARD, PART_ATTENTION, PART_OPTIMIZER, N_PARTS };
 static double part_seconds[N_PARTS];
 static bool profiling;
 
@@ -641,7 +644,7 @@ static void embedding_backward(float *dtable, const float *dout, const int *toke
 // gain_step 1: a gain per channel, gain [d] (Llama). gain_step 0: one scalar gain [1] for all
 // channels (OSP's Single-Scale RMSNorm), so no channel can be singled out by its own scale.
 static void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *gain, int gain_step, int N, int d) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 16)
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * d;
         float r = 1.0f / sqrtf(dot(x, x, d) / (float)d + RMSNORM_EPS);
@@ -655,7 +658,7 @@ static void rmsnorm_forward(float *out, float *rstd, const float *inp, const flo
 // scale, over channels) of dy * x * r.
 static void rmsnorm_backward(float *dinp, float *dgain, const float *dout, const float *inp,
                              const float *gain, int gain_step, const float *rstd, int N, int d) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 16)
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * d, *dy = dout + (size_t)n * d;
         float r = rstd[n], proj = 0.0f;
@@ -733,9 +736,6 @@ static float *workspace(int which, size_t floats) {
     return workspace_buffer[which];
 }
 
-static inline vec8 load8(const float *p) { vec8 v; memcpy(&v, p, sizeof v); return v; }
-static inline void store8(float *p, vec8 v) { memcpy(p, &v, sizeof v); }
-
 // One tile: c[i][j] (+)= Σ_{k0 <= k < k1} A[i][k]·panel[k][j] for i < mr, j < nr, where a points
 // at the tile's first row of A and panel rows are panel_row floats apart. A short tile
 // (mr < MR) repeats its last row of A, so the loop is always the full MR x 16.
@@ -746,7 +746,9 @@ static inline void gemm_tile(float *restrict c, size_t ldc, const float *a, size
     vec8 acc[GEMM_MR][2];
     for (int i = 0; i < GEMM_MR; i++) acc[i][0] = acc[i][1] = (vec8){0};
     for (int k = k0; k < k1; k++) {
-        vec8 b0 = load8(panel + (size_t)k * panel_row), b1 = load8(panel + (size_t)k * panel_row + 8);
+        vec8 b0, b1;   // memcpy: an unaligned vector load (no vector-typed function calls: their ABI varies)
+        memcpy(&b0, panel + (size_t)k * panel_row, sizeof b0);
+        memcpy(&b1, panel + (size_t)k * panel_row + 8, sizeof b1);
 #pragma GCC unroll 12
         for (int i = 0; i < GEMM_MR; i++) {
             float aik = row[i][(size_t)k * a_col];
@@ -755,15 +757,9 @@ static inline void gemm_tile(float *restrict c, size_t ldc, const float *a, size
         }
     }
     for (int i = 0; i < mr; i++) {
-        float *ci = c + (size_t)i * ldc;
-        if (nr == GEMM_NR) {
-            store8(ci, (accumulate ? load8(ci) : (vec8){0}) + acc[i][0]);
-            store8(ci + 8, (accumulate ? load8(ci + 8) : (vec8){0}) + acc[i][1]);
-        } else {
-            float sums[GEMM_NR];
-            memcpy(sums, acc[i], sizeof sums);
-            for (int j = 0; j < nr; j++) ci[j] = (accumulate ? ci[j] : 0.0f) + sums[j];
-        }
+        float *ci = c + (size_t)i * ldc, sums[GEMM_NR];
+        memcpy(sums, acc[i], sizeof sums);
+        for (int j = 0; j < nr; j++) ci[j] = (accumulate ? ci[j] : 0.0f) + sums[j];
     }
 }
 
@@ -797,44 +793,65 @@ static void gemm_serial(const Gemm *g) {
     for (int panel = 0; panel * GEMM_NR < g->N; panel++) gemm_block(g, panel, 0, g->M);
 }
 
-// n independent products (no two write the same C), split over the threads in one parallel
-// region. The work items (a panel of GEMM_ITEM_ROWS rows) are handed out one at a time, so a
-// thread that the OS shares with another program simply takes fewer of them.
+#define GEMM_MAX_BATCH 8
+
+// n products split over the threads in one parallel region. Work items (a panel of
+// GEMM_ITEM_ROWS rows) are handed out one at a time, so a thread that the OS shares with another
+// program simply takes fewer. Products that write the same C must be consecutive in g (a
+// "chain", same M and N): each item runs the chain in order, so every element of C still
+// receives the products' sums in a fixed order.
 static void gemm_parallel(const Gemm *g, int n) {
-    int first_item[8 + 1] = {0};
-    if (n > 8) die("internal: gemm_parallel of %d products", n);
+    int chain[GEMM_MAX_BATCH], first_item[GEMM_MAX_BATCH + 1] = {0}, chains = 0;
+    if (n > GEMM_MAX_BATCH) die("internal: gemm_parallel of %d products", n);
     for (int p = 0; p < n; p++) {
+        if (p > 0 && g[p].c == g[p - 1].c) continue;
         int panels = (g[p].N + GEMM_NR - 1) / GEMM_NR, blocks = (g[p].M + GEMM_ITEM_ROWS - 1) / GEMM_ITEM_ROWS;
-        first_item[p + 1] = first_item[p] + panels * blocks;
+        chain[chains] = p;
+        first_item[chains + 1] = first_item[chains] + panels * blocks;
+        chains++;
     }
 #pragma omp parallel for schedule(dynamic)
-    for (int item = 0; item < first_item[n]; item++) {
-        int p = 0;
-        while (item >= first_item[p + 1]) p++;
-        int blocks = (g[p].M + GEMM_ITEM_ROWS - 1) / GEMM_ITEM_ROWS, local = item - first_item[p];
-        int i0 = local % blocks * GEMM_ITEM_ROWS, i1 = i0 + GEMM_ITEM_ROWS < g[p].M ? i0 + GEMM_ITEM_ROWS : g[p].M;
-        gemm_block(&g[p], local / blocks, i0, i1);
+    for (int item = 0; item < first_item[chains]; item++) {
+        int ch = 0;
+        while (item >= first_item[ch + 1]) ch++;
+        const Gemm *first = &g[chain[ch]];
+        int blocks = (first->M + GEMM_ITEM_ROWS - 1) / GEMM_ITEM_ROWS, local = item - first_item[ch];
+        int i0 = local % blocks * GEMM_ITEM_ROWS, i1 = i0 + GEMM_ITEM_ROWS < first->M ? i0 + GEMM_ITEM_ROWS : first->M;
+        for (const Gemm *p = first; p < g + n && p->c == first->c; p++) gemm_block(p, local / blocks, i0, i1);
     }
 }
 
-// out = inp · wᵀ. inp [N,C], w [OC,C], out [N,OC]. (B[k][j] = w[j][k].)
-static void matmul_forward(float *out, const float *inp, const float *w, int N, int C, int OC) {
+// out[p] = inp · w[p]ᵀ for n weights sharing one input (Q, K, V; gate and up), in one parallel
+// region. inp [N,C], w[p] [OC[p],C], out[p] [N,OC[p]]. (B[k][j] = w[j][k].)
+static void matmul_forward_n(int n, float *const *out, const float *inp, const float *const *w, int N, int C, const int *OC) {
     double t0 = part_begin();
-    Gemm g = {out, (size_t)OC, inp, (size_t)C, 1, w, 1, (size_t)C, N, OC, C, false, GEMM_FULL};
-    gemm_parallel(&g, 1);
+    Gemm g[GEMM_MAX_BATCH];
+    for (int p = 0; p < n; p++) g[p] = (Gemm){out[p], (size_t)OC[p], inp, (size_t)C, 1, w[p], 1, (size_t)C, N, OC[p], C, false, GEMM_FULL};
+    gemm_parallel(g, n);
     part_end(PART_MATMUL_FORWARD, t0);
 }
 
-// dinp += dout · w  (dout [N,OC], w [OC,C]);  dw += doutᵀ · inp  (A[o][n] = dout[n][o]).
-static void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp,
-                            const float *w, int N, int C, int OC) {
+static void matmul_forward(float *out, const float *inp, const float *w, int N, int C, int OC) {
+    matmul_forward_n(1, &out, inp, &w, N, C, &OC);
+}
+
+// Backward of matmul_forward_n: dw[p] += dout[p]ᵀ · inp (A[o][n] = dout[p][n][o]), then
+// dinp += dout[0]·w[0] + dout[1]·w[1] + ... in that order (a chain). The dw products come first:
+// their work items are the larger (k runs over all N tokens), and large items first balance best.
+static void matmul_backward_n(int n, float *dinp, float *const *dw, const float *const *dout, const float *inp,
+                              const float *const *w, int N, int C, const int *OC) {
     double t0 = part_begin();
-    Gemm g[2] = {   // dw's work items are the larger (k runs over all N tokens): first, for balance
-        {dw, (size_t)C, dout, 1, (size_t)OC, inp, (size_t)C, 1, OC, C, N, true, GEMM_FULL},
-        {dinp, (size_t)C, dout, (size_t)OC, 1, w, (size_t)C, 1, N, C, OC, true, GEMM_FULL},
-    };
-    gemm_parallel(g, 2);
+    Gemm g[GEMM_MAX_BATCH];
+    for (int p = 0; p < n; p++) {
+        g[p] = (Gemm){dw[p], (size_t)C, dout[p], 1, (size_t)OC[p], inp, (size_t)C, 1, OC[p], C, N, true, GEMM_FULL};
+        g[n + p] = (Gemm){dinp, (size_t)C, dout[p], (size_t)OC[p], 1, w[p], (size_t)C, 1, N, C, OC[p], true, GEMM_FULL};
+    }
+    gemm_parallel(g, 2 * n);
     part_end(PART_MATMUL_BACKWARD, t0);
+}
+
+static void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w, int N, int C, int OC) {
+    matmul_backward_n(1, dinp, &dw, &dout, inp, &w, N, C, &OC);
 }
 
 // The plain loops: the reference the kernel is tested against (test_osp.c, odd shapes).
@@ -866,18 +883,19 @@ static void rope_tables(float *cos_table, float *sin_table, int T_max, int head_
         }
 }
 
-// RoPE in place on x [B,T,n_heads,head_dim]: rotates ADJACENT pairs (2i, 2i+1) of each head
-// by angle t * theta^(-2i/head_dim) (the Meta / llama2.c layout). sign = +1 applies the
-// rotation; sign = -1 applies its inverse, which is exactly the backward pass, because the
-// rotation is orthogonal: dx = Rᵀ dy.
-static void rope_rotate(float *x, const float *cos_table, const float *sin_table, int B, int T,
-                        int n_heads, int head_dim, float sign) {
+// RoPE in place on q [B,T,H,head_dim] and k [B,T,KVH,head_dim] (k may be NULL with KVH = 0),
+// in one pass: rotates ADJACENT pairs (2i, 2i+1) of each head by angle t * theta^(-2i/head_dim)
+// (the Meta / llama2.c layout). sign = +1 applies the rotation; sign = -1 applies its inverse,
+// which is exactly the backward pass, because the rotation is orthogonal: dx = Rᵀ dy.
+static void rope_rotate(float *q, float *k, const float *cos_table, const float *sin_table, int B, int T,
+                        int H, int KVH, int head_dim, float sign) {
     int half = head_dim / 2;
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(dynamic, 16)
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++)
-            for (int h = 0; h < n_heads; h++) {
-                float *v = x + (((size_t)b * T + t) * n_heads + h) * head_dim;
+            for (int h = 0; h < H + KVH; h++) {
+                size_t row = (size_t)b * T + t;
+                float *v = h < H ? q + (row * H + h) * head_dim : k + (row * KVH + h - H) * head_dim;
                 for (int i = 0; i < half; i++) {
                     float c = cos_table[t * half + i], s = sign * sin_table[t * half + i];
                     float x0 = v[2 * i], x1 = v[2 * i + 1];
@@ -887,12 +905,14 @@ static void rope_rotate(float *x, const float *cos_table, const float *sin_table
             }
 }
 
-static void rope_forward(float *x, const float *cos_table, const float *sin_table, int B, int T, int n_heads, int head_dim) {
-    rope_rotate(x, cos_table, sin_table, B, T, n_heads, head_dim, 1.0f);
+static void rope_forward(float *q, float *k, const float *cos_table, const float *sin_table, int B, int T, int H, int KVH,
+                         int head_dim) {
+    rope_rotate(q, k, cos_table, sin_table, B, T, H, KVH, head_dim, 1.0f);
 }
 
-static void rope_backward(float *dx, const float *cos_table, const float *sin_table, int B, int T, int n_heads, int head_dim) {
-    rope_rotate(dx, cos_table, sin_table, B, T, n_heads, head_dim, -1.0f);
+static void rope_backward(float *dq, float *dk, const float *cos_table, const float *sin_table, int B, int T, int H, int KVH,
+                          int head_dim) {
+    rope_rotate(dq, dk, cos_table, sin_table, B, T, H, KVH, head_dim, -1.0f);
 }
 
 // Causal attention with grouped KV heads: query head h reads KV head h / (H / KVH).
@@ -1028,7 +1048,7 @@ void attention_backward_reference(float *dq, float *dk, float *dv, const float *
 
 // SwiGLU: out = silu(gate) * up, silu(x) = x * sigmoid(x). All [n].
 static void swiglu_forward(float *out, const float *gate, const float *up, size_t n) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 8192)
     for (size_t i = 0; i < n; i++) {
         float g = gate[i];
         out[i] = g / (1.0f + expf(-g)) * up[i];
@@ -1037,7 +1057,7 @@ static void swiglu_forward(float *out, const float *gate, const float *up, size_
 
 // dgate += dout·up·silu'(gate), silu'(x) = s(x)·(1 + x·(1 - s(x)));  dup += dout·silu(gate).
 static void swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate, const float *up, size_t n) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 8192)
     for (size_t i = 0; i < n; i++) {
         float g = gate[i], s = 1.0f / (1.0f + expf(-g));
         dgate[i] += dout[i] * up[i] * s * (1.0f + g * (1.0f - s));
@@ -1047,19 +1067,19 @@ static void swiglu_backward(float *dgate, float *dup, const float *dout, const f
 
 // Residual connection: out = a + b. All [n].
 static void residual_forward(float *out, const float *a, const float *b, size_t n) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 8192)
     for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
 // da += dout; db += dout.
 static void residual_backward(float *da, float *db, const float *dout, size_t n) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 8192)
     for (size_t i = 0; i < n; i++) { da[i] += dout[i]; db[i] += dout[i]; }
 }
 
 // Softmax cross-entropy: probs [N,V] = softmax(logits), losses [N] = -log probs[target].
 static void crossentropy_forward(float *losses, float *probs, const float *logits, const int *targets, int N, int V) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 16)
     for (int n = 0; n < N; n++) {
         const float *z = logits + (size_t)n * V;
         float *p = probs + (size_t)n * V;
@@ -1075,7 +1095,7 @@ static void crossentropy_forward(float *losses, float *probs, const float *logit
 
 // dlogits += dlosses[n] * (probs - onehot(target)).
 static void crossentropy_backward(float *dlogits, const float *dlosses, const float *probs, const int *targets, int N, int V) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 16)
     for (int n = 0; n < N; n++) {
         const float *p = probs + (size_t)n * V;
         float *dz = dlogits + (size_t)n * V;
@@ -1429,11 +1449,9 @@ static float model_forward(Model *m, const int *inputs, const int *targets, int 
         float *fp = a->ffn_proj + l * Nd;
         rmsnorm_forward(xn, a->attn_rstd + (size_t)l * N, x, param_at(m, P, PARAM_ATTN_NORM, l), gs, N, d);
         if (m->abits < QUANT_OFF) quantize_asymmetric(xn, Nd, d, m->abits);
-        matmul_forward(q, xn, param_at(m, P, PARAM_ATTN_Q, l), N, d, d);
-        matmul_forward(k, xn, param_at(m, P, PARAM_ATTN_K, l), N, d, kvd);
-        matmul_forward(v, xn, param_at(m, P, PARAM_ATTN_V, l), N, d, kvd);
-        rope_forward(q, m->rope_cos, m->rope_sin, B, T, H, hd);
-        rope_forward(k, m->rope_cos, m->rope_sin, B, T, KVH, hd);
+        matmul_forward_n(3, (float *[]){q, k, v}, xn, (const float *[]){param_at(m, P, PARAM_ATTN_Q, l),
+                         param_at(m, P, PARAM_ATTN_K, l), param_at(m, P, PARAM_ATTN_V, l)}, N, d, (int[]){d, kvd, kvd});
+        rope_forward(q, k, m->rope_cos, m->rope_sin, B, T, H, KVH, hd);
         if (m->kvbits < QUANT_OFF) {   // rotating both q and k by H leaves every q·k unchanged
             hadamard_transform(q, (size_t)N * H, hd);
             hadamard_transform(k, (size_t)N * KVH, hd);
@@ -1446,8 +1464,8 @@ static float model_forward(Model *m, const int *inputs, const int *targets, int 
         residual_forward(xm, x, ap, Nd);
         rmsnorm_forward(fn, a->ffn_rstd + (size_t)l * N, xm, param_at(m, P, PARAM_FFN_NORM, l), gs, N, d);
         if (m->abits < QUANT_OFF) quantize_asymmetric(fn, Nd, d, m->abits);
-        matmul_forward(gate, fn, param_at(m, P, PARAM_FFN_GATE, l), N, d, f);
-        matmul_forward(up, fn, param_at(m, P, PARAM_FFN_UP, l), N, d, f);
+        matmul_forward_n(2, (float *[]){gate, up}, fn, (const float *[]){param_at(m, P, PARAM_FFN_GATE, l),
+                         param_at(m, P, PARAM_FFN_UP, l)}, N, d, (int[]){f, f});
         swiglu_forward(hid, gate, up, Nf);
         if (m->ffn_hadamard) hadamard_transform(hid, (size_t)N, f);
         if (m->abits < QUANT_OFF) quantize_asymmetric(hid, Nf, f, m->abits);
@@ -1502,10 +1520,9 @@ static void model_backward(Model *m) {
                         a->ffn_hidden + l * Nf, param_at(m, P, PARAM_FFN_DOWN, l), N, f, d);
         swiglu_backward(g->ffn_gate + l * Nf, g->ffn_up + l * Nf, g->ffn_hidden + l * Nf,
                         a->ffn_gate + l * Nf, a->ffn_up + l * Nf, Nf);
-        matmul_backward(g->ffn_norm + l * Nd, param_at(m, G, PARAM_FFN_GATE, l), g->ffn_gate + l * Nf,
-                        a->ffn_norm + l * Nd, param_at(m, P, PARAM_FFN_GATE, l), N, d, f);
-        matmul_backward(g->ffn_norm + l * Nd, param_at(m, G, PARAM_FFN_UP, l), g->ffn_up + l * Nf,
-                        a->ffn_norm + l * Nd, param_at(m, P, PARAM_FFN_UP, l), N, d, f);
+        matmul_backward_n(2, g->ffn_norm + l * Nd, (float *[]){param_at(m, G, PARAM_FFN_GATE, l), param_at(m, G, PARAM_FFN_UP, l)},
+                          (const float *[]){g->ffn_gate + l * Nf, g->ffn_up + l * Nf}, a->ffn_norm + l * Nd,
+                          (const float *[]){param_at(m, P, PARAM_FFN_GATE, l), param_at(m, P, PARAM_FFN_UP, l)}, N, d, (int[]){f, f});
         rmsnorm_backward(g->x_mid + l * Nd, param_at(m, G, PARAM_FFN_NORM, l), g->ffn_norm + l * Nd,
                          a->x_mid + l * Nd, param_at(m, P, PARAM_FFN_NORM, l), gs, a->ffn_rstd + ln, N, d);
         residual_backward(g->x + l * Nd, g->attn_proj + l * Nd, g->x_mid + l * Nd, Nd);
@@ -1513,14 +1530,12 @@ static void model_backward(Model *m) {
                         a->attn_out + l * Nd, param_at(m, P, PARAM_ATTN_OUT, l), N, d, d);
         attention_backward(g->q + l * Nd, g->k + l * Nkv, g->v + l * Nkv, g->attn_out + l * Nd, a->attn_out + l * Nd,
                            a->att + ln * H * T, a->q + l * Nd, a->k + l * Nkv, a->v + l * Nkv, B, T, H, KVH, hd);
-        rope_backward(g->q + l * Nd, m->rope_cos, m->rope_sin, B, T, H, hd);
-        rope_backward(g->k + l * Nkv, m->rope_cos, m->rope_sin, B, T, KVH, hd);
-        matmul_backward(g->attn_norm + l * Nd, param_at(m, G, PARAM_ATTN_Q, l), g->q + l * Nd,
-                        a->attn_norm + l * Nd, param_at(m, P, PARAM_ATTN_Q, l), N, d, d);
-        matmul_backward(g->attn_norm + l * Nd, param_at(m, G, PARAM_ATTN_K, l), g->k + l * Nkv,
-                        a->attn_norm + l * Nd, param_at(m, P, PARAM_ATTN_K, l), N, d, kvd);
-        matmul_backward(g->attn_norm + l * Nd, param_at(m, G, PARAM_ATTN_V, l), g->v + l * Nkv,
-                        a->attn_norm + l * Nd, param_at(m, P, PARAM_ATTN_V, l), N, d, kvd);
+        rope_backward(g->q + l * Nd, g->k + l * Nkv, m->rope_cos, m->rope_sin, B, T, H, KVH, hd);
+        matmul_backward_n(3, g->attn_norm + l * Nd,
+                          (float *[]){param_at(m, G, PARAM_ATTN_Q, l), param_at(m, G, PARAM_ATTN_K, l), param_at(m, G, PARAM_ATTN_V, l)},
+                          (const float *[]){g->q + l * Nd, g->k + l * Nkv, g->v + l * Nkv}, a->attn_norm + l * Nd,
+                          (const float *[]){param_at(m, P, PARAM_ATTN_Q, l), param_at(m, P, PARAM_ATTN_K, l), param_at(m, P, PARAM_ATTN_V, l)},
+                          N, d, (int[]){d, kvd, kvd});
         rmsnorm_backward(g->x + l * Nd, param_at(m, G, PARAM_ATTN_NORM, l), g->attn_norm + l * Nd,
                          a->x + l * Nd, param_at(m, P, PARAM_ATTN_NORM, l), gs, a->attn_rstd + ln, N, d);
     }
@@ -1600,7 +1615,7 @@ static float clip_grad_norm(float *grads, size_t n, float max_norm) {
 static void adamw_update(float *params, const float *grads, float *m, float *v, size_t n,
                          const OptimConfig *o, float lr, int t) {
     float c1 = 1.0f - powf(o->beta1, (float)t), c2 = 1.0f - powf(o->beta2, (float)t);
-#pragma omp for schedule(static) nowait
+#pragma omp for schedule(dynamic, 8192) nowait
     for (size_t i = 0; i < n; i++) {
         float g = grads[i];
         m[i] = o->beta1 * m[i] + (1.0f - o->beta1) * g;
@@ -4038,7 +4053,9 @@ static const char *bench_help =
     "usage: ./osp bench [flags]\n"
     "Measures this machine's fp32 peak, then times training steps on synthetic tokens: ms/step,\n"
     "tokens/s, GFLOP/s and its share of the peak, a breakdown by part, 1 vs all threads, Muon's\n"
-    "overhead (osp vs adam) against what its FLOPs predict, the matmul kernel alone, and memory.\n"
+    "overhead (osp vs adam) against what its FLOPs predict, the step with one core kept busy by\n"
+    "a spinning child process (what a laptop running something else sees), the matmul kernel\n"
+    "alone, and memory. Compare with PyTorch: see the README's Speed section.\n"
     "  --preset NAME    preset of the breakdown (default adam); adam and osp are always timed\n"
     "  --dim, --layers, --heads, --kv-heads, --ffn-dim, --seq-len, --batch   as for train\n"
     "  --steps N        timed steps per run, after 2 warm-up steps (default 10)\n"
@@ -4088,6 +4105,16 @@ static double cpu_mhz(void) {
     return mhz;
 }
 
+// A child process that keeps one core busy until killed: a laptop always runs something else.
+// Returns its pid, or -1 if it could not be started.
+static pid_t start_spinner(void) {
+    fflush(stdout);   // the child must not print the parent's buffered output again
+    pid_t pid = fork();
+    if (pid == 0)
+        for (volatile unsigned long spin = 0;; spin++) {}
+    return pid;
+}
+
 typedef struct { double ms_per_step, parts_ms[N_PARTS], forward_backward_ms; size_t allocated_bytes; } StepTiming;
 
 // Times `steps` training steps (after 2 warm-up steps) of a preset on synthetic tokens.
@@ -4108,7 +4135,7 @@ static StepTiming time_training(const TrainState *proto, int preset, int steps, 
     StepTiming r = {0};
     size_t offset[N_PARAM_TENSORS];
     r.allocated_bytes = sizeof(float) * (2 * tr.model.n_params + 2 * tr.model.act_floats + optimizer_layout(&tr.model, s.opt.optimizer, offset) +
-                                         optimizer_scratch(&tr.model, s.opt.optimizer));
+                                         optimizer_scratch(&tr.model, s.opt.optimizer) * (size_t)threads);
     memset(part_seconds, 0, sizeof part_seconds);
     profiling = true;
     double t0 = now_seconds(), fb = 0.0;
@@ -4194,13 +4221,15 @@ static int cmd_bench(int argc, char **argv) {
         double matmul = t.parts_ms[PART_MATMUL_FORWARD] + t.parts_ms[PART_MATMUL_BACKWARD];
         double rest = t.forward_backward_ms - matmul - t.parts_ms[PART_ATTENTION];
         double other = t.ms_per_step - t.forward_backward_ms - t.parts_ms[PART_OPTIMIZER];
-        const char *names[] = {"matmul forward", "matmul backward", "attention", "norms, elementwise, loss", "optimizer", "  of which Newton-Schulz", "batch, clipping"};
+        const char *names[] = {"matmul forward", "matmul backward", "attention", "norms, elementwise, loss",
+                               p == osp_preset ? "optimizer (Muon, AdamW)" : "optimizer", "batch, clipping"};
         double ms[] = {t.parts_ms[PART_MATMUL_FORWARD], t.parts_ms[PART_MATMUL_BACKWARD], t.parts_ms[PART_ATTENTION], rest,
-                       t.parts_ms[PART_OPTIMIZER], t.parts_ms[PART_NEWTON_SCHULZ], other};
+                       t.parts_ms[PART_OPTIMIZER], other};
         printf("  %-26s %9s %7s\n", "part", "ms/step", "share");
-        for (int i = 0; i < 7; i++) printf("  %-26s %9.1f %6.1f%%\n", names[i], ms[i], 100 * ms[i] / t.ms_per_step);
+        for (int i = 0; i < 6; i++) printf("  %-26s %9.1f %6.1f%%\n", names[i], ms[i], 100 * ms[i] / t.ms_per_step);
         if (ns_flops > 0)
-            printf("  Newton-Schulz: %.2f GFLOP per step, %.1f GFLOP/s\n", ns_flops / 1e9, ns_flops / (t.parts_ms[PART_NEWTON_SCHULZ] * 1e-3) / 1e9);
+            printf("  Newton-Schulz: %.2f GFLOP per step; the optimizer at %.1f GFLOP/s\n", ns_flops / 1e9,
+                   ns_flops / (t.parts_ms[PART_OPTIMIZER] * 1e-3) / 1e9);
         printf("\n");
         if (p == adam_preset) adam = t;
         if (p == osp_preset) osp = t;
@@ -4212,16 +4241,26 @@ static int cmd_bench(int argc, char **argv) {
         preset_flops(&s, osp_preset, &osp_flops, &ns_flops);
         double flops_adam_per_token = adam_flops / N;
         double measured = osp.ms_per_step / adam.ms_per_step, predicted = (osp_flops + ns_flops) / adam_flops;
-        double ns_share_2pct = osp.parts_ms[PART_NEWTON_SCHULZ] / (0.02 * adam.ms_per_step / N);
+        double muon_share_2pct = osp.parts_ms[PART_OPTIMIZER] / (0.02 * adam.ms_per_step / N);
         printf("Muon overhead: osp step / adam step = %.3f measured; FLOPs predict %.3f (measured/predicted %.2f)\n",
                measured, predicted, measured / predicted);
-        printf("  Newton-Schulz costs %.1f ms/step whatever the batch; it falls to 2%% of the step at about %.0f tokens/step\n"
-               "  (%.0f by FLOPs: %.2f GFLOP vs 6 x params x tokens)\n", osp.parts_ms[PART_NEWTON_SCHULZ], ns_share_2pct,
-               ns_flops / (0.02 * flops_adam_per_token), ns_flops / 1e9);
+        printf("  Muon's step costs %.1f ms whatever the batch; it falls to 2%% of the step at about %.0f tokens/step\n"
+               "  (%.0f by FLOPs: %.2f GFLOP of Newton-Schulz vs 6 x params x tokens)\n", osp.parts_ms[PART_OPTIMIZER],
+               muon_share_2pct, ns_flops / (0.02 * flops_adam_per_token), ns_flops / 1e9);
     }
     StepTiming one_thread = time_training(&s, adam_preset, steps, 1);
     printf("threads: adam step %.1f ms on 1 thread, %.1f ms on %d: %.2fx\n", one_thread.ms_per_step, adam.ms_per_step, all,
            one_thread.ms_per_step / adam.ms_per_step);
+    if (all > 1) {
+        pid_t spinner = start_spinner();
+        if (spinner > 0) {
+            StepTiming busy = time_training(&s, adam_preset, steps, all);
+            kill(spinner, SIGKILL);
+            waitpid(spinner, NULL, 0);
+            printf("busy core: adam step %.1f ms on %d threads while another process spins on one core, %.1f ms idle: %.2fx\n",
+                   busy.ms_per_step, all, adam.ms_per_step, busy.ms_per_step / adam.ms_per_step);
+        }
+    }
     double fwd1, bwd1, fwd, bwd;
     int biggest = s.cfg.ffn_dim > s.cfg.vocab_size ? s.cfg.ffn_dim : s.cfg.vocab_size;
     time_matmul(N, s.cfg.dim, biggest, 1, &fwd1, &bwd1);

@@ -193,7 +193,7 @@ static double rope_loss(void *p) {
     RopeCase *c = p;
     size_t n = (size_t)c->B * c->T * c->H * c->hd;
     memcpy(c->work, c->x, sizeof(float) * n);
-    rope_forward(c->work, c->cos_t, c->sin_t, c->B, c->T, c->H, c->hd);
+    rope_forward(c->work, NULL, c->cos_t, c->sin_t, c->B, c->T, c->H, 0, c->hd);
     return weighted_sum(c->work, c->R, n);
 }
 static void test_grad_rope(uint64_t *rng) {
@@ -207,7 +207,7 @@ static void test_grad_rope(uint64_t *rng) {
     rope_tables(c.cos_t, c.sin_t, c.T, c.hd);
     float *dx = xmalloc(sizeof(float) * n);
     memcpy(dx, c.R, sizeof(float) * n);
-    rope_backward(dx, c.cos_t, c.sin_t, c.B, c.T, c.H, c.hd);
+    rope_backward(dx, NULL, c.cos_t, c.sin_t, c.B, c.T, c.H, 0, c.hd);
     grad_check_op("grad rope", rope_loss, &c, 1, (const char *[]){"x"}, (float *[]){c.x}, (float *[]){dx}, (size_t[]){n}, rng);
     free(c.x); free(c.work); free(c.R); free(c.cos_t); free(c.sin_t); free(dx);
 }
@@ -218,7 +218,7 @@ static void test_rope_layout(void) {
     float cos_t[6], sin_t[6], x[3 * 4];
     rope_tables(cos_t, sin_t, T, hd);
     for (int i = 0; i < T * hd; i++) x[i] = (i % 2 == 0) ? 1.0f : 0.0f;   // each pair = (1, 0)
-    rope_forward(x, cos_t, sin_t, 1, T, 1, hd);
+    rope_forward(x, NULL, cos_t, sin_t, 1, T, 1, 0, hd);
     double worst = 0.0;
     for (int t = 0; t < T; t++)
         for (int i = 0; i < hd / 2; i++) {
