@@ -612,7 +612,9 @@ static void data_next_batch(const TokenData *d, uint64_t *rng, int B, int T, int
  * - Forward functions write their outputs; backward functions ADD into the gradients of their
  *   inputs (a tensor used twice receives both contributions), so gradients start zeroed.
  * - Parallel loops split over outputs, and every sum runs in a fixed order, so results are
- *   bit-identical for any thread count.
+ *   bit-identical for any thread count. Loops hand out their work in chunks as threads come
+ *   free (schedule(dynamic)): a thread whose core the OS shares with another program then takes
+ *   fewer chunks, instead of every loop's end waiting for its fixed share.
  * ========================================================================== */
 
 #define RMSNORM_EPS 1e-5f
@@ -740,7 +742,8 @@ static float *workspace(int which, size_t floats) {
 // at the tile's first row of A and panel rows are panel_row floats apart. A short tile
 // (mr < MR) repeats its last row of A, so the loop is always the full MR x 16.
 static inline void gemm_tile(float *restrict c, size_t ldc, const float *a, size_t a_row, size_t a_col,
-                             const float *panel, size_t panel_row, int k0, int k1, bool accumulate, int mr, int nr) {
+                             const float *panel, size_t panel_row, int k0, int k1, bool accumulate,
+                             int mr, int nr) {
     const float *row[GEMM_MR];
     for (int i = 0; i < GEMM_MR; i++) row[i] = a + (size_t)(i < mr ? i : mr - 1) * a_row;
     vec8 acc[GEMM_MR][2];
@@ -774,7 +777,8 @@ static void gemm_block(const Gemm *g, int panel, int i_begin, int i_end) {
     if (g->b_col != 1 || nr < GEMM_NR) {   // pack: buf[k][j] = B[k][j0 + j], zero beyond N
         float *buf = workspace(WORKSPACE_PANEL, (size_t)g->K * GEMM_NR);
         for (int k = 0; k < g->K; k++)
-            for (int j = 0; j < GEMM_NR; j++) buf[k * GEMM_NR + j] = j < nr ? p[(size_t)k * g->b_row + (size_t)j * g->b_col] : 0.0f;
+            for (int j = 0; j < GEMM_NR; j++)
+                buf[k * GEMM_NR + j] = j < nr ? p[(size_t)k * g->b_row + (size_t)j * g->b_col] : 0.0f;
         p = buf;
         p_row = GEMM_NR;
     }
@@ -805,7 +809,8 @@ static void gemm_parallel(const Gemm *g, int n) {
     if (n > GEMM_MAX_BATCH) die("internal: gemm_parallel of %d products", n);
     for (int p = 0; p < n; p++) {
         if (p > 0 && g[p].c == g[p - 1].c) continue;
-        int panels = (g[p].N + GEMM_NR - 1) / GEMM_NR, blocks = (g[p].M + GEMM_ITEM_ROWS - 1) / GEMM_ITEM_ROWS;
+        int panels = (g[p].N + GEMM_NR - 1) / GEMM_NR;
+        int blocks = (g[p].M + GEMM_ITEM_ROWS - 1) / GEMM_ITEM_ROWS;
         chain[chains] = p;
         first_item[chains + 1] = first_item[chains] + panels * blocks;
         chains++;
@@ -816,17 +821,21 @@ static void gemm_parallel(const Gemm *g, int n) {
         while (item >= first_item[ch + 1]) ch++;
         const Gemm *first = &g[chain[ch]];
         int blocks = (first->M + GEMM_ITEM_ROWS - 1) / GEMM_ITEM_ROWS, local = item - first_item[ch];
-        int i0 = local % blocks * GEMM_ITEM_ROWS, i1 = i0 + GEMM_ITEM_ROWS < first->M ? i0 + GEMM_ITEM_ROWS : first->M;
+        int i0 = local % blocks * GEMM_ITEM_ROWS;
+        int i1 = i0 + GEMM_ITEM_ROWS < first->M ? i0 + GEMM_ITEM_ROWS : first->M;
         for (const Gemm *p = first; p < g + n && p->c == first->c; p++) gemm_block(p, local / blocks, i0, i1);
     }
 }
 
 // out[p] = inp · w[p]ᵀ for n weights sharing one input (Q, K, V; gate and up), in one parallel
 // region. inp [N,C], w[p] [OC[p],C], out[p] [N,OC[p]]. (B[k][j] = w[j][k].)
-static void matmul_forward_n(int n, float *const *out, const float *inp, const float *const *w, int N, int C, const int *OC) {
+static void matmul_forward_n(int n, float *const *out, const float *inp, const float *const *w,
+                             int N, int C, const int *OC) {
     double t0 = part_begin();
     Gemm g[GEMM_MAX_BATCH];
-    for (int p = 0; p < n; p++) g[p] = (Gemm){out[p], (size_t)OC[p], inp, (size_t)C, 1, w[p], 1, (size_t)C, N, OC[p], C, false, GEMM_FULL};
+    for (int p = 0; p < n; p++)
+        g[p] = (Gemm){out[p], (size_t)OC[p], inp, (size_t)C, 1, w[p], 1, (size_t)C, N, OC[p], C, false,
+                      GEMM_FULL};
     gemm_parallel(g, n);
     part_end(PART_MATMUL_FORWARD, t0);
 }
@@ -838,19 +847,22 @@ static void matmul_forward(float *out, const float *inp, const float *w, int N, 
 // Backward of matmul_forward_n: dw[p] += dout[p]ᵀ · inp (A[o][n] = dout[p][n][o]), then
 // dinp += dout[0]·w[0] + dout[1]·w[1] + ... in that order (a chain). The dw products come first:
 // their work items are the larger (k runs over all N tokens), and large items first balance best.
-static void matmul_backward_n(int n, float *dinp, float *const *dw, const float *const *dout, const float *inp,
-                              const float *const *w, int N, int C, const int *OC) {
+static void matmul_backward_n(int n, float *dinp, float *const *dw, const float *const *dout,
+                              const float *inp, const float *const *w, int N, int C, const int *OC) {
     double t0 = part_begin();
     Gemm g[GEMM_MAX_BATCH];
     for (int p = 0; p < n; p++) {
-        g[p] = (Gemm){dw[p], (size_t)C, dout[p], 1, (size_t)OC[p], inp, (size_t)C, 1, OC[p], C, N, true, GEMM_FULL};
-        g[n + p] = (Gemm){dinp, (size_t)C, dout[p], (size_t)OC[p], 1, w[p], (size_t)C, 1, N, C, OC[p], true, GEMM_FULL};
+        g[p] = (Gemm){dw[p], (size_t)C, dout[p], 1, (size_t)OC[p], inp, (size_t)C, 1, OC[p], C, N, true,
+                      GEMM_FULL};
+        g[n + p] = (Gemm){dinp, (size_t)C, dout[p], (size_t)OC[p], 1, w[p], (size_t)C, 1, N, C, OC[p], true,
+                          GEMM_FULL};
     }
     gemm_parallel(g, 2 * n);
     part_end(PART_MATMUL_BACKWARD, t0);
 }
 
-static void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w, int N, int C, int OC) {
+static void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
+                            int N, int C, int OC) {
     matmul_backward_n(1, dinp, &dw, &dout, inp, &w, N, C, &OC);
 }
 
@@ -905,13 +917,13 @@ static void rope_rotate(float *q, float *k, const float *cos_table, const float 
             }
 }
 
-static void rope_forward(float *q, float *k, const float *cos_table, const float *sin_table, int B, int T, int H, int KVH,
-                         int head_dim) {
+static void rope_forward(float *q, float *k, const float *cos_table, const float *sin_table,
+                         int B, int T, int H, int KVH, int head_dim) {
     rope_rotate(q, k, cos_table, sin_table, B, T, H, KVH, head_dim, 1.0f);
 }
 
-static void rope_backward(float *dq, float *dk, const float *cos_table, const float *sin_table, int B, int T, int H, int KVH,
-                          int head_dim) {
+static void rope_backward(float *dq, float *dk, const float *cos_table, const float *sin_table,
+                          int B, int T, int H, int KVH, int head_dim) {
     rope_rotate(dq, dk, cos_table, sin_table, B, T, H, KVH, head_dim, -1.0f);
 }
 
@@ -930,9 +942,11 @@ static void attention_forward(float *out, float *att, const float *q, const floa
 #pragma omp parallel for collapse(2) schedule(dynamic)
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++) {
-            size_t qo = (size_t)b * T * q_row + (size_t)h * hd, kvo = (size_t)b * T * kv_row + (size_t)(h / group) * hd;
+            size_t qo = (size_t)b * T * q_row + (size_t)h * hd;               // this head's rows of q, out
+            size_t kvo = (size_t)b * T * kv_row + (size_t)(h / group) * hd;   // and of k, v
             float *p = att + ((size_t)b * H + h) * T * T;
-            gemm_serial(&(Gemm){p, (size_t)T, q + qo, q_row, 1, k + kvo, 1, kv_row, T, T, hd, false, GEMM_LOWER});
+            gemm_serial(&(Gemm){p, (size_t)T, q + qo, q_row, 1, k + kvo, 1, kv_row, T, T, hd, false,
+                                GEMM_LOWER});
             for (int t = 0; t < T; t++) {
                 float *row = p + (size_t)t * T, maxval = -FLT_MAX, sum = 0.0f;
                 for (int t2 = 0; t2 <= t; t2++) { row[t2] *= scale; maxval = fmaxf(maxval, row[t2]); }
@@ -942,7 +956,8 @@ static void attention_forward(float *out, float *att, const float *q, const floa
                 int tile_end = (t / GEMM_MR + 1) * GEMM_MR;
                 for (int t2 = t + 1; t2 < tile_end && t2 < T; t2++) row[t2] = 0.0f;
             }
-            gemm_serial(&(Gemm){out + qo, q_row, p, (size_t)T, 1, v + kvo, kv_row, 1, T, hd, T, false, GEMM_A_LOWER});
+            gemm_serial(&(Gemm){out + qo, q_row, p, (size_t)T, 1, v + kvo, kv_row, 1, T, hd, T, false,
+                                GEMM_A_LOWER});
         }
     part_end(PART_ATTENTION, t0);
 }
@@ -968,17 +983,23 @@ static void attention_backward(float *dq, float *dk, float *dv, const float *dou
             for (int h = kh * group; h < (kh + 1) * group; h++) {
                 size_t qo = (size_t)b * T * q_row + (size_t)h * hd;
                 const float *p = att + ((size_t)b * H + h) * T * T;
-                gemm_serial(&(Gemm){ds, (size_t)T, dout + qo, q_row, 1, v + kvo, 1, kv_row, T, T, hd, false, GEMM_LOWER});
+                // dP = dO·Vᵀ into ds, then dS in place, then dQ += dS·K, dK += dSᵀ·Q, dV += Pᵀ·dO
+                gemm_serial(&(Gemm){ds, (size_t)T, dout + qo, q_row, 1, v + kvo, 1, kv_row, T, T, hd, false,
+                                    GEMM_LOWER});
                 for (int t = 0; t < T; t++) {
                     const float *pt = p + (size_t)t * T;
-                    float *dst = ds + (size_t)t * T, p_dot_dp = dot(dout + qo + t * q_row, out + qo + t * q_row, hd);
+                    float *dst = ds + (size_t)t * T;
+                    float p_dot_dp = dot(dout + qo + t * q_row, out + qo + t * q_row, hd);
                     for (int t2 = 0; t2 <= t; t2++) dst[t2] = pt[t2] * (dst[t2] - p_dot_dp) * scale;
                     int tile_end = (t / GEMM_MR + 1) * GEMM_MR;
                     for (int t2 = t + 1; t2 < tile_end && t2 < T; t2++) dst[t2] = 0.0f;
                 }
-                gemm_serial(&(Gemm){dq + qo, q_row, ds, (size_t)T, 1, k + kvo, kv_row, 1, T, hd, T, true, GEMM_A_LOWER});
-                gemm_serial(&(Gemm){dk + kvo, kv_row, ds, 1, (size_t)T, q + qo, q_row, 1, T, hd, T, true, GEMM_A_UPPER});
-                gemm_serial(&(Gemm){dv + kvo, kv_row, p, 1, (size_t)T, dout + qo, q_row, 1, T, hd, T, true, GEMM_A_UPPER});
+                gemm_serial(&(Gemm){dq + qo, q_row, ds, (size_t)T, 1, k + kvo, kv_row, 1, T, hd, T, true,
+                                    GEMM_A_LOWER});
+                gemm_serial(&(Gemm){dk + kvo, kv_row, ds, 1, (size_t)T, q + qo, q_row, 1, T, hd, T, true,
+                                    GEMM_A_UPPER});
+                gemm_serial(&(Gemm){dv + kvo, kv_row, p, 1, (size_t)T, dout + qo, q_row, 1, T, hd, T, true,
+                                    GEMM_A_UPPER});
             }
         }
     part_end(PART_ATTENTION, t0);
@@ -1449,8 +1470,9 @@ static float model_forward(Model *m, const int *inputs, const int *targets, int 
         float *fp = a->ffn_proj + l * Nd;
         rmsnorm_forward(xn, a->attn_rstd + (size_t)l * N, x, param_at(m, P, PARAM_ATTN_NORM, l), gs, N, d);
         if (m->abits < QUANT_OFF) quantize_asymmetric(xn, Nd, d, m->abits);
-        matmul_forward_n(3, (float *[]){q, k, v}, xn, (const float *[]){param_at(m, P, PARAM_ATTN_Q, l),
-                         param_at(m, P, PARAM_ATTN_K, l), param_at(m, P, PARAM_ATTN_V, l)}, N, d, (int[]){d, kvd, kvd});
+        const float *wqkv[3] = {param_at(m, P, PARAM_ATTN_Q, l), param_at(m, P, PARAM_ATTN_K, l),
+                                param_at(m, P, PARAM_ATTN_V, l)};
+        matmul_forward_n(3, (float *[]){q, k, v}, xn, wqkv, N, d, (int[]){d, kvd, kvd});
         rope_forward(q, k, m->rope_cos, m->rope_sin, B, T, H, KVH, hd);
         if (m->kvbits < QUANT_OFF) {   // rotating both q and k by H leaves every q·k unchanged
             hadamard_transform(q, (size_t)N * H, hd);
@@ -1464,8 +1486,8 @@ static float model_forward(Model *m, const int *inputs, const int *targets, int 
         residual_forward(xm, x, ap, Nd);
         rmsnorm_forward(fn, a->ffn_rstd + (size_t)l * N, xm, param_at(m, P, PARAM_FFN_NORM, l), gs, N, d);
         if (m->abits < QUANT_OFF) quantize_asymmetric(fn, Nd, d, m->abits);
-        matmul_forward_n(2, (float *[]){gate, up}, fn, (const float *[]){param_at(m, P, PARAM_FFN_GATE, l),
-                         param_at(m, P, PARAM_FFN_UP, l)}, N, d, (int[]){f, f});
+        const float *w13[2] = {param_at(m, P, PARAM_FFN_GATE, l), param_at(m, P, PARAM_FFN_UP, l)};
+        matmul_forward_n(2, (float *[]){gate, up}, fn, w13, N, d, (int[]){f, f});
         swiglu_forward(hid, gate, up, Nf);
         if (m->ffn_hadamard) hadamard_transform(hid, (size_t)N, f);
         if (m->abits < QUANT_OFF) quantize_asymmetric(hid, Nf, f, m->abits);
@@ -1520,9 +1542,10 @@ static void model_backward(Model *m) {
                         a->ffn_hidden + l * Nf, param_at(m, P, PARAM_FFN_DOWN, l), N, f, d);
         swiglu_backward(g->ffn_gate + l * Nf, g->ffn_up + l * Nf, g->ffn_hidden + l * Nf,
                         a->ffn_gate + l * Nf, a->ffn_up + l * Nf, Nf);
-        matmul_backward_n(2, g->ffn_norm + l * Nd, (float *[]){param_at(m, G, PARAM_FFN_GATE, l), param_at(m, G, PARAM_FFN_UP, l)},
-                          (const float *[]){g->ffn_gate + l * Nf, g->ffn_up + l * Nf}, a->ffn_norm + l * Nd,
-                          (const float *[]){param_at(m, P, PARAM_FFN_GATE, l), param_at(m, P, PARAM_FFN_UP, l)}, N, d, (int[]){f, f});
+        const float *w13[2] = {param_at(m, P, PARAM_FFN_GATE, l), param_at(m, P, PARAM_FFN_UP, l)};
+        float *dw13[2] = {param_at(m, G, PARAM_FFN_GATE, l), param_at(m, G, PARAM_FFN_UP, l)};
+        const float *d13[2] = {g->ffn_gate + l * Nf, g->ffn_up + l * Nf};
+        matmul_backward_n(2, g->ffn_norm + l * Nd, dw13, d13, a->ffn_norm + l * Nd, w13, N, d, (int[]){f, f});
         rmsnorm_backward(g->x_mid + l * Nd, param_at(m, G, PARAM_FFN_NORM, l), g->ffn_norm + l * Nd,
                          a->x_mid + l * Nd, param_at(m, P, PARAM_FFN_NORM, l), gs, a->ffn_rstd + ln, N, d);
         residual_backward(g->x + l * Nd, g->attn_proj + l * Nd, g->x_mid + l * Nd, Nd);
@@ -1531,11 +1554,13 @@ static void model_backward(Model *m) {
         attention_backward(g->q + l * Nd, g->k + l * Nkv, g->v + l * Nkv, g->attn_out + l * Nd, a->attn_out + l * Nd,
                            a->att + ln * H * T, a->q + l * Nd, a->k + l * Nkv, a->v + l * Nkv, B, T, H, KVH, hd);
         rope_backward(g->q + l * Nd, g->k + l * Nkv, m->rope_cos, m->rope_sin, B, T, H, KVH, hd);
-        matmul_backward_n(3, g->attn_norm + l * Nd,
-                          (float *[]){param_at(m, G, PARAM_ATTN_Q, l), param_at(m, G, PARAM_ATTN_K, l), param_at(m, G, PARAM_ATTN_V, l)},
-                          (const float *[]){g->q + l * Nd, g->k + l * Nkv, g->v + l * Nkv}, a->attn_norm + l * Nd,
-                          (const float *[]){param_at(m, P, PARAM_ATTN_Q, l), param_at(m, P, PARAM_ATTN_K, l), param_at(m, P, PARAM_ATTN_V, l)},
-                          N, d, (int[]){d, kvd, kvd});
+        const float *wqkv[3] = {param_at(m, P, PARAM_ATTN_Q, l), param_at(m, P, PARAM_ATTN_K, l),
+                                param_at(m, P, PARAM_ATTN_V, l)};
+        float *dwqkv[3] = {param_at(m, G, PARAM_ATTN_Q, l), param_at(m, G, PARAM_ATTN_K, l),
+                           param_at(m, G, PARAM_ATTN_V, l)};
+        const float *dqkv[3] = {g->q + l * Nd, g->k + l * Nkv, g->v + l * Nkv};
+        matmul_backward_n(3, g->attn_norm + l * Nd, dwqkv, dqkv, a->attn_norm + l * Nd, wqkv, N, d,
+                          (int[]){d, kvd, kvd});
         rmsnorm_backward(g->x + l * Nd, param_at(m, G, PARAM_ATTN_NORM, l), g->attn_norm + l * Nd,
                          a->x + l * Nd, param_at(m, P, PARAM_ATTN_NORM, l), gs, a->attn_rstd + ln, N, d);
     }
@@ -1658,10 +1683,12 @@ static void newton_schulz(float *out, const float *u, int rows, int cols, int st
     else memcpy(x, u, sizeof(float) * n);
     for (size_t i = 0; i < n; i++) x[i] *= inv_norm;
     for (int step = 0; step < steps; step++) {
-        gemm_serial(&(Gemm){gram, (size_t)r, x, (size_t)c, 1, x, 1, (size_t)c, r, r, c, false, GEMM_FULL});        // A = X·Xᵀ
-        gemm_serial(&(Gemm){poly, (size_t)r, gram, (size_t)r, 1, gram, (size_t)r, 1, r, r, r, false, GEMM_FULL});  // A·A
-        for (size_t i = 0; i < (size_t)r * r; i++) poly[i] = NS_B * gram[i] + NS_C * poly[i];
-        gemm_serial(&(Gemm){x_next, (size_t)c, poly, (size_t)r, 1, x, (size_t)c, 1, r, c, r, false, GEMM_FULL});   // (b·A + c·A²)·X
+        // A = X·Xᵀ (Xᵀ through strides), then A·A, then (b·A + c·A²)·X
+        size_t rr = (size_t)r, cc = (size_t)c;
+        gemm_serial(&(Gemm){gram, rr, x, cc, 1, x, 1, cc, r, r, c, false, GEMM_FULL});
+        gemm_serial(&(Gemm){poly, rr, gram, rr, 1, gram, rr, 1, r, r, r, false, GEMM_FULL});
+        for (size_t i = 0; i < rr * rr; i++) poly[i] = NS_B * gram[i] + NS_C * poly[i];
+        gemm_serial(&(Gemm){x_next, cc, poly, rr, 1, x, cc, 1, r, c, r, false, GEMM_FULL});
         for (size_t i = 0; i < n; i++) x[i] = NS_A * x[i] + x_next[i];
     }
     if (tall) transpose(out, x, r, c);
@@ -1740,7 +1767,7 @@ static void optimizer_step(Model *m, const OptimConfig *o, float *state, float f
     optimizer_layout(m, o->optimizer, offset);
     int first_matrix[N_PARAM_TENSORS + 1] = {0};   // Muon matrices numbered across tensors
     for (int i = 0; i < N_PARAM_TENSORS; i++)
-        first_matrix[i + 1] = first_matrix[i] + (uses_muon(o->optimizer, i) && param_size(m, i) ? m->shape[i].count : 0);
+        first_matrix[i + 1] = first_matrix[i] + (uses_muon(o->optimizer, i) ? m->shape[i].count : 0);
     size_t scratch_floats = optimizer_scratch(m, o->optimizer);
 #pragma omp parallel
     {
@@ -1748,14 +1775,16 @@ static void optimizer_step(Model *m, const OptimConfig *o, float *state, float f
             size_t n = param_size(m, i);
             if (n == 0 || uses_muon(o->optimizer, i)) continue;
             float *st = state + offset[i];
-            adamw_update(m->params + m->shape[i].offset, m->grads + m->shape[i].offset, st, st + n, n, o, factor * o->lr_adam, t);
+            size_t at = m->shape[i].offset;
+            adamw_update(m->params + at, m->grads + at, st, st + n, n, o, factor * o->lr_adam, t);
         }
 #pragma omp for schedule(dynamic)
         for (int j = 0; j < first_matrix[N_PARAM_TENSORS]; j++) {
             int i = 0;
             while (j >= first_matrix[i + 1]) i++;
-            size_t per = (size_t)m->shape[i].rows * m->shape[i].cols, at = m->shape[i].offset + (size_t)(j - first_matrix[i]) * per;
-            muon_update(m->params + at, m->grads + at, state + offset[i] + (at - m->shape[i].offset), m->shape[i].rows,
+            size_t within = (size_t)(j - first_matrix[i]) * m->shape[i].rows * m->shape[i].cols;
+            size_t at = m->shape[i].offset + within;
+            muon_update(m->params + at, m->grads + at, state + offset[i] + within, m->shape[i].rows,
                         m->shape[i].cols, o, factor * o->lr_muon, workspace(WORKSPACE_MUON, scratch_floats));
         }
     }
@@ -1930,8 +1959,9 @@ static void model_merge(Model *dst, const Model *src, int max_batch) {
         if (i == PARAM_EMBED && src->cfg.embproj) {
             matmul_forward(out, in, param_at(src, P, PARAM_EMBPROJ_IN, 0), V, d, d);
         } else if (i == PARAM_HEAD && src->cfg.embproj) {
-            gemm_parallel(&(Gemm){out, (size_t)d, in, (size_t)d, 1, param_at(src, P, PARAM_EMBPROJ_OUT, 0), (size_t)d, 1, V, d, d,
-                                  false, GEMM_FULL}, 1);
+            const float *p_out = param_at(src, P, PARAM_EMBPROJ_OUT, 0);
+            size_t dd = (size_t)d;
+            gemm_parallel(&(Gemm){out, dd, in, dd, 1, p_out, dd, 1, V, d, d, false, GEMM_FULL}, 1);
         } else if (is_norm_gain(i) && src->cfg.ssnorm) {
             for (size_t j = 0; j < n; j++) out[j] = in[j / (size_t)d];
         } else {
@@ -4226,7 +4256,8 @@ static int cmd_bench(int argc, char **argv) {
         double ms[] = {t.parts_ms[PART_MATMUL_FORWARD], t.parts_ms[PART_MATMUL_BACKWARD], t.parts_ms[PART_ATTENTION], rest,
                        t.parts_ms[PART_OPTIMIZER], other};
         printf("  %-26s %9s %7s\n", "part", "ms/step", "share");
-        for (int i = 0; i < 6; i++) printf("  %-26s %9.1f %6.1f%%\n", names[i], ms[i], 100 * ms[i] / t.ms_per_step);
+        for (int i = 0; i < 6; i++)
+            printf("  %-26s %9.1f %6.1f%%\n", names[i], ms[i], 100 * ms[i] / t.ms_per_step);
         if (ns_flops > 0)
             printf("  Newton-Schulz: %.2f GFLOP per step; the optimizer at %.1f GFLOP/s\n", ns_flops / 1e9,
                    ns_flops / (t.parts_ms[PART_OPTIMIZER] * 1e-3) / 1e9);
@@ -4244,9 +4275,10 @@ static int cmd_bench(int argc, char **argv) {
         double muon_share_2pct = osp.parts_ms[PART_OPTIMIZER] / (0.02 * adam.ms_per_step / N);
         printf("Muon overhead: osp step / adam step = %.3f measured; FLOPs predict %.3f (measured/predicted %.2f)\n",
                measured, predicted, measured / predicted);
-        printf("  Muon's step costs %.1f ms whatever the batch; it falls to 2%% of the step at about %.0f tokens/step\n"
-               "  (%.0f by FLOPs: %.2f GFLOP of Newton-Schulz vs 6 x params x tokens)\n", osp.parts_ms[PART_OPTIMIZER],
-               muon_share_2pct, ns_flops / (0.02 * flops_adam_per_token), ns_flops / 1e9);
+        printf("  Muon's step costs %.1f ms whatever the batch; it falls to 2%% of the step at about %.0f\n"
+               "  tokens/step (%.0f by FLOPs: %.2f GFLOP of Newton-Schulz vs 6 x params x tokens)\n",
+               osp.parts_ms[PART_OPTIMIZER], muon_share_2pct, ns_flops / (0.02 * flops_adam_per_token),
+               ns_flops / 1e9);
     }
     StepTiming one_thread = time_training(&s, adam_preset, steps, 1);
     printf("threads: adam step %.1f ms on 1 thread, %.1f ms on %d: %.2fx\n", one_thread.ms_per_step, adam.ms_per_step, all,
@@ -4257,8 +4289,9 @@ static int cmd_bench(int argc, char **argv) {
             StepTiming busy = time_training(&s, adam_preset, steps, all);
             kill(spinner, SIGKILL);
             waitpid(spinner, NULL, 0);
-            printf("busy core: adam step %.1f ms on %d threads while another process spins on one core, %.1f ms idle: %.2fx\n",
-                   busy.ms_per_step, all, adam.ms_per_step, busy.ms_per_step / adam.ms_per_step);
+            printf("busy core: adam step %.1f ms on %d threads while another process spins on one core,\n"
+                   "  %.1f ms idle: %.2fx\n", busy.ms_per_step, all, adam.ms_per_step,
+                   busy.ms_per_step / adam.ms_per_step);
         }
     }
     double fwd1, bwd1, fwd, bwd;

@@ -160,7 +160,7 @@ static void test_grad_matmul(uint64_t *rng) {
 }
 
 // The tiled matmul kernel against the plain loops, on shapes that are not multiples of the
-// 4 x 16 tile, and on 1-row and 1-column cases. Both sum in float over k in order, but the
+// GEMM_MR x 16 tile, and on 1-row and 1-column cases. Both sum in float over k in order, but the
 // reference's dot product is vectorized with split accumulators, so they agree to rounding:
 // tolerance 1e-5 of the largest output.
 static void test_matmul_fast_vs_reference(uint64_t *rng) {
@@ -185,6 +185,36 @@ static void test_matmul_fast_vs_reference(uint64_t *rng) {
         free(x); free(w); free(g); free(fast); free(ref); free(dx_fast); free(dw_fast); free(dx_ref); free(dw_ref);
     }
     report(worst < 1e-5, "matmul kernel = plain loops", "7 shapes incl. 1x1x1, 1-row, 1-column, 70x29x45: max diff %.1e of the largest value", worst);
+}
+
+// The batched products (Q, K, V from one input; their input gradients as one ordered chain)
+// against the plain loops run one product at a time. Odd widths, so tiles and items are cut.
+static void test_matmul_batched_vs_reference(uint64_t *rng) {
+    int N = 101, C = 37, OC[3] = {37, 19, 21};
+    float *x = random_floats((size_t)N * C, 1.0f, rng), *w[3], *g[3], *out[3], *dw[3], *dw_ref[3];
+    float *dx = xcalloc((size_t)N * C, sizeof(float)), *dx_ref = xcalloc((size_t)N * C, sizeof(float));
+    double worst = 0.0;
+    for (int p = 0; p < 3; p++) {
+        w[p] = random_floats((size_t)OC[p] * C, 1.0f, rng);
+        g[p] = random_floats((size_t)N * OC[p], 1.0f, rng);
+        out[p] = xmalloc(sizeof(float) * N * OC[p]);
+        dw[p] = xcalloc((size_t)OC[p] * C, sizeof(float));
+        dw_ref[p] = xcalloc((size_t)OC[p] * C, sizeof(float));
+    }
+    matmul_forward_n(3, out, x, (const float *const *)w, N, C, OC);
+    matmul_backward_n(3, dx, dw, (const float *const *)g, x, (const float *const *)w, N, C, OC);
+    for (int p = 0; p < 3; p++) {
+        float *ref = xmalloc(sizeof(float) * N * OC[p]);
+        matmul_forward_reference(ref, x, w[p], N, C, OC[p]);
+        matmul_backward_reference(dx_ref, dw_ref[p], g[p], x, w[p], N, C, OC[p]);
+        worst = fmax(worst, max_rel_diff(ref, out[p], (size_t)N * OC[p]));
+        worst = fmax(worst, max_rel_diff(dw_ref[p], dw[p], (size_t)OC[p] * C));
+        free(ref); free(w[p]); free(g[p]); free(out[p]); free(dw[p]); free(dw_ref[p]);
+    }
+    worst = fmax(worst, max_rel_diff(dx_ref, dx, (size_t)N * C));
+    report(worst < 1e-5, "batched matmuls = plain loops",
+           "3 products of 101 x 37 (widths 37, 19, 21): max diff %.1e", worst);
+    free(x); free(dx); free(dx_ref);
 }
 
 // --- RoPE (in place, so the loss rotates a copy)
@@ -267,6 +297,46 @@ static void test_attention_causal(uint64_t *rng) {
     report(same && last_changed, "attention is causal", "earlier positions %s, last position %s",
            same ? "unchanged" : "CHANGED", last_changed ? "changed" : "UNCHANGED");
     free(q); free(k); free(v); free(out1); free(out2); free(att);
+}
+
+// Attention on the tiled kernel against its plain loops, forward (outputs, probabilities on
+// and below the diagonal) and backward (dq, dk, dv, added onto random starting values). Shapes
+// with T = 1, T cut mid-tile, head dims below, between and above the 16-column panel, and
+// grouped KV heads. Tolerance as for the matmul kernel.
+static void test_attention_fast_vs_reference(uint64_t *rng) {
+    int shapes[][5] = {{1, 1, 1, 1, 2}, {2, 13, 4, 2, 6}, {1, 40, 2, 1, 34}, {1, 25, 3, 3, 16},
+                       {2, 128, 4, 4, 32}};   // B, T, H, KVH, hd
+    double worst = 0.0;
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        int B = shapes[s][0], T = shapes[s][1], H = shapes[s][2], KVH = shapes[s][3], hd = shapes[s][4];
+        size_t nq = (size_t)B * T * H * hd, nkv = (size_t)B * T * KVH * hd, natt = (size_t)B * H * T * T;
+        float *q = random_floats(nq, 1.0f, rng), *k = random_floats(nkv, 1.0f, rng);
+        float *v = random_floats(nkv, 1.0f, rng), *dout = random_floats(nq, 1.0f, rng);
+        float *dq0 = random_floats(nq, 1.0f, rng), *dk0 = random_floats(nkv, 1.0f, rng);
+        float *dv0 = random_floats(nkv, 1.0f, rng), *out[2], *att[2], *dq[2], *dk[2], *dv[2];
+        for (int r = 0; r < 2; r++) {
+            out[r] = xmalloc(sizeof(float) * nq);
+            att[r] = xcalloc(natt, sizeof(float));
+            dq[r] = xmalloc(sizeof(float) * nq); memcpy(dq[r], dq0, sizeof(float) * nq);
+            dk[r] = xmalloc(sizeof(float) * nkv); memcpy(dk[r], dk0, sizeof(float) * nkv);
+            dv[r] = xmalloc(sizeof(float) * nkv); memcpy(dv[r], dv0, sizeof(float) * nkv);
+        }
+        attention_forward(out[0], att[0], q, k, v, B, T, H, KVH, hd);
+        attention_forward_reference(out[1], att[1], q, k, v, B, T, H, KVH, hd);
+        attention_backward(dq[0], dk[0], dv[0], dout, out[0], att[0], q, k, v, B, T, H, KVH, hd);
+        attention_backward_reference(dq[1], dk[1], dv[1], dout, out[1], att[1], q, k, v, B, T, H, KVH, hd);
+        for (size_t i = 0; i < natt; i++)   // only the causal triangle is defined
+            if (i % T > i / T % T) att[0][i] = att[1][i] = 0.0f;
+        worst = fmax(worst, max_rel_diff(out[1], out[0], nq));
+        worst = fmax(worst, max_rel_diff(att[1], att[0], natt));
+        worst = fmax(worst, max_rel_diff(dq[1], dq[0], nq));
+        worst = fmax(worst, max_rel_diff(dk[1], dk[0], nkv));
+        worst = fmax(worst, max_rel_diff(dv[1], dv[0], nkv));
+        for (int r = 0; r < 2; r++) { free(out[r]); free(att[r]); free(dq[r]); free(dk[r]); free(dv[r]); }
+        free(q); free(k); free(v); free(dout); free(dq0); free(dk0); free(dv0);
+    }
+    report(worst < 1e-5, "attention kernel = plain loops",
+           "5 shapes incl. T = 1, T = 13 and 25 (tiles cut), hd 2..34, grouped kv: max diff %.1e", worst);
 }
 
 // --- SwiGLU
@@ -1912,10 +1982,12 @@ int main(int argc, char **argv) {
     test_grad_rmsnorm("grad ssnorm (single scale)", 0, &rng);
     test_grad_matmul(&rng);
     test_matmul_fast_vs_reference(&rng);
+    test_matmul_batched_vs_reference(&rng);
     test_grad_rope(&rng);
     test_rope_layout();
     test_grad_attention(&rng);
     test_attention_causal(&rng);
+    test_attention_fast_vs_reference(&rng);
     test_grad_swiglu(&rng);
     test_grad_residual(&rng);
     test_grad_crossentropy(&rng);
