@@ -1,5 +1,5 @@
 # osp.c build. `make` builds ./osp; `make test` runs the test suite; `make run` trains and samples;
-# `make ablation` reproduces the paper's ablation (about an hour on 2 cores).
+# `make ablation` reproduces the paper's ablation (about 20 minutes on 2 cores).
 CC ?= cc
 CFLAGS ?= -O3 -std=c11 -Wall -Wextra
 # Strict -std=c11 turns off fusing a*b+c into one FMA instruction; the kernels need it.
@@ -71,7 +71,7 @@ run: osp data
 ablation: osp data
 	./osp ablation --dir runs/ablation
 
-# Twice the width (the default model of ./osp train) for 2.5x the steps: about 4.5 hours on 2 cores.
+# Twice the width (the default model of ./osp train) for 2.5x the steps: about 2 hours on 2 cores.
 ablation-long: osp data
 	./osp ablation --dir runs/ablation-long --dim 128 --ffn-dim 512 --steps 3000 --kurtosis-every 100
 
