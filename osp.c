@@ -927,12 +927,18 @@ static void rope_backward(float *dq, float *dk, const float *cos_table, const fl
     rope_rotate(dq, dk, cos_table, sin_table, B, T, H, KVH, head_dim, -1.0f);
 }
 
+// Zeroes row t of a causal [T, T] score matrix right of the diagonal, up to the end of the row's
+// GEMM_MR-row tile: the triangular products (GEMM_A_LOWER, GEMM_A_UPPER) read that far.
+static void causal_row_clear(float *row, int t, int T) {
+    int tile_end = (t / GEMM_MR + 1) * GEMM_MR;
+    for (int t2 = t + 1; t2 < tile_end && t2 < T; t2++) row[t2] = 0.0f;
+}
+
 // Causal attention with grouped KV heads: query head h reads KV head h / (H / KVH).
 // q [B,T,H,hd], k and v [B,T,KVH,hd], out [B,T,H,hd], att [B,H,T,T] softmax probabilities.
 // For each (b, h), on one thread: S = Q·Kᵀ (only tiles on or left of the diagonal), then each
 // row t becomes p = softmax(scale·S[t][0..t]), then out = P·V. P is zeroed right of the diagonal
-// up to the end of the row's GEMM_MR-row tile, since the P·V tiles (GEMM_A_LOWER) and the backward's
-// Pᵀ tiles (GEMM_A_UPPER) read that far; beyond it att holds unused values.
+// (causal_row_clear); beyond that att holds unused values.
 static void attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
                               int B, int T, int H, int KVH, int hd) {
     double t0 = part_begin();
@@ -953,8 +959,7 @@ static void attention_forward(float *out, float *att, const float *q, const floa
                 for (int t2 = 0; t2 <= t; t2++) { row[t2] = expf(row[t2] - maxval); sum += row[t2]; }
                 float inv = 1.0f / sum;
                 for (int t2 = 0; t2 <= t; t2++) row[t2] *= inv;
-                int tile_end = (t / GEMM_MR + 1) * GEMM_MR;
-                for (int t2 = t + 1; t2 < tile_end && t2 < T; t2++) row[t2] = 0.0f;
+                causal_row_clear(row, t, T);
             }
             gemm_serial(&(Gemm){out + qo, q_row, p, (size_t)T, 1, v + kvo, kv_row, 1, T, hd, T, false,
                                 GEMM_A_LOWER});
@@ -991,8 +996,7 @@ static void attention_backward(float *dq, float *dk, float *dv, const float *dou
                     float *dst = ds + (size_t)t * T;
                     float p_dot_dp = dot(dout + qo + t * q_row, out + qo + t * q_row, hd);
                     for (int t2 = 0; t2 <= t; t2++) dst[t2] = pt[t2] * (dst[t2] - p_dot_dp) * scale;
-                    int tile_end = (t / GEMM_MR + 1) * GEMM_MR;
-                    for (int t2 = t + 1; t2 < tile_end && t2 < T; t2++) dst[t2] = 0.0f;
+                    causal_row_clear(dst, t, T);
                 }
                 gemm_serial(&(Gemm){dq + qo, q_row, ds, (size_t)T, 1, k + kvo, kv_row, 1, T, hd, T, true,
                                     GEMM_A_LOWER});
