@@ -4140,12 +4140,15 @@ static double cpu_mhz(void) {
 }
 
 // A child process that keeps one core busy until killed: a laptop always runs something else.
+// It also stops by itself once its parent is gone, so a bench killed midway leaves no spinner.
 // Returns its pid, or -1 if it could not be started.
 static pid_t start_spinner(void) {
     fflush(stdout);   // the child must not print the parent's buffered output again
-    pid_t pid = fork();
-    if (pid == 0)
-        for (volatile unsigned long spin = 0;; spin++) {}
+    pid_t parent = getpid(), pid = fork();
+    if (pid == 0) {
+        while (getppid() == parent) {}
+        _exit(0);
+    }
     return pid;
 }
 
