@@ -2282,25 +2282,39 @@ static double kurtosis_excess(const float *x, int d) {
     return k > 0.0 ? k : 0.0;
 }
 
-// Kurtosis and largest |activation| of the L + 2 hidden states the paper measures: after the
-// embedding (after P_in), after each block, and after the final norm.
+// What a KurtosisReport measures on the hidden states: the L + 2 states of our own figure, or
+// the L + 1 that the authors' release averages (its Hugging Face hidden_states: the raw output
+// of block L is not one of them; the final norm's output stands in its place).
+enum { STATES_ALL, STATES_PAPER };
+
+// Per hidden state (after the embedding and P_in, after each block, after the final norm):
+// excess kurtosis per token, largest |activation|, and the per-channel view: the share of the
+// state's energy (sum over tokens of x²) that its largest channel carries. A channel that is
+// large in every token (what breaks per-token 4-bit activations) gives a large share; Gaussian
+// channels give about 1/d; a few massive tokens raise the kurtosis but hardly the share.
 typedef struct {
-    int n_states;
-    double *kurtosis;   // [n_states] sums over tokens, means after kurtosis_finish
-    double *max_abs;    // [n_states]
-    double mean;        // mean over states of the per-state means: the paper's number
+    int n_states, dim, which;   // which: STATES_ALL or STATES_PAPER, for the means
+    double *kurtosis;           // [n_states] sums over tokens, means after kurtosis_finish
+    double *max_abs;            // [n_states]
+    double *energy;             // [n_states][dim] sum over tokens of x² per channel
+    double *top_channel;        // [n_states] largest channel's share of energy, after kurtosis_finish
+    double mean, top_channel_mean;   // means over the states counted by `which`
     long tokens;
 } KurtosisReport;
 
-static void kurtosis_init(KurtosisReport *r, int n_layers) {
+static void kurtosis_init(KurtosisReport *r, int n_layers, int dim, int which) {
     r->n_states = n_layers + 2;
+    r->dim = dim;
+    r->which = which;
     r->kurtosis = xcalloc((size_t)r->n_states, sizeof(double));
     r->max_abs = xcalloc((size_t)r->n_states, sizeof(double));
-    r->mean = 0.0;
+    r->energy = xcalloc((size_t)r->n_states * dim, sizeof(double));
+    r->top_channel = xcalloc((size_t)r->n_states, sizeof(double));
+    r->mean = r->top_channel_mean = 0.0;
     r->tokens = 0;
 }
 
-static void kurtosis_free(KurtosisReport *r) { free(r->kurtosis); free(r->max_abs); }
+static void kurtosis_free(KurtosisReport *r) { free(r->kurtosis); free(r->max_abs); free(r->energy); free(r->top_channel); }
 
 // Adds the hidden states of the model's last forward pass to the sums.
 static void kurtosis_accumulate(KurtosisReport *r, const Model *m) {
@@ -2308,24 +2322,42 @@ static void kurtosis_accumulate(KurtosisReport *r, const Model *m) {
     size_t Nd = (size_t)N * d;
     for (int s = 0; s < r->n_states; s++) {
         const float *h = s < r->n_states - 1 ? m->act.x + s * Nd : m->act.final_norm;
-        double sum = 0.0, mx = r->max_abs[s];
+        double sum = 0.0, mx = r->max_abs[s], *energy = r->energy + (size_t)s * d;
 #pragma omp parallel for reduction(+ : sum) reduction(max : mx) schedule(static)
         for (int n = 0; n < N; n++) {
             sum += kurtosis_excess(h + (size_t)n * d, d);
             for (int i = 0; i < d; i++) mx = fmax(mx, fabs(h[(size_t)n * d + i]));
         }
+#pragma omp parallel for schedule(static)
+        for (int i = 0; i < d; i++)
+            for (int n = 0; n < N; n++) energy[i] += (double)h[(size_t)n * d + i] * h[(size_t)n * d + i];
         r->kurtosis[s] += sum;
         r->max_abs[s] = mx;
     }
     r->tokens += N;
 }
 
+// Whether state s counts in the report's means: all of them, or all but block L's raw output.
+static bool kurtosis_counts(const KurtosisReport *r, int s) {
+    return r->which == STATES_ALL || s != r->n_states - 2;
+}
+
 static void kurtosis_finish(KurtosisReport *r) {
-    r->mean = 0.0;
+    int counted = 0;
+    r->mean = r->top_channel_mean = 0.0;
     for (int s = 0; s < r->n_states; s++) {
+        const double *energy = r->energy + (size_t)s * r->dim;
+        double total = 0.0, top = 0.0;
+        for (int i = 0; i < r->dim; i++) { total += energy[i]; top = fmax(top, energy[i]); }
         r->kurtosis[s] /= (double)(r->tokens ? r->tokens : 1);
-        r->mean += r->kurtosis[s] / r->n_states;
+        r->top_channel[s] = total > 0.0 ? top / total : 0.0;
+        if (!kurtosis_counts(r, s)) continue;
+        r->mean += r->kurtosis[s];
+        r->top_channel_mean += r->top_channel[s];
+        counted++;
     }
+    r->mean /= counted;
+    r->top_channel_mean /= counted;
 }
 
 // Name of hidden state s of a KurtosisReport: the embedding, a block's output, the final norm.
@@ -2489,7 +2521,6 @@ typedef struct {
     int wbits, abits, kvbits;   // the bits of the table's rows (16 = off)
     bool clip_search;           // weight clip search (default on)
     bool rotate;                // full residual rotation before quantizing
-    bool context_free_kurtosis; // --kurtosis-context none
     int max_windows;            // validation windows, 0 = all
 } EvalOptions;
 
@@ -2499,7 +2530,8 @@ static const char *quant_row_names[N_QUANT_ROWS] = {"W", "A", "KV", "WAKV"};
 typedef struct {
     long windows;
     float fp_loss;
-    KurtosisReport kurt;
+    KurtosisReport paper;     // each token alone, the L + 1 states of the release: the paper's figure
+    KurtosisReport context;   // tokens in their windows, all L + 2 states
     float quant_loss[N_QUANT_ROWS][2];   // [W only, A only, KV only, all][no Had., Had.]; NAN if not applicable
     double seconds;
 } EvalResult;
@@ -2520,7 +2552,7 @@ static float evaluate_quantized(Model *work, const Model *base, const QuantSetti
 }
 
 // Full evaluation of a model (merged here if it has EmbProj or SSNorm): full-precision loss,
-// kurtosis, and the 4-bit table without and with the FFN Hadamard.
+// the hidden states' kurtosis (each token alone, and in context), and the 4-bit table without and with the FFN Hadamard.
 static void evaluate_model(EvalResult *r, const Model *m, const TokenData *val, const EvalOptions *o) {
     double t0 = now_seconds();
     Model base, work;
@@ -2529,10 +2561,12 @@ static void evaluate_model(EvalResult *r, const Model *m, const TokenData *val, 
     model_alloc(&work, &base.cfg, m->max_batch);
     memcpy(work.params, base.params, sizeof(float) * base.n_params);
     r->windows = validation_windows(&work, val, o->max_windows);
-    kurtosis_init(&r->kurt, base.cfg.n_layers);
-    r->fp_loss = evaluate_loss(&work, val, o->max_windows, o->context_free_kurtosis ? NULL : &r->kurt);
-    if (o->context_free_kurtosis) kurtosis_without_context(&work, val, o->max_windows, &r->kurt);
-    kurtosis_finish(&r->kurt);
+    kurtosis_init(&r->paper, base.cfg.n_layers, base.cfg.dim, STATES_PAPER);
+    kurtosis_init(&r->context, base.cfg.n_layers, base.cfg.dim, STATES_ALL);
+    r->fp_loss = evaluate_loss(&work, val, o->max_windows, &r->context);
+    kurtosis_without_context(&work, val, o->max_windows, &r->paper);
+    kurtosis_finish(&r->paper);
+    kurtosis_finish(&r->context);
     const QuantSetting rows[N_QUANT_ROWS] = {
         {o->wbits, QUANT_OFF, QUANT_OFF, 0}, {QUANT_OFF, o->abits, QUANT_OFF, 0},
         {QUANT_OFF, QUANT_OFF, o->kvbits, 0}, {o->wbits, o->abits, o->kvbits, 0},
@@ -2726,7 +2760,7 @@ static void print_run_header(FILE *log, const Trainer *tr) {
 static void log_kurtosis(Trainer *tr, const RunOptions *ro, KurtosisLog *klog) {
     const TrainState *st = &tr->state;
     KurtosisReport kr;
-    kurtosis_init(&kr, st->cfg.n_layers);
+    kurtosis_init(&kr, st->cfg.n_layers, st->cfg.dim, STATES_ALL);
     evaluate_loss(&tr->model, tr->val, st->batch, &kr);
     kurtosis_finish(&kr);
     fprintf(ro->log, "step %6d/%d | kurtosis %.4f | max |act| %.3f | per state", st->step, st->opt.steps, kr.mean, kurtosis_max_abs(&kr));
@@ -3422,16 +3456,16 @@ static const char *eval_flags_help =
     "  --kvbits N              KV-cache bits (default 4)\n"
     "  --no-clip-search        weights: plain absmax scale instead of the clip search\n"
     "  --rotate                rotate the residual stream by a random-sign Hadamard first (QuaRot-style)\n"
-    "  --kurtosis-context C    full (default): tokens in their windows; none: each token alone,\n"
-    "                          as the authors' script measures it\n"
     "  --threads N             OpenMP threads, 0 = all cores (default 0)\n";
 
 static const char *eval_help_head =
     "usage: ./osp eval CKPT [flags]\n"
-    "Evaluates a checkpoint on the validation split: full-precision perplexity; excess kurtosis\n"
-    "of the hidden states (after the embedding, after each block, after the final norm) with the\n"
-    "largest |activation| of each; perplexity under RTN fake quantization of the weights (W),\n"
-    "activations (A) and KV cache, without and with the online FFN Hadamard (Had.).\n"
+    "Evaluates a checkpoint on the validation split: full-precision perplexity; for each hidden\n"
+    "state (after the embedding, after each block, after the final norm) the excess kurtosis per\n"
+    "token, the largest channel's share of the energy and the largest |activation|, with each\n"
+    "token fed alone (the paper's measurement) and in context; perplexity under RTN fake\n"
+    "quantization of the weights (W), activations (A) and KV cache, without and with the online\n"
+    "FFN Hadamard (Had.).\n"
     "  --json                  print one JSON object instead of the tables\n";
 
 static const char *compare_help_head =
@@ -3452,11 +3486,6 @@ static bool parse_eval_flag(Args *a, EvalArgs *e) {
     }
     else if (!strcmp(f, "--no-clip-search")) e->opt.clip_search = false;
     else if (!strcmp(f, "--rotate")) e->opt.rotate = true;
-    else if (!strcmp(f, "--kurtosis-context")) {
-        const char *v = flag_value(a);
-        if (strcmp(v, "full") && strcmp(v, "none")) die("--kurtosis-context must be full or none, got '%s'", v);
-        e->opt.context_free_kurtosis = !strcmp(v, "none");
-    }
     else if (!strcmp(f, "--threads")) e->threads = (int)parse_int(f, flag_value(a), 0, 1024);
     else return false;
     return true;
@@ -3484,12 +3513,24 @@ static void print_eval_text(const char *path, const TrainState *s, const EvalRes
            s->merged ? " (merged)" : "", s->cfg.dim, s->cfg.n_layers, s->step, (double)s->step * s->batch * s->cfg.seq_len / 1e6);
     printf("validation: %ld windows x %d tokens%s\n", r->windows, s->cfg.seq_len, o->rotate ? "; residual stream rotated (--rotate)" : "");
     printf("full precision: loss %.4f, perplexity %.2f\n\n", r->fp_loss, exp(r->fp_loss));
-    printf("excess kurtosis per token across %d channels (context: %s), mean over %ld tokens\n", s->cfg.dim,
-           o->context_free_kurtosis ? "none" : "full", r->kurt.tokens);
-    printf("  %-12s %10s %12s\n", "hidden state", "kurtosis", "max |act|");
-    for (int i = 0; i < r->kurt.n_states; i++)
-        printf("  %-12s %10.3f %12.3f\n", state_label(i, r->kurt.n_states, label, sizeof label), r->kurt.kurtosis[i], r->kurt.max_abs[i]);
-    printf("  %-12s %10.3f %12.3f\n\n", "mean", r->kurt.mean, kurtosis_max_abs(&r->kurt));
+    const KurtosisReport *k[2] = {&r->paper, &r->context};
+    printf("hidden states of %ld tokens: excess kurtosis per token across %d channels, the largest\n"
+           "channel's share of the energy, the largest |activation|\n", r->paper.tokens, s->cfg.dim);
+    printf("  %-14s %30s | %30s\n", "", "each token alone (the paper's)", "in context");
+    printf("  %-14s", "hidden state");
+    for (int j = 0; j < 2; j++) printf(" %10s %9s %9s%s", "kurtosis", "top ch.", "max |act|", j ? "\n" : " |");
+    for (int i = 0; i < r->paper.n_states; i++) {
+        state_label(i, r->paper.n_states, label, sizeof label);
+        printf("  %-14s", strcat(label, kurtosis_counts(&r->paper, i) ? "" : " (*)"));
+        for (int j = 0; j < 2; j++)
+            printf(" %10.3f %8.1f%% %9.2f%s", k[j]->kurtosis[i], 100.0 * k[j]->top_channel[i], k[j]->max_abs[i], j ? "\n" : " |");
+    }
+    printf("  %-14s", "mean");
+    for (int j = 0; j < 2; j++)
+        printf(" %10.3f %8.1f%% %9.2f%s", k[j]->mean, 100.0 * k[j]->top_channel_mean, kurtosis_max_abs(k[j]), j ? "\n" : " |");
+    printf("  (*) not in the paper's mean, which follows the release: the embedding, blocks 1..%d and the\n"
+           "      final norm's output (%d states); the in-context mean is over all %d\n\n",
+           s->cfg.n_layers - 1, s->cfg.n_layers + 1, s->cfg.n_layers + 2);
     printf("perplexity under RTN fake quantization (weights per row, symmetric%s; activations per token\n"
            "and KV per head, asymmetric; Had. = online Hadamard on the W2 input)\n", o->clip_search ? ", clip search" : ", no clip search");
     printf("  %-12s %10s %10s\n", "setting", "no Had.", "Had.");
@@ -3509,17 +3550,24 @@ static void print_eval_json(const char *path, const TrainState *s, const EvalRes
     for (const char *p = path; *p; p++) printf(*p == '"' || *p == '\\' ? "\\%c" : "%c", *p);
     printf("\", \"preset\": \"%s\", \"merged\": %s, \"steps\": %d, \"tokens\": %lld, \"windows\": %ld, \"seq_len\": %d,\n",
            preset_name(s->preset), s->merged ? "true" : "false", s->step, (long long)s->step * s->batch * s->cfg.seq_len, r->windows, s->cfg.seq_len);
-    printf(" \"rotate\": %s, \"clip_search\": %s, \"kurtosis_context\": \"%s\",\n", o->rotate ? "true" : "false",
-           o->clip_search ? "true" : "false", o->context_free_kurtosis ? "none" : "full");
+    printf(" \"rotate\": %s, \"clip_search\": %s,\n", o->rotate ? "true" : "false", o->clip_search ? "true" : "false");
     printf(" \"fp_loss\": "); print_json_number(r->fp_loss);
     printf(", \"fp_ppl\": "); print_json_number(exp(r->fp_loss));
-    printf(",\n \"kurtosis\": "); print_json_number(r->kurt.mean);
-    printf(", \"max_abs_activation\": "); print_json_number(kurtosis_max_abs(&r->kurt));
-    printf(",\n \"kurtosis_per_state\": [");
-    for (int i = 0; i < r->kurt.n_states; i++) { printf(i ? ", " : ""); print_json_number(r->kurt.kurtosis[i]); }
-    printf("],\n \"max_abs_per_state\": [");
-    for (int i = 0; i < r->kurt.n_states; i++) { printf(i ? ", " : ""); print_json_number(r->kurt.max_abs[i]); }
-    printf("],\n \"bits\": {\"w\": %d, \"a\": %d, \"kv\": %d},\n \"quantized_ppl\": {", o->wbits, o->abits, o->kvbits);
+    const KurtosisReport *k[2] = {&r->paper, &r->context};
+    for (int j = 0; j < 2; j++) {   // keys without a suffix: the paper's measurement (each token alone)
+        const char *suffix = j ? "_context" : "";
+        printf(",\n \"kurtosis%s\": ", suffix); print_json_number(k[j]->mean);
+        printf(", \"top_channel_share%s\": ", suffix); print_json_number(k[j]->top_channel_mean);
+        printf(", \"max_abs_activation%s\": ", suffix); print_json_number(kurtosis_max_abs(k[j]));
+        const double *per_state[3] = {k[j]->kurtosis, k[j]->top_channel, k[j]->max_abs};
+        const char *names[3] = {"kurtosis", "top_channel_share", "max_abs"};
+        for (int q = 0; q < 3; q++) {
+            printf(",\n \"%s_per_state%s\": [", names[q], suffix);
+            for (int i = 0; i < k[j]->n_states; i++) { printf(i ? ", " : ""); print_json_number(per_state[q][i]); }
+            printf("]");
+        }
+    }
+    printf(",\n \"bits\": {\"w\": %d, \"a\": %d, \"kv\": %d},\n \"quantized_ppl\": {", o->wbits, o->abits, o->kvbits);
     const char *keys[N_QUANT_ROWS] = {"w", "a", "kv", "wakv"};
     for (int i = 0; i < N_QUANT_ROWS; i++) {
         printf("%s\"%s\": ", i ? ", " : "", keys[i]);
@@ -3551,7 +3599,7 @@ static int cmd_eval(int argc, char **argv) {
     EvalResult r;
     evaluate_model(&r, &m, &val, &e.opt);
     (e.json ? print_eval_json : print_eval_text)(ckpt, &s, &r, &e.opt);
-    kurtosis_free(&r.kurt);
+    kurtosis_free(&r.paper); kurtosis_free(&r.context);
     model_free(&m);
     free(val.tokens);
     return 0;
@@ -3602,11 +3650,14 @@ static int cmd_compare(int argc, char **argv) {
     for (int i = 0; i < n; i++) printf(" %14.4f", results[i].fp_loss);
     printf("\n%-26s", "val ppl");
     for (int i = 0; i < n; i++) printf(" %14.2f", exp(results[i].fp_loss));
-    snprintf(label, sizeof label, "excess kurtosis (%s)", e.opt.context_free_kurtosis ? "no ctx" : "ctx");
-    printf("\n%-26s", label);
-    for (int i = 0; i < n; i++) printf(" %14.3f", results[i].kurt.mean);
-    printf("\n%-26s", "max |activation|");
-    for (int i = 0; i < n; i++) printf(" %14.2f", kurtosis_max_abs(&results[i].kurt));
+    printf("\n%-26s", "kurtosis (paper's)");
+    for (int i = 0; i < n; i++) printf(" %14.3f", results[i].paper.mean);
+    printf("\n%-26s", "kurtosis in context");
+    for (int i = 0; i < n; i++) printf(" %14.3f", results[i].context.mean);
+    printf("\n%-26s", "top channel in context");
+    for (int i = 0; i < n; i++) printf(" %13.1f%%", 100.0 * results[i].context.top_channel_mean);
+    printf("\n%-26s", "max |activation| in ctx.");
+    for (int i = 0; i < n; i++) printf(" %14.2f", kurtosis_max_abs(&results[i].context));
     for (int row = 0; row < N_QUANT_ROWS; row++)
         for (int had = 0; had < 2; had++) {
             bits_label(label, sizeof label, row, &e.opt);
@@ -3617,7 +3668,7 @@ static int cmd_compare(int argc, char **argv) {
     printf("\n\n%ld validation windows of %d tokens each; weights %s; %s; evaluation took %.1f s\n", results[0].windows,
            states[0].cfg.seq_len, e.opt.clip_search ? "with clip search" : "without clip search",
            e.opt.rotate ? "residual rotated" : "no residual rotation", total);
-    for (int i = 0; i < n; i++) kurtosis_free(&results[i].kurt);
+    for (int i = 0; i < n; i++) { kurtosis_free(&results[i].paper); kurtosis_free(&results[i].context); }
     free(states); free(results); free(state_bytes); free(ckpts); free(val.tokens);
     return 0;
 }
@@ -3678,15 +3729,30 @@ typedef struct {
     bool evaluated;
     double tokens_per_second;   // measured while training, NAN if unknown
     double state_bytes;
-    double windows, kurtosis, max_abs, fp_ppl, quant_ppl[N_QUANT_ROWS][2];
+    double windows;
+    double kurtosis, kurtosis_paper;   // in context (all L + 2 states); each token alone (the paper's)
+    double top_channel, max_abs;       // in context
+    double fp_ppl, quant_ppl[N_QUANT_ROWS][2];
 } AblationRun;
 
-#define ABLATION_VALUES (6 + 2 * N_QUANT_ROWS)   // results.csv columns after preset and seed
+// results.csv's columns after preset, seed and diverged_step, and where each lives in a run.
+#define ABLATION_VALUES (8 + 2 * N_QUANT_ROWS)
+static const char *ablation_columns[ABLATION_VALUES] = {
+    "tokens_per_s", "optimizer_state_bytes", "val_windows", "kurtosis", "kurtosis_paper", "top_channel_share",
+    "max_abs_activation", "fp_ppl", "w4_ppl", "a4_ppl", "kv4_ppl", "w4a4kv4_ppl",
+    "w4_ppl_had", "a4_ppl_had", "kv4_ppl_had", "w4a4kv4_ppl_had"};
 
 static void ablation_values(AblationRun *r, double **v) {
-    double *fields[ABLATION_VALUES] = {&r->tokens_per_second, &r->state_bytes, &r->windows, &r->kurtosis, &r->max_abs, &r->fp_ppl};
-    for (int q = 0; q < N_QUANT_ROWS; q++) { fields[6 + q] = &r->quant_ppl[q][0]; fields[6 + N_QUANT_ROWS + q] = &r->quant_ppl[q][1]; }
+    double *fields[ABLATION_VALUES] = {&r->tokens_per_second, &r->state_bytes, &r->windows, &r->kurtosis, &r->kurtosis_paper,
+                                       &r->top_channel, &r->max_abs, &r->fp_ppl};
+    for (int q = 0; q < N_QUANT_ROWS; q++) { fields[8 + q] = &r->quant_ppl[q][0]; fields[8 + N_QUANT_ROWS + q] = &r->quant_ppl[q][1]; }
     memcpy(v, fields, sizeof fields);
+}
+
+// The first line of results.csv.
+static void ablation_header(char *buf, size_t size) {
+    int n = snprintf(buf, size, "preset,seed,diverged_step");
+    for (int c = 0; c < ABLATION_VALUES; c++) n += snprintf(buf + n, size - (size_t)n, ",%s", ablation_columns[c]);
 }
 
 // dir/PRESET-sSEED<suffix>: where a run keeps its checkpoint, log and kurtosis CSV.
@@ -3706,12 +3772,14 @@ static double ablation_evaluate(AblationRun *r, const Model *m, const TokenData 
     evaluate_model(&er, m, val, o);
     r->evaluated = true;
     r->windows = (double)er.windows;
-    r->kurtosis = er.kurt.mean;
-    r->max_abs = kurtosis_max_abs(&er.kurt);
+    r->kurtosis = er.context.mean;
+    r->kurtosis_paper = er.paper.mean;
+    r->top_channel = er.context.top_channel_mean;
+    r->max_abs = kurtosis_max_abs(&er.context);
     r->fp_ppl = exp(er.fp_loss);
     for (int q = 0; q < N_QUANT_ROWS; q++)
         for (int had = 0; had < 2; had++) r->quant_ppl[q][had] = exp(er.quant_loss[q][had]);
-    kurtosis_free(&er.kurt);
+    kurtosis_free(&er.paper); kurtosis_free(&er.context);
     return er.seconds;
 }
 
@@ -3719,10 +3787,9 @@ static double ablation_evaluate(AblationRun *r, const Model *m, const TokenData 
 static bool ablation_save_results(const char *path, AblationRun *runs, int n_runs) {
     AtomicFile af;
     if (!atomic_open(&af, path)) return false;
-    fprintf(af.f, "preset,seed,diverged_step,tokens_per_s,optimizer_state_bytes,val_windows,kurtosis,max_abs_activation,fp_ppl");
-    for (int had = 0; had < 2; had++)
-        for (int q = 0; q < N_QUANT_ROWS; q++) fprintf(af.f, ",%s_ppl%s", q == 3 ? "w4a4kv4" : q == 0 ? "w4" : q == 1 ? "a4" : "kv4", had ? "_had" : "");
-    fprintf(af.f, "\n");
+    char header[1024];
+    ablation_header(header, sizeof header);
+    fprintf(af.f, "%s\n", header);
     for (int i = 0; i < n_runs; i++) {
         double *v[ABLATION_VALUES];
         ablation_values(&runs[i], v);
@@ -3738,7 +3805,11 @@ static bool ablation_load_results(const char *path, AblationRun *runs, int n_run
     char *text, **lines;
     int n_lines;
     bool ok = read_lines(path, &text, &lines, &n_lines);
+    char header[1024];
+    ablation_header(header, sizeof header);
     if (ok && n_lines > 0 && strncmp(lines[0], "preset,seed,", 12) != 0) ok = fail("'%s' is not a results file", path);
+    else if (ok && n_lines > 0 && strcmp(lines[0], header) != 0)
+        ok = fail("'%s' has other columns than this osp writes; use another --dir or delete it", path);
     for (int i = 1; ok && i < n_lines; i++) {
         char *comma = strchr(lines[i], ','), *p = comma;
         unsigned long long seed = comma ? strtoull(comma + 1, &p, 10) : 0;
@@ -3800,19 +3871,31 @@ static void ablation_on_log(void *ctx, const TrainState *s, float loss, double s
     fflush(stdout);
 }
 
-// The table's columns. Quantized rows are indices into quant_ppl; the increases are percent
-// over full precision.
-enum { COL_KURTOSIS, COL_MAX_ABS, COL_FP, COL_W4, COL_A4, COL_KV4, COL_444, COL_444_HAD, COL_TOKENS_PER_S, N_COLS };
+// The table's columns. Quantized ones name a row of quant_ppl; their increases are percent
+// over full precision. The first table shows the columns up to COL_TOKENS_PER_S, the second
+// the increases of COL_W4 to COL_444_HAD.
+enum { COL_KURTOSIS_PAPER, COL_KURTOSIS, COL_TOP_CHANNEL, COL_MAX_ABS, COL_FP, COL_444, COL_444_HAD, COL_TOKENS_PER_S,
+       COL_W4, COL_A4, COL_KV4, N_COLS };
 static const struct { const char *name; int width, decimals, quant_row, had; } ablation_cols[N_COLS] = {
-    {"kurtosis", 14, 3, -1, 0}, {"max |act|", 13, 1, -1, 0}, {"fp ppl", 13, 2, -1, 0}, {"W4 ppl", 13, 2, 0, 0},
-    {"A4 ppl", 13, 2, 1, 0}, {"KV4 ppl", 13, 2, 2, 0}, {"4-4-4 ppl", 13, 2, 3, 0}, {"+Had. ppl", 13, 2, 3, 1},
-    {"tok/s", 11, 0, -1, 0},
+    [COL_KURTOSIS_PAPER] = {"kurtosis", 14, 2, -1, 0}, [COL_KURTOSIS] = {"in context", 13, 3, -1, 0},
+    [COL_TOP_CHANNEL] = {"top ch. %", 11, 1, -1, 0}, [COL_MAX_ABS] = {"max |act|", 13, 1, -1, 0},
+    [COL_FP] = {"fp ppl", 13, 2, -1, 0}, [COL_444] = {"4-4-4 ppl", 13, 2, 3, 0}, [COL_444_HAD] = {"+Had. ppl", 13, 2, 3, 1},
+    [COL_TOKENS_PER_S] = {"tok/s", 11, 0, -1, 0}, [COL_W4] = {"W4", 13, 2, 0, 0}, [COL_A4] = {"A4", 13, 2, 1, 0},
+    [COL_KV4] = {"KV4", 13, 2, 2, 0},
 };
+static const int increase_cols[] = {COL_W4, COL_A4, COL_KV4, COL_444, COL_444_HAD};
 
 static double ablation_value(const AblationRun *r, int col, bool increase) {
     int q = ablation_cols[col].quant_row;
     if (q >= 0) return increase ? 100.0 * (r->quant_ppl[q][ablation_cols[col].had] / r->fp_ppl - 1.0) : r->quant_ppl[q][ablation_cols[col].had];
-    return col == COL_KURTOSIS ? r->kurtosis : col == COL_MAX_ABS ? r->max_abs : col == COL_FP ? r->fp_ppl : r->tokens_per_second;
+    switch (col) {
+    case COL_KURTOSIS_PAPER: return r->kurtosis_paper;
+    case COL_KURTOSIS: return r->kurtosis;
+    case COL_TOP_CHANNEL: return 100.0 * r->top_channel;
+    case COL_MAX_ABS: return r->max_abs;
+    case COL_FP: return r->fp_ppl;
+    default: return r->tokens_per_second;
+    }
 }
 
 // Prints "mean ±half-range" of one column over a preset's evaluated runs (one seed: the value).
@@ -3839,17 +3922,20 @@ static void print_ablation_table(FILE *f, const AblationRun *runs, int n_runs, c
     double windows = 0;
     for (int i = 0; i < n_runs; i++) if (runs[i].evaluated) windows = runs[i].windows;
     fprintf(f, "ablation: 6 presets x %d seed%s, %d steps x %d tokens = %.2fM tokens each; dim %d, %d layers, ffn %d, seq %d;\n"
-               "lr adam %g, lr muon %g; perplexity on %.0f validation windows. Cells: mean ±half the range over seeds.\n\n",
+               "lr adam %g, lr muon %g; perplexity on %.0f validation windows. Cells: mean ±half the range over seeds.\n"
+               "kurtosis: each token fed alone, mean over the embedding, blocks 1..L-1 and the final norm (the paper's\n"
+               "measurement); in context: tokens in their windows, all L + 2 states; top ch. %%: the largest channel's\n"
+               "share of the energy, in context.\n\n",
            n_seeds, n_seeds == 1 ? "" : "s", proto->opt.steps, proto->batch * proto->cfg.seq_len, tokens / 1e6, proto->cfg.dim,
            proto->cfg.n_layers, proto->cfg.ffn_dim, proto->cfg.seq_len, proto->opt.lr_adam, proto->opt.lr_muon, windows);
     fprintf(f, "%-13s", "");
-    for (int c = 0; c < N_COLS; c++) fprintf(f, " %*s", ablation_cols[c].width, "");
+    for (int c = 0; c <= COL_TOKENS_PER_S; c++) fprintf(f, " %*s", ablation_cols[c].width, c == COL_KURTOSIS ? "kurtosis" : "");
     fprintf(f, " %9s | %9s %9s %9s\n%-13s", "", "paper", "paper", "paper", "preset");
-    for (int c = 0; c < N_COLS; c++) fprintf(f, " %*s", ablation_cols[c].width, ablation_cols[c].name);
+    for (int c = 0; c <= COL_TOKENS_PER_S; c++) fprintf(f, " %*s", ablation_cols[c].width, ablation_cols[c].name);
     fprintf(f, " %9s | %9s %9s %9s\n", "state MB", "kurtosis", "4-4-4 ppl", "+Had. ppl");
     for (int p = 0; p < N_PRESETS; p++) {
         fprintf(f, "%-13s", presets[p].name);
-        for (int c = 0; c < N_COLS; c++) print_spread(f, runs, n_runs, p, c, false, ablation_cols[c].width, ablation_cols[c].decimals);
+        for (int c = 0; c <= COL_TOKENS_PER_S; c++) print_spread(f, runs, n_runs, p, c, false, ablation_cols[c].width, ablation_cols[c].decimals);
         double bytes = NAN;
         int diverged = 0;
         for (int i = 0; i < n_runs; i++)
@@ -3863,12 +3949,13 @@ static void print_ablation_table(FILE *f, const AblationRun *runs, int n_runs, c
         if (diverged) fprintf(f, "  (a seed diverged at step %d)", diverged);
         fprintf(f, "\n");
     }
+    int n_increases = (int)(sizeof increase_cols / sizeof increase_cols[0]);
     fprintf(f, "\nperplexity increase over full precision, %% (mean ±half the range over seeds)\n%-13s", "preset");
-    for (int c = COL_W4; c <= COL_444_HAD; c++) fprintf(f, " %13s", ablation_cols[c].name);
+    for (int c = 0; c < n_increases; c++) fprintf(f, " %13s", ablation_cols[increase_cols[c]].name);
     fprintf(f, "\n");
     for (int p = 0; p < N_PRESETS; p++) {
         fprintf(f, "%-13s", presets[p].name);
-        for (int c = COL_W4; c <= COL_444_HAD; c++) print_spread(f, runs, n_runs, p, c, true, 13, 1);
+        for (int c = 0; c < n_increases; c++) print_spread(f, runs, n_runs, p, increase_cols[c], true, 13, 1);
         fprintf(f, "\n");
     }
 }
@@ -4060,7 +4147,7 @@ static int cmd_ablation(int argc, char **argv) {
             if (!ablation_save_results(results_path, runs, n_runs)) die("%s", osp_error);
             print_run_prefix(i, n_runs, r);
             printf("kurtosis %.3f | fp ppl %.2f | 4-4-4 ppl %.2f | +Had. %.2f | evaluated in %.0f s\n",
-                   r->kurtosis, r->fp_ppl, r->quant_ppl[3][0], r->quant_ppl[3][1], prog.eval_seconds);
+                   r->kurtosis_paper, r->fp_ppl, r->quant_ppl[3][0], r->quant_ppl[3][1], prog.eval_seconds);
         } else if (!r->diverged_step) {
             printf("done earlier\n");
         }

@@ -1057,7 +1057,7 @@ static void test_kurtosis_report(uint64_t *rng) {
     for (int i = 0; i < 16; i++) inputs[i] = (int)(rng_next(rng) % 300);
     model_forward(&m, inputs, NULL, 2, 8);
     KurtosisReport r;
-    kurtosis_init(&r, cfg.n_layers);
+    kurtosis_init(&r, cfg.n_layers, cfg.dim, STATES_ALL);
     kurtosis_accumulate(&r, &m);
     kurtosis_finish(&r);
     double k0 = 0.0, kl = 0.0, max0 = 0.0;
@@ -1075,6 +1075,88 @@ static void test_kurtosis_report(uint64_t *rng) {
            r.n_states, r.kurtosis[0], k0, r.kurtosis[r.n_states - 1], kl, r.mean);
     kurtosis_free(&r);
     model_free(&m);
+}
+
+// The paper's set of states and the per-channel figure, on hidden states written by hand
+// (one layer, two tokens of 4 channels; states: embedding, block 1 = block L, final norm):
+//   embedding  (1, 2, 3, 4) and (4, 0, 0, 0): kurtosis 28.857 and 1.000 (one-hot: d - 3),
+//              channel energies (17, 4, 9, 16) of 46, top share 17/46
+//   block 1    (1, 1, 1, 1) twice: kurtosis 0 (variance 0), top share 1/4
+//   final norm (0, 3, 0, 0) and (0, -3, 1, 0): kurtosis 1 and 0 (-0.72 clamped), top share 18/19
+// The paper's mean skips block 1 (block L): (14.929 + 0.5) / 2; all three: (14.929 + 0 + 0.5) / 3.
+static void test_kurtosis_paper_states(void) {
+    Config cfg = test_config();
+    cfg.n_layers = 1;
+    cfg.dim = 4;
+    cfg.n_heads = cfg.n_kv_heads = 1;
+    Model m;
+    model_alloc(&m, &cfg, 1);
+    m.B = 1;
+    m.T = 2;
+    activation_layout(&m.act, m.act_block, &cfg, 1, 2);
+    const float embedding[8] = {1, 2, 3, 4, 4, 0, 0, 0}, block[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+    const float final_norm[8] = {0, 3, 0, 0, 0, -3, 1, 0};
+    memcpy(m.act.x, embedding, sizeof embedding);
+    memcpy(m.act.x + 8, block, sizeof block);
+    memcpy(m.act.final_norm, final_norm, sizeof final_norm);
+    KurtosisReport paper, all;
+    kurtosis_init(&paper, 1, 4, STATES_PAPER);
+    kurtosis_init(&all, 1, 4, STATES_ALL);
+    kurtosis_accumulate(&paper, &m);
+    kurtosis_accumulate(&all, &m);
+    kurtosis_finish(&paper);
+    kurtosis_finish(&all);
+    double k_embedding = (88.5 / (25.0 / 9.0) - 3.0 + 1.0) / 2, k_final = (1.0 + 0.0) / 2;
+    double top_embedding = 17.0 / 46, top_block = 0.25, top_final = 18.0 / 19;
+    bool ok = fabs(paper.mean - (k_embedding + k_final) / 2) < 1e-9 && fabs(all.mean - (k_embedding + k_final) / 3) < 1e-9 &&
+              fabs(paper.top_channel[0] - top_embedding) < 1e-12 && fabs(paper.top_channel[1] - top_block) < 1e-12 &&
+              fabs(paper.top_channel[2] - top_final) < 1e-12 &&
+              fabs(paper.top_channel_mean - (top_embedding + top_final) / 2) < 1e-12 &&
+              fabs(all.top_channel_mean - (top_embedding + top_block + top_final) / 3) < 1e-12;
+    report(ok, "kurtosis: paper's L + 1 states, top channel",
+           "paper mean %.4f (%.4f), all %.4f (%.4f); top channel %.4f %.4f %.4f (%.4f 0.25 %.4f)", paper.mean,
+           (k_embedding + k_final) / 2, all.mean, (k_embedding + k_final) / 3, paper.top_channel[0], paper.top_channel[1],
+           paper.top_channel[2], top_embedding, top_final);
+    kurtosis_free(&paper); kurtosis_free(&all);
+    model_free(&m);
+}
+
+// Each token alone: the evaluation's context-free report equals one built by feeding the
+// tokens one by one as sequences of length 1, and differs from the in-context one. 37 windows
+// of 8 tokens (296 tokens) cross the 2 x 8 = 16-token chunks with a partial last one.
+static void test_kurtosis_each_token_alone(uint64_t *rng) {
+    Config cfg = test_config();
+    Model m, one;
+    model_alloc(&m, &cfg, 2);
+    model_alloc(&one, &cfg, 1);
+    model_init(&m, 5);
+    for (size_t i = 0; i < m.n_params; i++) m.params[i] += 0.05f * rng_normal(rng);   // off the init's symmetries
+    memcpy(one.params, m.params, sizeof(float) * m.n_params);
+    TokenData val = {.vocab_size = 300, .n = 37 * 8 + 1};
+    val.tokens = xmalloc(sizeof(uint16_t) * val.n);
+    for (size_t i = 0; i < val.n; i++) val.tokens[i] = (uint16_t)(rng_next(rng) % 300);
+    EvalOptions o = {.wbits = QUANT_OFF, .abits = QUANT_OFF, .kvbits = QUANT_OFF, .clip_search = true};
+    EvalResult r;
+    evaluate_model(&r, &m, &val, &o);
+    KurtosisReport want;
+    kurtosis_init(&want, cfg.n_layers, cfg.dim, STATES_PAPER);
+    for (size_t t = 0; t + 1 < val.n; t++) {
+        int token = val.tokens[t];
+        model_forward(&one, &token, NULL, 1, 1);
+        kurtosis_accumulate(&want, &one);
+    }
+    kurtosis_finish(&want);
+    double worst = 0.0;
+    for (int s = 0; s < want.n_states; s++) worst = fmax(worst, fabs(r.paper.kurtosis[s] - want.kurtosis[s]));
+    bool ok = r.paper.tokens == 296 && worst < 1e-9 && fabs(r.paper.mean - want.mean) < 1e-9 &&
+              fabs(r.paper.mean - r.context.mean) > 1e-3;
+    report(ok, "kurtosis: each token alone, as the release",
+           "%ld tokens, per state within %.1e of one-by-one feeding; mean %.4f alone, %.4f in context", r.paper.tokens,
+           worst, r.paper.mean, r.context.mean);
+    kurtosis_free(&want);
+    kurtosis_free(&r.paper); kurtosis_free(&r.context);
+    free(val.tokens);
+    model_free(&m); model_free(&one);
 }
 
 // 16-bit settings are full precision: the no-Had. column equals the full-precision loss
@@ -1102,7 +1184,7 @@ static void test_sixteen_bits_exact(uint64_t *rng) {
     bool four_differs = r4.quant_loss[3][0] != r4.fp_loss && r4.fp_loss == r.fp_loss;
     report(exact && had < 1e-5 && four_differs, "16-bit settings reproduce full precision", "loss %.6f: %s..%s rows, no Had. %s, Had. within %.1e; 4-bit W4A4KV4 %.6f",
            r.fp_loss, quant_row_names[0], quant_row_names[N_QUANT_ROWS - 1], exact ? "identical" : "DIFFERENT", had, r4.quant_loss[3][0]);
-    kurtosis_free(&r.kurt); kurtosis_free(&r4.kurt);
+    kurtosis_free(&r.paper); kurtosis_free(&r.context); kurtosis_free(&r4.paper); kurtosis_free(&r4.context);
     free(val.tokens);
     model_free(&m);
 }
@@ -2009,6 +2091,8 @@ int main(int argc, char **argv) {
     test_hadamard(&rng);
     test_rotations(&rng);
     test_kurtosis_report(&rng);
+    test_kurtosis_paper_states();
+    test_kurtosis_each_token_alone(&rng);
     test_sixteen_bits_exact(&rng);
     test_schedule_and_clip();
     test_data_batches();
