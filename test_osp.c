@@ -1108,15 +1108,17 @@ static void test_kurtosis_paper_states(void) {
     kurtosis_finish(&all);
     double k_embedding = (88.5 / (25.0 / 9.0) - 3.0 + 1.0) / 2, k_final = (1.0 + 0.0) / 2;
     double top_embedding = 17.0 / 46, top_block = 0.25, top_final = 18.0 / 19;
-    bool ok = fabs(paper.mean - (k_embedding + k_final) / 2) < 1e-9 && fabs(all.mean - (k_embedding + k_final) / 3) < 1e-9 &&
-              fabs(paper.top_channel[0] - top_embedding) < 1e-12 && fabs(paper.top_channel[1] - top_block) < 1e-12 &&
+    bool ok = fabs(paper.mean - (k_embedding + k_final) / 2) < 1e-9 &&
+              fabs(all.mean - (k_embedding + k_final) / 3) < 1e-9 &&
+              fabs(paper.top_channel[0] - top_embedding) < 1e-12 &&
+              fabs(paper.top_channel[1] - top_block) < 1e-12 &&
               fabs(paper.top_channel[2] - top_final) < 1e-12 &&
               fabs(paper.top_channel_mean - (top_embedding + top_final) / 2) < 1e-12 &&
               fabs(all.top_channel_mean - (top_embedding + top_block + top_final) / 3) < 1e-12;
     report(ok, "kurtosis: paper's L + 1 states, top channel",
-           "paper mean %.4f (%.4f), all %.4f (%.4f); top channel %.4f %.4f %.4f (%.4f 0.25 %.4f)", paper.mean,
-           (k_embedding + k_final) / 2, all.mean, (k_embedding + k_final) / 3, paper.top_channel[0], paper.top_channel[1],
-           paper.top_channel[2], top_embedding, top_final);
+           "paper mean %.4f (%.4f), all %.4f (%.4f); top channel %.4f %.4f %.4f (%.4f 0.25 %.4f)",
+           paper.mean, (k_embedding + k_final) / 2, all.mean, (k_embedding + k_final) / 3,
+           paper.top_channel[0], paper.top_channel[1], paper.top_channel[2], top_embedding, top_final);
     kurtosis_free(&paper); kurtosis_free(&all);
     model_free(&m);
 }
@@ -1130,7 +1132,7 @@ static void test_kurtosis_each_token_alone(uint64_t *rng) {
     model_alloc(&m, &cfg, 2);
     model_alloc(&one, &cfg, 1);
     model_init(&m, 5);
-    for (size_t i = 0; i < m.n_params; i++) m.params[i] += 0.05f * rng_normal(rng);   // off the init's symmetries
+    for (size_t i = 0; i < m.n_params; i++) m.params[i] += 0.05f * rng_normal(rng);   // off the init
     memcpy(one.params, m.params, sizeof(float) * m.n_params);
     TokenData val = {.vocab_size = 300, .n = 37 * 8 + 1};
     val.tokens = xmalloc(sizeof(uint16_t) * val.n);
@@ -1151,8 +1153,8 @@ static void test_kurtosis_each_token_alone(uint64_t *rng) {
     bool ok = r.paper.tokens == 296 && worst < 1e-9 && fabs(r.paper.mean - want.mean) < 1e-9 &&
               fabs(r.paper.mean - r.context.mean) > 1e-3;
     report(ok, "kurtosis: each token alone, as the release",
-           "%ld tokens, per state within %.1e of one-by-one feeding; mean %.4f alone, %.4f in context", r.paper.tokens,
-           worst, r.paper.mean, r.context.mean);
+           "%ld tokens, per state within %.1e of one-by-one feeding; mean %.4f alone, %.4f in context",
+           r.paper.tokens, worst, r.paper.mean, r.context.mean);
     kurtosis_free(&want);
     kurtosis_free(&r.paper); kurtosis_free(&r.context);
     free(val.tokens);
@@ -1468,7 +1470,7 @@ static void test_kurtosis_log_file(void) {
     const char *path = "test_kurtosis.csv.tmp";
     KurtosisLog log = {.n_states = 3}, back = {.n_states = 3}, head = {.n_states = 3}, broken = {.n_states = 3};
     double states[3][3] = {{0.1, 0.2, 0.3}, {1.5, 2.5, 3.5}, {10.0, 20.0, 30.0}};
-    for (int r = 0; r < 3; r++) kurtosis_log_add(&log, 50 * r, 1.0 + r, 100.0 * r, states[r]);
+    for (int r = 0; r < 3; r++) kurtosis_log_add(&log, 50 * r, 2.0 + r, 1.0 + r, 100.0 * r, states[r]);
     bool saved = kurtosis_log_save(&log, path, 2048);
     bool loaded = kurtosis_log_load(&back, path, INT_MAX) && kurtosis_log_load(&head, path, 99);
     bool same = loaded && back.n == 3 && head.n == 2 && head.step[1] == 50;
