@@ -3717,6 +3717,8 @@ static const char *ablation_help =
     "unfinished one resumes from its last checkpoint (every --kurtosis-every steps).\n"
     "  --dir DIR          output directory (default runs/ablation)\n"
     "  --seeds N          seeds per preset: --seed, --seed + 1, ... (default 2)\n"
+    "  --presets LIST     comma-separated presets to train now (default: all six); the others\n"
+    "                     keep what results.csv holds, so a long ablation can run in parts\n"
     "  --seed N           first seed (default 1337)\n"
     "  --steps N          steps per run (default 1000)\n"
     "  --lr-adam F        AdamW's lr: every tensor under adam, embedding and head otherwise\n"
@@ -3935,19 +3937,28 @@ static void print_spread(FILE *f, const AblationRun *runs, int n_runs, int prese
     fprintf(f, " %*s", width + (n > 1 ? 1 : 0), cell);   // "±" is two bytes in UTF-8, one column
 }
 
+// Whether any run of preset p has been evaluated or has diverged (its row has something to show).
+static bool preset_has_results(const AblationRun *runs, int n_runs, int p) {
+    for (int i = 0; i < n_runs; i++)
+        if (runs[i].preset == p && (runs[i].evaluated || runs[i].diverged_step)) return true;
+    return false;
+}
+
 // The paper-style table: a row per preset, this run's numbers beside the paper's; then the
 // 4-bit perplexity increases over full precision.
 static void print_ablation_table(FILE *f, const AblationRun *runs, int n_runs, const TrainState *proto, int n_seeds) {
     size_t tokens = (size_t)proto->opt.steps * proto->batch * proto->cfg.seq_len;
     double windows = 0;
     for (int i = 0; i < n_runs; i++) if (runs[i].evaluated) windows = runs[i].windows;
-    fprintf(f, "ablation: 6 presets x %d seed%s, %d steps x %d tokens = %.2fM tokens each; dim %d, %d layers, ffn %d, seq %d;\n"
-               "lr adam %g, lr muon %g; perplexity on %.0f validation windows. Cells: mean ±half the\n"
-               "range over seeds. kurtosis: each token fed alone, mean over the embedding, blocks 1..L-1\n"
-               "and the final norm (the paper's measurement); in context: tokens in their windows, all\n"
-               "L + 2 states; top ch. %%: the largest channel's share of the energy, in context.\n\n",
-           n_seeds, n_seeds == 1 ? "" : "s", proto->opt.steps, proto->batch * proto->cfg.seq_len, tokens / 1e6, proto->cfg.dim,
-           proto->cfg.n_layers, proto->cfg.ffn_dim, proto->cfg.seq_len, proto->opt.lr_adam, proto->opt.lr_muon, windows);
+    fprintf(f, "ablation: %d seed%s per preset, %d steps x %d tokens = %.2fM tokens each;\n"
+               "dim %d, %d layers, ffn %d, seq %d; lr adam %g, lr muon %g; perplexity on %.0f validation\n"
+               "windows. Cells: mean ±half the range over seeds. kurtosis: each token fed alone, mean over\n"
+               "the embedding, blocks 1..L-1 and the final norm (the paper's measurement); in context:\n"
+               "tokens in their windows, all L + 2 states; top ch. %%: the largest channel's share of the\n"
+               "energy, in context.\n\n",
+           n_seeds, n_seeds == 1 ? "" : "s", proto->opt.steps, proto->batch * proto->cfg.seq_len,
+           tokens / 1e6, proto->cfg.dim, proto->cfg.n_layers, proto->cfg.ffn_dim, proto->cfg.seq_len,
+           proto->opt.lr_adam, proto->opt.lr_muon, windows);
     fprintf(f, "%-13s", "");
     for (int c = 0; c <= COL_TOKENS_PER_S; c++)
         fprintf(f, " %*s", ablation_cols[c].width, c == COL_KURTOSIS ? "kurtosis" : "");
@@ -3956,6 +3967,7 @@ static void print_ablation_table(FILE *f, const AblationRun *runs, int n_runs, c
         fprintf(f, " %*s", ablation_cols[c].width, ablation_cols[c].name);
     fprintf(f, " %9s | %9s %9s %9s\n", "state MB", "kurtosis", "4-4-4 ppl", "+Had. ppl");
     for (int p = 0; p < N_PRESETS; p++) {
+        if (!preset_has_results(runs, n_runs, p)) continue;
         fprintf(f, "%-13s", presets[p].name);
         for (int c = 0; c <= COL_TOKENS_PER_S; c++)
             print_spread(f, runs, n_runs, p, c, false, ablation_cols[c].width, ablation_cols[c].decimals);
@@ -3977,6 +3989,7 @@ static void print_ablation_table(FILE *f, const AblationRun *runs, int n_runs, c
     for (int c = 0; c < n_increases; c++) fprintf(f, " %13s", ablation_cols[increase_cols[c]].name);
     fprintf(f, "\n");
     for (int p = 0; p < N_PRESETS; p++) {
+        if (!preset_has_results(runs, n_runs, p)) continue;
         fprintf(f, "%-13s", presets[p].name);
         for (int c = 0; c < n_increases; c++) print_spread(f, runs, n_runs, p, increase_cols[c], true, 13, 1);
         fprintf(f, "\n");
@@ -4060,12 +4073,22 @@ static int cmd_ablation(int argc, char **argv) {
     proto.opt.lr_adam = 1e-2f;
     const char *dir = "runs/ablation", *train_path = "data/train.bin", *val_path = "data/val.bin", *tok_path = "tokenizer.bin";
     int n_seeds = 2, kurtosis_every = 100, threads = 0;
+    bool chosen[N_PRESETS];
+    for (int p = 0; p < N_PRESETS; p++) chosen[p] = true;
     EvalOptions eopt = {.wbits = 4, .abits = 4, .kvbits = 4, .clip_search = true, .max_windows = 0};
     for (a.i = 0; a.i < argc; a.i++) {
         const char *f = argv[a.i];
         if (parse_shape_flag(&a, &proto) || parse_optim_flag(&a, &proto)) {}
         else if (!strcmp(f, "--dir")) dir = flag_value(&a);
         else if (!strcmp(f, "--seeds")) n_seeds = (int)parse_int(f, flag_value(&a), 1, 100);
+        else if (!strcmp(f, "--presets")) {
+            char list[256];
+            if (snprintf(list, sizeof list, "%s", flag_value(&a)) >= (int)sizeof list)
+                die("--presets: too long");
+            for (int p = 0; p < N_PRESETS; p++) chosen[p] = false;
+            for (char *name = strtok(list, ","); name; name = strtok(NULL, ","))
+                chosen[find_preset(name)] = true;
+        }
         else if (!strcmp(f, "--steps")) proto.opt.steps = (int)parse_int(f, flag_value(&a), 1, 100000000);
         else if (!strcmp(f, "--kurtosis-every")) kurtosis_every = (int)parse_int(f, flag_value(&a), 1, 100000000);
         else if (!strcmp(f, "--eval-windows")) eopt.max_windows = (int)parse_int(f, flag_value(&a), 0, 100000000);
@@ -4100,8 +4123,9 @@ static int cmd_ablation(int argc, char **argv) {
     snprintf(results_path, sizeof results_path, "%s/results.csv", dir);
     if (!ablation_load_results(results_path, runs, n_runs)) die("%s", osp_error);
     for (int i = 0; i < n_runs; i++) {
-        steps_left[i] = runs[i].evaluated || runs[i].diverged_step ? 0 : proto.opt.steps;
-        eval_left[i] = !runs[i].evaluated && !runs[i].diverged_step;
+        bool now = chosen[runs[i].preset] && !runs[i].diverged_step;
+        steps_left[i] = now && !runs[i].evaluated ? proto.opt.steps : 0;
+        eval_left[i] = now && !runs[i].evaluated;
     }
     // One evaluation is 10 forward passes over the windows (fp, each token alone, 4 rows x 2): ~1/3 of a
     // step's FLOPs each.
@@ -4109,10 +4133,14 @@ static int cmd_ablation(int argc, char **argv) {
     if (eopt.max_windows > 0 && eopt.max_windows < windows) windows = eopt.max_windows;
     AblationProgress prog = {.n_runs = n_runs, .runs = runs, .step_flops = step_flops, .steps_left = steps_left, .eval_left = eval_left,
                              .eval_flops = 10.0 * windows / proto.batch * step_flops[0] / 3.0};
-    printf("ablation: %d runs (6 presets x %d seeds), %d steps each, in %s; progress every 25 steps, details in the logs\n",
-           n_runs, n_seeds, proto.opt.steps, dir);
+    int n_chosen = 0;
+    for (int p = 0; p < N_PRESETS; p++) n_chosen += chosen[p];
+    if (n_chosen == 0) die("--presets names no preset");
+    printf("ablation: %d runs (%d presets x %d seeds), %d steps each, in %s; progress every 25 steps, "
+           "details in the logs\n", n_chosen * n_seeds, n_chosen, n_seeds, proto.opt.steps, dir);
     for (int i = 0; i < n_runs; i++) {
         AblationRun *r = &runs[i];
+        if (!chosen[r->preset]) continue;
         if (r->diverged_step) {
             print_run_prefix(i, n_runs, r);
             printf("diverged at step %d earlier; skipped (delete its row in %s to retry)\n", r->diverged_step, results_path);
