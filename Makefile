@@ -1,5 +1,5 @@
 # osp.c build. `make` builds ./osp; `make test` runs the test suite; `make run` trains and samples;
-# `make ablation` reproduces the paper's ablation (about 20 minutes on 2 cores).
+# `make ablation` reproduces the paper's ablation (about 50 minutes on 2 cores).
 CC ?= cc
 CFLAGS ?= -O3 -std=c11 -Wall -Wextra
 # Strict -std=c11 turns off fusing a*b+c into one FMA instruction; the kernels need it.
