@@ -2915,6 +2915,99 @@ static void generate(Model *m, const Tokenizer *tok, const char *prompt, int n_n
 }
 
 /* ============================================================================
+ * Ablation results: results.csv, one row per run of ./osp ablation
+ * ========================================================================== */
+
+// One run of the ablation and what is known of it (from this invocation or results.csv).
+typedef struct {
+    int preset;
+    uint64_t seed;
+    int diverged_step;          // 0: no divergence
+    bool evaluated;
+    double tokens_per_second;   // measured while training, NAN if unknown
+    double state_bytes;
+    double windows;
+    double kurtosis, kurtosis_paper;   // in context (all L + 2 states); each token alone (the paper's)
+    double top_channel, max_abs;       // in context
+    double fp_ppl, quant_ppl[N_QUANT_ROWS][2];
+} AblationRun;
+
+// results.csv's columns after preset, seed and diverged_step, and where each lives in a run.
+#define ABLATION_VALUES (8 + 2 * N_QUANT_ROWS)
+static const char *ablation_columns[ABLATION_VALUES] = {
+    "tokens_per_s", "optimizer_state_bytes", "val_windows", "kurtosis", "kurtosis_paper", "top_channel_share",
+    "max_abs_activation", "fp_ppl", "w4_ppl", "a4_ppl", "kv4_ppl", "w4a4kv4_ppl",
+    "w4_ppl_had", "a4_ppl_had", "kv4_ppl_had", "w4a4kv4_ppl_had"};
+
+static void ablation_values(AblationRun *r, double **v) {
+    double *fields[ABLATION_VALUES] = {&r->tokens_per_second, &r->state_bytes, &r->windows, &r->kurtosis,
+                                       &r->kurtosis_paper, &r->top_channel, &r->max_abs, &r->fp_ppl};
+    for (int q = 0; q < N_QUANT_ROWS; q++) {
+        fields[8 + q] = &r->quant_ppl[q][0];
+        fields[8 + N_QUANT_ROWS + q] = &r->quant_ppl[q][1];
+    }
+    memcpy(v, fields, sizeof fields);
+}
+
+// The first line of results.csv.
+static void ablation_header(char *buf, size_t size) {
+    int n = snprintf(buf, size, "preset,seed,diverged_step");
+    for (int c = 0; c < ABLATION_VALUES; c++)
+        n += snprintf(buf + n, size - (size_t)n, ",%s", ablation_columns[c]);
+}
+
+// results.csv: a header, then per run: preset, seed, diverged_step, then ABLATION_VALUES numbers.
+static bool ablation_save_results(const char *path, AblationRun *runs, int n_runs) {
+    AtomicFile af;
+    if (!atomic_open(&af, path)) return false;
+    char header[1024];
+    ablation_header(header, sizeof header);
+    fprintf(af.f, "%s\n", header);
+    for (int i = 0; i < n_runs; i++) {
+        double *v[ABLATION_VALUES];
+        ablation_values(&runs[i], v);
+        fprintf(af.f, "%s,%llu,%d", presets[runs[i].preset].name, (unsigned long long)runs[i].seed,
+                runs[i].diverged_step);
+        for (int c = 0; c < ABLATION_VALUES; c++) fprintf(af.f, ",%.10g", *v[c]);
+        fprintf(af.f, "\n");
+    }
+    return atomic_close(&af);
+}
+
+// Fills runs[] from an earlier results.csv (missing: nothing known yet).
+static bool ablation_load_results(const char *path, AblationRun *runs, int n_runs) {
+    char *text, **lines;
+    int n_lines;
+    bool ok = read_lines(path, &text, &lines, &n_lines);
+    char header[1024];
+    ablation_header(header, sizeof header);
+    if (ok && n_lines > 0 && strncmp(lines[0], "preset,seed,", 12) != 0)
+        ok = fail("'%s' is not a results file", path);
+    else if (ok && n_lines > 0 && strcmp(lines[0], header) != 0)
+        ok = fail("'%s' has other columns than this osp writes; use another --dir or delete it", path);
+    for (int i = 1; ok && i < n_lines; i++) {
+        char *comma = strchr(lines[i], ','), *p = comma;
+        unsigned long long seed = comma ? strtoull(comma + 1, &p, 10) : 0;
+        double values[1 + ABLATION_VALUES];   // diverged_step, then the values
+        if (!comma || p == comma + 1 || !parse_csv_numbers(&p, values, 1 + ABLATION_VALUES) || *p) {
+            ok = fail("'%s' line %d is not a results row", path, i + 1);
+            break;
+        }
+        *comma = '\0';
+        for (int r = 0; r < n_runs; r++) {
+            if (strcmp(presets[runs[r].preset].name, lines[i]) || runs[r].seed != seed) continue;
+            double *v[ABLATION_VALUES];
+            ablation_values(&runs[r], v);
+            for (int k = 0; k < ABLATION_VALUES; k++) *v[k] = values[1 + k];
+            runs[r].diverged_step = (int)values[0];
+            runs[r].evaluated = isfinite(runs[r].fp_ppl);
+        }
+    }
+    free(lines); free(text);
+    return ok;
+}
+
+/* ============================================================================
  * Plots: a line chart as SVG (kurtosis over training, the analogue of the paper's Figure 3)
  * ========================================================================== */
 
@@ -3739,44 +3832,6 @@ static const struct { double kurtosis, ppl_444, ppl_444_had; } paper_ablation[N_
     {66.69, 44.2, 34.1}, {703.23, 114.6, 22.3}, {0.04, 19.6, 13.5},
 };
 
-// One run of the ablation and what is known of it (from this invocation or results.csv).
-typedef struct {
-    int preset;
-    uint64_t seed;
-    int diverged_step;          // 0: no divergence
-    bool evaluated;
-    double tokens_per_second;   // measured while training, NAN if unknown
-    double state_bytes;
-    double windows;
-    double kurtosis, kurtosis_paper;   // in context (all L + 2 states); each token alone (the paper's)
-    double top_channel, max_abs;       // in context
-    double fp_ppl, quant_ppl[N_QUANT_ROWS][2];
-} AblationRun;
-
-// results.csv's columns after preset, seed and diverged_step, and where each lives in a run.
-#define ABLATION_VALUES (8 + 2 * N_QUANT_ROWS)
-static const char *ablation_columns[ABLATION_VALUES] = {
-    "tokens_per_s", "optimizer_state_bytes", "val_windows", "kurtosis", "kurtosis_paper", "top_channel_share",
-    "max_abs_activation", "fp_ppl", "w4_ppl", "a4_ppl", "kv4_ppl", "w4a4kv4_ppl",
-    "w4_ppl_had", "a4_ppl_had", "kv4_ppl_had", "w4a4kv4_ppl_had"};
-
-static void ablation_values(AblationRun *r, double **v) {
-    double *fields[ABLATION_VALUES] = {&r->tokens_per_second, &r->state_bytes, &r->windows, &r->kurtosis,
-                                       &r->kurtosis_paper, &r->top_channel, &r->max_abs, &r->fp_ppl};
-    for (int q = 0; q < N_QUANT_ROWS; q++) {
-        fields[8 + q] = &r->quant_ppl[q][0];
-        fields[8 + N_QUANT_ROWS + q] = &r->quant_ppl[q][1];
-    }
-    memcpy(v, fields, sizeof fields);
-}
-
-// The first line of results.csv.
-static void ablation_header(char *buf, size_t size) {
-    int n = snprintf(buf, size, "preset,seed,diverged_step");
-    for (int c = 0; c < ABLATION_VALUES; c++)
-        n += snprintf(buf + n, size - (size_t)n, ",%s", ablation_columns[c]);
-}
-
 // dir/PRESET-sSEED<suffix>: where a run keeps its checkpoint, log and kurtosis CSV.
 static void ablation_path(char *buf, size_t size, const char *dir, const AblationRun *r, const char *suffix) {
     if (snprintf(buf, size, "%s/%s-s%llu%s", dir, presets[r->preset].name, (unsigned long long)r->seed, suffix) >= (int)size)
@@ -3803,55 +3858,6 @@ static double ablation_evaluate(AblationRun *r, const Model *m, const TokenData 
         for (int had = 0; had < 2; had++) r->quant_ppl[q][had] = exp(er.quant_loss[q][had]);
     kurtosis_free(&er.paper); kurtosis_free(&er.context);
     return er.seconds;
-}
-
-// results.csv: a header, then per run: preset, seed, diverged_step, then ABLATION_VALUES numbers.
-static bool ablation_save_results(const char *path, AblationRun *runs, int n_runs) {
-    AtomicFile af;
-    if (!atomic_open(&af, path)) return false;
-    char header[1024];
-    ablation_header(header, sizeof header);
-    fprintf(af.f, "%s\n", header);
-    for (int i = 0; i < n_runs; i++) {
-        double *v[ABLATION_VALUES];
-        ablation_values(&runs[i], v);
-        fprintf(af.f, "%s,%llu,%d", presets[runs[i].preset].name, (unsigned long long)runs[i].seed, runs[i].diverged_step);
-        for (int c = 0; c < ABLATION_VALUES; c++) fprintf(af.f, ",%.10g", *v[c]);
-        fprintf(af.f, "\n");
-    }
-    return atomic_close(&af);
-}
-
-// Fills runs[] from an earlier results.csv (missing: nothing known yet).
-static bool ablation_load_results(const char *path, AblationRun *runs, int n_runs) {
-    char *text, **lines;
-    int n_lines;
-    bool ok = read_lines(path, &text, &lines, &n_lines);
-    char header[1024];
-    ablation_header(header, sizeof header);
-    if (ok && n_lines > 0 && strncmp(lines[0], "preset,seed,", 12) != 0) ok = fail("'%s' is not a results file", path);
-    else if (ok && n_lines > 0 && strcmp(lines[0], header) != 0)
-        ok = fail("'%s' has other columns than this osp writes; use another --dir or delete it", path);
-    for (int i = 1; ok && i < n_lines; i++) {
-        char *comma = strchr(lines[i], ','), *p = comma;
-        unsigned long long seed = comma ? strtoull(comma + 1, &p, 10) : 0;
-        double values[1 + ABLATION_VALUES];   // diverged_step, then the values
-        if (!comma || p == comma + 1 || !parse_csv_numbers(&p, values, 1 + ABLATION_VALUES) || *p) {
-            ok = fail("'%s' line %d is not a results row", path, i + 1);
-            break;
-        }
-        *comma = '\0';
-        for (int r = 0; r < n_runs; r++) {
-            if (strcmp(presets[runs[r].preset].name, lines[i]) || runs[r].seed != seed) continue;
-            double *v[ABLATION_VALUES];
-            ablation_values(&runs[r], v);
-            for (int k = 0; k < ABLATION_VALUES; k++) *v[k] = values[1 + k];
-            runs[r].diverged_step = (int)values[0];
-            runs[r].evaluated = isfinite(runs[r].fp_ppl);
-        }
-    }
-    free(lines); free(text);
-    return ok;
 }
 
 // Dies if a checkpoint found in the ablation directory was trained with other settings.

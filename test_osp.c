@@ -1464,6 +1464,41 @@ static void test_seed_sets_batches(void) {
     trainer_free(&a); trainer_free(&b); trainer_free(&c);
 }
 
+// results.csv: an evaluated run and one not yet trained (NaN values) come back as written, with
+// kurtosis_paper and top_channel_share in their columns; a file with other columns is refused.
+static void test_ablation_results_file(void) {
+    const char *path = "test_results.csv.tmp";
+    AblationRun runs[2], back[2];
+    double *v[ABLATION_VALUES], *w[ABLATION_VALUES];
+    for (int i = 0; i < 2; i++) {
+        runs[i] = (AblationRun){.preset = 5 * i, .seed = 1337};
+        back[i] = (AblationRun){.preset = 5 * i, .seed = 1337};
+        ablation_values(&runs[i], v);
+        for (int k = 0; k < ABLATION_VALUES; k++) *v[k] = i == 0 ? 1.5 + k : NAN;
+    }
+    runs[0].evaluated = true;
+    bool saved = ablation_save_results(path, runs, 2), loaded = ablation_load_results(path, back, 2);
+    bool same = loaded && back[0].evaluated && !back[1].evaluated &&
+                back[0].kurtosis_paper == runs[0].kurtosis_paper &&
+                back[0].top_channel == runs[0].top_channel;
+    ablation_values(&back[0], w);
+    ablation_values(&runs[0], v);
+    for (int k = 0; same && k < ABLATION_VALUES; k++) same = *w[k] == *v[k];
+    char *text, **lines;
+    int n_lines;
+    bool header = read_lines(path, &text, &lines, &n_lines) && n_lines == 3 &&
+                  strstr(lines[0], ",kurtosis,kurtosis_paper,top_channel_share,") != NULL;
+    if (header) { free(lines); free(text); }
+    FILE *f = fopen(path, "w");
+    if (f) { fputs("preset,seed,diverged_step,tokens_per_s,kurtosis\nadam,1337,0,1,2\n", f); fclose(f); }
+    bool refused = !ablation_load_results(path, back, 2) && strstr(osp_error, "other columns");
+    report(saved && same && header && refused, "results.csv: round trip, columns, old file",
+           "evaluated run back %s, unknown run stays unknown; header %s; old columns %s",
+           same ? "equal" : "DIFFERENT", header ? "has kurtosis_paper" : "WRONG",
+           refused ? "refused" : "ACCEPTED");
+    remove(path);
+}
+
 // The kurtosis CSV: rows written then read back; a resumed run keeps the rows up to its step;
 // a damaged file is refused.
 static void test_kurtosis_log_file(void) {
@@ -2108,6 +2143,7 @@ int main(int argc, char **argv) {
     test_generate();
     test_seed_sets_batches();
     test_kurtosis_log_file();
+    test_ablation_results_file();
     test_train_run_resume();
     test_svg_plot();
     test_float_to_half(&rng);
