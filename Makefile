@@ -71,7 +71,7 @@ run: osp data
 ablation: osp data
 	./osp ablation --dir runs/ablation
 
-# The same for 4x the tokens (8.2M per run): about 3 hours on 2 cores; resumable like ablation.
+# The same for 4x the tokens (8.2M per run): about 3.5 hours on 2 cores; resumable like ablation.
 ablation-long: osp data
 	./osp ablation --dir runs/ablation-long --steps 4000 --kurtosis-every 200
 
