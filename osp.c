@@ -934,6 +934,11 @@ static void causal_row_clear(float *row, int t, int T) {
     for (int t2 = t + 1; t2 < tile_end && t2 < T; t2++) row[t2] = 0.0f;
 }
 
+// Offset of head `head`'s first row in batch b of a [B, T, row] tensor of heads of hd values.
+static size_t head_offset(int b, int T, size_t row, int head, int hd) {
+    return (size_t)b * T * row + (size_t)head * hd;
+}
+
 // Causal attention with grouped KV heads: query head h reads KV head h / (H / KVH).
 // q [B,T,H,hd], k and v [B,T,KVH,hd], out [B,T,H,hd], att [B,H,T,T] softmax probabilities.
 // For each (b, h), on one thread: S = Q·Kᵀ (only tiles on or left of the diagonal), then each
@@ -948,8 +953,7 @@ static void attention_forward(float *out, float *att, const float *q, const floa
 #pragma omp parallel for collapse(2) schedule(dynamic)
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++) {
-            size_t qo = (size_t)b * T * q_row + (size_t)h * hd;               // this head's rows of q, out
-            size_t kvo = (size_t)b * T * kv_row + (size_t)(h / group) * hd;   // and of k, v
+            size_t qo = head_offset(b, T, q_row, h, hd), kvo = head_offset(b, T, kv_row, h / group, hd);
             float *p = att + ((size_t)b * H + h) * T * T;
             gemm_serial(&(Gemm){p, (size_t)T, q + qo, q_row, 1, k + kvo, 1, kv_row, T, T, hd, false,
                                 GEMM_LOWER});
@@ -983,10 +987,10 @@ static void attention_backward(float *dq, float *dk, float *dv, const float *dou
 #pragma omp parallel for collapse(2) schedule(dynamic)
     for (int b = 0; b < B; b++)
         for (int kh = 0; kh < KVH; kh++) {
-            size_t kvo = (size_t)b * T * kv_row + (size_t)kh * hd;
+            size_t kvo = head_offset(b, T, kv_row, kh, hd);
             float *ds = workspace(WORKSPACE_SCORES, (size_t)T * T);
             for (int h = kh * group; h < (kh + 1) * group; h++) {
-                size_t qo = (size_t)b * T * q_row + (size_t)h * hd;
+                size_t qo = head_offset(b, T, q_row, h, hd);
                 const float *p = att + ((size_t)b * H + h) * T * T;
                 // dP = dO·Vᵀ into ds, then dS in place, then dQ += dS·K, dK += dSᵀ·Q, dV += Pᵀ·dO
                 gemm_serial(&(Gemm){ds, (size_t)T, dout + qo, q_row, 1, v + kvo, 1, kv_row, T, T, hd, false,
@@ -2422,6 +2426,20 @@ static void kurtosis_without_context(Model *m, const TokenData *val, int max_win
     free(inputs);
 }
 
+// Both kurtosis reports of the first `windows` validation windows (0 = all), started and
+// finished here: `paper` with each token alone over the release's L + 1 states, `context` with
+// the windows whole over all L + 2. Returns the windows' mean loss.
+static float measure_hidden_states(Model *m, const TokenData *val, int windows, KurtosisReport *paper,
+                                   KurtosisReport *context) {
+    kurtosis_init(paper, m->cfg.n_layers, m->cfg.dim, STATES_PAPER);
+    kurtosis_init(context, m->cfg.n_layers, m->cfg.dim, STATES_ALL);
+    float loss = evaluate_loss(m, val, windows, context);
+    kurtosis_without_context(m, val, windows, paper);
+    kurtosis_finish(paper);
+    kurtosis_finish(context);
+    return loss;
+}
+
 // The weight matrices quantized to 4 bits: those of the blocks. The embedding and the head
 // stay full precision.
 static bool is_block_matrix(int i) {
@@ -2538,6 +2556,8 @@ typedef struct {
     double seconds;
 } EvalResult;
 
+static void eval_result_free(EvalResult *r) { kurtosis_free(&r->paper); kurtosis_free(&r->context); }
+
 // Validation loss of the plain model `base` under one quantization setting, evaluated on
 // `work` (same config), whose parameters are overwritten.
 static float evaluate_quantized(Model *work, const Model *base, const QuantSetting *q, const EvalOptions *o, const TokenData *val) {
@@ -2564,12 +2584,7 @@ static void evaluate_model(EvalResult *r, const Model *m, const TokenData *val, 
     model_alloc(&work, &base.cfg, m->max_batch);
     memcpy(work.params, base.params, sizeof(float) * base.n_params);
     r->windows = validation_windows(&work, val, o->max_windows);
-    kurtosis_init(&r->paper, base.cfg.n_layers, base.cfg.dim, STATES_PAPER);
-    kurtosis_init(&r->context, base.cfg.n_layers, base.cfg.dim, STATES_ALL);
-    r->fp_loss = evaluate_loss(&work, val, o->max_windows, &r->context);
-    kurtosis_without_context(&work, val, o->max_windows, &r->paper);
-    kurtosis_finish(&r->paper);
-    kurtosis_finish(&r->context);
+    r->fp_loss = measure_hidden_states(&work, val, o->max_windows, &r->paper, &r->context);
     const QuantSetting rows[N_QUANT_ROWS] = {
         {o->wbits, QUANT_OFF, QUANT_OFF, 0}, {QUANT_OFF, o->abits, QUANT_OFF, 0},
         {QUANT_OFF, QUANT_OFF, o->kvbits, 0}, {o->wbits, o->abits, o->kvbits, 0},
@@ -2767,12 +2782,7 @@ static void print_run_header(FILE *log, const Trainer *tr) {
 static void log_kurtosis(Trainer *tr, const RunOptions *ro, KurtosisLog *klog) {
     const TrainState *st = &tr->state;
     KurtosisReport paper, kr;
-    kurtosis_init(&paper, st->cfg.n_layers, st->cfg.dim, STATES_PAPER);
-    kurtosis_init(&kr, st->cfg.n_layers, st->cfg.dim, STATES_ALL);
-    kurtosis_without_context(&tr->model, tr->val, st->batch, &paper);
-    evaluate_loss(&tr->model, tr->val, st->batch, &kr);
-    kurtosis_finish(&paper);
-    kurtosis_finish(&kr);
+    measure_hidden_states(&tr->model, tr->val, st->batch, &paper, &kr);
     fprintf(ro->log, "step %6d/%d | kurtosis %.4f (paper's) | in context %.4f, max |act| %.3f, per state",
             st->step, st->opt.steps, paper.mean, kr.mean, kurtosis_max_abs(&kr));
     for (int i = 0; i < kr.n_states; i++) fprintf(ro->log, " %.3f", kr.kurtosis[i]);
@@ -3710,7 +3720,7 @@ static int cmd_eval(int argc, char **argv) {
     EvalResult r;
     evaluate_model(&r, &m, &val, &e.opt);
     (e.json ? print_eval_json : print_eval_text)(ckpt, &s, &r, &e.opt);
-    kurtosis_free(&r.paper); kurtosis_free(&r.context);
+    eval_result_free(&r);
     model_free(&m);
     free(val.tokens);
     return 0;
@@ -3779,7 +3789,7 @@ static int cmd_compare(int argc, char **argv) {
     printf("\n\n%ld validation windows of %d tokens each; weights %s; %s; evaluation took %.1f s\n", results[0].windows,
            states[0].cfg.seq_len, e.opt.clip_search ? "with clip search" : "without clip search",
            e.opt.rotate ? "residual rotated" : "no residual rotation", total);
-    for (int i = 0; i < n; i++) { kurtosis_free(&results[i].paper); kurtosis_free(&results[i].context); }
+    for (int i = 0; i < n; i++) eval_result_free(&results[i]);
     free(states); free(results); free(state_bytes); free(ckpts); free(val.tokens);
     return 0;
 }
@@ -3856,7 +3866,7 @@ static double ablation_evaluate(AblationRun *r, const Model *m, const TokenData 
     r->fp_ppl = exp(er.fp_loss);
     for (int q = 0; q < N_QUANT_ROWS; q++)
         for (int had = 0; had < 2; had++) r->quant_ppl[q][had] = exp(er.quant_loss[q][had]);
-    kurtosis_free(&er.paper); kurtosis_free(&er.context);
+    eval_result_free(&er);
     return er.seconds;
 }
 

@@ -1156,7 +1156,7 @@ static void test_kurtosis_each_token_alone(uint64_t *rng) {
            "%ld tokens, per state within %.1e of one-by-one feeding; mean %.4f alone, %.4f in context",
            r.paper.tokens, worst, r.paper.mean, r.context.mean);
     kurtosis_free(&want);
-    kurtosis_free(&r.paper); kurtosis_free(&r.context);
+    eval_result_free(&r);
     free(val.tokens);
     model_free(&m); model_free(&one);
 }
@@ -1186,7 +1186,7 @@ static void test_sixteen_bits_exact(uint64_t *rng) {
     bool four_differs = r4.quant_loss[3][0] != r4.fp_loss && r4.fp_loss == r.fp_loss;
     report(exact && had < 1e-5 && four_differs, "16-bit settings reproduce full precision", "loss %.6f: %s..%s rows, no Had. %s, Had. within %.1e; 4-bit W4A4KV4 %.6f",
            r.fp_loss, quant_row_names[0], quant_row_names[N_QUANT_ROWS - 1], exact ? "identical" : "DIFFERENT", had, r4.quant_loss[3][0]);
-    kurtosis_free(&r.paper); kurtosis_free(&r.context); kurtosis_free(&r4.paper); kurtosis_free(&r4.context);
+    eval_result_free(&r); eval_result_free(&r4);
     free(val.tokens);
     model_free(&m);
 }
