@@ -1141,16 +1141,29 @@ static void crossentropy_backward(float *dlogits, const float *dlosses, const fl
 
 #define QUANT_OFF 16   // bits >= 16 means full precision
 
-// Symmetric RTN of one weight row w [n] with clip ratio p: s = p·max|w| / qmax,
-// ŵ = clamp(round(w/s), -qmax-1, qmax)·s, qmax = 2^(bits-1) - 1. Writes out [n] (may be w);
-// returns Σ |ŵ - w|^2.4, the error the clip search minimises.
+// The symmetric b-bit grid of a weight row: qmax = 2^(bits-1) - 1 steps of s on each side.
+static float symmetric_qmax(int bits) { return (float)((1 << (bits - 1)) - 1); }
+
+// w rounded to the grid of step s: clamp(round(w/s), -qmax-1, qmax)·s (w itself if s is 0).
+static float round_to_grid(float w, float scale, float qmax) {
+    return scale > 0.0f ? fminf(fmaxf(rintf(w / scale), -qmax - 1.0f), qmax) * scale : w;
+}
+
+static float max_abs(const float *w, int n) {
+    float m = 0.0f;
+    for (int i = 0; i < n; i++) m = fmaxf(m, fabsf(w[i]));
+    return m;
+}
+
+// Symmetric RTN of one weight row w [n] with clip ratio p: s = p·max|w| / qmax, each value
+// rounded to that grid. Writes out [n] (may be w); returns Σ |ŵ - w|^2.4, the error the clip
+// search minimises.
 static double quantize_row_symmetric(float *out, const float *w, int n, int bits, float p) {
-    float qmax = (float)((1 << (bits - 1)) - 1), maxabs = 0.0f;
-    for (int i = 0; i < n; i++) maxabs = fmaxf(maxabs, fabsf(w[i]));
-    float scale = p * maxabs / qmax;
+    float qmax = symmetric_qmax(bits);
+    float scale = p * max_abs(w, n) / qmax;
     double err = 0.0;
     for (int i = 0; i < n; i++) {
-        float q = scale > 0.0f ? fminf(fmaxf(rintf(w[i] / scale), -qmax - 1.0f), qmax) * scale : w[i];
+        float q = round_to_grid(w[i], scale, qmax);
         err += pow(fabs((double)q - w[i]), 2.4);
         out[i] = q;
     }
@@ -1172,6 +1185,87 @@ static float quantize_weight_row(float *row, int n, int bits, bool clip_search, 
     }
     quantize_row_symmetric(row, row, n, bits, best_p);
     return best_p;
+}
+
+// Cholesky factorisation in place of a symmetric positive definite a [n, n]: a = L·Lᵀ with L
+// lower triangular, written over the lower half (the upper half is not read or changed).
+// Returns false if a is not positive definite.
+static bool cholesky(double *a, int n) {
+    for (int j = 0; j < n; j++) {
+        double d = a[(size_t)j * n + j];
+        for (int k = 0; k < j; k++) d -= a[(size_t)j * n + k] * a[(size_t)j * n + k];
+        if (!(d > 0.0)) return false;
+        d = sqrt(d);
+        a[(size_t)j * n + j] = d;
+        for (int i = j + 1; i < n; i++) {
+            double v = a[(size_t)i * n + j];
+            for (int k = 0; k < j; k++) v -= a[(size_t)i * n + k] * a[(size_t)j * n + k];
+            a[(size_t)i * n + j] = v / d;
+        }
+    }
+    return true;
+}
+
+// inv [n, n] = H⁻¹ = L⁻ᵀ·L⁻¹ from the Cholesky factor L of H (the lower half of l).
+static void inverse_from_cholesky(double *inv, const double *l, int n) {
+    double *y = xcalloc((size_t)n * n, sizeof(double));   // L⁻¹, lower triangular: L·Y = I
+    for (int c = 0; c < n; c++)
+        for (int i = c; i < n; i++) {
+            double v = i == c ? 1.0 : 0.0;
+            for (int k = c; k < i; k++) v -= l[(size_t)i * n + k] * y[(size_t)k * n + c];
+            y[(size_t)i * n + c] = v / l[(size_t)i * n + i];
+        }
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < n; j++) {
+            double v = 0.0;
+            for (int k = i > j ? i : j; k < n; k++) v += y[(size_t)k * n + i] * y[(size_t)k * n + j];
+            inv[(size_t)i * n + j] = v;
+        }
+    free(y);
+}
+
+// GPTQ (Frantar et al. 2022) of one weight matrix w [rows, cols], in place. Each row keeps
+// RTN's grid (the step chosen by the clip search on the unquantized row); GPTQ chooses the
+// rounding column by column so as to keep ||W·X - Ŵ·X||² small, where h [cols, cols] =
+// 2·XᵀX (overwritten) comes from the matrix's inputs X [tokens, cols]. Steps:
+//   1. an input that is always 0 gets h_ii = 1 and its weights 0; then the diagonal is
+//      dampened by 1% of its mean, so that H is safely invertible;
+//   2. U, the upper Cholesky factor of H⁻¹ (H⁻¹ = Uᵀ·U);
+//   3. for each column i in order: ŵ_i = round(w_i), and the columns not yet quantized absorb
+//      the error: w_j -= (w_i - ŵ_i)·U[i][j] / U[i][i] for j > i (each row on its own).
+// A matrix with one column is plain RTN. Returns false if H is not positive definite.
+static bool gptq_quantize(float *w, int rows, int cols, double *h, int bits, bool clip_search) {
+    for (int i = 0; i < cols; i++)
+        if (h[(size_t)i * cols + i] == 0.0) {
+            h[(size_t)i * cols + i] = 1.0;
+            for (int r = 0; r < rows; r++) w[(size_t)r * cols + i] = 0.0f;
+        }
+    double mean_diag = 0.0;
+    for (int i = 0; i < cols; i++) mean_diag += h[(size_t)i * cols + i] / cols;
+    for (int i = 0; i < cols; i++) h[(size_t)i * cols + i] += 0.01 * mean_diag;
+    double *u = xmalloc(sizeof(double) * (size_t)cols * cols);
+    bool ok = cholesky(h, cols);
+    if (ok) {
+        inverse_from_cholesky(u, h, cols);
+        ok = cholesky(u, cols);   // H⁻¹ = L·Lᵀ: U = Lᵀ, so U[i][j] = L[j][i]
+    }
+    float qmax = symmetric_qmax(bits);
+#pragma omp parallel for schedule(dynamic) if (ok)
+    for (int r = 0; r < rows; r++) {
+        float *row = w + (size_t)r * cols;
+        float *scratch = xmalloc(sizeof(float) * 2 * (size_t)cols);
+        memcpy(scratch + cols, row, sizeof(float) * (size_t)cols);
+        float scale = quantize_weight_row(scratch + cols, cols, bits, clip_search, scratch) * max_abs(row, cols) / qmax;
+        for (int i = 0; ok && i < cols; i++) {
+            float q = round_to_grid(row[i], scale, qmax);
+            double err = (row[i] - q) / u[(size_t)i * cols + i];
+            row[i] = q;
+            for (int j = i + 1; j < cols; j++) row[j] -= (float)(err * u[(size_t)j * cols + i]);
+        }
+        free(scratch);
+    }
+    free(u);
+    return ok;
 }
 
 // Asymmetric RTN in place over each group of `group` consecutive values of x [n]:
