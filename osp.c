@@ -1249,14 +1249,16 @@ static bool gptq_quantize(float *w, int rows, int cols, double *h, int bits, boo
         inverse_from_cholesky(u, h, cols);
         ok = cholesky(u, cols);   // H⁻¹ = L·Lᵀ: U = Lᵀ, so U[i][j] = L[j][i]
     }
+    if (!ok) { free(u); return false; }
     float qmax = symmetric_qmax(bits);
-#pragma omp parallel for schedule(dynamic) if (ok)
+#pragma omp parallel for schedule(dynamic)
     for (int r = 0; r < rows; r++) {
         float *row = w + (size_t)r * cols;
         float *scratch = xmalloc(sizeof(float) * 2 * (size_t)cols);
         memcpy(scratch + cols, row, sizeof(float) * (size_t)cols);
-        float scale = quantize_weight_row(scratch + cols, cols, bits, clip_search, scratch) * max_abs(row, cols) / qmax;
-        for (int i = 0; ok && i < cols; i++) {
+        float p = quantize_weight_row(scratch + cols, cols, bits, clip_search, scratch);
+        float scale = p * max_abs(row, cols) / qmax;   // RTN's step for this row
+        for (int i = 0; i < cols; i++) {
             float q = round_to_grid(row[i], scale, qmax);
             double err = (row[i] - q) / u[(size_t)i * cols + i];
             row[i] = q;
@@ -1265,7 +1267,7 @@ static bool gptq_quantize(float *w, int rows, int cols, double *h, int bits, boo
         free(scratch);
     }
     free(u);
-    return ok;
+    return true;
 }
 
 // Asymmetric RTN in place over each group of `group` consecutive values of x [n]:

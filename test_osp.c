@@ -948,6 +948,101 @@ static void test_quantizers(uint64_t *rng) {
            half_step ? "yes" : "NO", levels, idempotent ? "yes" : "NO", q[5], w_half ? "yes" : "NO", w_idem ? "yes" : "NO", w_levels, clipped_levels);
 }
 
+// Cholesky route to H⁻¹ against Gauss-Jordan elimination on a random 7 x 7 H = BᵀB + I.
+static void test_cholesky_inverse(uint64_t *rng) {
+    enum { n = 7 };
+    double b[n * n], h[n * n], l[n * n], inv[n * n], gj[n][2 * n];
+    for (int i = 0; i < n * n; i++) b[i] = rng_normal(rng);
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < n; j++) {
+            double v = i == j ? 1.0 : 0.0;
+            for (int k = 0; k < n; k++) v += b[k * n + i] * b[k * n + j];
+            h[i * n + j] = l[i * n + j] = v;
+            gj[i][j] = v;
+            gj[i][n + j] = i == j ? 1.0 : 0.0;
+        }
+    bool factored = cholesky(l, n);
+    inverse_from_cholesky(inv, l, n);
+    for (int c = 0; c < n; c++) {   // Gauss-Jordan with partial pivoting
+        int piv = c;
+        for (int r = c + 1; r < n; r++) if (fabs(gj[r][c]) > fabs(gj[piv][c])) piv = r;
+        for (int k = 0; k < 2 * n; k++) { double t = gj[c][k]; gj[c][k] = gj[piv][k]; gj[piv][k] = t; }
+        double d = gj[c][c];
+        for (int k = 0; k < 2 * n; k++) gj[c][k] /= d;
+        for (int r = 0; r < n; r++) {
+            if (r == c) continue;
+            double f = gj[r][c];
+            for (int k = 0; k < 2 * n; k++) gj[r][k] -= f * gj[c][k];
+        }
+    }
+    double worst = 0.0;
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < n; j++) worst = fmax(worst, fabs(inv[i * n + j] - gj[i][n + j]));
+    h[0] = -1.0;   // not positive definite
+    bool refused = !cholesky(h, n);
+    report(factored && worst < 1e-10 && refused, "cholesky: H⁻¹ = plain inverse", "7 x 7, max |diff| %.1e; "
+           "indefinite H %s", worst, refused ? "refused" : "ACCEPTED");
+}
+
+// ||W·Xᵀ - Ŵ·Xᵀ||² over the rows of w, wq [rows, cols] for inputs x [tokens, cols].
+static double output_error(const float *w, const float *wq, const float *x, int rows, int cols, int tokens) {
+    double err = 0.0;
+    for (int r = 0; r < rows; r++)
+        for (int t = 0; t < tokens; t++) {
+            double e = 0.0;
+            for (int c = 0; c < cols; c++)
+                e += ((double)w[r * cols + c] - wq[r * cols + c]) * x[t * cols + c];
+            err += e * e;
+        }
+    return err;
+}
+
+// GPTQ on a small random problem with correlated inputs: its output error is below RTN's,
+// every weight lies on its row's RTN grid, and one column is plain RTN exactly.
+static void test_gptq(uint64_t *rng) {
+    enum { rows = 12, cols = 24, tokens = 200 };
+    static float w[rows * cols], rtn[rows * cols], gptq[rows * cols], x[tokens * cols], scratch[cols];
+    static double h[cols * cols];
+    for (int i = 0; i < rows * cols; i++) w[i] = (float)rng_normal(rng);
+    for (int t = 0; t < tokens; t++) {   // each input mixes a shared factor with its own noise
+        double shared = rng_normal(rng);
+        for (int c = 0; c < cols; c++) x[t * cols + c] = (float)(shared + 0.5 * rng_normal(rng));
+    }
+    for (int i = 0; i < cols; i++)
+        for (int j = 0; j < cols; j++) {
+            double v = 0.0;
+            for (int t = 0; t < tokens; t++) v += 2.0 * x[t * cols + i] * x[t * cols + j];
+            h[i * cols + j] = v;
+        }
+    memcpy(rtn, w, sizeof w);
+    memcpy(gptq, w, sizeof w);
+    for (int r = 0; r < rows; r++) quantize_weight_row(rtn + r * cols, cols, 4, true, scratch);
+    bool ok = gptq_quantize(gptq, rows, cols, h, 4, true);
+    double e_rtn = output_error(w, rtn, x, rows, cols, tokens);
+    double e_gptq = output_error(w, gptq, x, rows, cols, tokens);
+    bool on_grid = true;
+    for (int r = 0; r < rows; r++) {   // the grid step of the row: its largest |ŵ| of RTN over 7 or 8 steps
+        float copy[cols];
+        memcpy(copy, w + r * cols, sizeof copy);
+        float scale = quantize_weight_row(copy, cols, 4, true, scratch) * max_abs(w + r * cols, cols) / 7.0f;
+        for (int c = 0; c < cols; c++) {
+            float k = gptq[r * cols + c] / scale;
+            on_grid = on_grid && fabsf(k - rintf(k)) < 1e-4f && k >= -8.0f && k <= 7.0f;
+        }
+    }
+    float one_w[rows], one_rtn[rows];
+    double one_h = 3.0;
+    for (int r = 0; r < rows; r++) one_w[r] = one_rtn[r] = (float)rng_normal(rng);
+    bool one_ok = gptq_quantize(one_w, rows, 1, &one_h, 4, true), same = true;
+    for (int r = 0; r < rows; r++) {
+        quantize_weight_row(one_rtn + r, 1, 4, true, scratch);
+        same = same && one_w[r] == one_rtn[r];
+    }
+    report(ok && e_gptq < e_rtn && on_grid && one_ok && same, "GPTQ: below RTN, on the grid, one column = RTN",
+           "||WX - ŴX||² GPTQ %.3f < RTN %.3f (%.0f%%); grid %s; one column %s", e_gptq, e_rtn,
+           100.0 * e_gptq / e_rtn, on_grid ? "yes" : "NO", same ? "identical" : "DIFFERENT");
+}
+
 // The clip search picks the p in {1, 0.99, ..., 0.21} that a brute-force scan computed here,
 // in double and without osp's helpers, finds best for Σ|ŵ - w|^2.4.
 static void test_clip_search(uint64_t *rng) {
@@ -2125,6 +2220,8 @@ int main(int argc, char **argv) {
     test_kurtosis(&rng);
     test_quantizers(&rng);
     test_clip_search(&rng);
+    test_cholesky_inverse(&rng);
+    test_gptq(&rng);
     test_hadamard(&rng);
     test_rotations(&rng);
     test_kurtosis_report(&rng);
