@@ -192,6 +192,11 @@ static float rng_normal(uint64_t *state) {
     return (float)(sqrt(-2.0 * log(u1)) * cos(2.0 * M_PI * u2));
 }
 
+// max(a, b) and min(a, b) for a that is not NaN (a NaN b gives a, as fmaxf and fminf do). Plain
+// comparisons inline in the hot loops, where fmaxf and fminf are calls into libm.
+static inline float max_float(float a, float b) { return b > a ? b : a; }
+static inline float min_float(float a, float b) { return b < a ? b : a; }
+
 static double now_seconds(void) {
     struct timespec ts;
     timespec_get(&ts, TIME_UTC);
@@ -959,7 +964,7 @@ static void attention_forward(float *out, float *att, const float *q, const floa
                                 GEMM_LOWER});
             for (int t = 0; t < T; t++) {
                 float *row = p + (size_t)t * T, maxval = -FLT_MAX, sum = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) { row[t2] *= scale; maxval = fmaxf(maxval, row[t2]); }
+                for (int t2 = 0; t2 <= t; t2++) { row[t2] *= scale; maxval = max_float(maxval, row[t2]); }
                 for (int t2 = 0; t2 <= t; t2++) { row[t2] = expf(row[t2] - maxval); sum += row[t2]; }
                 float inv = 1.0f / sum;
                 for (int t2 = 0; t2 <= t; t2++) row[t2] *= inv;
@@ -1146,12 +1151,12 @@ static float symmetric_qmax(int bits) { return (float)((1 << (bits - 1)) - 1); }
 
 // w rounded to the grid of step s: clamp(round(w/s), -qmax-1, qmax)·s (w itself if s is 0).
 static float round_to_grid(float w, float scale, float qmax) {
-    return scale > 0.0f ? fminf(fmaxf(rintf(w / scale), -qmax - 1.0f), qmax) * scale : w;
+    return scale > 0.0f ? min_float(qmax, max_float(-qmax - 1.0f, rintf(w / scale))) * scale : w;
 }
 
 static float max_abs(const float *w, int n) {
     float m = 0.0f;
-    for (int i = 0; i < n; i++) m = fmaxf(m, fabsf(w[i]));
+    for (int i = 0; i < n; i++) m = max_float(m, fabsf(w[i]));
     return m;
 }
 
@@ -1208,20 +1213,24 @@ static bool cholesky(double *a, int n) {
 
 // inv [n, n] = H⁻¹ = L⁻ᵀ·L⁻¹ from the Cholesky factor L of H (the lower half of l).
 static void inverse_from_cholesky(double *inv, const double *l, int n) {
-    double *y = xcalloc((size_t)n * n, sizeof(double));   // L⁻¹, lower triangular: L·Y = I
-    for (int c = 0; c < n; c++)
+    double *yt = xcalloc((size_t)n * n, sizeof(double));   // Yᵀ for Y = L⁻¹: row c of yt solves L·y = e_c
+#pragma omp parallel for schedule(dynamic)
+    for (int c = 0; c < n; c++) {
+        double *y = yt + (size_t)c * n;
         for (int i = c; i < n; i++) {
             double v = i == c ? 1.0 : 0.0;
-            for (int k = c; k < i; k++) v -= l[(size_t)i * n + k] * y[(size_t)k * n + c];
-            y[(size_t)i * n + c] = v / l[(size_t)i * n + i];
+            for (int k = c; k < i; k++) v -= l[(size_t)i * n + k] * y[k];
+            y[i] = v / l[(size_t)i * n + i];
         }
+    }
+#pragma omp parallel for schedule(dynamic)
     for (int i = 0; i < n; i++)
-        for (int j = 0; j < n; j++) {
+        for (int j = 0; j < n; j++) {   // (YᵀY)[i][j]: Y[k][i] = 0 for k < i
             double v = 0.0;
-            for (int k = i > j ? i : j; k < n; k++) v += y[(size_t)k * n + i] * y[(size_t)k * n + j];
+            for (int k = i > j ? i : j; k < n; k++) v += yt[(size_t)i * n + k] * yt[(size_t)j * n + k];
             inv[(size_t)i * n + j] = v;
         }
-    free(y);
+    free(yt);
 }
 
 // GPTQ (Frantar et al. 2022) of one weight matrix w [rows, cols], in place. Each row keeps
@@ -1243,13 +1252,17 @@ static bool gptq_quantize(float *w, int rows, int cols, double *h, int bits, boo
     double mean_diag = 0.0;
     for (int i = 0; i < cols; i++) mean_diag += h[(size_t)i * cols + i] / cols;
     for (int i = 0; i < cols; i++) h[(size_t)i * cols + i] += 0.01 * mean_diag;
-    double *u = xmalloc(sizeof(double) * (size_t)cols * cols);
+    double *inv = xmalloc(sizeof(double) * (size_t)cols * cols);
     bool ok = cholesky(h, cols);
     if (ok) {
-        inverse_from_cholesky(u, h, cols);
-        ok = cholesky(u, cols);   // H⁻¹ = L·Lᵀ: U = Lᵀ, so U[i][j] = L[j][i]
+        inverse_from_cholesky(inv, h, cols);
+        ok = cholesky(inv, cols);   // H⁻¹ = L·Lᵀ, so U = Lᵀ
     }
-    if (!ok) { free(u); return false; }
+    if (!ok) { free(inv); return false; }
+    double *u = h;   // H is no longer needed: U[i][j] = L[j][i] for j >= i, rows contiguous for step 3
+    for (int i = 0; i < cols; i++)
+        for (int j = i; j < cols; j++) u[(size_t)i * cols + j] = inv[(size_t)j * cols + i];
+    free(inv);
     float qmax = symmetric_qmax(bits);
 #pragma omp parallel for schedule(dynamic)
     for (int r = 0; r < rows; r++) {
@@ -1260,13 +1273,13 @@ static bool gptq_quantize(float *w, int rows, int cols, double *h, int bits, boo
         float scale = p * max_abs(row, cols) / qmax;   // RTN's step for this row
         for (int i = 0; i < cols; i++) {
             float q = round_to_grid(row[i], scale, qmax);
-            double err = (row[i] - q) / u[(size_t)i * cols + i];
+            const double *u_i = u + (size_t)i * cols;
+            double err = (row[i] - q) / u_i[i];
             row[i] = q;
-            for (int j = i + 1; j < cols; j++) row[j] -= (float)(err * u[(size_t)j * cols + i]);
+            for (int j = i + 1; j < cols; j++) row[j] -= (float)(err * u_i[j]);
         }
         free(scratch);
     }
-    free(u);
     return true;
 }
 
@@ -1281,11 +1294,12 @@ static void quantize_asymmetric(float *x, size_t n, int group, int bits) {
     for (size_t g = 0; g < groups; g++) {
         float *v = x + g * (size_t)group;
         float xmax = 0.0f, xmin = 0.0f;
-        for (int i = 0; i < group; i++) { xmax = fmaxf(xmax, v[i]); xmin = fminf(xmin, v[i]); }
+        for (int i = 0; i < group; i++) { xmax = max_float(xmax, v[i]); xmin = min_float(xmin, v[i]); }
         float scale = (xmax - xmin) / levels;
         if (scale == 0.0f) continue;   // all zeros
         float zero = rintf(-xmin / scale);
-        for (int i = 0; i < group; i++) v[i] = (fminf(fmaxf(rintf(v[i] / scale) + zero, 0.0f), levels) - zero) * scale;
+        for (int i = 0; i < group; i++)
+            v[i] = (min_float(levels, max_float(0.0f, rintf(v[i] / scale) + zero)) - zero) * scale;
     }
 }
 
@@ -2630,39 +2644,101 @@ static void rotate_residual(Model *m, uint64_t seed) {
     free(signs);
 }
 
-// One fake-quantization setting of the 4-bit table.
-typedef struct { int wbits, abits, kvbits, ffn_hadamard; } QuantSetting;
+// The rows of the 4-bit table: what is quantized, and whether the weights get GPTQ instead
+// of RTN (the GPTQ rows are evaluated only when asked, --gptq).
+enum { QROW_W, QROW_A, QROW_KV, QROW_WAKV, QROW_W_GPTQ, QROW_WAKV_GPTQ, N_QUANT_ROWS };
+
+// One fake-quantization setting: one row of the table, without or with the FFN Hadamard.
+typedef struct { int wbits, abits, kvbits, ffn_hadamard; bool gptq; } QuantSetting;
 
 typedef struct {
     int wbits, abits, kvbits;   // the bits of the table's rows (16 = off)
     bool clip_search;           // weight clip search (default on)
     bool rotate;                // full residual rotation before quantizing
     int max_windows;            // validation windows, 0 = all
+    bool gptq;                  // also the GPTQ rows
+    int calib_windows;          // GPTQ's calibration: windows of seq_len training tokens,
+    uint64_t calib_seed;        // drawn at random with this seed
 } EvalOptions;
-
-#define N_QUANT_ROWS 4
-static const char *quant_row_names[N_QUANT_ROWS] = {"W", "A", "KV", "WAKV"};
 
 typedef struct {
     long windows;
     float fp_loss;
     KurtosisReport paper;     // each token alone, the L + 1 states of the release: the paper's figure
     KurtosisReport context;   // tokens in their windows, all L + 2 states
-    float quant_loss[N_QUANT_ROWS][2];   // [W only, A only, KV only, all][no Had., Had.]; NAN if not applicable
+    float quant_loss[N_QUANT_ROWS][2];   // [row][no Had., Had.]; NAN if not evaluated or not applicable
     double seconds;
 } EvalResult;
 
 static void eval_result_free(EvalResult *r) { kurtosis_free(&r->paper); kurtosis_free(&r->context); }
 
+// H [n, n] += 2·XᵀX for one batch of a matrix's inputs x [tokens, n] (the product in float,
+// summed in double across batches). scratch holds n·n floats.
+static void hessian_accumulate(double *h, float *scratch, const float *x, int tokens, int n) {
+    Gemm g = {scratch, (size_t)n, x, 1, (size_t)n, x, (size_t)n, 1, n, n, tokens, false, GEMM_FULL};
+    gemm_parallel(&g, 1);
+    for (size_t i = 0; i < (size_t)n * n; i++) h[i] += 2.0 * scratch[i];
+}
+
+// GPTQ of every block matrix of m in place, layer by layer as the release does: the inputs of
+// layer l's matrices are collected on the calibration windows `calib` [windows, T] with layers
+// 0..l-1 already quantized and everything else in full precision (m->ffn_hadamard as set by
+// the caller), then its seven matrices are quantized, each with the Hessian of its input:
+// Q, K, V share attn_norm's, gate and up share ffn_norm's.
+static void gptq_quantize_model(Model *m, const int *calib, int windows, int bits, bool clip_search) {
+    const Config *c = &m->cfg;
+    int T = c->seq_len, d = c->dim, f = c->ffn_dim;
+    const struct { int width, matrices[3]; } inputs[4] = {
+        {d, {PARAM_ATTN_Q, PARAM_ATTN_K, PARAM_ATTN_V}}, {d, {PARAM_ATTN_OUT, -1, -1}},
+        {d, {PARAM_FFN_GATE, PARAM_FFN_UP, -1}}, {f, {PARAM_FFN_DOWN, -1, -1}}};
+    double *h[4], *h_work = xmalloc(sizeof(double) * (size_t)f * f);
+    for (int i = 0; i < 4; i++) h[i] = xmalloc(sizeof(double) * (size_t)inputs[i].width * inputs[i].width);
+    float *scratch = xmalloc(sizeof(float) * (size_t)(f > d ? f : d) * (f > d ? f : d));
+    for (int l = 0; l < c->n_layers; l++) {
+        for (int i = 0; i < 4; i++)
+            memset(h[i], 0, sizeof(double) * (size_t)inputs[i].width * inputs[i].width);
+        for (int w0 = 0; w0 < windows; w0 += m->max_batch) {
+            int B = windows - w0 < m->max_batch ? windows - w0 : m->max_batch, N = B * T;
+            model_forward(m, calib + (size_t)w0 * T, NULL, B, T);
+            const float *x[4] = {m->act.attn_norm + (size_t)l * N * d, m->act.attn_out + (size_t)l * N * d,
+                                 m->act.ffn_norm + (size_t)l * N * d, m->act.ffn_hidden + (size_t)l * N * f};
+            for (int i = 0; i < 4; i++) hessian_accumulate(h[i], scratch, x[i], N, inputs[i].width);
+        }
+        for (int i = 0; i < 4; i++) {
+            int n = inputs[i].width;
+            for (int j = 0; j < 3 && inputs[i].matrices[j] >= 0; j++) {
+                int t = inputs[i].matrices[j];
+                memcpy(h_work, h[i], sizeof(double) * (size_t)n * n);   // gptq_quantize overwrites it
+                if (!gptq_quantize(param_at(m, m->params, t, l), m->shape[t].rows, n, h_work, bits,
+                                   clip_search))
+                    die("GPTQ: the Hessian of %s in layer %d is not positive definite", param_names[t], l);
+            }
+        }
+    }
+    for (int i = 0; i < 4; i++) free(h[i]);
+    free(h_work); free(scratch);
+}
+
 // Validation loss of the plain model `base` under one quantization setting, evaluated on
-// `work` (same config), whose parameters are overwritten.
-static float evaluate_quantized(Model *work, const Model *base, const QuantSetting *q, const EvalOptions *o, const TokenData *val) {
-    memcpy(work->params, base->params, sizeof(float) * base->n_params);
-    if (q->ffn_hadamard) rotate_ffn_down(work);
-    if (q->wbits < QUANT_OFF) quantize_weights(work, q->wbits, o->clip_search);
+// `work` (same config), whose parameters are overwritten. calib: GPTQ's calibration windows.
+// The GPTQ weights of one Hadamard setting serve two rows: the first keeps them in *gptq_cache
+// (NULL until then), the second copies them from there.
+static float evaluate_quantized(Model *work, const Model *base, const QuantSetting *q, const EvalOptions *o,
+                                const TokenData *val, const int *calib, float **gptq_cache) {
+    size_t bytes = sizeof(float) * base->n_params;
+    work->ffn_hadamard = q->ffn_hadamard;
+    if (q->gptq && *gptq_cache) {
+        memcpy(work->params, *gptq_cache, bytes);
+    } else {
+        memcpy(work->params, base->params, bytes);
+        if (q->ffn_hadamard) rotate_ffn_down(work);
+        if (q->wbits < QUANT_OFF && q->gptq)
+            gptq_quantize_model(work, calib, o->calib_windows, q->wbits, o->clip_search);
+        else if (q->wbits < QUANT_OFF) quantize_weights(work, q->wbits, o->clip_search);
+        if (q->gptq) *gptq_cache = memcpy(xmalloc(bytes), work->params, bytes);
+    }
     work->abits = q->abits;
     work->kvbits = q->kvbits;
-    work->ffn_hadamard = q->ffn_hadamard;
     float loss = evaluate_loss(work, val, o->max_windows, NULL);
     work->abits = work->kvbits = QUANT_OFF;
     work->ffn_hadamard = 0;
@@ -2671,8 +2747,9 @@ static float evaluate_quantized(Model *work, const Model *base, const QuantSetti
 
 // Full evaluation of a model (merged here if it has EmbProj or SSNorm): full-precision loss,
 // the hidden states' kurtosis (each token alone, and in context), and the 4-bit table without
-// and with the FFN Hadamard.
-static void evaluate_model(EvalResult *r, const Model *m, const TokenData *val, const EvalOptions *o) {
+// and with the FFN Hadamard. train: the calibration tokens of the GPTQ rows (with o->gptq).
+static void evaluate_model(EvalResult *r, const Model *m, const TokenData *val, const TokenData *train,
+                           const EvalOptions *o) {
     double t0 = now_seconds();
     Model base, work;
     model_merge(&base, m, m->max_batch);
@@ -2681,16 +2758,34 @@ static void evaluate_model(EvalResult *r, const Model *m, const TokenData *val, 
     memcpy(work.params, base.params, sizeof(float) * base.n_params);
     r->windows = validation_windows(&work, val, o->max_windows);
     r->fp_loss = measure_hidden_states(&work, val, o->max_windows, &r->paper, &r->context);
+    int *calib = NULL;
+    if (o->gptq) {
+        int T = base.cfg.seq_len, *targets = xmalloc(sizeof(int) * (size_t)o->calib_windows * T);
+        calib = xmalloc(sizeof(int) * (size_t)o->calib_windows * T);
+        uint64_t rng = o->calib_seed;
+        data_next_batch(train, &rng, o->calib_windows, T, calib, targets);
+        free(targets);
+    }
     const QuantSetting rows[N_QUANT_ROWS] = {
-        {o->wbits, QUANT_OFF, QUANT_OFF, 0}, {QUANT_OFF, o->abits, QUANT_OFF, 0},
-        {QUANT_OFF, QUANT_OFF, o->kvbits, 0}, {o->wbits, o->abits, o->kvbits, 0},
+        [QROW_W] = {o->wbits, QUANT_OFF, QUANT_OFF, 0, false},
+        [QROW_A] = {QUANT_OFF, o->abits, QUANT_OFF, 0, false},
+        [QROW_KV] = {QUANT_OFF, QUANT_OFF, o->kvbits, 0, false},
+        [QROW_WAKV] = {o->wbits, o->abits, o->kvbits, 0, false},
+        [QROW_W_GPTQ] = {o->wbits, QUANT_OFF, QUANT_OFF, 0, true},
+        [QROW_WAKV_GPTQ] = {o->wbits, o->abits, o->kvbits, 0, true},
     };
-    for (int i = 0; i < N_QUANT_ROWS; i++)
-        for (int had = 0; had < 2; had++) {
+    for (int had = 0; had < 2; had++) {
+        float *gptq_weights = NULL;
+        for (int i = 0; i < N_QUANT_ROWS; i++) {
             QuantSetting q = rows[i];
             q.ffn_hadamard = had;
-            r->quant_loss[i][had] = had && !is_power_of_two(base.cfg.ffn_dim) ? NAN : evaluate_quantized(&work, &base, &q, o, val);
+            bool skip = (had && !is_power_of_two(base.cfg.ffn_dim)) || (q.gptq && !o->gptq);
+            r->quant_loss[i][had] = skip ? NAN
+                                         : evaluate_quantized(&work, &base, &q, o, val, calib, &gptq_weights);
         }
+        free(gptq_weights);
+    }
+    free(calib);
     model_free(&base); model_free(&work);
     r->seconds = now_seconds() - t0;
 }
@@ -3040,10 +3135,26 @@ typedef struct {
 
 // results.csv's columns after preset, seed and diverged_step, and where each lives in a run.
 #define ABLATION_VALUES (8 + 2 * N_QUANT_ROWS)
-static const char *ablation_columns[ABLATION_VALUES] = {
-    "tokens_per_s", "optimizer_state_bytes", "val_windows", "kurtosis", "kurtosis_paper", "top_channel_share",
-    "max_abs_activation", "fp_ppl", "w4_ppl", "a4_ppl", "kv4_ppl", "w4a4kv4_ppl",
-    "w4_ppl_had", "a4_ppl_had", "kv4_ppl_had", "w4a4kv4_ppl_had"};
+static const char *ablation_columns[ABLATION_VALUES] = { "tokens_per_s",
+                                                         "optimizer_state_bytes",
+                                                         "val_windows",
+                                                         "kurtosis",
+                                                         "kurtosis_paper",
+                                                         "top_channel_share",
+                                                         "max_abs_activation",
+                                                         "fp_ppl",
+                                                         "w4_ppl",
+                                                         "a4_ppl",
+                                                         "kv4_ppl",
+                                                         "w4a4kv4_ppl",
+                                                         "w4_gptq_ppl",
+                                                         "w4a4kv4_gptq_ppl",
+                                                         "w4_ppl_had",
+                                                         "a4_ppl_had",
+                                                         "kv4_ppl_had",
+                                                         "w4a4kv4_ppl_had",
+                                                         "w4_gptq_ppl_had",
+                                                         "w4a4kv4_gptq_ppl_had" };
 
 static void ablation_values(AblationRun *r, double **v) {
     double *fields[ABLATION_VALUES] = {&r->tokens_per_second, &r->state_bytes, &r->windows, &r->kurtosis,
@@ -3666,6 +3777,10 @@ static const char *eval_flags_help =
     "  --kvbits N              KV-cache bits (default 4)\n"
     "  --no-clip-search        weights: plain absmax scale instead of the clip search\n"
     "  --rotate                rotate the residual stream by a random-sign Hadamard first (QuaRot-style)\n"
+    "  --gptq                  also the rows with GPTQ weights (with --rotate: QuaRot)\n"
+    "  --train FILE            GPTQ's calibration tokens (default data/train.bin)\n"
+    "  --calib-windows N       GPTQ's calibration windows of seq-len tokens (default 128)\n"
+    "  --calib-seed N          seed of their random positions (default 1)\n"
     "  --threads N             OpenMP threads, 0 = all cores (default 0)\n";
 
 static const char *eval_help_head =
@@ -3675,14 +3790,14 @@ static const char *eval_help_head =
     "token, the largest channel's share of the energy and the largest |activation|, with each\n"
     "token fed alone (the paper's measurement) and in context; perplexity under RTN fake\n"
     "quantization of the weights (W), activations (A) and KV cache, without and with the online\n"
-    "FFN Hadamard (Had.).\n"
+    "FFN Hadamard (Had.); with --gptq, also with the weights quantized by GPTQ.\n"
     "  --json                  print one JSON object instead of the tables\n";
 
 static const char *compare_help_head =
     "usage: ./osp compare CKPT [CKPT...] [flags]\n"
     "Runs ./osp eval on each checkpoint and prints the results side by side in one table.\n";
 
-typedef struct { EvalOptions opt; const char *val_path; int threads; bool json; } EvalArgs;
+typedef struct { EvalOptions opt; const char *val_path, *train_path; int threads; bool json; } EvalArgs;
 
 // Consumes one eval flag at a->i if it is one; shared by eval and compare.
 static bool parse_eval_flag(Args *a, EvalArgs *e) {
@@ -3696,25 +3811,61 @@ static bool parse_eval_flag(Args *a, EvalArgs *e) {
     }
     else if (!strcmp(f, "--no-clip-search")) e->opt.clip_search = false;
     else if (!strcmp(f, "--rotate")) e->opt.rotate = true;
+    else if (!strcmp(f, "--gptq")) e->opt.gptq = true;
+    else if (!strcmp(f, "--train")) e->train_path = flag_value(a);
+    else if (!strcmp(f, "--calib-windows"))
+        e->opt.calib_windows = (int)parse_int(f, flag_value(a), 1, 100000);
+    else if (!strcmp(f, "--calib-seed"))
+        e->opt.calib_seed = (uint64_t)parse_int(f, flag_value(a), 0, INT_MAX);
     else if (!strcmp(f, "--threads")) e->threads = (int)parse_int(f, flag_value(a), 0, 1024);
     else return false;
     return true;
 }
 
 static EvalArgs eval_defaults(void) {
-    return (EvalArgs){.opt = {.wbits = 4, .abits = 4, .kvbits = 4, .clip_search = true}, .val_path = "data/val.bin"};
+    return (EvalArgs){.opt = {.wbits = 4, .abits = 4, .kvbits = 4, .clip_search = true, .calib_windows = 128,
+                              .calib_seed = 1},
+                      .val_path = "data/val.bin", .train_path = "data/train.bin"};
 }
 
-// Loads a checkpoint for evaluation against the validation tokens (checks vocab and length).
-static void load_for_eval(const char *path, TrainState *s, Model *m, const TokenData *val, const char *val_path) {
+// Loads the validation tokens, and the calibration tokens if GPTQ is asked for.
+static void load_eval_tokens(const EvalArgs *e, TokenData *val, TokenData *train) {
+    if (!tokens_load(val, e->val_path)) die("%s", osp_error);
+    *train = (TokenData){0};
+    if (e->opt.gptq && !tokens_load(train, e->train_path)) die("%s", osp_error);
+}
+
+// Loads a checkpoint for evaluation against the validation tokens and, with --gptq, the
+// calibration tokens (checks vocab, length, and the shapes that --rotate needs).
+static void load_for_eval(const char *path, TrainState *s, Model *m, const TokenData *val,
+                          const TokenData *train, const EvalArgs *e) {
     if (!checkpoint_load(path, s, m, 16, NULL)) die("%s", osp_error);
-    if (s->cfg.vocab_size != val->vocab_size) die("vocab mismatch: '%s' has vocab %d but %s has %d", path, s->cfg.vocab_size, val_path, val->vocab_size);
-    if (val->n < (size_t)s->cfg.seq_len + 1) die("'%s' has fewer than seq-len + 1 = %d tokens", val_path, s->cfg.seq_len + 1);
+    const TokenData *data[2] = {val, train};
+    const char *names[2] = {e->val_path, e->train_path};
+    for (int i = 0; i < (e->opt.gptq ? 2 : 1); i++) {
+        if (s->cfg.vocab_size != data[i]->vocab_size)
+            die("vocab mismatch: '%s' has vocab %d but %s has %d", path, s->cfg.vocab_size, names[i],
+                data[i]->vocab_size);
+        if (data[i]->n < (size_t)s->cfg.seq_len + 1)
+            die("'%s' has fewer than seq-len + 1 = %d tokens", names[i], s->cfg.seq_len + 1);
+    }
+    if (e->opt.rotate && !is_power_of_two(s->cfg.dim))
+        die("--rotate needs dim a power of two ('%s' has %d)", path, s->cfg.dim);
 }
 
+// A row's name in the tables: "W4 only", "A4 only", "KV4 only", "W4A4KV4", and those with GPTQ.
 static void bits_label(char *buf, size_t size, int row, const EvalOptions *o) {
-    if (row == 3) snprintf(buf, size, "W%dA%dKV%d", o->wbits, o->abits, o->kvbits);
-    else snprintf(buf, size, "%s%d only", quant_row_names[row], row == 0 ? o->wbits : row == 1 ? o->abits : o->kvbits);
+    bool gptq = row == QROW_W_GPTQ || row == QROW_WAKV_GPTQ;
+    if (row == QROW_WAKV || row == QROW_WAKV_GPTQ)
+        snprintf(buf, size, "W%dA%dKV%d%s", o->wbits, o->abits, o->kvbits, gptq ? " GPTQ" : "");
+    else if (row == QROW_W || row == QROW_W_GPTQ)
+        snprintf(buf, size, "W%d %s", o->wbits, gptq ? "GPTQ" : "only");
+    else snprintf(buf, size, "%s%d only", row == QROW_A ? "A" : "KV", row == QROW_A ? o->abits : o->kvbits);
+}
+
+// Whether the tables show row: the GPTQ rows only when evaluated.
+static bool row_shown(int row, const EvalOptions *o) {
+    return o->gptq || (row != QROW_W_GPTQ && row != QROW_WAKV_GPTQ);
 }
 
 static void print_eval_text(const char *path, const TrainState *s, const EvalResult *r, const EvalOptions *o) {
@@ -3745,10 +3896,14 @@ static void print_eval_text(const char *path, const TrainState *s, const EvalRes
            s->cfg.n_layers - 1, s->cfg.n_layers + 1, s->cfg.n_layers + 2);
     printf("perplexity under RTN fake quantization (weights per row, symmetric%s; activations per token\n"
            "and KV per head, asymmetric; Had. = online Hadamard on the W2 input)\n", o->clip_search ? ", clip search" : ", no clip search");
-    printf("  %-12s %10s %10s\n", "setting", "no Had.", "Had.");
+    if (o->gptq)
+        printf("GPTQ rows: the weights quantized by GPTQ on the same grid, calibrated on %d windows of the\n"
+               "training split (seed %llu)\n", o->calib_windows, (unsigned long long)o->calib_seed);
+    printf("  %-14s %10s %10s\n", "setting", "no Had.", "Had.");
     for (int i = 0; i < N_QUANT_ROWS; i++) {
+        if (!row_shown(i, o)) continue;
         bits_label(label, sizeof label, i, o);
-        printf("  %-12s %10.2f %10.2f\n", label, exp(r->quant_loss[i][0]), exp(r->quant_loss[i][1]));
+        printf("  %-14s %10.2f %10.2f\n", label, exp(r->quant_loss[i][0]), exp(r->quant_loss[i][1]));
     }
     printf("\nevaluation took %.1f s\n", r->seconds);
 }
@@ -3762,8 +3917,8 @@ static void print_eval_json(const char *path, const TrainState *s, const EvalRes
     for (const char *p = path; *p; p++) printf(*p == '"' || *p == '\\' ? "\\%c" : "%c", *p);
     printf("\", \"preset\": \"%s\", \"merged\": %s, \"steps\": %d, \"tokens\": %lld, \"windows\": %ld, \"seq_len\": %d,\n",
            preset_name(s->preset), s->merged ? "true" : "false", s->step, (long long)s->step * s->batch * s->cfg.seq_len, r->windows, s->cfg.seq_len);
-    printf(" \"rotate\": %s, \"clip_search\": %s,\n", o->rotate ? "true" : "false",
-           o->clip_search ? "true" : "false");
+    printf(" \"rotate\": %s, \"clip_search\": %s, \"gptq\": %s,\n", o->rotate ? "true" : "false",
+           o->clip_search ? "true" : "false", o->gptq ? "true" : "false");
     printf(" \"fp_loss\": "); print_json_number(r->fp_loss);
     printf(", \"fp_ppl\": "); print_json_number(exp(r->fp_loss));
     const KurtosisReport *k[2] = {&r->paper, &r->context};
@@ -3785,7 +3940,7 @@ static void print_eval_json(const char *path, const TrainState *s, const EvalRes
     }
     printf(",\n \"bits\": {\"w\": %d, \"a\": %d, \"kv\": %d},\n \"quantized_ppl\": {",
            o->wbits, o->abits, o->kvbits);
-    const char *keys[N_QUANT_ROWS] = {"w", "a", "kv", "wakv"};
+    const char *keys[N_QUANT_ROWS] = {"w", "a", "kv", "wakv", "w_gptq", "wakv_gptq"};
     for (int i = 0; i < N_QUANT_ROWS; i++) {
         printf("%s\"%s\": ", i ? ", " : "", keys[i]);
         print_json_number(exp(r->quant_loss[i][0]));
@@ -3807,18 +3962,17 @@ static int cmd_eval(int argc, char **argv) {
     }
     if (!ckpt) die("no checkpoint given (see ./osp eval --help)");
     set_num_threads(e.threads);
-    TokenData val;
-    if (!tokens_load(&val, e.val_path)) die("%s", osp_error);
+    TokenData val, train;
+    load_eval_tokens(&e, &val, &train);
     TrainState s;
     Model m;
-    load_for_eval(ckpt, &s, &m, &val, e.val_path);
-    if (e.opt.rotate && !is_power_of_two(s.cfg.dim)) die("--rotate needs dim a power of two ('%s' has %d)", ckpt, s.cfg.dim);
+    load_for_eval(ckpt, &s, &m, &val, &train, &e);
     EvalResult r;
-    evaluate_model(&r, &m, &val, &e.opt);
+    evaluate_model(&r, &m, &val, &train, &e.opt);
     (e.json ? print_eval_json : print_eval_text)(ckpt, &s, &r, &e.opt);
     eval_result_free(&r);
     model_free(&m);
-    free(val.tokens);
+    free(val.tokens); free(train.tokens);
     return 0;
 }
 
@@ -3834,20 +3988,19 @@ static int cmd_compare(int argc, char **argv) {
     }
     if (n == 0) die("no checkpoint given (see ./osp compare --help)");
     set_num_threads(e.threads);
-    TokenData val;
-    if (!tokens_load(&val, e.val_path)) die("%s", osp_error);
+    TokenData val, train;
+    load_eval_tokens(&e, &val, &train);
     TrainState *states = xmalloc(sizeof(TrainState) * (size_t)n);
     EvalResult *results = xmalloc(sizeof(EvalResult) * (size_t)n);
     size_t *state_bytes = xmalloc(sizeof(size_t) * (size_t)n);
     double total = 0.0;
     for (int i = 0; i < n; i++) {
         Model m;
-        load_for_eval(ckpts[i], &states[i], &m, &val, e.val_path);
-        if (e.opt.rotate && !is_power_of_two(states[i].cfg.dim)) die("--rotate needs dim a power of two ('%s' has %d)", ckpts[i], states[i].cfg.dim);
+        load_for_eval(ckpts[i], &states[i], &m, &val, &train, &e);
         size_t offset[N_PARAM_TENSORS];
         state_bytes[i] = states[i].merged ? 0 : sizeof(float) * optimizer_layout(&m, states[i].opt.optimizer, offset);
         fprintf(stderr, "evaluating %s (%d of %d)...\n", ckpts[i], i + 1, n);
-        evaluate_model(&results[i], &m, &val, &e.opt);
+        evaluate_model(&results[i], &m, &val, &train, &e.opt);
         total += results[i].seconds;
         model_free(&m);
     }
@@ -3876,7 +4029,7 @@ static int cmd_compare(int argc, char **argv) {
     printf("\n%-26s", "max |activation| in ctx.");
     for (int i = 0; i < n; i++) printf(" %14.2f", kurtosis_max_abs(&results[i].context));
     for (int row = 0; row < N_QUANT_ROWS; row++)
-        for (int had = 0; had < 2; had++) {
+        for (int had = 0; had < 2 && row_shown(row, &e.opt); had++) {
             bits_label(label, sizeof label, row, &e.opt);
             snprintf(cell, sizeof cell, "%s ppl%s", label, had ? " (Had.)" : "");
             printf("\n%-26s", cell);
@@ -3886,7 +4039,7 @@ static int cmd_compare(int argc, char **argv) {
            states[0].cfg.seq_len, e.opt.clip_search ? "with clip search" : "without clip search",
            e.opt.rotate ? "residual rotated" : "no residual rotation", total);
     for (int i = 0; i < n; i++) eval_result_free(&results[i]);
-    free(states); free(results); free(state_bytes); free(ckpts); free(val.tokens);
+    free(states); free(results); free(state_bytes); free(ckpts); free(val.tokens); free(train.tokens);
     return 0;
 }
 
@@ -3950,9 +4103,10 @@ static void print_run_prefix(int i, int n_runs, const AblationRun *r) {
 }
 
 // Evaluates a finished run as ./osp eval does and records the results; returns the seconds taken.
-static double ablation_evaluate(AblationRun *r, const Model *m, const TokenData *val, const EvalOptions *o) {
+static double ablation_evaluate(AblationRun *r, const Model *m, const TokenData *val, const TokenData *train,
+                                const EvalOptions *o) {
     EvalResult er;
-    evaluate_model(&er, m, val, o);
+    evaluate_model(&er, m, val, train, o);
     r->evaluated = true;
     r->windows = (double)er.windows;
     r->kurtosis = er.context.mean;
@@ -4007,17 +4161,25 @@ static void ablation_on_log(void *ctx, const TrainState *s, float loss, double s
 
 // The table's columns. Quantized ones name a row of quant_ppl; their increases are percent
 // over full precision. The first table shows the columns up to COL_TOKENS_PER_S, the second
-// the increases of COL_W4 to COL_444_HAD.
+// the increases of the quantized ones. "+GPTQ" is 4-4-4 with the Hadamard and GPTQ weights.
 enum { COL_KURTOSIS_PAPER, COL_KURTOSIS, COL_TOP_CHANNEL, COL_MAX_ABS, COL_FP, COL_444, COL_444_HAD,
-       COL_TOKENS_PER_S, COL_W4, COL_A4, COL_KV4, N_COLS };
-static const struct { const char *name; int width, decimals, quant_row, had; } ablation_cols[N_COLS] = {
-    [COL_KURTOSIS_PAPER] = {"kurtosis", 14, 2, -1, 0}, [COL_KURTOSIS] = {"in context", 13, 3, -1, 0},
-    [COL_TOP_CHANNEL] = {"top ch. %", 11, 1, -1, 0}, [COL_MAX_ABS] = {"max |act|", 13, 1, -1, 0},
-    [COL_FP] = {"fp ppl", 13, 2, -1, 0}, [COL_444] = {"4-4-4 ppl", 13, 2, 3, 0},
-    [COL_444_HAD] = {"+Had. ppl", 13, 2, 3, 1}, [COL_TOKENS_PER_S] = {"tok/s", 11, 0, -1, 0},
-    [COL_W4] = {"W4", 13, 2, 0, 0}, [COL_A4] = {"A4", 13, 2, 1, 0}, [COL_KV4] = {"KV4", 13, 2, 2, 0},
+       COL_444_GPTQ, COL_TOKENS_PER_S, COL_W4, COL_A4, COL_KV4, N_COLS };
+static const struct { const char *name; int width, decimals, quant_row, had;
+} ablation_cols[N_COLS] = {
+    [COL_KURTOSIS_PAPER] = { "kurtosis", 14, 2, -1, 0 },
+    [COL_KURTOSIS] = { "in context", 13, 3, -1, 0 },
+    [COL_TOP_CHANNEL] = { "top ch. %", 11, 1, -1, 0 },
+    [COL_MAX_ABS] = { "max |act|", 13, 1, -1, 0 },
+    [COL_FP] = { "fp ppl", 13, 2, -1, 0 },
+    [COL_444] = { "4-4-4 ppl", 13, 2, QROW_WAKV, 0 },
+    [COL_444_HAD] = { "+Had. ppl", 13, 2, QROW_WAKV, 1 },
+    [COL_444_GPTQ] = { "+GPTQ ppl", 13, 2, QROW_WAKV_GPTQ, 1 },
+    [COL_TOKENS_PER_S] = { "tok/s", 11, 0, -1, 0 },
+    [COL_W4] = { "W4", 13, 2, QROW_W, 0 },
+    [COL_A4] = { "A4", 13, 2, QROW_A, 0 },
+    [COL_KV4] = { "KV4", 13, 2, QROW_KV, 0 },
 };
-static const int increase_cols[] = {COL_W4, COL_A4, COL_KV4, COL_444, COL_444_HAD};
+static const int increase_cols[] = {COL_W4, COL_A4, COL_KV4, COL_444, COL_444_HAD, COL_444_GPTQ};
 
 static double ablation_value(const AblationRun *r, int col, bool increase) {
     int q = ablation_cols[col].quant_row;
@@ -4187,7 +4349,8 @@ static int cmd_ablation(int argc, char **argv) {
     int n_seeds = 2, kurtosis_every = 100, threads = 0;
     bool chosen[N_PRESETS];
     for (int p = 0; p < N_PRESETS; p++) chosen[p] = true;
-    EvalOptions eopt = {.wbits = 4, .abits = 4, .kvbits = 4, .clip_search = true, .max_windows = 0};
+    EvalOptions eopt = eval_defaults().opt;   // as ./osp eval --gptq
+    eopt.gptq = true;
     for (a.i = 0; a.i < argc; a.i++) {
         const char *f = argv[a.i];
         if (parse_shape_flag(&a, &proto) || parse_optim_flag(&a, &proto)) {}
@@ -4303,14 +4466,17 @@ static int cmd_ablation(int argc, char **argv) {
         }
         print_run_prefix(i, n_runs, r);
         if (!r->evaluated && !r->diverged_step) {
-            printf("evaluating: fp, kurtosis, W4, A4, KV4, 4-4-4, each without and with Had.\n");
+            printf("evaluating: fp, kurtosis, W4, A4, KV4, 4-4-4, with RTN and GPTQ, without and with "
+                   "Had.\n");
             fflush(stdout);
-            prog.eval_seconds = ablation_evaluate(r, &tr.model, &val, &eopt);
+            prog.eval_seconds = ablation_evaluate(r, &tr.model, &val, &train, &eopt);
             eval_left[i] = false;
             if (!ablation_save_results(results_path, runs, n_runs)) die("%s", osp_error);
             print_run_prefix(i, n_runs, r);
-            printf("kurtosis %.3f | fp ppl %.2f | 4-4-4 ppl %.2f | +Had. %.2f | evaluated in %.0f s\n",
-                   r->kurtosis_paper, r->fp_ppl, r->quant_ppl[3][0], r->quant_ppl[3][1], prog.eval_seconds);
+            printf("kurtosis %.3f | fp ppl %.2f | 4-4-4 ppl %.2f | +Had. %.2f | +GPTQ %.2f | evaluated in "
+                   "%.0f s\n",
+                   r->kurtosis_paper, r->fp_ppl, r->quant_ppl[QROW_WAKV][0], r->quant_ppl[QROW_WAKV][1],
+                   r->quant_ppl[QROW_WAKV_GPTQ][1], prog.eval_seconds);
         } else if (!r->diverged_step) {
             printf("done earlier\n");
         }

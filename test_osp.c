@@ -1038,9 +1038,79 @@ static void test_gptq(uint64_t *rng) {
         quantize_weight_row(one_rtn + r, 1, 4, true, scratch);
         same = same && one_w[r] == one_rtn[r];
     }
-    report(ok && e_gptq < e_rtn && on_grid && one_ok && same, "GPTQ: below RTN, on the grid, one column = RTN",
+    report(ok && e_gptq < e_rtn && on_grid && one_ok && same,
+           "GPTQ: below RTN, on the grid, one column = RTN",
            "||WX - ŴX||² GPTQ %.3f < RTN %.3f (%.0f%%); grid %s; one column %s", e_gptq, e_rtn,
            100.0 * e_gptq / e_rtn, on_grid ? "yes" : "NO", same ? "identical" : "DIFFERENT");
+}
+
+// GPTQ of a whole model: each layer's matrices are quantized with the Hessians of the inputs
+// that the earlier, already-quantized layers produce, summed over batches. The test computes
+// those inputs itself (one batch, the Hessian in double) and quantizes each matrix on its own
+// with gptq_quantize: the weights must agree (up to roundings that the Hessian's float sums
+// flip), and over all matrices GPTQ's output error on those inputs must be below RTN's.
+// With the FFN Hadamard (W2 rotated, its input rotated online) the same holds.
+static void test_gptq_model(uint64_t *rng, int had) {
+    enum { windows = 5 };
+    Config cfg = test_config();
+    Model m, gptq, probe;
+    model_alloc(&m, &cfg, 2);   // 5 windows in batches of 2, 2 and 1
+    model_alloc(&gptq, &cfg, 2);
+    model_alloc(&probe, &cfg, windows);
+    model_init(&m, 11);
+    for (size_t i = 0; i < m.n_params; i++) m.params[i] += 0.05f * rng_normal(rng);
+    if (had) rotate_ffn_down(&m);
+    gptq.ffn_hadamard = probe.ffn_hadamard = had;
+    int calib[windows * 8];
+    for (int i = 0; i < windows * cfg.seq_len; i++) calib[i] = (int)(rng_next(rng) % 300);
+    memcpy(gptq.params, m.params, sizeof(float) * m.n_params);
+    gptq_quantize_model(&gptq, calib, windows, 4, true);
+    memcpy(probe.params, m.params, sizeof(float) * m.n_params);
+    quantize_weights(&probe, 4, true);
+    float *rtn = memcpy(xmalloc(sizeof(float) * m.n_params), probe.params, sizeof(float) * m.n_params);
+    const int matrices[7] = {PARAM_ATTN_Q, PARAM_ATTN_K, PARAM_ATTN_V, PARAM_ATTN_OUT, PARAM_FFN_GATE,
+                             PARAM_FFN_UP, PARAM_FFN_DOWN};
+    int N = windows * cfg.seq_len, same = 0, weights = 0;
+    double e_gptq = 0.0, e_rtn = 0.0;
+    double *h = xmalloc(sizeof(double) * (size_t)cfg.ffn_dim * cfg.ffn_dim);
+    float *alone = xmalloc(sizeof(float) * (size_t)cfg.ffn_dim * cfg.ffn_dim);
+    for (int l = 0; l < cfg.n_layers; l++) {
+        memcpy(probe.params, m.params, sizeof(float) * m.n_params);   // layers < l as GPTQ left them
+        for (int j = 0; j < 7; j++)
+            for (int below = 0; below < l; below++)
+                memcpy(param_at(&probe, probe.params, matrices[j], below),
+                       param_at(&gptq, gptq.params, matrices[j], below),
+                       sizeof(float) * (size_t)probe.shape[matrices[j]].rows * probe.shape[matrices[j]].cols);
+        model_forward(&probe, calib, NULL, windows, cfg.seq_len);
+        size_t Nd = (size_t)N * cfg.dim, Nf = (size_t)N * cfg.ffn_dim;
+        const float *inputs[7] = { probe.act.attn_norm + l * Nd, probe.act.attn_norm + l * Nd,
+                                   probe.act.attn_norm + l * Nd, probe.act.attn_out + l * Nd,
+                                   probe.act.ffn_norm + l * Nd,  probe.act.ffn_norm + l * Nd,
+                                   probe.act.ffn_hidden + l * Nf };
+        for (int j = 0; j < 7; j++) {
+            int t = matrices[j], rows = m.shape[t].rows, cols = m.shape[t].cols;
+            const float *w = param_at(&m, m.params, t, l), *x = inputs[j],
+                        *wg = param_at(&gptq, gptq.params, t, l);
+            for (int a = 0; a < cols; a++)
+                for (int b = 0; b < cols; b++) {
+                    double v = 0.0;
+                    for (int n = 0; n < N; n++) v += 2.0 * x[n * cols + a] * x[n * cols + b];
+                    h[a * cols + b] = v;
+                }
+            memcpy(alone, w, sizeof(float) * (size_t)rows * cols);
+            gptq_quantize(alone, rows, cols, h, 4, true);
+            for (int i = 0; i < rows * cols; i++) same += alone[i] == wg[i];
+            weights += rows * cols;
+            e_gptq += output_error(w, wg, x, rows, cols, N);
+            e_rtn += output_error(w, param_at(&m, rtn, t, l), x, rows, cols, N);
+        }
+    }
+    report(same >= 0.998 * weights && e_gptq < e_rtn,
+           had ? "GPTQ of a model, with the FFN Hadamard" : "GPTQ of a model, layer by layer",
+           "%d of %d weights as each matrix alone (%d layers, calibration in 3 batches); "
+           "output error GPTQ / RTN %.2f", same, weights, cfg.n_layers, e_gptq / e_rtn);
+    free(rtn); free(h); free(alone);
+    model_free(&m); model_free(&gptq); model_free(&probe);
 }
 
 // The clip search picks the p in {1, 0.99, ..., 0.21} that a brute-force scan computed here,
@@ -1234,7 +1304,7 @@ static void test_kurtosis_each_token_alone(uint64_t *rng) {
     for (size_t i = 0; i < val.n; i++) val.tokens[i] = (uint16_t)(rng_next(rng) % 300);
     EvalOptions o = {.wbits = QUANT_OFF, .abits = QUANT_OFF, .kvbits = QUANT_OFF, .clip_search = true};
     EvalResult r;
-    evaluate_model(&r, &m, &val, &o);
+    evaluate_model(&r, &m, &val, NULL, &o);
     KurtosisReport want;
     kurtosis_init(&want, cfg.n_layers, cfg.dim, STATES_PAPER);
     for (size_t t = 0; t + 1 < val.n; t++) {
@@ -1266,9 +1336,11 @@ static void test_sixteen_bits_exact(uint64_t *rng) {
     TokenData val = {.vocab_size = 300, .n = 4 * 8 + 1};
     val.tokens = xmalloc(sizeof(uint16_t) * val.n);
     for (size_t i = 0; i < val.n; i++) val.tokens[i] = (uint16_t)(rng_next(rng) % 300);
-    EvalOptions o = {.wbits = QUANT_OFF, .abits = QUANT_OFF, .kvbits = QUANT_OFF, .clip_search = true};
+    // GPTQ rows too, calibrated on the same tokens
+    EvalOptions o = {.wbits = QUANT_OFF, .abits = QUANT_OFF, .kvbits = QUANT_OFF, .clip_search = true,
+                     .gptq = true, .calib_windows = 3, .calib_seed = 1};
     EvalResult r;
-    evaluate_model(&r, &m, &val, &o);
+    evaluate_model(&r, &m, &val, &val, &o);
     bool exact = true;
     double had = 0.0;
     for (int i = 0; i < N_QUANT_ROWS; i++) {
@@ -1277,10 +1349,13 @@ static void test_sixteen_bits_exact(uint64_t *rng) {
     }
     o.wbits = o.abits = o.kvbits = 4;
     EvalResult r4;
-    evaluate_model(&r4, &m, &val, &o);
-    bool four_differs = r4.quant_loss[3][0] != r4.fp_loss && r4.fp_loss == r.fp_loss;
-    report(exact && had < 1e-5 && four_differs, "16-bit settings reproduce full precision", "loss %.6f: %s..%s rows, no Had. %s, Had. within %.1e; 4-bit W4A4KV4 %.6f",
-           r.fp_loss, quant_row_names[0], quant_row_names[N_QUANT_ROWS - 1], exact ? "identical" : "DIFFERENT", had, r4.quant_loss[3][0]);
+    evaluate_model(&r4, &m, &val, &val, &o);
+    bool four_differs = r4.fp_loss == r.fp_loss;
+    for (int i = 0; i < N_QUANT_ROWS; i++) four_differs = four_differs && r4.quant_loss[i][0] != r4.fp_loss;
+    report(exact && had < 1e-5 && four_differs, "16-bit settings reproduce full precision",
+           "loss %.6f: all %d rows (RTN, GPTQ), no Had. %s, Had. within %.1e; 4-bit rows differ, W4A4KV4 "
+           "%.6f",
+           r.fp_loss, N_QUANT_ROWS, exact ? "identical" : "DIFFERENT", had, r4.quant_loss[QROW_WAKV][0]);
     eval_result_free(&r); eval_result_free(&r4);
     free(val.tokens);
     model_free(&m);
@@ -2222,6 +2297,8 @@ int main(int argc, char **argv) {
     test_clip_search(&rng);
     test_cholesky_inverse(&rng);
     test_gptq(&rng);
+    test_gptq_model(&rng, 0);
+    test_gptq_model(&rng, 1);
     test_hadamard(&rng);
     test_rotations(&rng);
     test_kurtosis_report(&rng);
