@@ -2409,7 +2409,8 @@ enum { STATES_ALL, STATES_PAPER };
 typedef struct {
     int n_states, dim, which;   // which: STATES_ALL or STATES_PAPER, for the means
     double *kurtosis;           // [n_states] sums over tokens, means after kurtosis_finish
-    double *max_abs;            // [n_states]
+    double *max_abs;            // [n_states] largest |x|, after kurtosis_finish
+    double *channel_max;        // [n_states][dim] largest |x| per channel
     double *energy;             // [n_states][dim] sum over tokens of x² per channel
     double *top_channel;        // [n_states] largest channel's share of energy, after kurtosis_finish
     double mean, top_channel_mean;   // means over the states counted by `which`
@@ -2422,6 +2423,7 @@ static void kurtosis_init(KurtosisReport *r, int n_layers, int dim, int which) {
     r->which = which;
     r->kurtosis = xcalloc((size_t)r->n_states, sizeof(double));
     r->max_abs = xcalloc((size_t)r->n_states, sizeof(double));
+    r->channel_max = xcalloc((size_t)r->n_states * dim, sizeof(double));
     r->energy = xcalloc((size_t)r->n_states * dim, sizeof(double));
     r->top_channel = xcalloc((size_t)r->n_states, sizeof(double));
     r->mean = r->top_channel_mean = 0.0;
@@ -2429,7 +2431,7 @@ static void kurtosis_init(KurtosisReport *r, int n_layers, int dim, int which) {
 }
 
 static void kurtosis_free(KurtosisReport *r) {
-    free(r->kurtosis); free(r->max_abs); free(r->energy); free(r->top_channel);
+    free(r->kurtosis); free(r->max_abs); free(r->channel_max); free(r->energy); free(r->top_channel);
 }
 
 // Adds the hidden states of the model's last forward pass to the sums.
@@ -2438,17 +2440,17 @@ static void kurtosis_accumulate(KurtosisReport *r, const Model *m) {
     size_t Nd = (size_t)N * d;
     for (int s = 0; s < r->n_states; s++) {
         const float *h = s < r->n_states - 1 ? m->act.x + s * Nd : m->act.final_norm;
-        double sum = 0.0, mx = r->max_abs[s], *energy = r->energy + (size_t)s * d;
-#pragma omp parallel for reduction(+ : sum) reduction(max : mx) schedule(static)
-        for (int n = 0; n < N; n++) {
-            sum += kurtosis_excess(h + (size_t)n * d, d);
-            for (int i = 0; i < d; i++) mx = fmax(mx, fabs(h[(size_t)n * d + i]));
-        }
+        double sum = 0.0, *energy = r->energy + (size_t)s * d, *channel_max = r->channel_max + (size_t)s * d;
+#pragma omp parallel for reduction(+ : sum) schedule(static)
+        for (int n = 0; n < N; n++) sum += kurtosis_excess(h + (size_t)n * d, d);
 #pragma omp parallel for schedule(static)
         for (int i = 0; i < d; i++)
-            for (int n = 0; n < N; n++) energy[i] += (double)h[(size_t)n * d + i] * h[(size_t)n * d + i];
+            for (int n = 0; n < N; n++) {
+                double x = h[(size_t)n * d + i];
+                energy[i] += x * x;
+                channel_max[i] = fmax(channel_max[i], fabs(x));
+            }
         r->kurtosis[s] += sum;
-        r->max_abs[s] = mx;
     }
     r->tokens += N;
 }
@@ -2464,7 +2466,12 @@ static void kurtosis_finish(KurtosisReport *r) {
     for (int s = 0; s < r->n_states; s++) {
         const double *energy = r->energy + (size_t)s * r->dim;
         double total = 0.0, top = 0.0;
-        for (int i = 0; i < r->dim; i++) { total += energy[i]; top = fmax(top, energy[i]); }
+        r->max_abs[s] = 0.0;
+        for (int i = 0; i < r->dim; i++) {
+            total += energy[i];
+            top = fmax(top, energy[i]);
+            r->max_abs[s] = fmax(r->max_abs[s], r->channel_max[(size_t)s * r->dim + i]);
+        }
         r->kurtosis[s] /= (double)(r->tokens ? r->tokens : 1);
         r->top_channel[s] = total > 0.0 ? top / total : 0.0;
         if (!kurtosis_counts(r, s)) continue;
@@ -3225,7 +3232,8 @@ static bool ablation_load_results(const char *path, AblationRun *runs, int n_run
 }
 
 /* ============================================================================
- * Plots: a line chart as SVG (kurtosis over training, the analogue of the paper's Figure 3)
+ * Plots as SVG: a line chart (kurtosis over training, the analogue of the paper's Figure 3) and
+ * the largest activation per channel (the analogue of its Figure 1)
  * ========================================================================== */
 
 typedef struct { const char *label; int n; const double *x, *y; } PlotLine;
@@ -3299,6 +3307,137 @@ static bool write_svg_plot(const char *path, const char *title, const char *x_la
         fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-width=\"3\"/>\n", lx + 14, ly, lx + 40, ly, color);
         fprintf(f, "<text x=\"%.1f\" y=\"%.1f\">%s</text>\n", lx + 48, ly + 4, lines[l].label);
     }
+    fprintf(f, "</svg>\n");
+    return atomic_close(&af);
+}
+
+// One panel of the activation picture: a model's largest |activation| per channel of each
+// hidden state, channel_max [n_states][dim] (a KurtosisReport's).
+typedef struct { const char *label; int n_states, dim; const double *channel_max; } ChannelPanel;
+
+// Colour of a heat-strip cell at t in [0, 1]: light yellow through orange to dark red.
+static void heat_color(char *buf, size_t size, double t) {
+    static const int stops[5][3] = {
+        { 255, 255, 204 }, { 254, 217, 118 }, { 253, 141, 60 }, { 227, 26, 28 }, { 128, 0, 38 }
+    };
+    double u = fmin(fmax(t, 0.0), 1.0) * 4.0;
+    int k = u >= 4.0 ? 3 : (int)u;
+    double w = u - k;
+    int rgb[3];
+    for (int i = 0; i < 3; i++) rgb[i] = (int)lround(stops[k][i] + w * (stops[k + 1][i] - stops[k][i]));
+    snprintf(buf, size, "#%02x%02x%02x", rgb[0], rgb[1], rgb[2]);
+}
+
+// The paper's Figure 1 in two dimensions, as SVG: a panel per model, side by side on one
+// scale. Top: a bar per channel, its largest |activation| at hidden state `state` (linear,
+// or log over whole decades). Below: a strip per hidden state, each cell coloured by the
+// channel's largest |activation| on a log scale shared by all strips (the legend at right).
+// The bar chart of panel i has its frame at x = CH_LEFT + i·CH_PANEL_W, y = CH_TOP.
+enum { CH_LEFT = 80, CH_PANEL_W = 470, CH_FRAME_W = 380, CH_TOP = 78, CH_FRAME_H = 240, CH_STRIP_H = 14 };
+static bool write_svg_channels(const char *path, const char *title, const ChannelPanel *panels, int n,
+                               int state, bool log_scale) {
+    double hi = 0.0, lo = INFINITY;   // over every panel and state: the strips' range
+    double bar_hi = 0.0, bar_lo = INFINITY;   // over the bars of every panel
+    int max_states = 0;
+    for (int p = 0; p < n; p++) {
+        max_states = panels[p].n_states > max_states ? panels[p].n_states : max_states;
+        for (size_t i = 0; i < (size_t)panels[p].n_states * panels[p].dim; i++) {
+            double v = panels[p].channel_max[i];
+            bool bar = i / (size_t)panels[p].dim == (size_t)state;
+            hi = fmax(hi, v);
+            bar_hi = bar ? fmax(bar_hi, v) : bar_hi;
+            if (v > 0.0) lo = fmin(lo, v);
+            if (v > 0.0 && bar) bar_lo = fmin(bar_lo, v);
+        }
+    }
+    if (!(hi > 0.0)) hi = lo = 1.0;
+    if (!(bar_hi > 0.0)) bar_hi = bar_lo = 1.0;
+    int dec_lo = (int)floor(log10(lo)), dec_hi = (int)ceil(log10(hi));
+    if (dec_hi == dec_lo) dec_hi++;
+    double step = nice_step(bar_hi, 5);
+    double y_min = log_scale ? floor(log10(bar_lo)) : 0.0;
+    double y_max = log_scale ? fmax(ceil(log10(bar_hi)), y_min + 1.0) : ceil(bar_hi / step) * step;
+    double strips_top = CH_TOP + CH_FRAME_H + 62, W = CH_LEFT + n * CH_PANEL_W + 90;
+    double H = strips_top + max_states * CH_STRIP_H + 50;
+    AtomicFile af;
+    if (!atomic_open(&af, path)) return false;
+    FILE *f = af.f;
+    fprintf(f,
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" viewBox=\"0 0 %.0f "
+            "%.0f\" "
+            "font-family=\"sans-serif\" font-size=\"13\">\n",
+            W, H, W, H);
+    fprintf(f, "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n");
+    fprintf(f, "<text x=\"%.1f\" y=\"26\" text-anchor=\"middle\" font-size=\"16\">%s</text>\n", W / 2, title);
+    char label[64], color[16];
+    for (int p = 0; p < n; p++) {
+        const ChannelPanel *c = &panels[p];
+        double left = CH_LEFT + p * CH_PANEL_W, bar_w = (double)CH_FRAME_W / c->dim;
+        fprintf(f, "<text x=\"%.1f\" y=\"%d\" text-anchor=\"middle\" font-size=\"14\">%s, %s</text>\n",
+                left + CH_FRAME_W / 2.0, CH_TOP - 12, c->label,
+                state_label(state, c->n_states, label, sizeof label));
+        // y axis: gridlines and labels (each decade on a log scale)
+        for (double y = y_min; y <= y_max + 1e-9; y += log_scale ? 1.0 : step) {
+            double py = CH_TOP + CH_FRAME_H * (1.0 - (y - y_min) / (y_max - y_min));
+            fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/>\n", left, py,
+                    left + CH_FRAME_W, py);
+            fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">%g</text>\n", left - 6, py + 4,
+                    log_scale ? pow(10.0, y) : y);
+        }
+        for (int i = 0; i < c->dim; i++) {
+            double v = c->channel_max[(size_t)state * c->dim + i];
+            double y = log_scale ? log10(fmax(v, pow(10.0, y_min))) : v;
+            double h = CH_FRAME_H * (y - y_min) / (y_max - y_min);
+            fprintf(f,
+                    "<rect class=\"bar\" x=\"%.2f\" y=\"%.2f\" width=\"%.2f\" height=\"%.2f\" "
+                    "fill=\"#1f77b4\"/>\n",
+                    left + i * bar_w, CH_TOP + CH_FRAME_H - h, bar_w, h);
+        }
+        fprintf(f, "<rect x=\"%.1f\" y=\"%d\" width=\"%d\" height=\"%d\" fill=\"none\" stroke=\"black\"/>\n",
+                left, CH_TOP, CH_FRAME_W, CH_FRAME_H);
+        for (int i = 0; i < c->dim; i += nice_step(c->dim, 4) > 1 ? (int)nice_step(c->dim, 4) : 1)
+            fprintf(f, "<text x=\"%.1f\" y=\"%d\" text-anchor=\"middle\" font-size=\"11\">%d</text>\n",
+                    left + (i + 0.5) * bar_w, CH_TOP + CH_FRAME_H + 14, i);
+        fprintf(f, "<text x=\"%.1f\" y=\"%d\" text-anchor=\"middle\">channel</text>\n",
+                left + CH_FRAME_W / 2.0, CH_TOP + CH_FRAME_H + 30);
+        // strips: one row per hidden state, named at the left; the plotted state marked
+        for (int s = 0; s < c->n_states; s++) {
+            double y = strips_top + s * CH_STRIP_H;
+            for (int i = 0; i < c->dim; i++) {
+                double v = c->channel_max[(size_t)s * c->dim + i];
+                heat_color(color, sizeof color, v > 0.0 ? (log10(v) - dec_lo) / (dec_hi - dec_lo) : 0.0);
+                fprintf(f,
+                        "<rect class=\"cell\" x=\"%.2f\" y=\"%.1f\" width=\"%.2f\" height=\"%d\" "
+                        "fill=\"%s\"/>\n",
+                        left + i * bar_w, y, bar_w, CH_STRIP_H, color);
+            }
+            fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\" font-size=\"11\"%s>%s</text>\n",
+                    left - 6, y + CH_STRIP_H - 3, s == state ? " font-weight=\"bold\"" : "",
+                    state_label(s, c->n_states, label, sizeof label));
+        }
+        fprintf(f,
+                "<rect x=\"%.1f\" y=\"%.1f\" width=\"%d\" height=\"%d\" fill=\"none\" stroke=\"black\"/>\n",
+                left, strips_top, CH_FRAME_W, c->n_states * CH_STRIP_H);
+    }
+    fprintf(f,
+            "<text transform=\"translate(20 %.1f) rotate(-90)\" text-anchor=\"middle\">largest "
+            "|activation|%s</text>\n",
+            CH_TOP + CH_FRAME_H / 2.0, log_scale ? " (log scale)" : "");
+    fprintf(f,
+            "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">largest |activation| per channel at every "
+            "hidden "
+            "state (colour, log scale)</text>\n",
+            W / 2, strips_top - 10);
+    // the strips' legend: a colour bar over the decades, at the right
+    double lx = CH_LEFT + n * CH_PANEL_W - 30, lh = max_states * CH_STRIP_H;
+    for (int k = 0; k < 20; k++) {
+        heat_color(color, sizeof color, (k + 0.5) / 20.0);
+        fprintf(f, "<rect x=\"%.1f\" y=\"%.1f\" width=\"14\" height=\"%.2f\" fill=\"%s\"/>\n", lx,
+                strips_top + lh * (1.0 - (k + 1) / 20.0), lh / 20.0, color);
+    }
+    for (int d = dec_lo; d <= dec_hi; d++)
+        fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" font-size=\"11\">%g</text>\n", lx + 18,
+                strips_top + lh * (1.0 - (double)(d - dec_lo) / (dec_hi - dec_lo)) + 4, pow(10.0, d));
     fprintf(f, "</svg>\n");
     return atomic_close(&af);
 }
@@ -4054,6 +4193,84 @@ static void preset_flops(const TrainState *proto, int p, double *model_flops, do
     model_free(&shape);
 }
 
+// ---------------------------------------------------------------- osp plot-activations
+static const char *plot_help =
+    "usage: ./osp plot-activations CKPT [CKPT...] [flags]\n"
+    "Draws, for each checkpoint side by side on one scale, the largest |activation| of each\n"
+    "channel of the residual stream over the validation tokens (in context): bars at one hidden\n"
+    "state, and a colour strip for every hidden state (after the embedding, each block, the\n"
+    "final norm). Outlier channels stand out as tall bars and dark columns.\n"
+    "  --out FILE          the SVG to write (default activations.svg)\n"
+    "  --state N           hidden state of the bars: 0 = embedding, 1..L = blocks, L+1 = final\n"
+    "                      norm (default: where the first checkpoint's kurtosis is largest)\n"
+    "  --log               bars on a log scale\n"
+    "  --val FILE          validation tokens (default data/val.bin)\n"
+    "  --val-windows N     windows of seq-len tokens, 0 = the whole split (default 0)\n"
+    "  --threads N         OpenMP threads, 0 = all cores (default 0)\n";
+
+// Writes the activation picture of checkpoints ckpts[n] to out (state -1: the hidden state
+// where the first checkpoint's in-context kurtosis is largest).
+static void plot_activations(const char *const *ckpts, int n, const EvalArgs *e, const TokenData *val,
+                             int state, bool log_scale, const char *out) {
+    KurtosisReport *reports = xmalloc(sizeof(KurtosisReport) * (size_t)n);
+    ChannelPanel *panels = xmalloc(sizeof(ChannelPanel) * (size_t)n);
+    char (*labels)[96] = xmalloc(sizeof *labels * (size_t)n);
+    long tokens = 0;
+    for (int i = 0; i < n; i++) {
+        TrainState s;
+        Model m, merged;
+        load_for_eval(ckpts[i], &s, &m, val, NULL, e);
+        if (state >= s.cfg.n_layers + 2)
+            die("--state %d: '%s' has hidden states 0..%d", state, ckpts[i], s.cfg.n_layers + 1);
+        model_merge(&merged, &m, m.max_batch);
+        kurtosis_init(&reports[i], s.cfg.n_layers, s.cfg.dim, STATES_ALL);
+        evaluate_loss(&merged, val, e->opt.max_windows, &reports[i]);
+        kurtosis_finish(&reports[i]);
+        tokens = reports[i].tokens;
+        if (state < 0)
+            for (int k = state = 0; k < reports[i].n_states; k++)
+                if (reports[i].kurtosis[k] > reports[i].kurtosis[state]) state = k;
+        const char *slash = strrchr(ckpts[i], '/');
+        snprintf(labels[i], sizeof labels[i], "%s (%s)", slash ? slash + 1 : ckpts[i], preset_name(s.preset));
+        panels[i] = (ChannelPanel){labels[i], reports[i].n_states, reports[i].dim, reports[i].channel_max};
+        model_free(&m); model_free(&merged);
+    }
+    char title[160];
+    snprintf(title, sizeof title,
+             "Largest |activation| per channel of the residual stream, %ld validation tokens", tokens);
+    if (!write_svg_channels(out, title, panels, n, state, log_scale)) die("%s", osp_error);
+    for (int i = 0; i < n; i++) kurtosis_free(&reports[i]);
+    free(reports); free(panels); free(labels);
+}
+
+static int cmd_plot_activations(int argc, char **argv) {
+    Args a = {argc, 0, argv, "plot-activations"};
+    EvalArgs e = eval_defaults();
+    const char **ckpts = xmalloc(sizeof(char *) * (size_t)(argc ? argc : 1)), *out = "activations.svg";
+    int n = 0, state = -1;
+    bool log_scale = false;
+    for (a.i = 0; a.i < argc; a.i++) {
+        const char *f = argv[a.i];
+        if (!strcmp(f, "--out")) out = flag_value(&a);
+        else if (!strcmp(f, "--state")) state = (int)parse_int(f, flag_value(&a), 0, 100000);
+        else if (!strcmp(f, "--log")) log_scale = true;
+        else if (!strcmp(f, "--val")) e.val_path = flag_value(&a);
+        else if (!strcmp(f, "--val-windows"))
+            e.opt.max_windows = (int)parse_int(f, flag_value(&a), 0, 100000000);
+        else if (!strcmp(f, "--threads")) e.threads = (int)parse_int(f, flag_value(&a), 0, 1024);
+        else if (f[0] == '-') unknown_flag(&a);
+        else ckpts[n++] = f;
+    }
+    if (n == 0) die("no checkpoint given (see ./osp plot-activations --help)");
+    set_num_threads(e.threads);
+    TokenData val;
+    if (!tokens_load(&val, e.val_path)) die("%s", osp_error);
+    plot_activations(ckpts, n, &e, &val, state, log_scale, out);
+    printf("wrote %s\n", out);
+    free(ckpts); free(val.tokens);
+    return 0;
+}
+
 // ---------------------------------------------------------------- osp ablation
 static const char *ablation_help =
     "usage: ./osp ablation [flags]\n"
@@ -4064,6 +4281,8 @@ static const char *ablation_help =
     "  results.csv     one row per run: tokens/s, optimizer state, kurtosis, fp and 4-bit ppl\n"
     "  kurtosis.csv    kurtosis over training of every run, in one file\n"
     "  kurtosis.svg    the paper's kurtosis over training, log scale, one line per preset (seed mean)\n"
+    "  activations.svg the largest |activation| per channel, adam and osp of the first seed, as\n"
+    "                  ./osp plot-activations draws it\n"
     "  table.txt       the printed table\n"
     "Run it again with the same flags after an interruption: finished runs are skipped and an\n"
     "unfinished one resumes from its last checkpoint (every --kurtosis-every steps).\n"
@@ -4484,6 +4703,17 @@ static int cmd_ablation(int argc, char **argv) {
         trainer_free(&tr);
     }
     ablation_write_curves(dir, runs, n_runs, &proto);
+    const AblationRun *ends[2] = { &runs[find_preset("adam")],
+                                   &runs[find_preset("osp")] }; // the first seed's
+    if (ends[0]->evaluated && ends[1]->evaluated) {
+        char ckpts[2][4200];
+        for (int k = 0; k < 2; k++) ablation_path(ckpts[k], sizeof ckpts[k], dir, ends[k], ".ckpt");
+        EvalArgs e = eval_defaults();
+        e.val_path = val_path;
+        e.opt.max_windows = eopt.max_windows;
+        snprintf(path, sizeof path, "%s/activations.svg", dir);
+        plot_activations((const char *[]){ckpts[0], ckpts[1]}, 2, &e, &val, -1, false, path);
+    }
     snprintf(path, sizeof path, "%s/table.txt", dir);
     AtomicFile af;
     if (!atomic_open(&af, path)) die("%s", osp_error);
@@ -4491,7 +4721,7 @@ static int cmd_ablation(int argc, char **argv) {
     if (!atomic_close(&af)) die("%s", osp_error);
     printf("\n");
     print_ablation_table(stdout, runs, n_runs, &proto, n_seeds);
-    printf("\nwrote %s/{results.csv, kurtosis.csv, kurtosis.svg, table.txt}\n", dir);
+    printf("\nwrote %s/{results.csv, kurtosis.csv, kurtosis.svg, activations.svg, table.txt}\n", dir);
     free(runs); free(steps_left); free(eval_left);
     free(train.tokens); free(val.tokens);
     tokenizer_free(&tok);
@@ -4742,6 +4972,7 @@ static const char *main_help =
     "  export      merge, then write GGUF (llama.cpp) and/or llama2.c (run.c) model files\n"
     "  eval        perplexity, excess kurtosis, and perplexity under 4-bit fake quantization\n"
     "  compare     eval several checkpoints, side by side\n"
+    "  plot-activations  the largest |activation| per channel of checkpoints, as SVG\n"
     "  ablation    the paper's ablation: six presets x seeds, kurtosis curves, 4-bit table\n"
     "  bench       speed: this machine's peak, ms/step, GFLOP/s, breakdown, Muon overhead\n";
 
@@ -4759,6 +4990,7 @@ int main(int argc, char **argv) {
         {"export", cmd_export, export_help},
         {"eval", cmd_eval, eval_help_head},
         {"compare", cmd_compare, compare_help_head},
+        {"plot-activations", cmd_plot_activations, plot_help},
         {"ablation", cmd_ablation, ablation_help},
         {"bench", cmd_bench, bench_help},
     };

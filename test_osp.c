@@ -1212,7 +1212,8 @@ static void test_rotations(uint64_t *rng) {
 }
 
 // The report over a forward pass: state 0 is the embedding output, the last the final norm;
-// each state's kurtosis is the mean over tokens and its max |act| the largest entry.
+// each state's kurtosis is the mean over tokens, its largest |act| per channel the largest
+// over tokens, and its max |act| the largest entry.
 static void test_kurtosis_report(uint64_t *rng) {
     Config cfg = test_config();
     Model m;
@@ -1225,19 +1226,26 @@ static void test_kurtosis_report(uint64_t *rng) {
     kurtosis_init(&r, cfg.n_layers, cfg.dim, STATES_ALL);
     kurtosis_accumulate(&r, &m);
     kurtosis_finish(&r);
-    double k0 = 0.0, kl = 0.0, max0 = 0.0;
+    double k0 = 0.0, kl = 0.0, max0 = 0.0, channel_max0[16] = {0};
     const float *embed = m.params + m.shape[PARAM_EMBED].offset;
     for (int n = 0; n < 16; n++) {
         k0 += kurtosis_excess(embed + (size_t)inputs[n] * cfg.dim, cfg.dim) / 16;
         kl += kurtosis_excess(m.act.final_norm + (size_t)n * cfg.dim, cfg.dim) / 16;
-        for (int i = 0; i < cfg.dim; i++) max0 = fmax(max0, fabs(embed[(size_t)inputs[n] * cfg.dim + i]));
+        for (int i = 0; i < cfg.dim; i++) {
+            max0 = fmax(max0, fabs(embed[(size_t)inputs[n] * cfg.dim + i]));
+            channel_max0[i] = fmax(channel_max0[i], fabs(embed[(size_t)inputs[n] * cfg.dim + i]));
+        }
     }
+    bool channels = true;
+    for (int i = 0; i < cfg.dim; i++) channels = channels && r.channel_max[i] == channel_max0[i];
     double mean = 0.0;
     for (int s = 0; s < r.n_states; s++) mean += r.kurtosis[s] / r.n_states;
-    bool ok = r.n_states == cfg.n_layers + 2 && fabs(r.kurtosis[0] - k0) < 1e-9 && fabs(r.kurtosis[r.n_states - 1] - kl) < 1e-9 &&
-              r.max_abs[0] == max0 && fabs(r.mean - mean) < 1e-12 && kurtosis_max_abs(&r) >= max0 && r.tokens == 16;
-    report(ok, "kurtosis report: states, means, max |act|", "%d states (L + 2), embedding %.4f = %.4f, final norm %.4f = %.4f, mean %.4f",
-           r.n_states, r.kurtosis[0], k0, r.kurtosis[r.n_states - 1], kl, r.mean);
+    bool ok = r.n_states == cfg.n_layers + 2 && fabs(r.kurtosis[0] - k0) < 1e-9 &&
+            fabs(r.kurtosis[r.n_states - 1] - kl) < 1e-9 && r.max_abs[0] == max0 &&
+            fabs(r.mean - mean) < 1e-12 && kurtosis_max_abs(&r) >= max0 && r.tokens == 16 && channels;
+    report(ok, "kurtosis report: states, means, max |act|",
+           "%d states (L + 2), embedding %.4f = %.4f, final norm %.4f = %.4f, mean %.4f; per channel %s",
+           r.n_states, r.kurtosis[0], k0, r.kurtosis[r.n_states - 1], kl, r.mean, channels ? "ok" : "WRONG");
     kurtosis_free(&r);
     model_free(&m);
 }
@@ -1359,6 +1367,68 @@ static void test_sixteen_bits_exact(uint64_t *rng) {
     eval_result_free(&r); eval_result_free(&r4);
     free(val.tokens);
     model_free(&m);
+}
+
+// The activation picture: a bar per channel at the chosen state and a cell per channel and
+// state, in each panel's frame, on one scale for all panels. Linear: the largest bar (100)
+// fills the frame and 50 fills half; log (decades 1..100): 10 is halfway. Cells: the largest
+// value darkest, the smallest lightest.
+static void test_svg_channels(void) {
+    enum { states = 3, dim = 8 };
+    const char *path = "test_channels.svg.tmp";
+    double a[states * dim], b[states * dim];
+    for (int i = 0; i < states * dim; i++) a[i] = b[i] = 1.0 + i % 3;
+    a[1 * dim + 5] = 100.0;   // an outlier channel at state 1 of the first panel
+    b[1 * dim + 2] = 50.0;
+    b[1 * dim + 3] = 10.0;
+    a[2 * dim + 7] = 1000.0;   // at another state: sets the strips' scale, not the bars'
+    ChannelPanel panels[2] = {{"a", states, dim, a}, {"b", states, dim, b}};
+    bool ok = true, inside = true, linear = false, half = false, log_half = false, dark = false,
+         light = false;
+    int bars = 0, cells = 0;
+    for (int log_scale = 0; log_scale < 2; log_scale++) {
+        ok = ok && write_svg_channels(path, "t", panels, 2, 1, log_scale);
+        size_t size = 0;
+        char *svg = ok ? (char *)read_file(path, &size) : NULL;
+        if (!svg) { ok = false; break; }
+        svg = realloc(svg, size + 1);
+        svg[size] = '\0';
+        ok = ok && !strncmp(svg, "<svg", 4) && strstr(svg, "</svg>\n") == svg + size - 7;
+        for (char *p = strstr(svg, "class=\""); p; p = strstr(p + 1, "class=\"")) {
+            bool bar = !strncmp(p, "class=\"bar\"", 11);
+            double x, y, w, h;
+            char *q = strstr(p, "x=\"");
+            x = strtod(q + 3, NULL);
+            y = strtod(strstr(q, "y=\"") + 3, NULL);
+            w = strtod(strstr(q, "width=\"") + 7, NULL);
+            h = strtod(strstr(q, "height=\"") + 8, NULL);
+            int panel = x >= CH_LEFT + CH_PANEL_W ? 1 : 0,
+                channel = (int)((x - CH_LEFT - panel * CH_PANEL_W) / w + 0.5);
+            double left = CH_LEFT + panel * CH_PANEL_W;
+            inside = inside && x >= left - 1e-6 && x + w <= left + CH_FRAME_W + 0.01;
+            if (bar) {
+                bars++;
+                inside = inside && y >= CH_TOP - 0.01 && y + h <= CH_TOP + CH_FRAME_H + 0.01;
+                if (!log_scale && panel == 0 && channel == 5) linear = fabs(h - CH_FRAME_H) < 0.01;
+                if (!log_scale && panel == 1 && channel == 2) half = fabs(h - CH_FRAME_H / 2.0) < 0.01;
+                if (log_scale && panel == 1 && channel == 3) log_half = fabs(h - CH_FRAME_H / 2.0) < 0.01;
+            } else {
+                cells++;
+                if (panel == 0 && channel == 7 && y > CH_TOP + CH_FRAME_H + 2 * CH_STRIP_H)
+                    dark = strstr(p, "fill=\"#800026\"") && strstr(p, "fill=\"#800026\"") < strstr(p, "/>");
+                if (panel == 0 && channel == 0 && y < CH_TOP + CH_FRAME_H + 62 + CH_STRIP_H)
+                    light = strstr(p, "fill=\"#ffffcc\"") && strstr(p, "fill=\"#ffffcc\"") < strstr(p, "/>");
+            }
+        }
+        free(svg);
+    }
+    report(ok && bars == 2 * 2 * dim && cells == 2 * 2 * states * dim && inside && linear && half &&
+                   log_half && dark && light,
+           "SVG activations: bars, strips, one scale",
+           "%d bars, %d cells %s; largest bar fills the frame %s, 50 half %s, log 10 half %s; colours %s",
+           bars, cells, inside ? "inside the frames" : "OUTSIDE", linear ? "yes" : "NO", half ? "yes" : "NO",
+           log_half ? "yes" : "NO", dark && light ? "dark..light" : "WRONG");
+    remove(path);
 }
 
 /* ----------------------------------------------------------------------------
@@ -2320,6 +2390,7 @@ int main(int argc, char **argv) {
     test_ablation_results_file();
     test_train_run_resume();
     test_svg_plot();
+    test_svg_channels();
     test_float_to_half(&rng);
     test_export(&rng);
     printf("(%.1f s)\n%d passed, %d failed\n", now_seconds() - t0, n_passed, n_failed);
