@@ -4174,9 +4174,11 @@ static int cmd_compare(int argc, char **argv) {
             printf("\n%-26s", cell);
             for (int i = 0; i < n; i++) printf(" %14.2f", exp(results[i].quant_loss[row][had]));
         }
-    printf("\n\n%ld validation windows of %d tokens each; weights %s; %s; evaluation took %.1f s\n", results[0].windows,
+    printf("\n\n%ld validation windows of %d tokens each; weights %s; %s", results[0].windows,
            states[0].cfg.seq_len, e.opt.clip_search ? "with clip search" : "without clip search",
-           e.opt.rotate ? "residual rotated" : "no residual rotation", total);
+           e.opt.rotate ? "residual rotated" : "no residual rotation");
+    if (e.opt.gptq) printf("; GPTQ calibrated on %d training windows", e.opt.calib_windows);
+    printf("; evaluation took %.1f s\n", total);
     for (int i = 0; i < n; i++) eval_result_free(&results[i]);
     free(states); free(results); free(state_bytes); free(ckpts); free(val.tokens); free(train.tokens);
     return 0;
@@ -4549,8 +4551,11 @@ static void ablation_write_curves(const char *dir, const AblationRun *runs, int 
         if (n > 0) lines[n_lines++] = (PlotLine){presets[p].name, n, x, y};
     }
     snprintf(path, sizeof path, "%s/kurtosis.svg", dir);
-    if (!write_svg_plot(path, "Excess kurtosis of the residual stream during training (each token alone)",
-                        "training tokens (millions)", "excess kurtosis (log scale)", lines, n_lines, 1e-3))
+    char title[160];
+    snprintf(title, sizeof title, "Excess kurtosis of the residual stream during training (each token alone, "
+             "mean of %d seed%s)", n_runs / N_PRESETS, n_runs / N_PRESETS == 1 ? "" : "s");
+    if (!write_svg_plot(path, title, "training tokens (millions)", "excess kurtosis (log scale)", lines, n_lines,
+                        1e-3))
         die("%s", osp_error);
     free(xy);
     for (int i = 0; i < n_runs; i++) kurtosis_log_free(&logs[i]);
