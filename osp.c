@@ -4554,8 +4554,8 @@ static void ablation_write_curves(const char *dir, const AblationRun *runs, int 
     char title[160];
     snprintf(title, sizeof title, "Excess kurtosis of the residual stream during training (each token alone, "
              "mean of %d seed%s)", n_runs / N_PRESETS, n_runs / N_PRESETS == 1 ? "" : "s");
-    if (!write_svg_plot(path, title, "training tokens (millions)", "excess kurtosis (log scale)", lines, n_lines,
-                        1e-3))
+    if (!write_svg_plot(path, title, "training tokens (millions)", "excess kurtosis (log scale)", lines,
+                        n_lines, 1e-3))
         die("%s", osp_error);
     free(xy);
     for (int i = 0; i < n_runs; i++) kurtosis_log_free(&logs[i]);
