@@ -3630,7 +3630,7 @@ static const char *train_help =
     "  --lr-muon F      peak lr of Muon-updated tensors (default 1e-2)\n"
     "  --muon-momentum F  Muon's Nesterov momentum (default 0.95)\n"
     "  --ns-steps N     Muon's Newton-Schulz iterations (default 5)\n"
-    "  --warmup N       linear warmup steps (default 50)\n"
+    "  --warmup N       linear warmup steps (default 50, or steps / 10 if that is fewer)\n"
     "  --wd F           decoupled weight decay (default 0.01)\n"
     "  --grad-clip F    global gradient-norm clip, 0 = off (default 1.0)\n"
     "  --seed N         initialization and batch-sampling seed (default 1337)\n"
@@ -3649,12 +3649,15 @@ static const char *train_help =
     "  --log-every N    print every N steps (default 10)\n"
     "  --threads N      OpenMP threads, 0 = all cores (default 0)\n";
 
-// The defaults of ./osp train (and of each run of ./osp ablation).
+// The default warmup: 50 steps, or a tenth of a shorter run.
+static int default_warmup(int steps) { return steps / 10 < 50 ? steps / 10 : 50; }
+
+// The defaults of ./osp train (and of each run of ./osp ablation); warmup -1 = default_warmup.
 static TrainState default_train_state(void) {
     return (TrainState){
         .cfg = {.dim = 128, .n_layers = 4, .n_heads = 4, .n_kv_heads = 4, .ffn_dim = 512, .seq_len = 128},
         .opt = {.optimizer = OPTIMIZER_ADAM, .lr_adam = 3e-3f, .lr_muon = 1e-2f, .weight_decay = 0.01f, .beta1 = 0.9f,
-                .beta2 = 0.95f, .eps = 1e-8f, .muon_momentum = 0.95f, .ns_steps = 5, .grad_clip = 1.0f, .warmup = 50, .steps = 500},
+                .beta2 = 0.95f, .eps = 1e-8f, .muon_momentum = 0.95f, .ns_steps = 5, .grad_clip = 1.0f, .warmup = -1, .steps = 500},
         .batch = 16, .seed = 1337,
     };
 }
@@ -3750,6 +3753,7 @@ static int cmd_train(int argc, char **argv) {
         s.cfg.vocab_size = tok.vocab_size;
         s.preset = preset_of(s.opt.optimizer, s.cfg.ssnorm, s.cfg.embproj);
         if (steps > 0) s.opt.steps = steps;
+        if (s.opt.warmup < 0) s.opt.warmup = default_warmup(s.opt.steps);
         check_run(&s, &train, &val, train_path, val_path);
         trainer_init(&tr, &s);
     } else if (tr.state.cfg.vocab_size != tok.vocab_size) {
@@ -4603,6 +4607,7 @@ static int cmd_ablation(int argc, char **argv) {
     TokenData train, val;
     load_training_data(&train, &val, train_path, val_path, &tok, tok_path);
     proto.cfg.vocab_size = tok.vocab_size;
+    if (proto.opt.warmup < 0) proto.opt.warmup = default_warmup(proto.opt.steps);
     check_run(&proto, &train, &val, train_path, val_path);
     make_directories(dir);
 
