@@ -1286,8 +1286,9 @@ static bool gptq_quantize(float *w, int rows, int cols, double *h, int bits, boo
 // Asymmetric RTN in place over each group of `group` consecutive values of x [n]:
 // xmax = max(max x, 0), xmin = min(min x, 0), s = (xmax - xmin) / (2^bits - 1),
 // z = round(-xmin / s), q = clamp(round(x/s) + z, 0, 2^bits - 1), x̂ = (q - z)·s.
-// Zero is always on the grid, so zeros stay exactly zero.
+// Zero is always on the grid, so zeros stay exactly zero. At QUANT_OFF bits, x is left as it is.
 static void quantize_asymmetric(float *x, size_t n, int group, int bits) {
+    if (bits >= QUANT_OFF) return;
     float levels = (float)((1 << bits) - 1);
     size_t groups = n / (size_t)group;
 #pragma omp parallel for schedule(static)
@@ -1337,6 +1338,15 @@ void hadamard_matrix(float *h, int n) {
 }
 
 static bool is_power_of_two(int n) { return n > 0 && (n & (n - 1)) == 0; }
+
+// The fake quantization of the activations inside the forward pass (the weights are quantized
+// offline, before it). QUANT_OFF bits = full precision.
+typedef struct {
+    int abits;           // inputs of every block matrix, per token (the Wo input per head)
+    int kvbits;          // K after RoPE and V, per (token, head); Q and K get a head_dim Hadamard first
+    bool ffn_hadamard;   // rotate the W2 input online, h -> H·h (W2 was rotated to W2·Hᵀ)
+} FakeQuant;
+static const FakeQuant NO_FAKE_QUANT = {QUANT_OFF, QUANT_OFF, false};
 
 /* ============================================================================
  * Model: configuration, parameters and activations (each one contiguous block)
@@ -1412,11 +1422,6 @@ typedef struct {
     float *rope_cos, *rope_sin;          // [seq_len, head_dim/2]
     int *inputs, *targets;               // [max_batch, seq_len]
     int B, T;                            // shape of the last forward pass
-    // Evaluation only: fake quantization inside the forward pass (weights are quantized
-    // offline by quantize_weights). 16 bits = off.
-    int abits;           // inputs of every block matrix, per token (the Wo input per head)
-    int kvbits;          // K after RoPE and V, per (token, head); Q and K get a head_dim Hadamard first
-    int ffn_hadamard;    // 1: rotate the W2 input online, h -> H·h (W2 was rotated to W2·Hᵀ)
 } Model;
 
 static int head_dim(const Config *c) { return c->dim / c->n_heads; }
@@ -1510,7 +1515,6 @@ static void model_alloc(Model *m, const Config *c, int max_batch) {
     rope_tables(m->rope_cos, m->rope_sin, c->seq_len, head_dim(c));
     m->inputs = xcalloc((size_t)max_batch * c->seq_len, sizeof(int));
     m->targets = xcalloc((size_t)max_batch * c->seq_len, sizeof(int));
-    m->abits = m->kvbits = QUANT_OFF;
 }
 
 static void model_free(Model *m) {
@@ -1560,7 +1564,8 @@ static void model_init(Model *m, uint64_t seed) {
 // Forward pass over inputs [B,T] (copied into m->inputs). With targets, returns the mean
 // cross-entropy loss; without, computes logits only and returns 0. Any B, T whose activations
 // fit the allocation may be used (T = 1 with B up to max_batch·seq_len, for example).
-static float model_forward(Model *m, const int *inputs, const int *targets, int B, int T) {
+// fq: the evaluation's fake quantization of the activations; NULL in training (none).
+static float model_forward(Model *m, const int *inputs, const int *targets, int B, int T, const FakeQuant *fq) {
     const Config *c = &m->cfg;
     int d = c->dim, f = c->ffn_dim, H = c->n_heads, KVH = c->n_kv_heads, hd = head_dim(c), kvd = kv_dim(c);
     int N = B * T;
@@ -1573,6 +1578,7 @@ static float model_forward(Model *m, const int *inputs, const int *targets, int 
     size_t Nd = (size_t)N * d, Nkv = (size_t)N * kvd, Nf = (size_t)N * f;
     float *P = m->params;
     int gs = c->ssnorm ? 0 : 1;   // gain step: scalar gains under SSNorm
+    if (!fq) fq = &NO_FAKE_QUANT;
 
     if (c->embproj) {
         embedding_forward(a->embed, m->inputs, param_at(m, P, PARAM_EMBED, 0), N, d);
@@ -1587,28 +1593,28 @@ static float model_forward(Model *m, const int *inputs, const int *targets, int 
         float *gate = a->ffn_gate + l * Nf, *up = a->ffn_up + l * Nf, *hid = a->ffn_hidden + l * Nf;
         float *fp = a->ffn_proj + l * Nd;
         rmsnorm_forward(xn, a->attn_rstd + (size_t)l * N, x, param_at(m, P, PARAM_ATTN_NORM, l), gs, N, d);
-        if (m->abits < QUANT_OFF) quantize_asymmetric(xn, Nd, d, m->abits);
+        quantize_asymmetric(xn, Nd, d, fq->abits);
         const float *wqkv[3] = {param_at(m, P, PARAM_ATTN_Q, l), param_at(m, P, PARAM_ATTN_K, l),
                                 param_at(m, P, PARAM_ATTN_V, l)};
         matmul_forward_n(3, (float *[]){q, k, v}, xn, wqkv, N, d, (int[]){d, kvd, kvd});
         rope_forward(q, k, m->rope_cos, m->rope_sin, B, T, H, KVH, hd);
-        if (m->kvbits < QUANT_OFF) {   // rotating both q and k by H leaves every q·k unchanged
+        if (fq->kvbits < QUANT_OFF) {   // rotating both q and k by H leaves every q·k unchanged
             hadamard_transform(q, (size_t)N * H, hd);
             hadamard_transform(k, (size_t)N * KVH, hd);
-            quantize_asymmetric(k, Nkv, hd, m->kvbits);
-            quantize_asymmetric(v, Nkv, hd, m->kvbits);
+            quantize_asymmetric(k, Nkv, hd, fq->kvbits);
+            quantize_asymmetric(v, Nkv, hd, fq->kvbits);
         }
         attention_forward(ao, a->att + (size_t)l * B * H * T * T, q, k, v, B, T, H, KVH, hd);
-        if (m->abits < QUANT_OFF) quantize_asymmetric(ao, Nd, hd, m->abits);
+        quantize_asymmetric(ao, Nd, hd, fq->abits);
         matmul_forward(ap, ao, param_at(m, P, PARAM_ATTN_OUT, l), N, d, d);
         residual_forward(xm, x, ap, Nd);
         rmsnorm_forward(fn, a->ffn_rstd + (size_t)l * N, xm, param_at(m, P, PARAM_FFN_NORM, l), gs, N, d);
-        if (m->abits < QUANT_OFF) quantize_asymmetric(fn, Nd, d, m->abits);
+        quantize_asymmetric(fn, Nd, d, fq->abits);
         const float *w13[2] = {param_at(m, P, PARAM_FFN_GATE, l), param_at(m, P, PARAM_FFN_UP, l)};
         matmul_forward_n(2, (float *[]){gate, up}, fn, w13, N, d, (int[]){f, f});
         swiglu_forward(hid, gate, up, Nf);
-        if (m->ffn_hadamard) hadamard_transform(hid, (size_t)N, f);
-        if (m->abits < QUANT_OFF) quantize_asymmetric(hid, Nf, f, m->abits);
+        if (fq->ffn_hadamard) hadamard_transform(hid, (size_t)N, f);
+        quantize_asymmetric(hid, Nf, f, fq->abits);
         matmul_forward(fp, hid, param_at(m, P, PARAM_FFN_DOWN, l), N, f, d);
         residual_forward(a->x + (l + 1) * Nd, xm, fp, Nd);
     }
@@ -2506,7 +2512,8 @@ static long validation_windows(const Model *m, const TokenData *val, int max_win
 // Mean loss over the validation tokens in non-overlapping windows of seq_len (up to
 // max_windows windows; 0 = all), evaluated max_batch windows at a time. With kurt, also adds
 // every window's hidden states to the kurtosis sums (full context).
-static float evaluate_loss(Model *m, const TokenData *val, int max_windows, KurtosisReport *kurt) {
+static float evaluate_loss(Model *m, const TokenData *val, int max_windows, const FakeQuant *fq,
+                           KurtosisReport *kurt) {
     int T = m->cfg.seq_len;
     long windows = validation_windows(m, val, max_windows);
     if (windows < 1) return NAN;
@@ -2521,7 +2528,7 @@ static float evaluate_loss(Model *m, const TokenData *val, int max_windows, Kurt
                 inputs[b * T + t] = val->tokens[pos];
                 targets[b * T + t] = val->tokens[pos + 1];
             }
-        total += (double)model_forward(m, inputs, targets, B, T) * B;
+        total += (double)model_forward(m, inputs, targets, B, T, fq) * B;
         if (kurt) kurtosis_accumulate(kurt, m);
     }
     free(inputs); free(targets);
@@ -2537,7 +2544,7 @@ static void kurtosis_without_context(Model *m, const TokenData *val, int max_win
     for (size_t start = 0; start < n; start += (size_t)chunk) {
         int B = (int)(n - start < (size_t)chunk ? n - start : (size_t)chunk);
         for (int b = 0; b < B; b++) inputs[b] = val->tokens[start + (size_t)b];
-        model_forward(m, inputs, NULL, B, 1);
+        model_forward(m, inputs, NULL, B, 1, NULL);
         kurtosis_accumulate(kurt, m);
     }
     free(inputs);
@@ -2550,7 +2557,7 @@ static float measure_hidden_states(Model *m, const TokenData *val, int windows, 
                                    KurtosisReport *context) {
     kurtosis_init(paper, m->cfg.n_layers, m->cfg.dim, STATES_PAPER);
     kurtosis_init(context, m->cfg.n_layers, m->cfg.dim, STATES_ALL);
-    float loss = evaluate_loss(m, val, windows, context);
+    float loss = evaluate_loss(m, val, windows, NULL, context);
     kurtosis_without_context(m, val, windows, paper);
     kurtosis_finish(paper);
     kurtosis_finish(context);
@@ -2656,7 +2663,11 @@ static void rotate_residual(Model *m, uint64_t seed) {
 enum { QROW_W, QROW_A, QROW_KV, QROW_WAKV, QROW_W_GPTQ, QROW_WAKV_GPTQ, N_QUANT_ROWS };
 
 // One fake-quantization setting: one row of the table, without or with the FFN Hadamard.
-typedef struct { int wbits, abits, kvbits, ffn_hadamard; bool gptq; } QuantSetting;
+typedef struct {
+    int wbits;       // weight bits
+    bool gptq;       // weights quantized by GPTQ instead of RTN
+    FakeQuant act;   // activations, KV cache, FFN Hadamard
+} QuantSetting;
 
 typedef struct {
     int wbits, abits, kvbits;   // the bits of the table's rows (16 = off)
@@ -2689,10 +2700,12 @@ static void hessian_accumulate(double *h, float *scratch, const float *x, int to
 
 // GPTQ of every block matrix of m in place, layer by layer as the release does: the inputs of
 // layer l's matrices are collected on the calibration windows `calib` [windows, T] with layers
-// 0..l-1 already quantized and everything else in full precision (m->ffn_hadamard as set by
-// the caller), then its seven matrices are quantized, each with the Hessian of its input:
-// Q, K, V share attn_norm's, gate and up share ffn_norm's.
-static void gptq_quantize_model(Model *m, const int *calib, int windows, int bits, bool clip_search) {
+// 0..l-1 already quantized and the activations in full precision (with the online FFN
+// Hadamard if ffn_hadamard: W2 is then already rotated), then its seven matrices are quantized,
+// each with the Hessian of its input: Q, K, V share attn_norm's, gate and up share ffn_norm's.
+static void gptq_quantize_model(Model *m, const int *calib, int windows, int bits, bool clip_search,
+                                bool ffn_hadamard) {
+    const FakeQuant calibration = {QUANT_OFF, QUANT_OFF, ffn_hadamard};
     const Config *c = &m->cfg;
     int T = c->seq_len, d = c->dim, f = c->ffn_dim;
     const struct { int width, matrices[3]; } inputs[4] = {
@@ -2706,7 +2719,7 @@ static void gptq_quantize_model(Model *m, const int *calib, int windows, int bit
             memset(h[i], 0, sizeof(double) * (size_t)inputs[i].width * inputs[i].width);
         for (int w0 = 0; w0 < windows; w0 += m->max_batch) {
             int B = windows - w0 < m->max_batch ? windows - w0 : m->max_batch, N = B * T;
-            model_forward(m, calib + (size_t)w0 * T, NULL, B, T);
+            model_forward(m, calib + (size_t)w0 * T, NULL, B, T, &calibration);
             const float *x[4] = {m->act.attn_norm + (size_t)l * N * d, m->act.attn_out + (size_t)l * N * d,
                                  m->act.ffn_norm + (size_t)l * N * d, m->act.ffn_hidden + (size_t)l * N * f};
             for (int i = 0; i < 4; i++) hessian_accumulate(h[i], scratch, x[i], N, inputs[i].width);
@@ -2733,23 +2746,17 @@ static void gptq_quantize_model(Model *m, const int *calib, int windows, int bit
 static float evaluate_quantized(Model *work, const Model *base, const QuantSetting *q, const EvalOptions *o,
                                 const TokenData *val, const int *calib, float **gptq_cache) {
     size_t bytes = sizeof(float) * base->n_params;
-    work->ffn_hadamard = q->ffn_hadamard;
     if (q->gptq && *gptq_cache) {
         memcpy(work->params, *gptq_cache, bytes);
     } else {
         memcpy(work->params, base->params, bytes);
-        if (q->ffn_hadamard) rotate_ffn_down(work);
+        if (q->act.ffn_hadamard) rotate_ffn_down(work);
         if (q->wbits < QUANT_OFF && q->gptq)
-            gptq_quantize_model(work, calib, o->calib_windows, q->wbits, o->clip_search);
+            gptq_quantize_model(work, calib, o->calib_windows, q->wbits, o->clip_search, q->act.ffn_hadamard);
         else if (q->wbits < QUANT_OFF) quantize_weights(work, q->wbits, o->clip_search);
         if (q->gptq) *gptq_cache = memcpy(xmalloc(bytes), work->params, bytes);
     }
-    work->abits = q->abits;
-    work->kvbits = q->kvbits;
-    float loss = evaluate_loss(work, val, o->max_windows, NULL);
-    work->abits = work->kvbits = QUANT_OFF;
-    work->ffn_hadamard = 0;
-    return loss;
+    return evaluate_loss(work, val, o->max_windows, &q->act, NULL);
 }
 
 // Full evaluation of a model (merged here if it has EmbProj or SSNorm): full-precision loss,
@@ -2774,18 +2781,18 @@ static void evaluate_model(EvalResult *r, const Model *m, const TokenData *val, 
         free(targets);
     }
     const QuantSetting rows[N_QUANT_ROWS] = {
-        [QROW_W] = {o->wbits, QUANT_OFF, QUANT_OFF, 0, false},
-        [QROW_A] = {QUANT_OFF, o->abits, QUANT_OFF, 0, false},
-        [QROW_KV] = {QUANT_OFF, QUANT_OFF, o->kvbits, 0, false},
-        [QROW_WAKV] = {o->wbits, o->abits, o->kvbits, 0, false},
-        [QROW_W_GPTQ] = {o->wbits, QUANT_OFF, QUANT_OFF, 0, true},
-        [QROW_WAKV_GPTQ] = {o->wbits, o->abits, o->kvbits, 0, true},
+        [QROW_W] = {o->wbits, false, {QUANT_OFF, QUANT_OFF}},
+        [QROW_A] = {QUANT_OFF, false, {o->abits, QUANT_OFF}},
+        [QROW_KV] = {QUANT_OFF, false, {QUANT_OFF, o->kvbits}},
+        [QROW_WAKV] = {o->wbits, false, {o->abits, o->kvbits}},
+        [QROW_W_GPTQ] = {o->wbits, true, {QUANT_OFF, QUANT_OFF}},
+        [QROW_WAKV_GPTQ] = {o->wbits, true, {o->abits, o->kvbits}},
     };
     for (int had = 0; had < 2; had++) {
         float *gptq_weights = NULL;
         for (int i = 0; i < N_QUANT_ROWS; i++) {
             QuantSetting q = rows[i];
-            q.ffn_hadamard = had;
+            q.act.ffn_hadamard = had;
             bool skip = (had && !is_power_of_two(base.cfg.ffn_dim)) || (q.gptq && !o->gptq);
             r->quant_loss[i][had] = skip ? NAN
                                          : evaluate_quantized(&work, &base, &q, o, val, calib, &gptq_weights);
@@ -2816,7 +2823,7 @@ static float train_step(Trainer *tr, float *grad_norm) {
     Model *m = &tr->model;
     int B = s->batch, T = s->cfg.seq_len;
     data_next_batch(tr->train, &s->rng, B, T, tr->inputs, tr->targets);
-    float loss = model_forward(m, tr->inputs, tr->targets, B, T);
+    float loss = model_forward(m, tr->inputs, tr->targets, B, T, NULL);
     if (!isfinite(loss)) return loss;
     model_backward(m);
     *grad_norm = clip_grad_norm(m->grads, m->n_params, s->opt.grad_clip);
@@ -3041,7 +3048,7 @@ static bool train_run(Trainer *tr, const RunOptions *ro, RunResult *res) {
         }
         if (ok && (last || (ro->eval_every > 0 && st->step % ro->eval_every == 0))) {
             double t0 = now_seconds();
-            val_loss = evaluate_loss(m, tr->val, ro->val_windows, NULL);
+            val_loss = evaluate_loss(m, tr->val, ro->val_windows, NULL, NULL);
             ok = checkpoint_save(ro->out, st, m, tr->opt_state);
             if (ok) fprintf(ro->log, "step %6d/%d | val loss %.4f | val ppl %.2f | saved %s (%.1f s)\n", st->step, st->opt.steps,
                             val_loss, exp(val_loss), ro->out, now_seconds() - t0);
@@ -3110,7 +3117,7 @@ static void generate(Model *m, const Tokenizer *tok, const char *prompt, int n_n
     char byte_buf[1];
     for (int i = 0; i < n_new; i++) {
         int T = n < m->cfg.seq_len ? n : m->cfg.seq_len;
-        model_forward(m, tokens + n - T, NULL, 1, T);
+        model_forward(m, tokens + n - T, NULL, 1, T, NULL);
         int next = sample_token(m->act.logits + (size_t)(T - 1) * m->cfg.vocab_size, m->cfg.vocab_size, temperature, top_p, &rng, scratch);
         tokens[n++] = next;
         int len;
@@ -4230,7 +4237,7 @@ static void plot_activations(const char *const *ckpts, int n, const EvalArgs *e,
             die("--state %d: '%s' has hidden states 0..%d", state, ckpts[i], s.cfg.n_layers + 1);
         model_merge(&merged, &m, m.max_batch);
         kurtosis_init(&reports[i], s.cfg.n_layers, s.cfg.dim, STATES_ALL);
-        evaluate_loss(&merged, val, e->opt.max_windows, &reports[i]);
+        evaluate_loss(&merged, val, e->opt.max_windows, NULL, &reports[i]);
         kurtosis_finish(&reports[i]);
         tokens = reports[i].tokens;
         if (state < 0)
@@ -4835,7 +4842,7 @@ static StepTiming time_training(const TrainState *proto, int preset, int steps, 
     for (int i = 0; i < steps; i++) {
         data_next_batch(tr.train, &tr.state.rng, s.batch, s.cfg.seq_len, tr.inputs, tr.targets);
         double f0 = now_seconds();
-        model_forward(&tr.model, tr.inputs, tr.targets, s.batch, s.cfg.seq_len);
+        model_forward(&tr.model, tr.inputs, tr.targets, s.batch, s.cfg.seq_len, NULL);
         model_backward(&tr.model);
         fb += now_seconds() - f0;
         clip_grad_norm(tr.model.grads, tr.model.n_params, s.opt.grad_clip);

@@ -427,7 +427,7 @@ static Config test_config(void) {
 typedef struct { Model *m; int *inputs, *targets; int B, T; } ModelCase;
 static double model_loss(void *p) {
     ModelCase *c = p;
-    return model_forward(c->m, c->inputs, c->targets, c->B, c->T);
+    return model_forward(c->m, c->inputs, c->targets, c->B, c->T, NULL);
 }
 
 // The gradient does not depend on the optimizer, so presets that differ only in it (adam,
@@ -445,7 +445,7 @@ static void test_grad_model(const Preset *preset, uint64_t *rng) {
             for (size_t j = 0; j < param_size(&m, i); j++) m.params[m.shape[i].offset + j] += 1.0f;
     ModelCase c = {&m, xmalloc(sizeof(int) * 16), xmalloc(sizeof(int) * 16), 2, 8};
     for (int i = 0; i < 16; i++) { c.inputs[i] = (int)(rng_next(rng) % GRAD_VOCAB); c.targets[i] = (int)(rng_next(rng) % GRAD_VOCAB); }
-    model_forward(&m, c.inputs, c.targets, c.B, c.T);
+    model_forward(&m, c.inputs, c.targets, c.B, c.T, NULL);
     model_backward(&m);
     float *grads = xmalloc(sizeof(float) * m.n_params);
     memcpy(grads, m.grads, sizeof(float) * m.n_params);
@@ -845,10 +845,10 @@ static void test_merge_invariance(uint64_t *rng) {
     for (int i = 0; i < 16; i++) inputs[i] = (int)(rng_next(rng) % 300);
     size_t nl = 16 * 300;
     float *before = xmalloc(sizeof(float) * nl);
-    model_forward(&m, inputs, NULL, 2, 8);
+    model_forward(&m, inputs, NULL, 2, 8, NULL);
     memcpy(before, m.act.logits, sizeof(float) * nl);
     model_merge(&merged, &m, 2);
-    model_forward(&merged, inputs, NULL, 2, 8);
+    model_forward(&merged, inputs, NULL, 2, 8, NULL);
     double max_logit = 0.0, max_diff = 0.0, max_diff_loaded = 0.0;
     for (size_t i = 0; i < nl; i++) {
         max_logit = fmax(max_logit, fabs(before[i]));
@@ -859,7 +859,7 @@ static void test_merge_invariance(uint64_t *rng) {
     TrainState back;
     bool io = checkpoint_save(path, &s, &merged, NULL) && checkpoint_load(path, &back, &loaded, 2, NULL);
     if (io) {
-        model_forward(&loaded, inputs, NULL, 2, 8);
+        model_forward(&loaded, inputs, NULL, 2, 8, NULL);
         for (size_t i = 0; i < nl; i++) max_diff_loaded = fmax(max_diff_loaded, fabs(before[i] - loaded.act.logits[i]));
         model_free(&loaded);
     }
@@ -1060,11 +1060,11 @@ static void test_gptq_model(uint64_t *rng, int had) {
     model_init(&m, 11);
     for (size_t i = 0; i < m.n_params; i++) m.params[i] += 0.05f * rng_normal(rng);
     if (had) rotate_ffn_down(&m);
-    gptq.ffn_hadamard = probe.ffn_hadamard = had;
+    const FakeQuant online = {QUANT_OFF, QUANT_OFF, had};
     int calib[windows * 8];
     for (int i = 0; i < windows * cfg.seq_len; i++) calib[i] = (int)(rng_next(rng) % 300);
     memcpy(gptq.params, m.params, sizeof(float) * m.n_params);
-    gptq_quantize_model(&gptq, calib, windows, 4, true);
+    gptq_quantize_model(&gptq, calib, windows, 4, true, had);
     memcpy(probe.params, m.params, sizeof(float) * m.n_params);
     quantize_weights(&probe, 4, true);
     float *rtn = memcpy(xmalloc(sizeof(float) * m.n_params), probe.params, sizeof(float) * m.n_params);
@@ -1081,7 +1081,7 @@ static void test_gptq_model(uint64_t *rng, int had) {
                 memcpy(param_at(&probe, probe.params, matrices[j], below),
                        param_at(&gptq, gptq.params, matrices[j], below),
                        sizeof(float) * (size_t)probe.shape[matrices[j]].rows * probe.shape[matrices[j]].cols);
-        model_forward(&probe, calib, NULL, windows, cfg.seq_len);
+        model_forward(&probe, calib, NULL, windows, cfg.seq_len, &online);
         size_t Nd = (size_t)N * cfg.dim, Nf = (size_t)N * cfg.ffn_dim;
         const float *inputs[7] = { probe.act.attn_norm + l * Nd, probe.act.attn_norm + l * Nd,
                                    probe.act.attn_norm + l * Nd, probe.act.attn_out + l * Nd,
@@ -1166,8 +1166,8 @@ static void test_hadamard(uint64_t *rng) {
 }
 
 // Logits of a model for fixed inputs, copied out.
-static float *logits_of(Model *m, const int *inputs, int B, int T) {
-    model_forward(m, inputs, NULL, B, T);
+static float *logits_of(Model *m, const int *inputs, int B, int T, const FakeQuant *fq) {
+    model_forward(m, inputs, NULL, B, T, fq);
     size_t n = (size_t)B * T * m->cfg.vocab_size;
     float *out = xmalloc(sizeof(float) * n);
     memcpy(out, m->act.logits, sizeof(float) * n);
@@ -1191,17 +1191,16 @@ static void test_rotations(uint64_t *rng) {
         int inputs[16];
         for (int i = 0; i < 16; i++) inputs[i] = (int)(rng_next(rng) % 300);
         size_t nl = 16 * 300;
-        float *base = logits_of(&m, inputs, 2, 8);
+        float *base = logits_of(&m, inputs, 2, 8, NULL);
         Model work;
         model_alloc(&work, &m.cfg, 2);
         memcpy(work.params, m.params, sizeof(float) * m.n_params);
         rotate_ffn_down(&work);
-        work.ffn_hadamard = 1;
-        float *ffn = logits_of(&work, inputs, 2, 8);
-        work.ffn_hadamard = 0;
+        const FakeQuant online = {QUANT_OFF, QUANT_OFF, true};
+        float *ffn = logits_of(&work, inputs, 2, 8, &online);
         memcpy(work.params, m.params, sizeof(float) * m.n_params);
         rotate_residual(&work, 77);
-        float *res = logits_of(&work, inputs, 2, 8);
+        float *res = logits_of(&work, inputs, 2, 8, NULL);
         worst_ffn = fmax(worst_ffn, max_rel_diff(base, ffn, nl));
         worst_res = fmax(worst_res, max_rel_diff(base, res, nl));
         free(base); free(ffn); free(res);
@@ -1221,7 +1220,7 @@ static void test_kurtosis_report(uint64_t *rng) {
     for (size_t i = 0; i < m.n_params; i++) m.params[i] = 0.3f * rng_normal(rng);
     int inputs[16];
     for (int i = 0; i < 16; i++) inputs[i] = (int)(rng_next(rng) % 300);
-    model_forward(&m, inputs, NULL, 2, 8);
+    model_forward(&m, inputs, NULL, 2, 8, NULL);
     KurtosisReport r;
     kurtosis_init(&r, cfg.n_layers, cfg.dim, STATES_ALL);
     kurtosis_accumulate(&r, &m);
@@ -1317,7 +1316,7 @@ static void test_kurtosis_each_token_alone(uint64_t *rng) {
     kurtosis_init(&want, cfg.n_layers, cfg.dim, STATES_PAPER);
     for (size_t t = 0; t + 1 < val.n; t++) {
         int token = val.tokens[t];
-        model_forward(&one, &token, NULL, 1, 1);
+        model_forward(&one, &token, NULL, 1, 1, NULL);
         kurtosis_accumulate(&want, &one);
     }
     kurtosis_finish(&want);
@@ -1626,14 +1625,14 @@ static void test_evaluate_loss(uint64_t *rng) {
     for (int w = 0; w < 5; w++) {
         int inputs[8], targets[8];
         for (int t = 0; t < 8; t++) { inputs[t] = val.tokens[w * 8 + t]; targets[t] = val.tokens[w * 8 + t + 1]; }
-        sum += model_forward(&m, inputs, targets, 1, 8);
+        sum += model_forward(&m, inputs, targets, 1, 8, NULL);
     }
-    float batched = evaluate_loss(&m, &val, 0, NULL), limited = evaluate_loss(&m, &val, 2, NULL);
+    float batched = evaluate_loss(&m, &val, 0, NULL, NULL), limited = evaluate_loss(&m, &val, 2, NULL, NULL);
     float first_two = 0.0f;
     {
         int inputs[16], targets[16];
         for (int i = 0; i < 16; i++) { inputs[i] = val.tokens[i]; targets[i] = val.tokens[i + 1]; }
-        first_two = model_forward(&m, inputs, targets, 2, 8);
+        first_two = model_forward(&m, inputs, targets, 2, 8, NULL);
     }
     bool ok = fabs(batched - sum / 5) < 1e-5 && fabsf(limited - first_two) < 1e-6f;
     report(ok, "validation loss over windows", "batched %.6f vs per-window mean %.6f; first 2 windows %.6f", batched, sum / 5, limited);
@@ -2153,7 +2152,7 @@ static void test_export_model(const char *label, Model *orig, const Tokenizer *t
     int T = c->seq_len;
     int *inputs = xmalloc(sizeof(int) * (size_t)T);
     for (int t = 0; t < T; t++) inputs[t] = (int)(rng_next(rng) % (uint64_t)c->vocab_size);
-    float *want = logits_of(orig, inputs, 1, T);
+    float *want = logits_of(orig, inputs, 1, T, NULL);
     size_t n_logits = (size_t)T * c->vocab_size;
     Model merged;
     model_merge(&merged, orig, 1);
@@ -2181,7 +2180,7 @@ static void test_export_model(const char *label, Model *orig, const Tokenizer *t
             built = llama2c_rebuild(paths[form], &back, &extra, why, sizeof why);
         }
         if (built) {
-            float *got = logits_of(&back, inputs, 1, T);
+            float *got = logits_of(&back, inputs, 1, T, NULL);
             rel = max_rel_diff(want, got, n_logits);
             free(got);
             if (form == 1) extra = f16_rounding_error(&back, &merged);
