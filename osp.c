@@ -219,14 +219,16 @@ static void set_num_threads(int n) {
 #endif
 }
 
-// Time spent in the main parts of a training step, summed for ./osp bench. Off (and free)
-// unless bench switches `profiling` on.
+// Time spent in the main parts of a training step, summed for ./osp bench's breakdown: the
+// call sites in the forward and backward passes and the optimizer step wrap the work in
+// TIMED(part, call). Off (and free) unless bench switches `profiling` on.
 enum { PART_MATMUL_FORWARD, PART_MATMUL_BACKWARD, PART_ATTENTION, PART_OPTIMIZER, N_PARTS };
 static double part_seconds[N_PARTS];
 static bool profiling;
 
 static double part_begin(void) { return profiling ? now_seconds() : 0.0; }
 static void part_end(int part, double t0) { if (profiling) part_seconds[part] += now_seconds() - t0; }
+#define TIMED(part, call) do { double t0_ = part_begin(); call; part_end(part, t0_); } while (0)
 
 // Formats a duration like "4m05s" for progress lines.
 static const char *format_duration(double seconds, char *buf, size_t size) {
@@ -836,13 +838,11 @@ static void gemm_parallel(const Gemm *g, int n) {
 // region. inp [N,C], w[p] [OC[p],C], out[p] [N,OC[p]]. (B[k][j] = w[j][k].)
 static void matmul_forward_n(int n, float *const *out, const float *inp, const float *const *w,
                              int N, int C, const int *OC) {
-    double t0 = part_begin();
     Gemm g[GEMM_MAX_BATCH];
     for (int p = 0; p < n; p++)
         g[p] = (Gemm){out[p], (size_t)OC[p], inp, (size_t)C, 1, w[p], 1, (size_t)C, N, OC[p], C, false,
                       GEMM_FULL};
     gemm_parallel(g, n);
-    part_end(PART_MATMUL_FORWARD, t0);
 }
 
 static void matmul_forward(float *out, const float *inp, const float *w, int N, int C, int OC) {
@@ -854,7 +854,6 @@ static void matmul_forward(float *out, const float *inp, const float *w, int N, 
 // their work items are the larger (k runs over all N tokens), and large items first balance best.
 static void matmul_backward_n(int n, float *dinp, float *const *dw, const float *const *dout,
                               const float *inp, const float *const *w, int N, int C, const int *OC) {
-    double t0 = part_begin();
     Gemm g[GEMM_MAX_BATCH];
     for (int p = 0; p < n; p++) {
         g[p] = (Gemm){dw[p], (size_t)C, dout[p], 1, (size_t)OC[p], inp, (size_t)C, 1, OC[p], C, N, true,
@@ -863,7 +862,6 @@ static void matmul_backward_n(int n, float *dinp, float *const *dw, const float 
                           GEMM_FULL};
     }
     gemm_parallel(g, 2 * n);
-    part_end(PART_MATMUL_BACKWARD, t0);
 }
 
 static void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
@@ -951,7 +949,6 @@ static size_t head_offset(int b, int T, size_t row, int head, int hd) {
 // (causal_row_clear); beyond that att holds unused values.
 static void attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
                               int B, int T, int H, int KVH, int hd) {
-    double t0 = part_begin();
     float scale = 1.0f / sqrtf((float)hd);
     int group = H / KVH;
     size_t q_row = (size_t)H * hd, kv_row = (size_t)KVH * hd;
@@ -973,7 +970,6 @@ static void attention_forward(float *out, float *att, const float *q, const floa
             gemm_serial(&(Gemm){out + qo, q_row, p, (size_t)T, 1, v + kvo, kv_row, 1, T, hd, T, false,
                                 GEMM_A_LOWER});
         }
-    part_end(PART_ATTENTION, t0);
 }
 
 // Backward of attention. With s = scaled scores and p = softmax(s):
@@ -985,7 +981,6 @@ static void attention_forward(float *out, float *att, const float *q, const floa
 static void attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,
                                const float *att, const float *q, const float *k, const float *v,
                                int B, int T, int H, int KVH, int hd) {
-    double t0 = part_begin();
     float scale = 1.0f / sqrtf((float)hd);
     int group = H / KVH;
     size_t q_row = (size_t)H * hd, kv_row = (size_t)KVH * hd;
@@ -1015,7 +1010,6 @@ static void attention_backward(float *dq, float *dk, float *dv, const float *dou
                                     GEMM_A_UPPER});
             }
         }
-    part_end(PART_ATTENTION, t0);
 }
 
 // The plain loops of attention, forward and backward, as the reference for the two above
@@ -1561,6 +1555,33 @@ static void model_init(Model *m, uint64_t seed) {
     }
 }
 
+// Layer l's slices of an activation block (the values, or their gradients): the per-layer
+// tensors of Activations for the current B x T tokens, and x_next, the stream leaving the layer.
+typedef struct {
+    float *x, *attn_norm, *attn_rstd, *q, *k, *v, *att, *attn_out, *attn_proj, *x_mid;
+    float *ffn_norm, *ffn_rstd, *ffn_gate, *ffn_up, *ffn_hidden, *ffn_proj, *x_next;
+} LayerActs;
+
+static LayerActs layer_acts(const Activations *a, const Config *c, int l, int B, int T) {
+    size_t N = (size_t)B * T, Nd = N * c->dim, Nkv = N * kv_dim(c), Nf = N * c->ffn_dim;
+    return (LayerActs){
+        a->x + l * Nd, a->attn_norm + l * Nd, a->attn_rstd + l * N, a->q + l * Nd, a->k + l * Nkv,
+        a->v + l * Nkv, a->att + l * N * c->n_heads * T, a->attn_out + l * Nd, a->attn_proj + l * Nd,
+        a->x_mid + l * Nd, a->ffn_norm + l * Nd, a->ffn_rstd + l * N, a->ffn_gate + l * Nf, a->ffn_up + l * Nf,
+        a->ffn_hidden + l * Nf, a->ffn_proj + l * Nd, a->x + (l + 1) * Nd};
+}
+
+// Layer l's weights in a parameter block (the parameters, or their gradients).
+typedef struct { float *attn_norm, *wq, *wk, *wv, *wo, *ffn_norm, *w_gate, *w_up, *w_down; } LayerWeights;
+
+static LayerWeights layer_weights(const Model *m, float *block, int l) {
+    return (LayerWeights){param_at(m, block, PARAM_ATTN_NORM, l), param_at(m, block, PARAM_ATTN_Q, l),
+                          param_at(m, block, PARAM_ATTN_K, l), param_at(m, block, PARAM_ATTN_V, l),
+                          param_at(m, block, PARAM_ATTN_OUT, l), param_at(m, block, PARAM_FFN_NORM, l),
+                          param_at(m, block, PARAM_FFN_GATE, l), param_at(m, block, PARAM_FFN_UP, l),
+                          param_at(m, block, PARAM_FFN_DOWN, l)};
+}
+
 // Forward pass over inputs [B,T] (copied into m->inputs). With targets, returns the mean
 // cross-entropy loss; without, computes logits only and returns 0. Any B, T whose activations
 // fit the allocation may be used (T = 1 with B up to max_batch·seq_len, for example).
@@ -1571,60 +1592,64 @@ static float model_forward(Model *m, const int *inputs, const int *targets, int 
     int N = B * T;
     m->B = B; m->T = T;
     if (activation_layout(&m->act, m->act_block, c, B, T) > m->act_floats || N > m->max_batch * c->seq_len)
-        die("internal: forward of %d x %d does not fit the activations allocated for %d x %d", B, T, m->max_batch, c->seq_len);
+        die("internal: forward of %d x %d does not fit the activations allocated for %d x %d", B, T,
+            m->max_batch, c->seq_len);
     memcpy(m->inputs, inputs, sizeof(int) * (size_t)N);
     if (targets) memcpy(m->targets, targets, sizeof(int) * (size_t)N);
     Activations *a = &m->act;
     size_t Nd = (size_t)N * d, Nkv = (size_t)N * kvd, Nf = (size_t)N * f;
     float *P = m->params;
-    int gs = c->ssnorm ? 0 : 1;   // gain step: scalar gains under SSNorm
+    int gs = c->ssnorm ? 0 : 1;   // OSP: SSNorm reads one gain for all channels (gain step 0)
     if (!fq) fq = &NO_FAKE_QUANT;
 
+    // embedding rows, then (OSP: EmbProj) their projection P_in: the residual stream x[0]
     if (c->embproj) {
         embedding_forward(a->embed, m->inputs, param_at(m, P, PARAM_EMBED, 0), N, d);
-        matmul_forward(a->x, a->embed, param_at(m, P, PARAM_EMBPROJ_IN, 0), N, d, d);
+        TIMED(PART_MATMUL_FORWARD, matmul_forward(a->x, a->embed, param_at(m, P, PARAM_EMBPROJ_IN, 0), N, d, d));
     } else {
         embedding_forward(a->x, m->inputs, param_at(m, P, PARAM_EMBED, 0), N, d);
     }
     for (int l = 0; l < c->n_layers; l++) {
-        float *x = a->x + l * Nd, *xn = a->attn_norm + l * Nd, *q = a->q + l * Nd;
-        float *k = a->k + l * Nkv, *v = a->v + l * Nkv, *ao = a->attn_out + l * Nd;
-        float *ap = a->attn_proj + l * Nd, *xm = a->x_mid + l * Nd, *fn = a->ffn_norm + l * Nd;
-        float *gate = a->ffn_gate + l * Nf, *up = a->ffn_up + l * Nf, *hid = a->ffn_hidden + l * Nf;
-        float *fp = a->ffn_proj + l * Nd;
-        rmsnorm_forward(xn, a->attn_rstd + (size_t)l * N, x, param_at(m, P, PARAM_ATTN_NORM, l), gs, N, d);
-        quantize_asymmetric(xn, Nd, d, fq->abits);
-        const float *wqkv[3] = {param_at(m, P, PARAM_ATTN_Q, l), param_at(m, P, PARAM_ATTN_K, l),
-                                param_at(m, P, PARAM_ATTN_V, l)};
-        matmul_forward_n(3, (float *[]){q, k, v}, xn, wqkv, N, d, (int[]){d, kvd, kvd});
-        rope_forward(q, k, m->rope_cos, m->rope_sin, B, T, H, KVH, hd);
+        LayerActs s = layer_acts(a, c, l, B, T);
+        LayerWeights w = layer_weights(m, P, l);
+        // attention: norm, Q K V projections, RoPE, causal softmax attention, output projection
+        rmsnorm_forward(s.attn_norm, s.attn_rstd, s.x, w.attn_norm, gs, N, d);
+        quantize_asymmetric(s.attn_norm, Nd, d, fq->abits);
+        TIMED(PART_MATMUL_FORWARD, matmul_forward_n(3, (float *[]){s.q, s.k, s.v}, s.attn_norm,
+                                                    (const float *[]){w.wq, w.wk, w.wv}, N, d, (int[]){d, kvd, kvd}));
+        rope_forward(s.q, s.k, m->rope_cos, m->rope_sin, B, T, H, KVH, hd);
         if (fq->kvbits < QUANT_OFF) {   // rotating both q and k by H leaves every q·k unchanged
-            hadamard_transform(q, (size_t)N * H, hd);
-            hadamard_transform(k, (size_t)N * KVH, hd);
-            quantize_asymmetric(k, Nkv, hd, fq->kvbits);
-            quantize_asymmetric(v, Nkv, hd, fq->kvbits);
+            hadamard_transform(s.q, (size_t)N * H, hd);
+            hadamard_transform(s.k, (size_t)N * KVH, hd);
+            quantize_asymmetric(s.k, Nkv, hd, fq->kvbits);
+            quantize_asymmetric(s.v, Nkv, hd, fq->kvbits);
         }
-        attention_forward(ao, a->att + (size_t)l * B * H * T * T, q, k, v, B, T, H, KVH, hd);
-        quantize_asymmetric(ao, Nd, hd, fq->abits);
-        matmul_forward(ap, ao, param_at(m, P, PARAM_ATTN_OUT, l), N, d, d);
-        residual_forward(xm, x, ap, Nd);
-        rmsnorm_forward(fn, a->ffn_rstd + (size_t)l * N, xm, param_at(m, P, PARAM_FFN_NORM, l), gs, N, d);
-        quantize_asymmetric(fn, Nd, d, fq->abits);
-        const float *w13[2] = {param_at(m, P, PARAM_FFN_GATE, l), param_at(m, P, PARAM_FFN_UP, l)};
-        matmul_forward_n(2, (float *[]){gate, up}, fn, w13, N, d, (int[]){f, f});
-        swiglu_forward(hid, gate, up, Nf);
-        if (fq->ffn_hadamard) hadamard_transform(hid, (size_t)N, f);
-        quantize_asymmetric(hid, Nf, f, fq->abits);
-        matmul_forward(fp, hid, param_at(m, P, PARAM_FFN_DOWN, l), N, f, d);
-        residual_forward(a->x + (l + 1) * Nd, xm, fp, Nd);
+        TIMED(PART_ATTENTION, attention_forward(s.attn_out, s.att, s.q, s.k, s.v, B, T, H, KVH, hd));
+        quantize_asymmetric(s.attn_out, Nd, hd, fq->abits);
+        TIMED(PART_MATMUL_FORWARD, matmul_forward(s.attn_proj, s.attn_out, w.wo, N, d, d));
+        residual_forward(s.x_mid, s.x, s.attn_proj, Nd);
+        // feed-forward: norm, gate and up projections, SwiGLU, down projection
+        rmsnorm_forward(s.ffn_norm, s.ffn_rstd, s.x_mid, w.ffn_norm, gs, N, d);
+        quantize_asymmetric(s.ffn_norm, Nd, d, fq->abits);
+        TIMED(PART_MATMUL_FORWARD, matmul_forward_n(2, (float *[]){s.ffn_gate, s.ffn_up}, s.ffn_norm,
+                                                    (const float *[]){w.w_gate, w.w_up}, N, d, (int[]){f, f}));
+        swiglu_forward(s.ffn_hidden, s.ffn_gate, s.ffn_up, Nf);
+        if (fq->ffn_hadamard) hadamard_transform(s.ffn_hidden, (size_t)N, f);
+        quantize_asymmetric(s.ffn_hidden, Nf, f, fq->abits);
+        TIMED(PART_MATMUL_FORWARD, matmul_forward(s.ffn_proj, s.ffn_hidden, w.w_down, N, f, d));
+        residual_forward(s.x_next, s.x_mid, s.ffn_proj, Nd);
     }
-    rmsnorm_forward(a->final_norm, a->final_rstd, a->x + c->n_layers * Nd, param_at(m, P, PARAM_FINAL_NORM, 0), gs, N, d);
+    // final norm, then (OSP: EmbProj) P_out, then the head: logits, and the loss
+    rmsnorm_forward(a->final_norm, a->final_rstd, a->x + c->n_layers * Nd, param_at(m, P, PARAM_FINAL_NORM, 0),
+                    gs, N, d);
     float *head_in = a->final_norm;
     if (c->embproj) {
-        matmul_forward(a->final_proj, a->final_norm, param_at(m, P, PARAM_EMBPROJ_OUT, 0), N, d, d);
+        TIMED(PART_MATMUL_FORWARD, matmul_forward(a->final_proj, a->final_norm, param_at(m, P, PARAM_EMBPROJ_OUT, 0),
+                                                  N, d, d));
         head_in = a->final_proj;
     }
-    matmul_forward(a->logits, head_in, param_at(m, P, PARAM_HEAD, 0), N, d, c->vocab_size);
+    TIMED(PART_MATMUL_FORWARD, matmul_forward(a->logits, head_in, param_at(m, P, PARAM_HEAD, 0), N, d,
+                                              c->vocab_size));
     if (!targets) return 0.0f;
     crossentropy_forward(a->losses, a->probs, a->logits, m->targets, N, c->vocab_size);
     double sum = 0.0;
@@ -1632,13 +1657,14 @@ static float model_forward(Model *m, const int *inputs, const int *targets, int 
     return (float)(sum / N);
 }
 
-// Backward pass of the mean loss of the last forward (which must have had targets):
-// fills m->grads.
+// Backward pass of the mean loss of the last forward (which must have had targets): fills
+// m->grads. The forward's steps in reverse, each with the gradients (g, dw) of the same
+// tensors (a, w); a tensor read by two steps (the residual stream) sums both gradients.
 static void model_backward(Model *m) {
     const Config *c = &m->cfg;
     int B = m->B, T = m->T, N = B * T;
     int d = c->dim, f = c->ffn_dim, H = c->n_heads, KVH = c->n_kv_heads, hd = head_dim(c), kvd = kv_dim(c);
-    size_t Nd = (size_t)N * d, Nkv = (size_t)N * kvd, Nf = (size_t)N * f;
+    size_t Nd = (size_t)N * d, Nf = (size_t)N * f;
     memset(m->grads, 0, sizeof(float) * m->n_params);
     size_t used = activation_layout(&m->dact, m->dact_block, c, B, T);
     memset(m->dact_block, 0, sizeof(float) * used);
@@ -1646,51 +1672,44 @@ static void model_backward(Model *m) {
     float *P = m->params, *G = m->grads;
     int gs = c->ssnorm ? 0 : 1;
 
+    // loss -> logits -> head (-> P_out) -> final norm -> x[L]
     for (int n = 0; n < N; n++) g->losses[n] = 1.0f / (float)N;
     crossentropy_backward(g->logits, g->losses, a->probs, m->targets, N, c->vocab_size);
-    if (c->embproj) {
-        matmul_backward(g->final_proj, param_at(m, G, PARAM_HEAD, 0), g->logits, a->final_proj,
-                        param_at(m, P, PARAM_HEAD, 0), N, d, c->vocab_size);
-        matmul_backward(g->final_norm, param_at(m, G, PARAM_EMBPROJ_OUT, 0), g->final_proj, a->final_norm,
-                        param_at(m, P, PARAM_EMBPROJ_OUT, 0), N, d, d);
-    } else {
-        matmul_backward(g->final_norm, param_at(m, G, PARAM_HEAD, 0), g->logits, a->final_norm,
-                        param_at(m, P, PARAM_HEAD, 0), N, d, c->vocab_size);
-    }
+    float *head_in = c->embproj ? a->final_proj : a->final_norm, *dhead_in = c->embproj ? g->final_proj : g->final_norm;
+    TIMED(PART_MATMUL_BACKWARD, matmul_backward(dhead_in, param_at(m, G, PARAM_HEAD, 0), g->logits, head_in,
+                                                param_at(m, P, PARAM_HEAD, 0), N, d, c->vocab_size));
+    if (c->embproj)
+        TIMED(PART_MATMUL_BACKWARD, matmul_backward(g->final_norm, param_at(m, G, PARAM_EMBPROJ_OUT, 0), g->final_proj,
+                                                    a->final_norm, param_at(m, P, PARAM_EMBPROJ_OUT, 0), N, d, d));
     rmsnorm_backward(g->x + c->n_layers * Nd, param_at(m, G, PARAM_FINAL_NORM, 0), g->final_norm,
                      a->x + c->n_layers * Nd, param_at(m, P, PARAM_FINAL_NORM, 0), gs, a->final_rstd, N, d);
     for (int l = c->n_layers - 1; l >= 0; l--) {
-        size_t ln = (size_t)l * N;
-        residual_backward(g->x_mid + l * Nd, g->ffn_proj + l * Nd, g->x + (l + 1) * Nd, Nd);
-        matmul_backward(g->ffn_hidden + l * Nf, param_at(m, G, PARAM_FFN_DOWN, l), g->ffn_proj + l * Nd,
-                        a->ffn_hidden + l * Nf, param_at(m, P, PARAM_FFN_DOWN, l), N, f, d);
-        swiglu_backward(g->ffn_gate + l * Nf, g->ffn_up + l * Nf, g->ffn_hidden + l * Nf,
-                        a->ffn_gate + l * Nf, a->ffn_up + l * Nf, Nf);
-        const float *w13[2] = {param_at(m, P, PARAM_FFN_GATE, l), param_at(m, P, PARAM_FFN_UP, l)};
-        float *dw13[2] = {param_at(m, G, PARAM_FFN_GATE, l), param_at(m, G, PARAM_FFN_UP, l)};
-        const float *d13[2] = {g->ffn_gate + l * Nf, g->ffn_up + l * Nf};
-        matmul_backward_n(2, g->ffn_norm + l * Nd, dw13, d13, a->ffn_norm + l * Nd, w13, N, d, (int[]){f, f});
-        rmsnorm_backward(g->x_mid + l * Nd, param_at(m, G, PARAM_FFN_NORM, l), g->ffn_norm + l * Nd,
-                         a->x_mid + l * Nd, param_at(m, P, PARAM_FFN_NORM, l), gs, a->ffn_rstd + ln, N, d);
-        residual_backward(g->x + l * Nd, g->attn_proj + l * Nd, g->x_mid + l * Nd, Nd);
-        matmul_backward(g->attn_out + l * Nd, param_at(m, G, PARAM_ATTN_OUT, l), g->attn_proj + l * Nd,
-                        a->attn_out + l * Nd, param_at(m, P, PARAM_ATTN_OUT, l), N, d, d);
-        attention_backward(g->q + l * Nd, g->k + l * Nkv, g->v + l * Nkv, g->attn_out + l * Nd, a->attn_out + l * Nd,
-                           a->att + ln * H * T, a->q + l * Nd, a->k + l * Nkv, a->v + l * Nkv, B, T, H, KVH, hd);
-        rope_backward(g->q + l * Nd, g->k + l * Nkv, m->rope_cos, m->rope_sin, B, T, H, KVH, hd);
-        const float *wqkv[3] = {param_at(m, P, PARAM_ATTN_Q, l), param_at(m, P, PARAM_ATTN_K, l),
-                                param_at(m, P, PARAM_ATTN_V, l)};
-        float *dwqkv[3] = {param_at(m, G, PARAM_ATTN_Q, l), param_at(m, G, PARAM_ATTN_K, l),
-                           param_at(m, G, PARAM_ATTN_V, l)};
-        const float *dqkv[3] = {g->q + l * Nd, g->k + l * Nkv, g->v + l * Nkv};
-        matmul_backward_n(3, g->attn_norm + l * Nd, dwqkv, dqkv, a->attn_norm + l * Nd, wqkv, N, d,
-                          (int[]){d, kvd, kvd});
-        rmsnorm_backward(g->x + l * Nd, param_at(m, G, PARAM_ATTN_NORM, l), g->attn_norm + l * Nd,
-                         a->x + l * Nd, param_at(m, P, PARAM_ATTN_NORM, l), gs, a->attn_rstd + ln, N, d);
+        LayerActs s = layer_acts(a, c, l, B, T), ds = layer_acts(g, c, l, B, T);
+        LayerWeights w = layer_weights(m, P, l), dw = layer_weights(m, G, l);
+        // feed-forward, from x_next = x_mid + ffn_proj back to x_mid
+        residual_backward(ds.x_mid, ds.ffn_proj, ds.x_next, Nd);
+        TIMED(PART_MATMUL_BACKWARD, matmul_backward(ds.ffn_hidden, dw.w_down, ds.ffn_proj, s.ffn_hidden, w.w_down,
+                                                    N, f, d));
+        swiglu_backward(ds.ffn_gate, ds.ffn_up, ds.ffn_hidden, s.ffn_gate, s.ffn_up, Nf);
+        TIMED(PART_MATMUL_BACKWARD,
+              matmul_backward_n(2, ds.ffn_norm, (float *[]){dw.w_gate, dw.w_up}, (const float *[]){ds.ffn_gate, ds.ffn_up},
+                                s.ffn_norm, (const float *[]){w.w_gate, w.w_up}, N, d, (int[]){f, f}));
+        rmsnorm_backward(ds.x_mid, dw.ffn_norm, ds.ffn_norm, s.x_mid, w.ffn_norm, gs, s.ffn_rstd, N, d);
+        // attention, from x_mid = x + attn_proj back to x
+        residual_backward(ds.x, ds.attn_proj, ds.x_mid, Nd);
+        TIMED(PART_MATMUL_BACKWARD, matmul_backward(ds.attn_out, dw.wo, ds.attn_proj, s.attn_out, w.wo, N, d, d));
+        TIMED(PART_ATTENTION, attention_backward(ds.q, ds.k, ds.v, ds.attn_out, s.attn_out, s.att, s.q, s.k, s.v,
+                                                 B, T, H, KVH, hd));
+        rope_backward(ds.q, ds.k, m->rope_cos, m->rope_sin, B, T, H, KVH, hd);
+        TIMED(PART_MATMUL_BACKWARD,
+              matmul_backward_n(3, ds.attn_norm, (float *[]){dw.wq, dw.wk, dw.wv}, (const float *[]){ds.q, ds.k, ds.v},
+                                s.attn_norm, (const float *[]){w.wq, w.wk, w.wv}, N, d, (int[]){d, kvd, kvd}));
+        rmsnorm_backward(ds.x, dw.attn_norm, ds.attn_norm, s.x, w.attn_norm, gs, s.attn_rstd, N, d);
     }
+    // x[0] (-> P_in) -> the embedding rows
     if (c->embproj) {
-        matmul_backward(g->embed, param_at(m, G, PARAM_EMBPROJ_IN, 0), g->x, a->embed,
-                        param_at(m, P, PARAM_EMBPROJ_IN, 0), N, d, d);
+        TIMED(PART_MATMUL_BACKWARD, matmul_backward(g->embed, param_at(m, G, PARAM_EMBPROJ_IN, 0), g->x, a->embed,
+                                                    param_at(m, P, PARAM_EMBPROJ_IN, 0), N, d, d));
         embedding_backward(param_at(m, G, PARAM_EMBED, 0), g->embed, m->inputs, N, d);
     } else {
         embedding_backward(param_at(m, G, PARAM_EMBED, 0), g->x, m->inputs, N, d);
@@ -4846,9 +4865,7 @@ static StepTiming time_training(const TrainState *proto, int preset, int steps, 
         model_backward(&tr.model);
         fb += now_seconds() - f0;
         clip_grad_norm(tr.model.grads, tr.model.n_params, s.opt.grad_clip);
-        double o0 = now_seconds();
-        optimizer_step(&tr.model, &s.opt, tr.opt_state, 1.0f, i + 3);
-        part_seconds[PART_OPTIMIZER] += now_seconds() - o0;
+        TIMED(PART_OPTIMIZER, optimizer_step(&tr.model, &s.opt, tr.opt_state, 1.0f, i + 3));
     }
     r.ms_per_step = 1e3 * (now_seconds() - t0) / steps;
     profiling = false;
