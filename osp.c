@@ -1479,10 +1479,30 @@ static size_t activation_layout(Activations *a, float *block, const Config *c, i
     size_t N = (size_t)B * T, L = (size_t)c->n_layers, d = (size_t)c->dim, f = (size_t)c->ffn_dim;
     size_t kvd = (size_t)kv_dim(c), V = (size_t)c->vocab_size, H = (size_t)c->n_heads;
     size_t proj = c->embproj ? N * d : 0;
-    size_t sizes[N_ACTIVATION_TENSORS] = {
-        proj, (L + 1) * N * d, L * N * d, L * N, L * N * d, L * N * kvd, L * N * kvd, L * B * H * T * T,
-        L * N * d, L * N * d, L * N * d, L * N * d, L * N, L * N * f, L * N * f, L * N * f, L * N * d,
-        N * d, N, proj, N * V, N * V, N,
+    size_t sizes[N_ACTIVATION_TENSORS] = {   // in the order of Activations
+        proj,                 // embed
+        (L + 1) * N * d,      // x
+        L * N * d,            // attn_norm
+        L * N,                // attn_rstd
+        L * N * d,            // q
+        L * N * kvd,          // k
+        L * N * kvd,          // v
+        L * B * H * T * T,    // att
+        L * N * d,            // attn_out
+        L * N * d,            // attn_proj
+        L * N * d,            // x_mid
+        L * N * d,            // ffn_norm
+        L * N,                // ffn_rstd
+        L * N * f,            // ffn_gate
+        L * N * f,            // ffn_up
+        L * N * f,            // ffn_hidden
+        L * N * d,            // ffn_proj
+        N * d,                // final_norm
+        N,                    // final_rstd
+        proj,                 // final_proj
+        N * V,                // logits
+        N * V,                // probs
+        N,                    // losses
     };
     float **views = (float **)a;
     size_t total = 0;
@@ -1876,6 +1896,12 @@ static size_t optimizer_layout(const Model *m, int optimizer, size_t *offset) {
     return total;
 }
 
+// The optimizer state's size in bytes (as saved in a checkpoint).
+static size_t optimizer_state_bytes(const Model *m, int optimizer) {
+    size_t offset[N_PARAM_TENSORS];
+    return sizeof(float) * optimizer_layout(m, optimizer, offset);
+}
+
 // Floats of scratch the Muon updates of this model need (0 under adam).
 static size_t optimizer_scratch(const Model *m, int optimizer) {
     size_t most = 0;
@@ -2006,14 +2032,13 @@ static bool checkpoint_save(const char *path, const TrainState *s, const Model *
                                o->steps, o->warmup, s->step, state != NULL};
     float floats[CKPT_FLOATS] = {o->lr_adam, o->lr_muon, o->weight_decay, o->beta1, o->beta2, o->eps, o->muon_momentum, o->grad_clip};
     uint64_t u64[2] = {s->seed, s->rng};
-    size_t offset[N_PARAM_TENSORS];
     atomic_write(&af, CKPT_MAGIC, 4);
     atomic_write(&af, &version, 4);
     atomic_write(&af, ints, sizeof ints);
     atomic_write(&af, floats, sizeof floats);
     atomic_write(&af, u64, sizeof u64);
     atomic_write(&af, m->params, sizeof(float) * m->n_params);
-    if (state) atomic_write(&af, state, sizeof(float) * optimizer_layout(m, o->optimizer, offset));
+    if (state) atomic_write(&af, state, optimizer_state_bytes(m, o->optimizer));
     return atomic_close(&af);
 }
 
@@ -2679,7 +2704,11 @@ static void rotate_residual(Model *m, uint64_t seed) {
 
 // The rows of the 4-bit table: what is quantized, and whether the weights get GPTQ instead
 // of RTN (the GPTQ rows are evaluated only when asked, --gptq).
+// Each row's key in eval --json and its column in results.csv (+ "_ppl", and "_had").
 enum { QROW_W, QROW_A, QROW_KV, QROW_WAKV, QROW_W_GPTQ, QROW_WAKV_GPTQ, N_QUANT_ROWS };
+static const struct { const char *json, *csv; } quant_row_keys[N_QUANT_ROWS] = {
+    {"w", "w4"}, {"a", "a4"}, {"kv", "kv4"}, {"wakv", "w4a4kv4"}, {"w_gptq", "w4_gptq"}, {"wakv_gptq", "w4a4kv4_gptq"},
+};
 
 // One fake-quantization setting: one row of the table, without or with the FFN Hadamard.
 typedef struct {
@@ -2985,8 +3014,7 @@ static void print_run_header(FILE *log, const Trainer *tr) {
             fprintf(log, " %s %s%dx%d%s", param_names[i], m->shape[i].count > 1 ? "[" : "", m->shape[i].rows, m->shape[i].cols,
                     m->shape[i].count > 1 ? "]xL" : "");
     fprintf(log, "\n");
-    size_t offset[N_PARAM_TENSORS];
-    size_t state_bytes = sizeof(float) * optimizer_layout(m, st->opt.optimizer, offset);
+    size_t state_bytes = optimizer_state_bytes(m, st->opt.optimizer);
     fprintf(log, "recipe: preset %s: optimizer %s, %s, %s\n", preset_name(st->preset), optimizer_names[st->opt.optimizer],
             c->ssnorm ? "SSNorm" : "RMSNorm", c->embproj ? "EmbProj" : "no EmbProj");
     char lrs[96];
@@ -3166,28 +3194,11 @@ typedef struct {
     double fp_ppl, quant_ppl[N_QUANT_ROWS][2];
 } AblationRun;
 
-// results.csv's columns after preset, seed and diverged_step, and where each lives in a run.
+// results.csv's columns after preset, seed and diverged_step: these, then a perplexity per row
+// of the 4-bit table without and then with Had. (quant_row_keys); and where each lives in a run.
 #define ABLATION_VALUES (8 + 2 * N_QUANT_ROWS)
-static const char *ablation_columns[ABLATION_VALUES] = { "tokens_per_s",
-                                                         "optimizer_state_bytes",
-                                                         "val_windows",
-                                                         "kurtosis",
-                                                         "kurtosis_paper",
-                                                         "top_channel_share",
-                                                         "max_abs_activation",
-                                                         "fp_ppl",
-                                                         "w4_ppl",
-                                                         "a4_ppl",
-                                                         "kv4_ppl",
-                                                         "w4a4kv4_ppl",
-                                                         "w4_gptq_ppl",
-                                                         "w4a4kv4_gptq_ppl",
-                                                         "w4_ppl_had",
-                                                         "a4_ppl_had",
-                                                         "kv4_ppl_had",
-                                                         "w4a4kv4_ppl_had",
-                                                         "w4_gptq_ppl_had",
-                                                         "w4a4kv4_gptq_ppl_had" };
+static const char *ablation_columns[8] = {"tokens_per_s", "optimizer_state_bytes", "val_windows", "kurtosis",
+                                          "kurtosis_paper", "top_channel_share", "max_abs_activation", "fp_ppl"};
 
 static void ablation_values(AblationRun *r, double **v) {
     double *fields[ABLATION_VALUES] = {&r->tokens_per_second, &r->state_bytes, &r->windows, &r->kurtosis,
@@ -3202,8 +3213,11 @@ static void ablation_values(AblationRun *r, double **v) {
 // The first line of results.csv.
 static void ablation_header(char *buf, size_t size) {
     int n = snprintf(buf, size, "preset,seed,diverged_step");
-    for (int c = 0; c < ABLATION_VALUES; c++)
-        n += snprintf(buf + n, size - (size_t)n, ",%s", ablation_columns[c]);
+    for (int c = 0; c < ABLATION_VALUES; c++) {
+        int q = (c - 8) % N_QUANT_ROWS;
+        if (c < 8) n += snprintf(buf + n, size - (size_t)n, ",%s", ablation_columns[c]);
+        else n += snprintf(buf + n, size - (size_t)n, ",%s_ppl%s", quant_row_keys[q].csv, c < 8 + N_QUANT_ROWS ? "" : "_had");
+    }
 }
 
 // results.csv: a header, then per run: preset, seed, diverged_step, then ABLATION_VALUES numbers.
@@ -3473,6 +3487,11 @@ static bool write_svg_channels(const char *path, const char *title, const Channe
  * ========================================================================== */
 #ifndef TESTING
 
+// The files the commands read and write unless told otherwise (make data writes the first three).
+#define DEFAULT_TOKENIZER "tokenizer.bin"
+#define DEFAULT_TRAIN "data/train.bin"
+#define DEFAULT_VAL "data/val.bin"
+
 // Strict number parsing: the whole string must be a number within [lo, hi].
 static long parse_int(const char *flag, const char *s, long lo, long hi) {
     char *end;
@@ -3561,11 +3580,11 @@ static const char *tokenizer_help =
     "tokenizer.bin format.\n"
     "  --input FILE   text to train on (required)\n"
     "  --vocab N      vocabulary size, %d..%d (default 512)\n"
-    "  --out FILE     output (default tokenizer.bin)\n";
+    "  --out FILE     output (default " DEFAULT_TOKENIZER ")\n";
 
 static int cmd_tokenizer(int argc, char **argv) {
     Args a = {argc, 0, argv, "tokenizer"};
-    const char *input = NULL, *out = "tokenizer.bin";
+    const char *input = NULL, *out = DEFAULT_TOKENIZER;
     int vocab = 512;
     for (a.i = 0; a.i < argc; a.i++) {
         const char *f = argv[a.i];
@@ -3599,13 +3618,13 @@ static const char *prepare_help =
     "Encodes a text file and writes the first 90%% of its tokens as the training split and\n"
     "the last 10%% as the validation split.\n"
     "  --input FILE      text (required)\n"
-    "  --tokenizer FILE  default tokenizer.bin\n"
-    "  --train FILE      default data/train.bin\n"
-    "  --val FILE        default data/val.bin\n";
+    "  --tokenizer FILE  default " DEFAULT_TOKENIZER "\n"
+    "  --train FILE      default " DEFAULT_TRAIN "\n"
+    "  --val FILE        default " DEFAULT_VAL "\n";
 
 static int cmd_prepare(int argc, char **argv) {
     Args a = {argc, 0, argv, "prepare"};
-    const char *input = NULL, *tok_path = "tokenizer.bin", *train = "data/train.bin", *val = "data/val.bin";
+    const char *input = NULL, *tok_path = DEFAULT_TOKENIZER, *train = DEFAULT_TRAIN, *val = DEFAULT_VAL;
     for (a.i = 0; a.i < argc; a.i++) {
         const char *f = argv[a.i];
         if (!strcmp(f, "--input")) input = flag_value(&a);
@@ -3661,9 +3680,9 @@ static const char *train_help =
     "  --grad-clip F    global gradient-norm clip, 0 = off (default 1.0)\n"
     "  --seed N         initialization and batch-sampling seed (default 1337)\n"
     "run:\n"
-    "  --train FILE     training tokens (default data/train.bin)\n"
-    "  --val FILE       validation tokens (default data/val.bin)\n"
-    "  --tokenizer FILE checked against the data's vocab (default tokenizer.bin)\n"
+    "  --train FILE     training tokens (default " DEFAULT_TRAIN ")\n"
+    "  --val FILE       validation tokens (default " DEFAULT_VAL ")\n"
+    "  --tokenizer FILE checked against the data's vocab (default " DEFAULT_TOKENIZER ")\n"
     "  --out FILE       checkpoint to write (default model.ckpt; with --resume, the resumed file)\n"
     "  --resume FILE    continue from a checkpoint; the losses match an uninterrupted run\n"
     "                   (unless --steps changes the total, which reshapes the lr schedule)\n"
@@ -3723,7 +3742,7 @@ static void check_run(const TrainState *s, const TokenData *train, const TokenDa
 static int cmd_train(int argc, char **argv) {
     Args a = {argc, 0, argv, "train"};
     TrainState s = default_train_state();
-    const char *train_path = "data/train.bin", *val_path = "data/val.bin", *tok_path = "tokenizer.bin";
+    const char *train_path = DEFAULT_TRAIN, *val_path = DEFAULT_VAL, *tok_path = DEFAULT_TOKENIZER;
     const char *out = NULL, *resume = NULL, *fixed_flag = NULL, *kurtosis_csv = NULL;
     int eval_every = 100, log_every = 10, threads = 0, val_windows = 128, steps = -1, kurtosis_every = 0;
     for (a.i = 0; a.i < argc; a.i++) {
@@ -3810,12 +3829,12 @@ static const char *sample_help =
     "  --temperature F   0 = greedy (default 0.8)\n"
     "  --top-p F         nucleus sampling cutoff in (0, 1] (default 0.9)\n"
     "  --seed N          sampling seed (default 1)\n"
-    "  --tokenizer FILE  default tokenizer.bin\n"
+    "  --tokenizer FILE  default " DEFAULT_TOKENIZER "\n"
     "  --threads N       OpenMP threads, 0 = all cores (default 0)\n";
 
 static int cmd_sample(int argc, char **argv) {
     Args a = {argc, 0, argv, "sample"};
-    const char *ckpt = NULL, *prompt = "", *tok_path = "tokenizer.bin";
+    const char *ckpt = NULL, *prompt = "", *tok_path = DEFAULT_TOKENIZER;
     int n_tokens = 256, threads = 0;
     float temperature = 0.8f, top_p = 0.9f;
     uint64_t seed = 1;
@@ -3885,11 +3904,11 @@ static const char *export_help =
     "  --f16                   GGUF matrices in float16 (norm gains stay float32); default float32\n"
     "  --llama2c FILE          llama2.c's legacy format for run.c (float32; run.c reads the\n"
     "                          tokenizer from tokenizer.bin: ./run FILE -z tokenizer.bin)\n"
-    "  --tokenizer FILE        the tokenizer the model was trained with (default tokenizer.bin)\n";
+    "  --tokenizer FILE        the tokenizer the model was trained with (default " DEFAULT_TOKENIZER ")\n";
 
 static int cmd_export(int argc, char **argv) {
     Args a = {argc, 0, argv, "export"};
-    const char *ckpt = NULL, *gguf_path = NULL, *llama2c_path = NULL, *tok_path = "tokenizer.bin";
+    const char *ckpt = NULL, *gguf_path = NULL, *llama2c_path = NULL, *tok_path = DEFAULT_TOKENIZER;
     bool f16 = false;
     for (a.i = 0; a.i < argc; a.i++) {
         const char *f = argv[a.i];
@@ -3939,7 +3958,7 @@ static int cmd_export(int argc, char **argv) {
 
 // ---------------------------------------------------------------- osp eval, osp compare
 static const char *eval_flags_help =
-    "  --val FILE              validation tokens (default data/val.bin)\n"
+    "  --val FILE              validation tokens (default " DEFAULT_VAL ")\n"
     "  --val-windows N         windows of seq-len tokens, 0 = the whole split (default 0)\n"
     "  --wbits N               weight bits of the table, 2..8, 16 = off (default 4)\n"
     "  --abits N               activation bits (default 4)\n"
@@ -3947,7 +3966,7 @@ static const char *eval_flags_help =
     "  --no-clip-search        weights: plain absmax scale instead of the clip search\n"
     "  --rotate                rotate the residual stream by a random-sign Hadamard first (QuaRot-style)\n"
     "  --gptq                  also the rows with GPTQ weights (with --rotate: QuaRot)\n"
-    "  --train FILE            GPTQ's calibration tokens (default data/train.bin)\n"
+    "  --train FILE            GPTQ's calibration tokens (default " DEFAULT_TRAIN ")\n"
     "  --calib-windows N       GPTQ's calibration windows of seq-len tokens (default 128)\n"
     "  --calib-seed N          seed of their random positions (default 1)\n"
     "  --threads N             OpenMP threads, 0 = all cores (default 0)\n";
@@ -3994,7 +4013,7 @@ static bool parse_eval_flag(Args *a, EvalArgs *e) {
 static EvalArgs eval_defaults(void) {
     return (EvalArgs){.opt = {.wbits = 4, .abits = 4, .kvbits = 4, .clip_search = true, .calib_windows = 128,
                               .calib_seed = 1},
-                      .val_path = "data/val.bin", .train_path = "data/train.bin"};
+                      .val_path = DEFAULT_VAL, .train_path = DEFAULT_TRAIN};
 }
 
 // Loads the validation tokens, and the calibration tokens if GPTQ is asked for.
@@ -4109,11 +4128,10 @@ static void print_eval_json(const char *path, const TrainState *s, const EvalRes
     }
     printf(",\n \"bits\": {\"w\": %d, \"a\": %d, \"kv\": %d},\n \"quantized_ppl\": {",
            o->wbits, o->abits, o->kvbits);
-    const char *keys[N_QUANT_ROWS] = {"w", "a", "kv", "wakv", "w_gptq", "wakv_gptq"};
     for (int i = 0; i < N_QUANT_ROWS; i++) {
-        printf("%s\"%s\": ", i ? ", " : "", keys[i]);
+        printf("%s\"%s\": ", i ? ", " : "", quant_row_keys[i].json);
         print_json_number(exp(r->quant_loss[i][0]));
-        printf(", \"%s_had\": ", keys[i]);
+        printf(", \"%s_had\": ", quant_row_keys[i].json);
         print_json_number(exp(r->quant_loss[i][1]));
     }
     printf("},\n \"seconds\": %.3f}\n", r->seconds);
@@ -4166,8 +4184,7 @@ static int cmd_compare(int argc, char **argv) {
     for (int i = 0; i < n; i++) {
         Model m;
         load_for_eval(ckpts[i], &states[i], &m, &val, &train, &e);
-        size_t offset[N_PARAM_TENSORS];
-        state_bytes[i] = states[i].merged ? 0 : sizeof(float) * optimizer_layout(&m, states[i].opt.optimizer, offset);
+        state_bytes[i] = states[i].merged ? 0 : optimizer_state_bytes(&m, states[i].opt.optimizer);
         fprintf(stderr, "evaluating %s (%d of %d)...\n", ckpts[i], i + 1, n);
         evaluate_model(&results[i], &m, &val, &train, &e.opt);
         total += results[i].seconds;
@@ -4236,7 +4253,7 @@ static const char *plot_help =
     "  --state N           hidden state of the bars: 0 = embedding, 1..L = blocks, L+1 = final\n"
     "                      norm (default: where the first checkpoint's kurtosis is largest)\n"
     "  --log               bars on a log scale\n"
-    "  --val FILE          validation tokens (default data/val.bin)\n"
+    "  --val FILE          validation tokens (default " DEFAULT_VAL ")\n"
     "  --val-windows N     windows of seq-len tokens, 0 = the whole split (default 0)\n"
     "  --threads N         OpenMP threads, 0 = all cores (default 0)\n";
 
@@ -4599,7 +4616,7 @@ static int cmd_ablation(int argc, char **argv) {
     TrainState proto = default_train_state();
     proto.opt.steps = 1000;
     proto.opt.lr_adam = 1e-2f;
-    const char *dir = "runs/ablation", *train_path = "data/train.bin", *val_path = "data/val.bin", *tok_path = "tokenizer.bin";
+    const char *dir = "runs/ablation", *train_path = DEFAULT_TRAIN, *val_path = DEFAULT_VAL, *tok_path = DEFAULT_TOKENIZER;
     int n_seeds = 2, kurtosis_every = 100, threads = 0;
     bool chosen[N_PRESETS];
     for (int p = 0; p < N_PRESETS; p++) chosen[p] = true;
@@ -4693,8 +4710,7 @@ static int cmd_ablation(int argc, char **argv) {
         }
         tr.train = &train;
         tr.val = &val;
-        size_t offset[N_PARAM_TENSORS];
-        r->state_bytes = (double)(sizeof(float) * optimizer_layout(&tr.model, tr.state.opt.optimizer, offset));
+        r->state_bytes = (double)optimizer_state_bytes(&tr.model, tr.state.opt.optimizer);
         if (tr.state.step < tr.state.opt.steps) {
             print_run_prefix(i, n_runs, r);
             printf("%s %d; log %s\n", tr.state.step ? "resuming at step" : "training from step", tr.state.step, log_path);
@@ -4852,9 +4868,9 @@ static StepTiming time_training(const TrainState *proto, int preset, int steps, 
     float norm;
     for (int i = 0; i < 2; i++) train_step(&tr, &norm);
     StepTiming r = {0};
-    size_t offset[N_PARAM_TENSORS];
-    r.allocated_bytes = sizeof(float) * (2 * tr.model.n_params + 2 * tr.model.act_floats + optimizer_layout(&tr.model, s.opt.optimizer, offset) +
-                                         optimizer_scratch(&tr.model, s.opt.optimizer) * (size_t)threads);
+    r.allocated_bytes = sizeof(float) * (2 * tr.model.n_params + 2 * tr.model.act_floats +
+                                         optimizer_scratch(&tr.model, s.opt.optimizer) * (size_t)threads) +
+                        optimizer_state_bytes(&tr.model, s.opt.optimizer);
     memset(part_seconds, 0, sizeof part_seconds);
     profiling = true;
     double t0 = now_seconds(), fb = 0.0;
