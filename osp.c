@@ -352,7 +352,11 @@ static int utf8_unit_length(const unsigned char *text, size_t n, size_t i) {
 // True if s[0..len) is one well-formed UTF-8 character other than NUL (run.c cannot look
 // up NUL, so NUL always takes the byte fallback).
 static bool is_utf8_char(const unsigned char *s, int len) {
-    int need = s[0] < 0x80 ? 1 : (s[0] & 0xE0) == 0xC0 ? 2 : (s[0] & 0xF0) == 0xE0 ? 3 : (s[0] & 0xF8) == 0xF0 ? 4 : 0;
+    int need = s[0] < 0x80          ? 1
+            : (s[0] & 0xE0) == 0xC0 ? 2
+            : (s[0] & 0xF0) == 0xE0 ? 3
+            : (s[0] & 0xF8) == 0xF0 ? 4
+                                    : 0;
     if (need != len || s[0] == 0) return false;
     for (int k = 1; k < len; k++) if ((s[k] & 0xC0) != 0x80) return false;
     return true;
@@ -384,7 +388,11 @@ static int bpe_merge(const Tokenizer *t, int *tokens, int n) {
             memcpy(buf, t->pieces[a], (size_t)t->lengths[a]);
             memcpy(buf + t->lengths[a], t->pieces[b], (size_t)t->lengths[b]);
             int id = tokenizer_lookup(t, buf, t->lengths[a] + t->lengths[b]);
-            if (id != -1 && t->scores[id] > best_score) { best_score = t->scores[id]; best_id = id; best_pos = i; }
+            if (id != -1 && t->scores[id] > best_score) {
+                best_score = t->scores[id];
+                best_id = id;
+                best_pos = i;
+            }
         }
         if (best_id == -1) break;
         tokens[best_pos] = best_id;
@@ -413,7 +421,11 @@ static int tokenizer_encode(const Tokenizer *t, const unsigned char *text, size_
 
 // Bytes of one token for output: byte tokens give their byte, specials give nothing.
 static const char *tokenizer_decode(const Tokenizer *t, int id, int *len, char *byte_buf) {
-    if (id >= TOKEN_BYTE0 && id < TOKEN_FIRST_PIECE) { byte_buf[0] = (char)(id - TOKEN_BYTE0); *len = 1; return byte_buf; }
+    if (id >= TOKEN_BYTE0 && id < TOKEN_FIRST_PIECE) {
+        byte_buf[0] = (char)(id - TOKEN_BYTE0);
+        *len = 1;
+        return byte_buf;
+    }
     if (id < TOKEN_BYTE0) { *len = 0; return ""; }
     *len = t->lengths[id];
     return t->pieces[id];
@@ -433,7 +445,8 @@ static int tokenizer_train(Tokenizer *t, const unsigned char *text, size_t n, in
         int len = utf8_unit_length(text, n, i);
         if (is_utf8_char(text + i, len) && tokenizer_lookup(&chars, (const char *)text + i, len) == -1) {
             if (chars.vocab_size == vocab_size)
-                die("vocab size %d is too small: the text has more than %d distinct characters", vocab_size, vocab_size - TOKEN_FIRST_PIECE);
+                die("vocab size %d is too small: the text has more than %d distinct characters", vocab_size,
+                    vocab_size - TOKEN_FIRST_PIECE);
             tokenizer_add(&chars, (const char *)text + i, len, 0.0f);
             free(chars.sorted_ids);
             tokenizer_index(&chars);
@@ -454,7 +467,8 @@ static int tokenizer_train(Tokenizer *t, const unsigned char *text, size_t n, in
     uint32_t *pair_count = xcalloc((size_t)vocab_size * (size_t)vocab_size, sizeof(uint32_t));
     bool *has_space = xcalloc((size_t)vocab_size, sizeof(bool));
     for (int id = 0; id < t->vocab_size; id++)
-        for (int k = 0; k < t->lengths[id]; k++) has_space[id] |= is_space_byte((unsigned char)t->pieces[id][k]);
+        for (int k = 0; k < t->lengths[id]; k++)
+            has_space[id] |= is_space_byte((unsigned char)t->pieces[id][k]);
     int merges = 0;
     while (t->vocab_size < vocab_size) {
         uint32_t best = 0;
@@ -463,9 +477,14 @@ static int tokenizer_train(Tokenizer *t, const unsigned char *text, size_t n, in
             int a = seq[i], b = seq[i + 1];
             if (a < TOKEN_FIRST_PIECE || b < TOKEN_FIRST_PIECE || has_space[b]) continue;
             uint32_t c = ++pair_count[(size_t)a * (size_t)vocab_size + (size_t)b];
-            if (c > best || (c == best && (a < best_a || (a == best_a && b < best_b)))) { best = c; best_a = a; best_b = b; }
+            if (c > best || (c == best && (a < best_a || (a == best_a && b < best_b)))) {
+                best = c;
+                best_a = a;
+                best_b = b;
+            }
         }
-        for (int i = 0; i + 1 < len; i++) pair_count[(size_t)seq[i] * (size_t)vocab_size + (size_t)seq[i + 1]] = 0;
+        for (int i = 0; i + 1 < len; i++)
+            pair_count[(size_t)seq[i] * (size_t)vocab_size + (size_t)seq[i + 1]] = 0;
         if (best < 2) break;
         int la = t->lengths[best_a], lb = t->lengths[best_b];
         char *joined = xmalloc((size_t)(la + lb));
@@ -512,7 +531,10 @@ static bool tokenizer_load(Tokenizer *t, const char *path) {
     Reader r = {data, size, 0, false};
     uint32_t max_len;
     reader_get(&r, &max_len, 4);
-    if (r.short_read || max_len == 0 || max_len > 1024) { free(data); return fail("'%s' is not a tokenizer.bin (bad max_token_length)", path); }
+    if (r.short_read || max_len == 0 || max_len > 1024) {
+        free(data);
+        return fail("'%s' is not a tokenizer.bin (bad max_token_length)", path);
+    }
     int capacity = VOCAB_MAX;
     tokenizer_alloc(t, capacity);
     while (r.pos < r.len) {
@@ -525,12 +547,21 @@ static bool tokenizer_load(Tokenizer *t, const char *path) {
             tokenizer_free(t); free(data);
             return fail("'%s' is truncated or corrupt at token %d", path, at);
         }
-        if (t->vocab_size == capacity) { tokenizer_free(t); free(data); return fail("'%s' has more than %d tokens", path, VOCAB_MAX); }
+        if (t->vocab_size == capacity) {
+            tokenizer_free(t);
+            free(data);
+            return fail("'%s' has more than %d tokens", path, VOCAB_MAX);
+        }
         tokenizer_add(t, (const char *)r.p + r.pos, len, score);
         r.pos += (size_t)len;
     }
     free(data);
-    if (t->vocab_size < TOKEN_FIRST_PIECE) { int v = t->vocab_size; tokenizer_free(t); return fail("'%s' has %d tokens; need at least %d (specials and byte tokens)", path, v, TOKEN_FIRST_PIECE); }
+    if (t->vocab_size < TOKEN_FIRST_PIECE) {
+        int v = t->vocab_size;
+        tokenizer_free(t);
+        return fail("'%s' has %d tokens; need at least %d (specials and byte tokens)", path, v,
+                    TOKEN_FIRST_PIECE);
+    }
     for (int b = 0; b < 256; b++) {
         char name[8];
         snprintf(name, sizeof name, "<0x%02X>", b);
@@ -582,10 +613,15 @@ static bool tokens_load(TokenData *d, const char *path) {
     reader_get(&r, header, sizeof header);
     reader_get(&r, &count, 8);
     bool ok = true;
-    if (r.short_read || memcmp(magic, DATA_MAGIC, 4) != 0) ok = fail("'%s' is not an osp token file (bad magic; run 'make data')", path);
-    else if (header[0] != DATA_VERSION) ok = fail("'%s' has token file version %u; this osp reads version %u", path, header[0], DATA_VERSION);
-    else if (header[1] < TOKEN_FIRST_PIECE || header[1] > VOCAB_MAX) ok = fail("'%s' has a bad vocab size %u", path, header[1]);
-    else if (count != (size - r.pos) / 2 || (size - r.pos) % 2 != 0) ok = fail("'%s' is truncated: header says %llu tokens, file holds %zu", path, (unsigned long long)count, (size - r.pos) / 2);
+    if (r.short_read || memcmp(magic, DATA_MAGIC, 4) != 0)
+        ok = fail("'%s' is not an osp token file (bad magic; run 'make data')", path);
+    else if (header[0] != DATA_VERSION)
+        ok = fail("'%s' has token file version %u; this osp reads version %u", path, header[0], DATA_VERSION);
+    else if (header[1] < TOKEN_FIRST_PIECE || header[1] > VOCAB_MAX)
+        ok = fail("'%s' has a bad vocab size %u", path, header[1]);
+    else if (count != (size - r.pos) / 2 || (size - r.pos) % 2 != 0)
+        ok = fail("'%s' is truncated: header says %llu tokens, file holds %zu", path,
+                  (unsigned long long)count, (size - r.pos) / 2);
     if (!ok) { free(data); return false; }
     d->vocab_size = (int)header[1];
     d->n = (size_t)count;
@@ -596,7 +632,8 @@ static bool tokens_load(TokenData *d, const char *path) {
         if (d->tokens[i] >= d->vocab_size) {
             unsigned id = d->tokens[i];
             free(d->tokens);
-            return fail("'%s': token id %u at position %zu is out of range for vocab %d", path, id, i, d->vocab_size);
+            return fail("'%s': token id %u at position %zu is out of range for vocab %d", path, id, i,
+                        d->vocab_size);
         }
     return true;
 }
@@ -637,7 +674,8 @@ static inline float dot(const float *a, const float *b, int n) {
 
 // Embedding lookup: out[n,:] = table[tokens[n],:]. out [N,d], table [V,d].
 static void embedding_forward(float *out, const int *tokens, const float *table, int N, int d) {
-    for (int n = 0; n < N; n++) memcpy(out + (size_t)n * d, table + (size_t)tokens[n] * d, sizeof(float) * (size_t)d);
+    for (int n = 0; n < N; n++)
+        memcpy(out + (size_t)n * d, table + (size_t)tokens[n] * d, sizeof(float) * (size_t)d);
 }
 
 // dtable[tokens[n],:] += dout[n,:]. Serial: two rows may share a token.
@@ -652,7 +690,8 @@ static void embedding_backward(float *dtable, const float *dout, const int *toke
 // RMSNorm: out = gain * x / sqrt(mean(x^2) + eps). inp, out [N,d]; rstd [N] saved.
 // gain_step 1: a gain per channel, gain [d] (Llama). gain_step 0: one scalar gain [1] for all
 // channels (OSP's Single-Scale RMSNorm), so no channel can be singled out by its own scale.
-static void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *gain, int gain_step, int N, int d) {
+static void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *gain, int gain_step,
+                            int N, int d) {
 #pragma omp parallel for schedule(dynamic, 16)
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * d;
@@ -877,8 +916,10 @@ void matmul_forward_reference(float *out, const float *inp, const float *w, int 
         for (int o = 0; o < OC; o++) out[(size_t)n * OC + o] = dot(inp + (size_t)n * C, w + (size_t)o * C, C);
 }
 
-void matmul_backward_reference(float *dinp, float *dw, const float *dout, const float *inp, const float *w, int N, int C, int OC);
-void matmul_backward_reference(float *dinp, float *dw, const float *dout, const float *inp, const float *w, int N, int C, int OC) {
+void matmul_backward_reference(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
+                               int N, int C, int OC);
+void matmul_backward_reference(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
+                               int N, int C, int OC) {
     for (int n = 0; n < N; n++)
         for (int o = 0; o < OC; o++)
             for (int c = 0; c < C; c++) {
@@ -1084,7 +1125,8 @@ static void swiglu_forward(float *out, const float *gate, const float *up, size_
 }
 
 // dgate += dout·up·silu'(gate), silu'(x) = s(x)·(1 + x·(1 - s(x)));  dup += dout·silu(gate).
-static void swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate, const float *up, size_t n) {
+static void swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
+                            size_t n) {
 #pragma omp parallel for schedule(dynamic, 8192)
     for (size_t i = 0; i < n; i++) {
         float g = gate[i], s = 1.0f / (1.0f + expf(-g));
@@ -1106,7 +1148,8 @@ static void residual_backward(float *da, float *db, const float *dout, size_t n)
 }
 
 // Softmax cross-entropy: probs [N,V] = softmax(logits), losses [N] = -log probs[target].
-static void crossentropy_forward(float *losses, float *probs, const float *logits, const int *targets, int N, int V) {
+static void crossentropy_forward(float *losses, float *probs, const float *logits, const int *targets, int N,
+                                 int V) {
 #pragma omp parallel for schedule(dynamic, 16)
     for (int n = 0; n < N; n++) {
         const float *z = logits + (size_t)n * V;
@@ -1122,7 +1165,8 @@ static void crossentropy_forward(float *losses, float *probs, const float *logit
 }
 
 // dlogits += dlosses[n] * (probs - onehot(target)).
-static void crossentropy_backward(float *dlogits, const float *dlosses, const float *probs, const int *targets, int N, int V) {
+static void crossentropy_backward(float *dlogits, const float *dlosses, const float *probs,
+                                  const int *targets, int N, int V) {
 #pragma omp parallel for schedule(dynamic, 16)
     for (int n = 0; n < N; n++) {
         const float *p = probs + (size_t)n * V;
@@ -1207,7 +1251,7 @@ static bool cholesky(double *a, int n) {
 
 // inv [n, n] = H⁻¹ = L⁻ᵀ·L⁻¹ from the Cholesky factor L of H (the lower half of l).
 static void inverse_from_cholesky(double *inv, const double *l, int n) {
-    double *yt = xcalloc((size_t)n * n, sizeof(double));   // Yᵀ for Y = L⁻¹: row c of yt solves L·y = e_c
+    double *yt = xcalloc((size_t)n * n, sizeof(double)); // Yᵀ for Y = L⁻¹: row c of yt solves L·y = e_c
 #pragma omp parallel for schedule(dynamic)
     for (int c = 0; c < n; c++) {
         double *y = yt + (size_t)c * n;
@@ -1361,8 +1405,20 @@ typedef struct {
 // Parameter tensors, in storage order. Per-layer tensors hold all L layers back to back.
 // Without EmbProj, embproj_in and embproj_out hold nothing (count 0).
 enum {
-    PARAM_EMBED, PARAM_EMBPROJ_IN, PARAM_ATTN_NORM, PARAM_ATTN_Q, PARAM_ATTN_K, PARAM_ATTN_V, PARAM_ATTN_OUT,
-    PARAM_FFN_NORM, PARAM_FFN_GATE, PARAM_FFN_UP, PARAM_FFN_DOWN, PARAM_FINAL_NORM, PARAM_EMBPROJ_OUT, PARAM_HEAD,
+    PARAM_EMBED,
+    PARAM_EMBPROJ_IN,
+    PARAM_ATTN_NORM,
+    PARAM_ATTN_Q,
+    PARAM_ATTN_K,
+    PARAM_ATTN_V,
+    PARAM_ATTN_OUT,
+    PARAM_FFN_NORM,
+    PARAM_FFN_GATE,
+    PARAM_FFN_UP,
+    PARAM_FFN_DOWN,
+    PARAM_FINAL_NORM,
+    PARAM_EMBPROJ_OUT,
+    PARAM_HEAD,
     N_PARAM_TENSORS
 };
 static const char *param_names[N_PARAM_TENSORS] = {
@@ -1424,13 +1480,21 @@ static int kv_dim(const Config *c) { return c->n_kv_heads * head_dim(c); }
 // Why a config is unusable, or NULL.
 static const char *config_problem(const Config *c) {
     static char msg[256];
-    if (c->vocab_size < TOKEN_FIRST_PIECE || c->vocab_size > VOCAB_MAX) snprintf(msg, sizeof msg, "vocab size %d out of range [%d, %d]", c->vocab_size, TOKEN_FIRST_PIECE, VOCAB_MAX);
-    else if (c->dim < 2 || c->n_layers < 1 || c->n_heads < 1 || c->n_kv_heads < 1 || c->ffn_dim < 1 || c->seq_len < 2)
-        snprintf(msg, sizeof msg, "dim, layers, heads, kv-heads, ffn-dim must be positive and seq-len at least 2");
-    else if (c->dim % c->n_heads != 0) snprintf(msg, sizeof msg, "dim %d is not divisible by heads %d", c->dim, c->n_heads);
-    else if (c->n_heads % c->n_kv_heads != 0) snprintf(msg, sizeof msg, "heads %d is not divisible by kv-heads %d", c->n_heads, c->n_kv_heads);
-    else if (head_dim(c) % 2 != 0) snprintf(msg, sizeof msg, "head dim %d (dim / heads) must be even for RoPE", head_dim(c));
-    else if ((double)c->dim * c->ffn_dim * c->n_layers > 4e9 || (double)c->vocab_size * c->dim > 4e9 || c->seq_len > 65536)
+    if (c->vocab_size < TOKEN_FIRST_PIECE || c->vocab_size > VOCAB_MAX)
+        snprintf(msg, sizeof msg, "vocab size %d out of range [%d, %d]", c->vocab_size, TOKEN_FIRST_PIECE,
+                 VOCAB_MAX);
+    else if (c->dim < 2 || c->n_layers < 1 || c->n_heads < 1 || c->n_kv_heads < 1 || c->ffn_dim < 1 ||
+             c->seq_len < 2)
+        snprintf(msg, sizeof msg,
+                 "dim, layers, heads, kv-heads, ffn-dim must be positive and seq-len at least 2");
+    else if (c->dim % c->n_heads != 0)
+        snprintf(msg, sizeof msg, "dim %d is not divisible by heads %d", c->dim, c->n_heads);
+    else if (c->n_heads % c->n_kv_heads != 0)
+        snprintf(msg, sizeof msg, "heads %d is not divisible by kv-heads %d", c->n_heads, c->n_kv_heads);
+    else if (head_dim(c) % 2 != 0)
+        snprintf(msg, sizeof msg, "head dim %d (dim / heads) must be even for RoPE", head_dim(c));
+    else if ((double)c->dim * c->ffn_dim * c->n_layers > 4e9 || (double)c->vocab_size * c->dim > 4e9 ||
+             c->seq_len > 65536)
         snprintf(msg, sizeof msg, "model too large");
     else return NULL;
     return msg;
@@ -1465,9 +1529,13 @@ static size_t param_layout(ParamShape *shape, const Config *c) {
     return offset;
 }
 
-static size_t param_size(const Model *m, int i) { return (size_t)m->shape[i].count * m->shape[i].rows * m->shape[i].cols; }
+static size_t param_size(const Model *m, int i) {
+    return (size_t)m->shape[i].count * m->shape[i].rows * m->shape[i].cols;
+}
 
-static bool is_norm_gain(int i) { return i == PARAM_ATTN_NORM || i == PARAM_FFN_NORM || i == PARAM_FINAL_NORM; }
+static bool is_norm_gain(int i) {
+    return i == PARAM_ATTN_NORM || i == PARAM_FFN_NORM || i == PARAM_FINAL_NORM;
+}
 
 // Pointer to layer `layer` of parameter tensor i inside block (params or grads).
 static float *param_at(const Model *m, float *block, int i, int layer) {
@@ -1569,7 +1637,10 @@ static void model_init(Model *m, uint64_t seed) {
         float *p = m->params + m->shape[i].offset;
         size_t n = param_size(m, i);
         if (n == 0) continue;
-        if (i == PARAM_EMBPROJ_IN || i == PARAM_EMBPROJ_OUT) { random_orthogonal(p, m->cfg.dim, &rng); continue; }
+        if (i == PARAM_EMBPROJ_IN || i == PARAM_EMBPROJ_OUT) {
+            random_orthogonal(p, m->cfg.dim, &rng);
+            continue;
+        }
         float std = 0.02f * ((i == PARAM_ATTN_OUT || i == PARAM_FFN_DOWN) ? out_scale : 1.0f);
         for (size_t j = 0; j < n; j++) p[j] = is_norm_gain(i) ? 1.0f : std * rng_normal(&rng);
     }
@@ -1584,11 +1655,23 @@ typedef struct {
 
 static LayerActs layer_acts(const Activations *a, const Config *c, int l, int B, int T) {
     size_t N = (size_t)B * T, Nd = N * c->dim, Nkv = N * kv_dim(c), Nf = N * c->ffn_dim;
-    return (LayerActs){
-        a->x + l * Nd, a->attn_norm + l * Nd, a->attn_rstd + l * N, a->q + l * Nd, a->k + l * Nkv,
-        a->v + l * Nkv, a->att + l * N * c->n_heads * T, a->attn_out + l * Nd, a->attn_proj + l * Nd,
-        a->x_mid + l * Nd, a->ffn_norm + l * Nd, a->ffn_rstd + l * N, a->ffn_gate + l * Nf, a->ffn_up + l * Nf,
-        a->ffn_hidden + l * Nf, a->ffn_proj + l * Nd, a->x + (l + 1) * Nd};
+    return (LayerActs){ a->x + l * Nd,
+                        a->attn_norm + l * Nd,
+                        a->attn_rstd + l * N,
+                        a->q + l * Nd,
+                        a->k + l * Nkv,
+                        a->v + l * Nkv,
+                        a->att + l * N * c->n_heads * T,
+                        a->attn_out + l * Nd,
+                        a->attn_proj + l * Nd,
+                        a->x_mid + l * Nd,
+                        a->ffn_norm + l * Nd,
+                        a->ffn_rstd + l * N,
+                        a->ffn_gate + l * Nf,
+                        a->ffn_up + l * Nf,
+                        a->ffn_hidden + l * Nf,
+                        a->ffn_proj + l * Nd,
+                        a->x + (l + 1) * Nd };
 }
 
 // Layer l's weights in a parameter block (the parameters, or their gradients).
@@ -1606,7 +1689,8 @@ static LayerWeights layer_weights(const Model *m, float *block, int l) {
 // cross-entropy loss; without, computes logits only and returns 0. Any B, T whose activations
 // fit the allocation may be used (T = 1 with B up to max_batch·seq_len, for example).
 // fq: the evaluation's fake quantization of the activations; NULL in training (none).
-static float model_forward(Model *m, const int *inputs, const int *targets, int B, int T, const FakeQuant *fq) {
+static float model_forward(Model *m, const int *inputs, const int *targets, int B, int T,
+                           const FakeQuant *fq) {
     const Config *c = &m->cfg;
     int d = c->dim, f = c->ffn_dim, H = c->n_heads, KVH = c->n_kv_heads, hd = head_dim(c), kvd = kv_dim(c);
     int N = B * T;
@@ -1625,7 +1709,8 @@ static float model_forward(Model *m, const int *inputs, const int *targets, int 
     // embedding rows, then (OSP: EmbProj) their projection P_in: the residual stream x[0]
     if (c->embproj) {
         embedding_forward(a->embed, m->inputs, param_at(m, P, PARAM_EMBED, 0), N, d);
-        TIMED(PART_MATMUL_FORWARD, matmul_forward(a->x, a->embed, param_at(m, P, PARAM_EMBPROJ_IN, 0), N, d, d));
+        TIMED(PART_MATMUL_FORWARD,
+              matmul_forward(a->x, a->embed, param_at(m, P, PARAM_EMBPROJ_IN, 0), N, d, d));
     } else {
         embedding_forward(a->x, m->inputs, param_at(m, P, PARAM_EMBED, 0), N, d);
     }
@@ -1635,8 +1720,9 @@ static float model_forward(Model *m, const int *inputs, const int *targets, int 
         // attention: norm, Q K V projections, RoPE, causal softmax attention, output projection
         rmsnorm_forward(s.attn_norm, s.attn_rstd, s.x, w.attn_norm, gs, N, d);
         quantize_asymmetric(s.attn_norm, Nd, d, fq->abits);
-        TIMED(PART_MATMUL_FORWARD, matmul_forward_n(3, (float *[]){s.q, s.k, s.v}, s.attn_norm,
-                                                    (const float *[]){w.wq, w.wk, w.wv}, N, d, (int[]){d, kvd, kvd}));
+        TIMED(PART_MATMUL_FORWARD,
+              matmul_forward_n(3, (float *[]){ s.q, s.k, s.v }, s.attn_norm,
+                               (const float *[]){ w.wq, w.wk, w.wv }, N, d, (int[]){ d, kvd, kvd }));
         rope_forward(s.q, s.k, m->rope_cos, m->rope_sin, B, T, H, KVH, hd);
         if (fq->kvbits < QUANT_OFF) {   // rotating both q and k by H leaves every q·k unchanged
             hadamard_transform(s.q, (size_t)N * H, hd);
@@ -1651,8 +1737,9 @@ static float model_forward(Model *m, const int *inputs, const int *targets, int 
         // feed-forward: norm, gate and up projections, SwiGLU, down projection
         rmsnorm_forward(s.ffn_norm, s.ffn_rstd, s.x_mid, w.ffn_norm, gs, N, d);
         quantize_asymmetric(s.ffn_norm, Nd, d, fq->abits);
-        TIMED(PART_MATMUL_FORWARD, matmul_forward_n(2, (float *[]){s.ffn_gate, s.ffn_up}, s.ffn_norm,
-                                                    (const float *[]){w.w_gate, w.w_up}, N, d, (int[]){f, f}));
+        TIMED(PART_MATMUL_FORWARD,
+              matmul_forward_n(2, (float *[]){ s.ffn_gate, s.ffn_up }, s.ffn_norm,
+                               (const float *[]){ w.w_gate, w.w_up }, N, d, (int[]){ f, f }));
         swiglu_forward(s.ffn_hidden, s.ffn_gate, s.ffn_up, Nf);
         if (fq->ffn_hadamard) hadamard_transform(s.ffn_hidden, (size_t)N, f);
         quantize_asymmetric(s.ffn_hidden, Nf, f, fq->abits);
@@ -1660,12 +1747,12 @@ static float model_forward(Model *m, const int *inputs, const int *targets, int 
         residual_forward(s.x_next, s.x_mid, s.ffn_proj, Nd);
     }
     // final norm, then (OSP: EmbProj) P_out, then the head: logits, and the loss
-    rmsnorm_forward(a->final_norm, a->final_rstd, a->x + c->n_layers * Nd, param_at(m, P, PARAM_FINAL_NORM, 0),
-                    gs, N, d);
+    rmsnorm_forward(a->final_norm, a->final_rstd, a->x + c->n_layers * Nd,
+                    param_at(m, P, PARAM_FINAL_NORM, 0), gs, N, d);
     float *head_in = a->final_norm;
     if (c->embproj) {
-        TIMED(PART_MATMUL_FORWARD, matmul_forward(a->final_proj, a->final_norm, param_at(m, P, PARAM_EMBPROJ_OUT, 0),
-                                                  N, d, d));
+        TIMED(PART_MATMUL_FORWARD,
+              matmul_forward(a->final_proj, a->final_norm, param_at(m, P, PARAM_EMBPROJ_OUT, 0), N, d, d));
         head_in = a->final_proj;
     }
     TIMED(PART_MATMUL_FORWARD, matmul_forward(a->logits, head_in, param_at(m, P, PARAM_HEAD, 0), N, d,
@@ -1695,12 +1782,14 @@ static void model_backward(Model *m) {
     // loss -> logits -> head (-> P_out) -> final norm -> x[L]
     for (int n = 0; n < N; n++) g->losses[n] = 1.0f / (float)N;
     crossentropy_backward(g->logits, g->losses, a->probs, m->targets, N, c->vocab_size);
-    float *head_in = c->embproj ? a->final_proj : a->final_norm, *dhead_in = c->embproj ? g->final_proj : g->final_norm;
+    float *head_in = c->embproj ? a->final_proj : a->final_norm,
+          *dhead_in = c->embproj ? g->final_proj : g->final_norm;
     TIMED(PART_MATMUL_BACKWARD, matmul_backward(dhead_in, param_at(m, G, PARAM_HEAD, 0), g->logits, head_in,
                                                 param_at(m, P, PARAM_HEAD, 0), N, d, c->vocab_size));
     if (c->embproj)
-        TIMED(PART_MATMUL_BACKWARD, matmul_backward(g->final_norm, param_at(m, G, PARAM_EMBPROJ_OUT, 0), g->final_proj,
-                                                    a->final_norm, param_at(m, P, PARAM_EMBPROJ_OUT, 0), N, d, d));
+        TIMED(PART_MATMUL_BACKWARD,
+              matmul_backward(g->final_norm, param_at(m, G, PARAM_EMBPROJ_OUT, 0), g->final_proj,
+                              a->final_norm, param_at(m, P, PARAM_EMBPROJ_OUT, 0), N, d, d));
     rmsnorm_backward(g->x + c->n_layers * Nd, param_at(m, G, PARAM_FINAL_NORM, 0), g->final_norm,
                      a->x + c->n_layers * Nd, param_at(m, P, PARAM_FINAL_NORM, 0), gs, a->final_rstd, N, d);
     for (int l = c->n_layers - 1; l >= 0; l--) {
@@ -1708,28 +1797,33 @@ static void model_backward(Model *m) {
         LayerWeights w = layer_weights(m, P, l), dw = layer_weights(m, G, l);
         // feed-forward, from x_next = x_mid + ffn_proj back to x_mid
         residual_backward(ds.x_mid, ds.ffn_proj, ds.x_next, Nd);
-        TIMED(PART_MATMUL_BACKWARD, matmul_backward(ds.ffn_hidden, dw.w_down, ds.ffn_proj, s.ffn_hidden, w.w_down,
-                                                    N, f, d));
+        TIMED(PART_MATMUL_BACKWARD,
+              matmul_backward(ds.ffn_hidden, dw.w_down, ds.ffn_proj, s.ffn_hidden, w.w_down, N, f, d));
         swiglu_backward(ds.ffn_gate, ds.ffn_up, ds.ffn_hidden, s.ffn_gate, s.ffn_up, Nf);
         TIMED(PART_MATMUL_BACKWARD,
-              matmul_backward_n(2, ds.ffn_norm, (float *[]){dw.w_gate, dw.w_up}, (const float *[]){ds.ffn_gate, ds.ffn_up},
-                                s.ffn_norm, (const float *[]){w.w_gate, w.w_up}, N, d, (int[]){f, f}));
+              matmul_backward_n(2, ds.ffn_norm, (float *[]){ dw.w_gate, dw.w_up },
+                                (const float *[]){ ds.ffn_gate, ds.ffn_up }, s.ffn_norm,
+                                (const float *[]){ w.w_gate, w.w_up }, N, d, (int[]){ f, f }));
         rmsnorm_backward(ds.x_mid, dw.ffn_norm, ds.ffn_norm, s.x_mid, w.ffn_norm, gs, s.ffn_rstd, N, d);
         // attention, from x_mid = x + attn_proj back to x
         residual_backward(ds.x, ds.attn_proj, ds.x_mid, Nd);
-        TIMED(PART_MATMUL_BACKWARD, matmul_backward(ds.attn_out, dw.wo, ds.attn_proj, s.attn_out, w.wo, N, d, d));
-        TIMED(PART_ATTENTION, attention_backward(ds.q, ds.k, ds.v, ds.attn_out, s.attn_out, s.att, s.q, s.k, s.v,
-                                                 B, T, H, KVH, hd));
+        TIMED(PART_MATMUL_BACKWARD,
+              matmul_backward(ds.attn_out, dw.wo, ds.attn_proj, s.attn_out, w.wo, N, d, d));
+        TIMED(PART_ATTENTION,
+              attention_backward(ds.q, ds.k, ds.v, ds.attn_out, s.attn_out, s.att, s.q, s.k, s.v, B, T, H,
+                                 KVH, hd));
         rope_backward(ds.q, ds.k, m->rope_cos, m->rope_sin, B, T, H, KVH, hd);
         TIMED(PART_MATMUL_BACKWARD,
-              matmul_backward_n(3, ds.attn_norm, (float *[]){dw.wq, dw.wk, dw.wv}, (const float *[]){ds.q, ds.k, ds.v},
-                                s.attn_norm, (const float *[]){w.wq, w.wk, w.wv}, N, d, (int[]){d, kvd, kvd}));
+              matmul_backward_n(3, ds.attn_norm, (float *[]){ dw.wq, dw.wk, dw.wv },
+                                (const float *[]){ ds.q, ds.k, ds.v }, s.attn_norm,
+                                (const float *[]){ w.wq, w.wk, w.wv }, N, d, (int[]){ d, kvd, kvd }));
         rmsnorm_backward(ds.x, dw.attn_norm, ds.attn_norm, s.x, w.attn_norm, gs, s.attn_rstd, N, d);
     }
     // x[0] (-> P_in) -> the embedding rows
     if (c->embproj) {
-        TIMED(PART_MATMUL_BACKWARD, matmul_backward(g->embed, param_at(m, G, PARAM_EMBPROJ_IN, 0), g->x, a->embed,
-                                                    param_at(m, P, PARAM_EMBPROJ_IN, 0), N, d, d));
+        TIMED(PART_MATMUL_BACKWARD,
+              matmul_backward(g->embed, param_at(m, G, PARAM_EMBPROJ_IN, 0), g->x, a->embed,
+                              param_at(m, P, PARAM_EMBPROJ_IN, 0), N, d, d));
         embedding_backward(param_at(m, G, PARAM_EMBED, 0), g->embed, m->inputs, N, d);
     } else {
         embedding_backward(param_at(m, G, PARAM_EMBED, 0), g->x, m->inputs, N, d);
@@ -1977,11 +2071,14 @@ static const Preset presets[] = {
 // Index of the preset with these switches, or -1 (a custom combination).
 static int preset_of(int optimizer, int ssnorm, int embproj) {
     for (int i = 0; i < N_PRESETS; i++)
-        if (presets[i].optimizer == optimizer && presets[i].ssnorm == ssnorm && presets[i].embproj == embproj) return i;
+        if (presets[i].optimizer == optimizer && presets[i].ssnorm == ssnorm && presets[i].embproj == embproj)
+            return i;
     return -1;
 }
 
-static const char *preset_name(int preset) { return preset >= 0 && preset < N_PRESETS ? presets[preset].name : "custom"; }
+static const char *preset_name(int preset) {
+    return preset >= 0 && preset < N_PRESETS ? presets[preset].name : "custom";
+}
 
 // Sets the optimizer, SSNorm and EmbProj switches of a run to those of preset p.
 static void apply_preset(Config *cfg, OptimConfig *opt, int p) {
@@ -2027,10 +2124,12 @@ static bool checkpoint_save(const char *path, const TrainState *s, const Model *
     uint32_t version = CKPT_VERSION;
     const Config *c = &s->cfg;
     const OptimConfig *o = &s->opt;
-    int32_t ints[CKPT_INTS] = {c->vocab_size, c->dim, c->n_layers, c->n_heads, c->n_kv_heads, c->ffn_dim, c->seq_len,
-                               c->ssnorm, c->embproj, s->preset, s->merged, o->optimizer, o->ns_steps, s->batch,
-                               o->steps, o->warmup, s->step, state != NULL};
-    float floats[CKPT_FLOATS] = {o->lr_adam, o->lr_muon, o->weight_decay, o->beta1, o->beta2, o->eps, o->muon_momentum, o->grad_clip};
+    int32_t ints[CKPT_INTS] = { c->vocab_size, c->dim,       c->n_layers,  c->n_heads, c->n_kv_heads,
+                                c->ffn_dim,    c->seq_len,   c->ssnorm,    c->embproj, s->preset,
+                                s->merged,     o->optimizer, o->ns_steps,  s->batch,   o->steps,
+                                o->warmup,     s->step,      state != NULL };
+    float floats[CKPT_FLOATS] = { o->lr_adam, o->lr_muon, o->weight_decay,  o->beta1,
+                                  o->beta2,   o->eps,     o->muon_momentum, o->grad_clip };
     uint64_t u64[2] = {s->seed, s->rng};
     atomic_write(&af, CKPT_MAGIC, 4);
     atomic_write(&af, &version, 4);
@@ -2063,9 +2162,18 @@ static bool checkpoint_load(const char *path, TrainState *s, Model *m, int max_b
     s->cfg = (Config){ints[0], ints[1], ints[2], ints[3], ints[4], ints[5], ints[6], ints[7], ints[8]};
     s->preset = ints[9];
     s->merged = ints[10];
-    s->opt = (OptimConfig){.optimizer = ints[11], .ns_steps = ints[12], .steps = ints[14], .warmup = ints[15],
-                           .lr_adam = floats[0], .lr_muon = floats[1], .weight_decay = floats[2], .beta1 = floats[3],
-                           .beta2 = floats[4], .eps = floats[5], .muon_momentum = floats[6], .grad_clip = floats[7]};
+    s->opt = (OptimConfig){ .optimizer = ints[11],
+                            .ns_steps = ints[12],
+                            .steps = ints[14],
+                            .warmup = ints[15],
+                            .lr_adam = floats[0],
+                            .lr_muon = floats[1],
+                            .weight_decay = floats[2],
+                            .beta1 = floats[3],
+                            .beta2 = floats[4],
+                            .eps = floats[5],
+                            .muon_momentum = floats[6],
+                            .grad_clip = floats[7] };
     s->batch = ints[13];
     s->step = ints[16];
     s->seed = u64[0]; s->rng = u64[1];
@@ -2074,13 +2182,16 @@ static bool checkpoint_load(const char *path, TrainState *s, Model *m, int max_b
     if (r.short_read && size < 4) ok = fail("'%s' is truncated (%zu bytes)", path, size);
     else if (memcmp(magic, CKPT_MAGIC, 4) != 0) ok = fail("'%s' is not an osp checkpoint (bad magic)", path);
     else if (r.short_read && size < 8) ok = fail("'%s' is truncated: the header is incomplete", path);
-    else if (version != CKPT_VERSION) ok = fail("'%s' has checkpoint version %u; this osp reads version %u", path, version, CKPT_VERSION);
+    else if (version != CKPT_VERSION)
+        ok = fail("'%s' has checkpoint version %u; this osp reads version %u", path, version, CKPT_VERSION);
     else if (r.short_read) ok = fail("'%s' is truncated: the header is incomplete", path);
     else if ((problem = config_problem(&s->cfg))) ok = fail("'%s' has a bad model config: %s", path, problem);
-    else if (s->opt.optimizer < 0 || s->opt.optimizer >= N_OPTIMIZERS || s->preset < -1 || s->preset >= N_PRESETS)
+    else if (s->opt.optimizer < 0 || s->opt.optimizer >= N_OPTIMIZERS || s->preset < -1 ||
+             s->preset >= N_PRESETS)
         ok = fail("'%s' has a bad optimizer %d or preset %d", path, s->opt.optimizer, s->preset);
     else if (s->batch < 1 || s->step < 0 || s->opt.steps < s->step)
-        ok = fail("'%s' has a bad training state (batch %d, step %d of %d)", path, s->batch, s->step, s->opt.steps);
+        ok = fail("'%s' has a bad training state (batch %d, step %d of %d)", path, s->batch, s->step,
+                  s->opt.steps);
     if (!ok) { free(data); return false; }
     model_alloc(m, &s->cfg, max_batch > 0 ? max_batch : s->batch);
     size_t offset[N_PARAM_TENSORS];
@@ -2089,7 +2200,8 @@ static bool checkpoint_load(const char *path, TrainState *s, Model *m, int max_b
     if (size != expected) {
         model_free(m);
         free(data);
-        return fail("'%s' is %s: expected %zu bytes for this config, found %zu", path, size < expected ? "truncated" : "corrupt", expected, size);
+        return fail("'%s' is %s: expected %zu bytes for this config, found %zu", path,
+                    size < expected ? "truncated" : "corrupt", expected, size);
     }
     reader_get(&r, m->params, sizeof(float) * m->n_params);
     if (state) {
@@ -2171,7 +2283,14 @@ static void model_merge(Model *dst, const Model *src, int max_batch) {
 
 #define GGUF_VERSION 3u
 #define GGUF_ALIGNMENT 32
-enum { GGUF_TYPE_UINT32 = 4, GGUF_TYPE_INT32 = 5, GGUF_TYPE_FLOAT32 = 6, GGUF_TYPE_BOOL = 7, GGUF_TYPE_STRING = 8, GGUF_TYPE_ARRAY = 9 };
+enum {
+    GGUF_TYPE_UINT32 = 4,
+    GGUF_TYPE_INT32 = 5,
+    GGUF_TYPE_FLOAT32 = 6,
+    GGUF_TYPE_BOOL = 7,
+    GGUF_TYPE_STRING = 8,
+    GGUF_TYPE_ARRAY = 9
+};
 enum { GGML_TYPE_F32 = 0, GGML_TYPE_F16 = 1 };
 enum { TOKEN_TYPE_NORMAL = 1, TOKEN_TYPE_UNKNOWN = 2, TOKEN_TYPE_CONTROL = 3, TOKEN_TYPE_BYTE = 6 };
 #define F16_MAX 65504.0f
@@ -2180,10 +2299,10 @@ enum { TOKEN_TYPE_NORMAL = 1, TOKEN_TYPE_UNKNOWN = 2, TOKEN_TYPE_CONTROL = 3, TO
 // llama.cpp's name of each parameter tensor (EmbProj is merged away; per-layer tensors get
 // the prefix "blk.N.", all get the suffix ".weight").
 static const char *gguf_names[N_PARAM_TENSORS] = {
-    [PARAM_EMBED] = "token_embd", [PARAM_ATTN_NORM] = "attn_norm", [PARAM_ATTN_Q] = "attn_q", [PARAM_ATTN_K] = "attn_k",
-    [PARAM_ATTN_V] = "attn_v", [PARAM_ATTN_OUT] = "attn_output", [PARAM_FFN_NORM] = "ffn_norm",
-    [PARAM_FFN_GATE] = "ffn_gate", [PARAM_FFN_UP] = "ffn_up", [PARAM_FFN_DOWN] = "ffn_down",
-    [PARAM_FINAL_NORM] = "output_norm", [PARAM_HEAD] = "output",
+    [PARAM_EMBED] = "token_embd",  [PARAM_ATTN_NORM] = "attn_norm",    [PARAM_ATTN_Q] = "attn_q",
+    [PARAM_ATTN_K] = "attn_k",     [PARAM_ATTN_V] = "attn_v",          [PARAM_ATTN_OUT] = "attn_output",
+    [PARAM_FFN_NORM] = "ffn_norm", [PARAM_FFN_GATE] = "ffn_gate",      [PARAM_FFN_UP] = "ffn_up",
+    [PARAM_FFN_DOWN] = "ffn_down", [PARAM_FINAL_NORM] = "output_norm", [PARAM_HEAD] = "output",
 };
 
 // float32 -> IEEE half, rounding to nearest even; beyond the half range gives infinity.
@@ -2194,7 +2313,8 @@ static uint16_t float_to_half(float f) {
     uint32_t mag = x & 0x7FFFFFFFu;
     if (mag > 0x7F800000u) return sign | 0x7E00;                      // NaN
     if (mag >= 0x477FF000u) return sign | 0x7C00;                     // rounds to 65536 or more
-    if (mag < 0x38800000u) return sign | (uint16_t)lrintf(fabsf(f) * 16777216.0f);   // subnormal: units of 2^-24
+    if (mag < 0x38800000u)
+        return sign | (uint16_t)lrintf(fabsf(f) * 16777216.0f); // subnormal: units of 2^-24
     uint32_t h = (mag - 0x38000000u) >> 13, rest = mag & 0x1FFFu;   // exponent bias 127 -> 15
     if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) h++;
     return sign | (uint16_t)h;
@@ -2221,10 +2341,23 @@ static void gguf_key(ByteList *kv, const char *key, uint32_t type) {
     put_u32(kv, type);
     kv->entries++;
 }
-static void gguf_kv_u32(ByteList *kv, const char *key, uint32_t v) { gguf_key(kv, key, GGUF_TYPE_UINT32); put_u32(kv, v); }
-static void gguf_kv_f32(ByteList *kv, const char *key, float v) { gguf_key(kv, key, GGUF_TYPE_FLOAT32); put_bytes(kv, &v, 4); }
-static void gguf_kv_bool(ByteList *kv, const char *key, bool v) { uint8_t b = v; gguf_key(kv, key, GGUF_TYPE_BOOL); put_bytes(kv, &b, 1); }
-static void gguf_kv_string(ByteList *kv, const char *key, const char *s) { gguf_key(kv, key, GGUF_TYPE_STRING); put_string(kv, s, strlen(s)); }
+static void gguf_kv_u32(ByteList *kv, const char *key, uint32_t v) {
+    gguf_key(kv, key, GGUF_TYPE_UINT32);
+    put_u32(kv, v);
+}
+static void gguf_kv_f32(ByteList *kv, const char *key, float v) {
+    gguf_key(kv, key, GGUF_TYPE_FLOAT32);
+    put_bytes(kv, &v, 4);
+}
+static void gguf_kv_bool(ByteList *kv, const char *key, bool v) {
+    uint8_t b = v;
+    gguf_key(kv, key, GGUF_TYPE_BOOL);
+    put_bytes(kv, &b, 1);
+}
+static void gguf_kv_string(ByteList *kv, const char *key, const char *s) {
+    gguf_key(kv, key, GGUF_TYPE_STRING);
+    put_string(kv, s, strlen(s));
+}
 static void gguf_array(ByteList *kv, const char *key, uint32_t elem_type, uint64_t count) {
     gguf_key(kv, key, GGUF_TYPE_ARRAY);
     put_u32(kv, elem_type);
@@ -2265,27 +2398,38 @@ static const char *export_problem(const Model *m, const Tokenizer *t, ExportForm
     static char msg[320];
     if (m->cfg.embproj || m->cfg.ssnorm) return "internal: export needs a merged model";
     if (t->vocab_size != m->cfg.vocab_size) {
-        snprintf(msg, sizeof msg, "vocab mismatch: the model has %d tokens, the tokenizer %d", m->cfg.vocab_size, t->vocab_size);
+        snprintf(msg, sizeof msg, "vocab mismatch: the model has %d tokens, the tokenizer %d",
+                 m->cfg.vocab_size, t->vocab_size);
         return msg;
     }
     for (int i = 0; i < N_PARAM_TENSORS; i++) {
         const float *p = m->params + m->shape[i].offset;
         for (size_t j = 0; j < param_size(m, i); j++) {
-            if (!isfinite(p[j])) { snprintf(msg, sizeof msg, "parameter tensor %s holds NaN or Inf", param_names[i]); return msg; }
+            if (!isfinite(p[j])) {
+                snprintf(msg, sizeof msg, "parameter tensor %s holds NaN or Inf", param_names[i]);
+                return msg;
+            }
             if (format == EXPORT_GGUF_F16 && !is_norm_gain(i) && fabsf(p[j]) > F16_MAX) {
-                snprintf(msg, sizeof msg, "%s holds %g, beyond float16's largest value %g: export without --f16", param_names[i], p[j], F16_MAX);
+                snprintf(msg, sizeof msg,
+                         "%s holds %g, beyond float16's largest value %g: export without --f16",
+                         param_names[i], p[j], F16_MAX);
                 return msg;
             }
         }
     }
     if (format == EXPORT_LLAMA2C && tokenizer_lookup(t, " ", 1) == -1)
-        return "run.c starts every prompt with the token \" \" (SentencePiece's dummy prefix), and this tokenizer has none";
+        return "run.c starts every prompt with the token \" \" (SentencePiece's dummy prefix), and this "
+               "tokenizer has none";
     if (format != EXPORT_LLAMA2C)
         for (int id = 0; id < t->vocab_size; id++) {
             const unsigned char *s = (const unsigned char *)t->pieces[id];
-            if (!is_utf8_text(s, t->lengths[id])) { snprintf(msg, sizeof msg, "token %d is not UTF-8 text, which GGUF strings must be", id); return msg; }
+            if (!is_utf8_text(s, t->lengths[id])) {
+                snprintf(msg, sizeof msg, "token %d is not UTF-8 text, which GGUF strings must be", id);
+                return msg;
+            }
             if (strstr(t->pieces[id], SPIECE_SPACE)) {
-                snprintf(msg, sizeof msg, "token %d contains U+2581, which llama.cpp's tokenizer reads as a space", id);
+                snprintf(msg, sizeof msg,
+                         "token %d contains U+2581, which llama.cpp's tokenizer reads as a space", id);
                 return msg;
             }
         }
@@ -2316,7 +2460,8 @@ static size_t align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 // Writes the merged model m and tokenizer t as GGUF: F32 throughout, or with --f16 every
 // matrix in F16 (norm gains stay F32, as llama.cpp's own converter keeps them). The number
 // of tensors written goes to *n_tensors.
-static bool export_gguf(const char *path, const Model *m, const Tokenizer *t, bool f16, const char *model_name, int *n_tensors) {
+static bool export_gguf(const char *path, const Model *m, const Tokenizer *t, bool f16,
+                        const char *model_name, int *n_tensors) {
     const Config *c = &m->cfg;
     ByteList kv = {0}, info = {0};
     gguf_kv_string(&kv, "general.architecture", "llama");
@@ -2409,11 +2554,13 @@ static bool export_gguf(const char *path, const Model *m, const Tokenizer *t, bo
 // Writes the merged model m in llama2.c's legacy format (run.c's tensor order).
 static bool export_llama2c(const char *path, const Model *m) {
     const Config *c = &m->cfg;
-    static const int order[] = {PARAM_EMBED, PARAM_ATTN_NORM, PARAM_ATTN_Q, PARAM_ATTN_K, PARAM_ATTN_V, PARAM_ATTN_OUT,
-                                PARAM_FFN_NORM, PARAM_FFN_GATE, PARAM_FFN_DOWN, PARAM_FFN_UP, PARAM_FINAL_NORM};
+    static const int order[] = { PARAM_EMBED,    PARAM_ATTN_NORM, PARAM_ATTN_Q,    PARAM_ATTN_K,
+                                 PARAM_ATTN_V,   PARAM_ATTN_OUT,  PARAM_FFN_NORM,  PARAM_FFN_GATE,
+                                 PARAM_FFN_DOWN, PARAM_FFN_UP,    PARAM_FINAL_NORM };
     AtomicFile af;
     if (!atomic_open(&af, path)) return false;
-    int32_t header[7] = {c->dim, c->ffn_dim, c->n_layers, c->n_heads, c->n_kv_heads, -c->vocab_size, c->seq_len};
+    int32_t header[7] = { c->dim,        c->ffn_dim,     c->n_layers, c->n_heads,
+                          c->n_kv_heads, -c->vocab_size, c->seq_len };
     atomic_write(&af, header, sizeof header);
     for (size_t k = 0; k < sizeof order / sizeof order[0]; k++)
         atomic_write(&af, m->params + m->shape[order[k]].offset, sizeof(float) * param_size(m, order[k]));
@@ -2626,7 +2773,8 @@ static void quantize_weights(Model *m, int bits, bool clip_search) {
         {
             float *scratch = xmalloc(sizeof(float) * (size_t)cols);
 #pragma omp for schedule(static)
-            for (int r = 0; r < rows; r++) quantize_weight_row(w + (size_t)r * cols, cols, bits, clip_search, scratch);
+            for (int r = 0; r < rows; r++)
+                quantize_weight_row(w + (size_t)r * cols, cols, bits, clip_search, scratch);
             free(scratch);
         }
     }
@@ -2636,7 +2784,8 @@ static void quantize_weights(Model *m, int bits, bool clip_search) {
 // [d, f]. With the online half (h -> H·h in the forward pass) the product is unchanged:
 // W2·Hᵀ·H·h = W2·h. Needs ffn_dim a power of two.
 static void rotate_ffn_down(Model *m) {
-    hadamard_transform(m->params + m->shape[PARAM_FFN_DOWN].offset, (size_t)m->cfg.n_layers * m->cfg.dim, m->cfg.ffn_dim);
+    hadamard_transform(m->params + m->shape[PARAM_FFN_DOWN].offset, (size_t)m->cfg.n_layers * m->cfg.dim,
+                       m->cfg.ffn_dim);
 }
 
 // Folds every norm's per-channel gain into the matrices that read the normed vector
@@ -2682,10 +2831,12 @@ static void rotate_residual(Model *m, uint64_t seed) {
     float *signs = xmalloc(sizeof(float) * (size_t)d);
     uint64_t rng = seed;
     for (int i = 0; i < d; i++) signs[i] = (rng_next(&rng) & 1) ? 1.0f : -1.0f;
-    const int readers[] = {PARAM_EMBED, PARAM_ATTN_Q, PARAM_ATTN_K, PARAM_ATTN_V, PARAM_FFN_GATE, PARAM_FFN_UP, PARAM_HEAD};
+    const int readers[] = { PARAM_EMBED,    PARAM_ATTN_Q, PARAM_ATTN_K, PARAM_ATTN_V,
+                            PARAM_FFN_GATE, PARAM_FFN_UP, PARAM_HEAD };
     for (size_t k = 0; k < sizeof readers / sizeof readers[0]; k++) {
         int t = readers[k];
-        apply_rotation(m->params + m->shape[t].offset, (size_t)m->shape[t].count * m->shape[t].rows, d, signs);
+        apply_rotation(m->params + m->shape[t].offset, (size_t)m->shape[t].count * m->shape[t].rows, d,
+                       signs);
     }
     const int writers[] = {PARAM_ATTN_OUT, PARAM_FFN_DOWN};
     for (size_t k = 0; k < 2; k++) {
@@ -2706,8 +2857,10 @@ static void rotate_residual(Model *m, uint64_t seed) {
 // of RTN (the GPTQ rows are evaluated only when asked, --gptq).
 // Each row's key in eval --json and its column in results.csv (+ "_ppl", and "_had").
 enum { QROW_W, QROW_A, QROW_KV, QROW_WAKV, QROW_W_GPTQ, QROW_WAKV_GPTQ, N_QUANT_ROWS };
-static const struct { const char *json, *csv; } quant_row_keys[N_QUANT_ROWS] = {
-    {"w", "w4"}, {"a", "a4"}, {"kv", "kv4"}, {"wakv", "w4a4kv4"}, {"w_gptq", "w4_gptq"}, {"wakv_gptq", "w4a4kv4_gptq"},
+static const struct { const char *json, *csv;
+} quant_row_keys[N_QUANT_ROWS] = {
+    { "w", "w4" },         { "a", "a4" },           { "kv", "kv4" },
+    { "wakv", "w4a4kv4" }, { "w_gptq", "w4_gptq" }, { "wakv_gptq", "w4a4kv4_gptq" },
 };
 
 // One fake-quantization setting: one row of the table, without or with the FFN Hadamard.
@@ -2900,7 +3053,10 @@ static void trainer_init(Trainer *tr, const TrainState *s) {
 // Continues a run from a checkpoint (which must hold optimizer state).
 static bool trainer_resume(Trainer *tr, const char *path) {
     if (!checkpoint_load(path, &tr->state, &tr->model, 0, &tr->opt_state)) return false;
-    if (!tr->opt_state) { model_free(&tr->model); return fail("'%s' has no optimizer state to resume from", path); }
+    if (!tr->opt_state) {
+        model_free(&tr->model);
+        return fail("'%s' has no optimizer state to resume from", path);
+    }
     trainer_alloc_buffers(tr);
     return true;
 }
@@ -2944,17 +3100,19 @@ static void kurtosis_log_free(KurtosisLog *l) { free(l->step); free(l->values); 
 // kurtosis_paper, then in context: kurtosis (mean over states), max_abs, one column per state.
 // The header is written when `header` is set; each row starts with `prefix`, the values of the
 // leading columns.
-static void kurtosis_log_write(FILE *f, const KurtosisLog *l, bool header, const char *columns, const char *prefix,
-                               size_t tokens_per_step) {
+static void kurtosis_log_write(FILE *f, const KurtosisLog *l, bool header, const char *columns,
+                               const char *prefix, size_t tokens_per_step) {
     char label[32];
     if (header) {
         fprintf(f, "%sstep,tokens,kurtosis_paper,kurtosis,max_abs", columns);
-        for (int s = 0; s < l->n_states; s++) fprintf(f, ",%s", state_label(s, l->n_states, label, sizeof label));
+        for (int s = 0; s < l->n_states; s++)
+            fprintf(f, ",%s", state_label(s, l->n_states, label, sizeof label));
         fprintf(f, "\n");
     }
     for (int i = 0; i < l->n; i++) {
         fprintf(f, "%s%d,%zu", prefix, l->step[i], (size_t)l->step[i] * tokens_per_step);
-        for (int c = 0; c < kurtosis_log_cols(l); c++) fprintf(f, ",%.6g", l->values[(size_t)i * kurtosis_log_cols(l) + c]);
+        for (int c = 0; c < kurtosis_log_cols(l); c++)
+            fprintf(f, ",%.6g", l->values[(size_t)i * kurtosis_log_cols(l) + c]);
         fprintf(f, "\n");
     }
 }
@@ -2999,7 +3157,10 @@ typedef struct {
     void *ctx;
 } RunOptions;
 
-typedef struct { bool diverged; double tokens_per_second; } RunResult;   // tokens/s of the training steps alone
+typedef struct {
+    bool diverged;
+    double tokens_per_second;
+} RunResult; // tokens/s of the training steps alone
 
 // The run's description: model, parameters, recipe, learning rates, optimizer state, data.
 static void print_run_header(FILE *log, const Trainer *tr) {
@@ -3007,23 +3168,31 @@ static void print_run_header(FILE *log, const Trainer *tr) {
     const Config *c = &st->cfg;
     const Model *m = &tr->model;
     fprintf(log, "model: dim %d, layers %d, heads %d (kv %d), ffn %d, seq %d, vocab %d: %.2fM parameters\n",
-            c->dim, c->n_layers, c->n_heads, c->n_kv_heads, c->ffn_dim, c->seq_len, c->vocab_size, m->n_params / 1e6);
+            c->dim, c->n_layers, c->n_heads, c->n_kv_heads, c->ffn_dim, c->seq_len, c->vocab_size,
+            m->n_params / 1e6);
     fprintf(log, "parameters:");
     for (int i = 0; i < N_PARAM_TENSORS; i++)
         if (param_size(m, i) > 0)
-            fprintf(log, " %s %s%dx%d%s", param_names[i], m->shape[i].count > 1 ? "[" : "", m->shape[i].rows, m->shape[i].cols,
-                    m->shape[i].count > 1 ? "]xL" : "");
+            fprintf(log, " %s %s%dx%d%s", param_names[i], m->shape[i].count > 1 ? "[" : "", m->shape[i].rows,
+                    m->shape[i].cols, m->shape[i].count > 1 ? "]xL" : "");
     fprintf(log, "\n");
     size_t state_bytes = optimizer_state_bytes(m, st->opt.optimizer);
-    fprintf(log, "recipe: preset %s: optimizer %s, %s, %s\n", preset_name(st->preset), optimizer_names[st->opt.optimizer],
-            c->ssnorm ? "SSNorm" : "RMSNorm", c->embproj ? "EmbProj" : "no EmbProj");
+    fprintf(log, "recipe: preset %s: optimizer %s, %s, %s\n", preset_name(st->preset),
+            optimizer_names[st->opt.optimizer], c->ssnorm ? "SSNorm" : "RMSNorm",
+            c->embproj ? "EmbProj" : "no EmbProj");
     char lrs[96];
     if (st->opt.optimizer == OPTIMIZER_ADAM) snprintf(lrs, sizeof lrs, "lr %g", st->opt.lr_adam);
-    else if (st->opt.optimizer == OPTIMIZER_MUON_ONLY) snprintf(lrs, sizeof lrs, "lr muon %g", st->opt.lr_muon);
-    else snprintf(lrs, sizeof lrs, "lr muon %g (network), lr adam %g (embedding, head)", st->opt.lr_muon, st->opt.lr_adam);
-    fprintf(log, "training: %s, warmup %d, steps %d, batch %d (%zu tokens/step), wd %g, clip %g, seed %llu, %d thread%s\n",
-            lrs, st->opt.warmup, st->opt.steps, st->batch, (size_t)st->batch * c->seq_len, st->opt.weight_decay,
-            st->opt.grad_clip, (unsigned long long)st->seed, num_threads(), num_threads() == 1 ? "" : "s");
+    else if (st->opt.optimizer == OPTIMIZER_MUON_ONLY)
+        snprintf(lrs, sizeof lrs, "lr muon %g", st->opt.lr_muon);
+    else
+        snprintf(lrs, sizeof lrs, "lr muon %g (network), lr adam %g (embedding, head)", st->opt.lr_muon,
+                 st->opt.lr_adam);
+    fprintf(log,
+            "training: %s, warmup %d, steps %d, batch %d (%zu tokens/step), wd %g, clip %g, seed %llu, %d "
+            "thread%s\n",
+            lrs, st->opt.warmup, st->opt.steps, st->batch, (size_t)st->batch * c->seq_len,
+            st->opt.weight_decay, st->opt.grad_clip, (unsigned long long)st->seed, num_threads(),
+            num_threads() == 1 ? "" : "s");
     fprintf(log, "optimizer state: %zu bytes (%.2f per parameter: AdamW keeps 2 buffers, Muon 1)\n",
             state_bytes, (double)state_bytes / sizeof(float) / m->n_params);
     fprintf(log, "data: %zu train tokens, %zu val tokens\n", tr->train->n, tr->val->n);
@@ -3067,7 +3236,8 @@ static bool train_run(Trainer *tr, const RunOptions *ro, RunResult *res) {
     float loss = 0.0f, grad_norm = 0.0f, val_loss = NAN;
     while (ok && st->step < st->opt.steps) {
         // The lr shown is the network's: Muon's, or AdamW's under the adam preset.
-        float lr = lr_factor(&st->opt, st->step) * (st->opt.optimizer == OPTIMIZER_ADAM ? st->opt.lr_adam : st->opt.lr_muon);
+        float lr = lr_factor(&st->opt, st->step) *
+                (st->opt.optimizer == OPTIMIZER_ADAM ? st->opt.lr_adam : st->opt.lr_muon);
         loss = train_step(tr, &grad_norm);
         if (!isfinite(loss)) {
             diverged = true;
@@ -3080,8 +3250,11 @@ static bool train_run(Trainer *tr, const RunOptions *ro, RunResult *res) {
         if (st->step % ro->log_every == 0 || last || st->step == start_step + 1) {
             double now = now_seconds(), dt = (now - t_window) / window_steps;
             char eta[32];
-            fprintf(ro->log, "step %6d/%d | loss %.4f | lr %.2e | norm %6.3f | %7.1f ms/step | %7.0f tok/s | %5.2f GFLOP/s | left %s\n",
-                    st->step, st->opt.steps, loss, lr, grad_norm, 1e3 * dt, tokens_per_step / dt, flops_per_step / dt / 1e9,
+            fprintf(ro->log,
+                    "step %6d/%d | loss %.4f | lr %.2e | norm %6.3f | %7.1f ms/step | %7.0f tok/s | %5.2f "
+                    "GFLOP/s | left %s\n",
+                    st->step, st->opt.steps, loss, lr, grad_norm, 1e3 * dt, tokens_per_step / dt,
+                    flops_per_step / dt / 1e9,
                     format_duration(dt * (st->opt.steps - st->step), eta, sizeof eta));
             fflush(ro->log);
             if (ro->on_log) ro->on_log(ro->ctx, st, loss, dt);
@@ -3097,8 +3270,9 @@ static bool train_run(Trainer *tr, const RunOptions *ro, RunResult *res) {
             double t0 = now_seconds();
             val_loss = evaluate_loss(m, tr->val, ro->val_windows, NULL, NULL);
             ok = checkpoint_save(ro->out, st, m, tr->opt_state);
-            if (ok) fprintf(ro->log, "step %6d/%d | val loss %.4f | val ppl %.2f | saved %s (%.1f s)\n", st->step, st->opt.steps,
-                            val_loss, exp(val_loss), ro->out, now_seconds() - t0);
+            if (ok)
+                fprintf(ro->log, "step %6d/%d | val loss %.4f | val ppl %.2f | saved %s (%.1f s)\n", st->step,
+                        st->opt.steps, val_loss, exp(val_loss), ro->out, now_seconds() - t0);
         }
         fflush(ro->log);
         double aside = now_seconds() - t_aside;
@@ -3107,10 +3281,15 @@ static bool train_run(Trainer *tr, const RunOptions *ro, RunResult *res) {
     }
     double elapsed = now_seconds() - t_start;
     int done = st->step - start_step;
-    *res = (RunResult){.diverged = diverged, .tokens_per_second = done > 0 ? tokens_per_step * done / (elapsed - t_aside_total) : NAN};
+    *res = (RunResult){ .diverged = diverged,
+                        .tokens_per_second = done > 0 ? tokens_per_step * done / (elapsed - t_aside_total)
+                                                      : NAN };
     if (ok && done > 0)
-        fprintf(ro->log, "done: %d steps in %.1f s (%.1f ms/step, %.0f tok/s, %.2f GFLOP/s incl. evaluation); final train loss %.4f, val loss %.4f\n",
-                done, elapsed, 1e3 * elapsed / done, tokens_per_step * done / elapsed, flops_per_step * done / elapsed / 1e9, loss, val_loss);
+        fprintf(ro->log,
+                "done: %d steps in %.1f s (%.1f ms/step, %.0f tok/s, %.2f GFLOP/s incl. evaluation); final "
+                "train loss %.4f, val loss %.4f\n",
+                done, elapsed, 1e3 * elapsed / done, tokens_per_step * done / elapsed,
+                flops_per_step * done / elapsed / 1e9, loss, val_loss);
     fflush(ro->log);
     kurtosis_log_free(&klog);
     return ok;
@@ -3128,7 +3307,8 @@ static int compare_prob_desc(const void *a, const void *b) {
 }
 
 // Samples a token from logits [V] at a temperature (0 = greedy) with nucleus (top-p) cutoff.
-static int sample_token(const float *logits, int V, float temperature, float top_p, uint64_t *rng, ProbId *scratch) {
+static int sample_token(const float *logits, int V, float temperature, float top_p, uint64_t *rng,
+                        ProbId *scratch) {
     int best = 0;
     for (int i = 1; i < V; i++) if (logits[i] > logits[best]) best = i;
     if (temperature <= 0.0f) return best;
@@ -3157,7 +3337,9 @@ static void generate(Model *m, const Tokenizer *tok, const char *prompt, int n_n
     size_t plen = strlen(prompt);
     int *tokens = xmalloc(sizeof(int) * (plen + (size_t)n_new + 1));
     int n = tokenizer_encode(tok, (const unsigned char *)prompt, plen, tokens);
-    if (n == 0) n = tokenizer_encode(tok, (const unsigned char *)"\n", 1, tokens);   // training text has no <s>: start a line
+    if (n == 0)
+        n = tokenizer_encode(tok, (const unsigned char *)"\n", 1,
+                             tokens); // training text has no <s>: start a line
     fputs(prompt, out);
     ProbId *scratch = xmalloc(sizeof(ProbId) * (size_t)m->cfg.vocab_size);
     uint64_t rng = seed;
@@ -3165,7 +3347,8 @@ static void generate(Model *m, const Tokenizer *tok, const char *prompt, int n_n
     for (int i = 0; i < n_new; i++) {
         int T = n < m->cfg.seq_len ? n : m->cfg.seq_len;
         model_forward(m, tokens + n - T, NULL, 1, T, NULL);
-        int next = sample_token(m->act.logits + (size_t)(T - 1) * m->cfg.vocab_size, m->cfg.vocab_size, temperature, top_p, &rng, scratch);
+        int next = sample_token(m->act.logits + (size_t)(T - 1) * m->cfg.vocab_size, m->cfg.vocab_size,
+                                temperature, top_p, &rng, scratch);
         tokens[n++] = next;
         int len;
         const char *piece = tokenizer_decode(tok, next, &len, byte_buf);
@@ -3197,8 +3380,10 @@ typedef struct {
 // results.csv's columns after preset, seed and diverged_step: these, then a perplexity per row
 // of the 4-bit table without and then with Had. (quant_row_keys); and where each lives in a run.
 #define ABLATION_VALUES (8 + 2 * N_QUANT_ROWS)
-static const char *ablation_columns[8] = {"tokens_per_s", "optimizer_state_bytes", "val_windows", "kurtosis",
-                                          "kurtosis_paper", "top_channel_share", "max_abs_activation", "fp_ppl"};
+static const char *ablation_columns[8] = { "tokens_per_s",       "optimizer_state_bytes",
+                                           "val_windows",        "kurtosis",
+                                           "kurtosis_paper",     "top_channel_share",
+                                           "max_abs_activation", "fp_ppl" };
 
 static void ablation_values(AblationRun *r, double **v) {
     double *fields[ABLATION_VALUES] = {&r->tokens_per_second, &r->state_bytes, &r->windows, &r->kurtosis,
@@ -3216,7 +3401,9 @@ static void ablation_header(char *buf, size_t size) {
     for (int c = 0; c < ABLATION_VALUES; c++) {
         int q = (c - 8) % N_QUANT_ROWS;
         if (c < 8) n += snprintf(buf + n, size - (size_t)n, ",%s", ablation_columns[c]);
-        else n += snprintf(buf + n, size - (size_t)n, ",%s_ppl%s", quant_row_keys[q].csv, c < 8 + N_QUANT_ROWS ? "" : "_had");
+        else
+            n += snprintf(buf + n, size - (size_t)n, ",%s_ppl%s", quant_row_keys[q].csv,
+                          c < 8 + N_QUANT_ROWS ? "" : "_had");
     }
 }
 
@@ -3296,7 +3483,8 @@ static double plot_y(const PlotFrame *f, double log10_y) {
 // below y_floor are drawn at y_floor, since log(0) has no place), labelled axes, a legend.
 static bool write_svg_plot(const char *path, const char *title, const char *x_label, const char *y_label,
                            const PlotLine *lines, int n_lines, double y_floor) {
-    static const char *colors[] = {"#d62728", "#ff7f0e", "#9467bd", "#2ca02c", "#8c564b", "#1f77b4", "#e377c2", "#7f7f7f"};
+    static const char *colors[] = { "#d62728", "#ff7f0e", "#9467bd", "#2ca02c",
+                                    "#8c564b", "#1f77b4", "#e377c2", "#7f7f7f" };
     const double W = 760, H = 480, left = 80, right = 190, top = 50, bottom = 60;
     double x_max = 0.0, y_lo = INFINITY, y_hi = -INFINITY;
     for (int l = 0; l < n_lines; l++)
@@ -3308,43 +3496,61 @@ static bool write_svg_plot(const char *path, const char *title, const char *x_la
         }
     if (!(x_max > 0.0)) x_max = 1.0;
     if (!isfinite(y_lo)) y_lo = y_hi = 1.0;
-    PlotFrame fr = {left, top, W - left - right, H - top - bottom, x_max, (int)floor(log10(y_lo)), (int)ceil(log10(y_hi))};
+    PlotFrame fr = {
+        left, top, W - left - right, H - top - bottom, x_max, (int)floor(log10(y_lo)), (int)ceil(log10(y_hi))
+    };
     if (fr.dec_hi == fr.dec_lo) fr.dec_hi++;
     AtomicFile af;
     if (!atomic_open(&af, path)) return false;
     FILE *f = af.f;
-    fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" viewBox=\"0 0 %.0f %.0f\" "
-               "font-family=\"sans-serif\" font-size=\"13\">\n", W, H, W, H);
+    fprintf(f,
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" viewBox=\"0 0 %.0f "
+            "%.0f\" "
+            "font-family=\"sans-serif\" font-size=\"13\">\n",
+            W, H, W, H);
     fprintf(f, "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n");
-    fprintf(f, "<text x=\"%.1f\" y=\"28\" text-anchor=\"middle\" font-size=\"16\">%s</text>\n", left + fr.width / 2, title);
+    fprintf(f, "<text x=\"%.1f\" y=\"28\" text-anchor=\"middle\" font-size=\"16\">%s</text>\n",
+            left + fr.width / 2, title);
     // y: a grid line and label per decade, minor ticks at 2..9.
     for (int d = fr.dec_lo; d <= fr.dec_hi; d++) {
         double py = plot_y(&fr, d);
-        fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/>\n", left, py, left + fr.width, py);
-        fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">%g</text>\n", left - 8, py + 4, pow(10.0, d));
+        fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/>\n", left, py,
+                left + fr.width, py);
+        fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">%g</text>\n", left - 8, py + 4,
+                pow(10.0, d));
         for (int m = 2; d < fr.dec_hi && m < 10; m++) {
             double my = plot_y(&fr, d + log10((double)m));
-            fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#888\"/>\n", left - 4, my, left, my);
+            fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#888\"/>\n", left - 4,
+                    my, left, my);
         }
     }
     // x: ticks at a nice step.
     double step = nice_step(x_max, 6);
     for (double x = 0.0; x <= x_max * (1.0 + 1e-9); x += step) {
         double px = plot_x(&fr, x);
-        fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/>\n", px, top, px, top + fr.height);
-        fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%g</text>\n", px, top + fr.height + 18, x);
+        fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/>\n", px, top, px,
+                top + fr.height);
+        fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%g</text>\n", px, top + fr.height + 18,
+                x);
     }
-    fprintf(f, "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"none\" stroke=\"black\"/>\n", left, top, fr.width, fr.height);
-    fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%s</text>\n", left + fr.width / 2, H - 15, x_label);
-    fprintf(f, "<text transform=\"translate(22 %.1f) rotate(-90)\" text-anchor=\"middle\">%s</text>\n", top + fr.height / 2, y_label);
+    fprintf(f,
+            "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"none\" stroke=\"black\"/>\n",
+            left, top, fr.width, fr.height);
+    fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%s</text>\n", left + fr.width / 2, H - 15,
+            x_label);
+    fprintf(f, "<text transform=\"translate(22 %.1f) rotate(-90)\" text-anchor=\"middle\">%s</text>\n",
+            top + fr.height / 2, y_label);
     for (int l = 0; l < n_lines; l++) {
         const char *color = colors[l % (int)(sizeof colors / sizeof colors[0])];
         fprintf(f, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"2\" points=\"", color);
         for (int i = 0; i < lines[l].n; i++)
-            fprintf(f, "%s%.1f,%.1f", i ? " " : "", plot_x(&fr, lines[l].x[i]), plot_y(&fr, log10(fmax(lines[l].y[i], y_floor))));
+            fprintf(f, "%s%.1f,%.1f", i ? " " : "", plot_x(&fr, lines[l].x[i]),
+                    plot_y(&fr, log10(fmax(lines[l].y[i], y_floor))));
         fprintf(f, "\"/>\n");
         double ly = top + 12 + 22 * l, lx = left + fr.width;
-        fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-width=\"3\"/>\n", lx + 14, ly, lx + 40, ly, color);
+        fprintf(f,
+                "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-width=\"3\"/>\n",
+                lx + 14, ly, lx + 40, ly, color);
         fprintf(f, "<text x=\"%.1f\" y=\"%.1f\">%s</text>\n", lx + 48, ly + 4, lines[l].label);
     }
     fprintf(f, "</svg>\n");
@@ -3589,7 +3795,8 @@ static int cmd_tokenizer(int argc, char **argv) {
     for (a.i = 0; a.i < argc; a.i++) {
         const char *f = argv[a.i];
         if (!strcmp(f, "--input")) input = flag_value(&a);
-        else if (!strcmp(f, "--vocab")) vocab = (int)parse_int(f, flag_value(&a), TOKEN_FIRST_PIECE + 1, VOCAB_MAX);
+        else if (!strcmp(f, "--vocab"))
+            vocab = (int)parse_int(f, flag_value(&a), TOKEN_FIRST_PIECE + 1, VOCAB_MAX);
         else if (!strcmp(f, "--out")) out = flag_value(&a);
         else unknown_flag(&a);
     }
@@ -3604,7 +3811,8 @@ static int cmd_tokenizer(int argc, char **argv) {
     if (!tokenizer_save(&t, out)) die("%s", osp_error);
     int count;
     int *ids = encode_text_file(&t, input, &n, &count);
-    printf("wrote %s: %d tokens (%d characters, %d merges); %zu bytes of text -> %d tokens (%.2f bytes/token) in %.1f s\n",
+    printf("wrote %s: %d tokens (%d characters, %d merges); %zu bytes of text -> %d tokens (%.2f "
+           "bytes/token) in %.1f s\n",
            out, t.vocab_size, n_chars, t.vocab_size - TOKEN_FIRST_PIECE - n_chars, n, count,
            count ? (double)n / count : 0.0, now_seconds() - t0);
     free(ids);
@@ -3700,17 +3908,29 @@ static int default_warmup(int steps) { return steps / 10 < 50 ? steps / 10 : 50;
 // The defaults of ./osp train (and of each run of ./osp ablation); warmup -1 = default_warmup.
 static TrainState default_train_state(void) {
     return (TrainState){
-        .cfg = {.dim = 128, .n_layers = 4, .n_heads = 4, .n_kv_heads = 4, .ffn_dim = 512, .seq_len = 128},
-        .opt = {.optimizer = OPTIMIZER_ADAM, .lr_adam = 3e-3f, .lr_muon = 1e-2f, .weight_decay = 0.01f, .beta1 = 0.9f,
-                .beta2 = 0.95f, .eps = 1e-8f, .muon_momentum = 0.95f, .ns_steps = 5, .grad_clip = 1.0f, .warmup = -1, .steps = 500},
-        .batch = 16, .seed = 1337,
+        .cfg = { .dim = 128, .n_layers = 4, .n_heads = 4, .n_kv_heads = 4, .ffn_dim = 512, .seq_len = 128 },
+        .opt = { .optimizer = OPTIMIZER_ADAM,
+                 .lr_adam = 3e-3f,
+                 .lr_muon = 1e-2f,
+                 .weight_decay = 0.01f,
+                 .beta1 = 0.9f,
+                 .beta2 = 0.95f,
+                 .eps = 1e-8f,
+                 .muon_momentum = 0.95f,
+                 .ns_steps = 5,
+                 .grad_clip = 1.0f,
+                 .warmup = -1,
+                 .steps = 500 },
+        .batch = 16,
+        .seed = 1337,
     };
 }
 
 // Consumes one optimization flag at a->i if it is one; shared by train and ablation.
 static bool parse_optim_flag(Args *a, TrainState *s) {
     const char *f = a->argv[a->i];
-    if (!strcmp(f, "--lr") || !strcmp(f, "--lr-adam")) s->opt.lr_adam = parse_float(f, flag_value(a), 1e-8, 10.0);
+    if (!strcmp(f, "--lr") || !strcmp(f, "--lr-adam"))
+        s->opt.lr_adam = parse_float(f, flag_value(a), 1e-8, 10.0);
     else if (!strcmp(f, "--lr-muon")) s->opt.lr_muon = parse_float(f, flag_value(a), 1e-8, 10.0);
     else if (!strcmp(f, "--muon-momentum")) s->opt.muon_momentum = parse_float(f, flag_value(a), 0.0, 0.9999);
     else if (!strcmp(f, "--ns-steps")) s->opt.ns_steps = (int)parse_int(f, flag_value(a), 1, 100);
@@ -3727,16 +3947,20 @@ static void load_training_data(TokenData *train, TokenData *val, const char *tra
                                const Tokenizer *tok, const char *tok_path) {
     if (!tokens_load(train, train_path) || !tokens_load(val, val_path)) die("%s", osp_error);
     if (train->vocab_size != tok->vocab_size || val->vocab_size != tok->vocab_size)
-        die("vocab mismatch: %s has %d tokens but the data was made with vocab %d (run 'make data' again)", tok_path, tok->vocab_size, train->vocab_size);
+        die("vocab mismatch: %s has %d tokens but the data was made with vocab %d (run 'make data' again)",
+            tok_path, tok->vocab_size, train->vocab_size);
 }
 
 // Checks the settings of a new run (steps set) and the data against its context length.
-static void check_run(const TrainState *s, const TokenData *train, const TokenData *val, const char *train_path, const char *val_path) {
+static void check_run(const TrainState *s, const TokenData *train, const TokenData *val,
+                      const char *train_path, const char *val_path) {
     if (s->opt.warmup > s->opt.steps) die("--warmup %d exceeds --steps %d", s->opt.warmup, s->opt.steps);
     const char *problem = config_problem(&s->cfg);
     if (problem) die("%s", problem);
-    if (train->n < (size_t)s->cfg.seq_len + 1) die("'%s' has %zu tokens, fewer than seq-len + 1 = %d", train_path, train->n, s->cfg.seq_len + 1);
-    if (val->n < (size_t)s->cfg.seq_len + 1) die("'%s' has %zu tokens, fewer than seq-len + 1 = %d", val_path, val->n, s->cfg.seq_len + 1);
+    if (train->n < (size_t)s->cfg.seq_len + 1)
+        die("'%s' has %zu tokens, fewer than seq-len + 1 = %d", train_path, train->n, s->cfg.seq_len + 1);
+    if (val->n < (size_t)s->cfg.seq_len + 1)
+        die("'%s' has %zu tokens, fewer than seq-len + 1 = %d", val_path, val->n, s->cfg.seq_len + 1);
 }
 
 static int cmd_train(int argc, char **argv) {
@@ -3768,8 +3992,10 @@ static int cmd_train(int argc, char **argv) {
             else if (!strcmp(f, "--out")) out = flag_value(&a);
             else if (!strcmp(f, "--resume")) resume = flag_value(&a);
             else if (!strcmp(f, "--eval-every")) eval_every = (int)parse_int(f, flag_value(&a), 0, 100000000);
-            else if (!strcmp(f, "--val-windows")) val_windows = (int)parse_int(f, flag_value(&a), 0, 100000000);
-            else if (!strcmp(f, "--kurtosis-every")) kurtosis_every = (int)parse_int(f, flag_value(&a), 0, 100000000);
+            else if (!strcmp(f, "--val-windows"))
+                val_windows = (int)parse_int(f, flag_value(&a), 0, 100000000);
+            else if (!strcmp(f, "--kurtosis-every"))
+                kurtosis_every = (int)parse_int(f, flag_value(&a), 0, 100000000);
             else if (!strcmp(f, "--kurtosis-csv")) kurtosis_csv = flag_value(&a);
             else if (!strcmp(f, "--log-every")) log_every = (int)parse_int(f, flag_value(&a), 1, 100000000);
             else if (!strcmp(f, "--threads")) threads = (int)parse_int(f, flag_value(&a), 0, 1024);
@@ -3783,10 +4009,15 @@ static int cmd_train(int argc, char **argv) {
 
     Trainer tr = {0};
     if (resume) {
-        if (fixed_flag) die("%s cannot be combined with --resume: the checkpoint fixes the recipe, model and optimizer settings", fixed_flag);
+        if (fixed_flag)
+            die("%s cannot be combined with --resume: the checkpoint fixes the recipe, model and optimizer "
+                "settings",
+                fixed_flag);
         if (!trainer_resume(&tr, resume)) die("%s", osp_error);
         if (steps > 0) {
-            if (steps < tr.state.step) die("--steps %d is less than the %d steps already done in '%s'", steps, tr.state.step, resume);
+            if (steps < tr.state.step)
+                die("--steps %d is less than the %d steps already done in '%s'", steps, tr.state.step,
+                    resume);
             tr.state.opt.steps = steps;
         }
     }
@@ -3802,7 +4033,8 @@ static int cmd_train(int argc, char **argv) {
         check_run(&s, &train, &val, train_path, val_path);
         trainer_init(&tr, &s);
     } else if (tr.state.cfg.vocab_size != tok.vocab_size) {
-        die("vocab mismatch: checkpoint '%s' has vocab %d but %s has %d", resume, tr.state.cfg.vocab_size, tok_path, tok.vocab_size);
+        die("vocab mismatch: checkpoint '%s' has vocab %d but %s has %d", resume, tr.state.cfg.vocab_size,
+            tok_path, tok.vocab_size);
     } else {
         check_run(&tr.state, &train, &val, train_path, val_path);
     }
@@ -3812,7 +4044,8 @@ static int cmd_train(int argc, char **argv) {
                      .kurtosis_every = kurtosis_every, .kurtosis_csv = kurtosis_csv, .log = stdout};
     RunResult res;
     if (tr.state.step == tr.state.opt.steps)
-        printf("nothing to do: '%s' has already completed %d of %d steps\n", resume, tr.state.step, tr.state.opt.steps);
+        printf("nothing to do: '%s' has already completed %d of %d steps\n", resume, tr.state.step,
+               tr.state.opt.steps);
     else if (!train_run(&tr, &ro, &res)) die("%s", osp_error);
     trainer_free(&tr);
     free(train.tokens); free(val.tokens);
@@ -3857,7 +4090,9 @@ static int cmd_sample(int argc, char **argv) {
     TrainState s;
     Model m;
     if (!checkpoint_load(ckpt, &s, &m, 1, NULL)) die("%s", osp_error);
-    if (s.cfg.vocab_size != tok.vocab_size) die("vocab mismatch: checkpoint '%s' has vocab %d but %s has %d", ckpt, s.cfg.vocab_size, tok_path, tok.vocab_size);
+    if (s.cfg.vocab_size != tok.vocab_size)
+        die("vocab mismatch: checkpoint '%s' has vocab %d but %s has %d", ckpt, s.cfg.vocab_size, tok_path,
+            tok.vocab_size);
     generate(&m, &tok, prompt, n_tokens, temperature, top_p, seed, stdout);
     model_free(&m);
     tokenizer_free(&tok);
@@ -3879,7 +4114,8 @@ static int cmd_merge(int argc, char **argv) {
         paths[n++] = argv[a.i];
     }
     if (n != 2) die("merge needs an input and an output checkpoint (see ./osp merge --help)");
-    if (!strcmp(paths[0], paths[1])) die("merge would overwrite its input '%s'; give another output name", paths[0]);
+    if (!strcmp(paths[0], paths[1]))
+        die("merge would overwrite its input '%s'; give another output name", paths[0]);
     TrainState s;
     Model in, out;
     if (!checkpoint_load(paths[0], &s, &in, 1, NULL)) die("%s", osp_error);
@@ -3888,9 +4124,9 @@ static int cmd_merge(int argc, char **argv) {
     merged.cfg = out.cfg;
     merged.merged = 1;
     if (!checkpoint_save(paths[1], &merged, &out, NULL)) die("%s", osp_error);
-    printf("merged %s (preset %s%s%s) into %s: a plain Llama, %zu -> %zu parameters\n", paths[0], preset_name(s.preset),
-           s.cfg.embproj ? ", EmbProj folded into embed and head" : "", s.cfg.ssnorm ? ", SSNorm scalars expanded" : "",
-           paths[1], in.n_params, out.n_params);
+    printf("merged %s (preset %s%s%s) into %s: a plain Llama, %zu -> %zu parameters\n", paths[0],
+           preset_name(s.preset), s.cfg.embproj ? ", EmbProj folded into embed and head" : "",
+           s.cfg.ssnorm ? ", SSNorm scalars expanded" : "", paths[1], in.n_params, out.n_params);
     model_free(&in); model_free(&out);
     return 0;
 }
@@ -3924,8 +4160,10 @@ static int cmd_export(int argc, char **argv) {
     if (f16 && !gguf_path) die("--f16 applies to --gguf; the llama2.c format holds float32 only");
     const char *outs[2] = {gguf_path, llama2c_path};
     for (int k = 0; k < 2; k++)
-        if (outs[k] && (!strcmp(outs[k], ckpt) || !strcmp(outs[k], tok_path))) die("export would overwrite its input '%s'", outs[k]);
-    if (gguf_path && llama2c_path && !strcmp(gguf_path, llama2c_path)) die("--gguf and --llama2c name the same file '%s'", gguf_path);
+        if (outs[k] && (!strcmp(outs[k], ckpt) || !strcmp(outs[k], tok_path)))
+            die("export would overwrite its input '%s'", outs[k]);
+    if (gguf_path && llama2c_path && !strcmp(gguf_path, llama2c_path))
+        die("--gguf and --llama2c name the same file '%s'", gguf_path);
     Tokenizer tok;
     load_tokenizer_or_die(&tok, tok_path);
     TrainState s;
@@ -3945,11 +4183,13 @@ static int cmd_export(int argc, char **argv) {
         snprintf(name, sizeof name, "osp.c %s", preset_name(s.preset));
         int n_tensors;
         if (!export_gguf(gguf_path, &m, &tok, f16, name, &n_tensors)) die("%s", osp_error);
-        printf("wrote %s: GGUF v3, llama, %s, %d tensors, vocab %d\n", gguf_path, f16 ? "F16 matrices" : "F32", n_tensors, tok.vocab_size);
+        printf("wrote %s: GGUF v3, llama, %s, %d tensors, vocab %d\n", gguf_path,
+               f16 ? "F16 matrices" : "F32", n_tensors, tok.vocab_size);
     }
     if (llama2c_path) {
         if (!export_llama2c(llama2c_path, &m)) die("%s", osp_error);
-        printf("wrote %s: llama2.c legacy (version 0), float32; run it with tokenizer %s\n", llama2c_path, tok_path);
+        printf("wrote %s: llama2.c legacy (version 0), float32; run it with tokenizer %s\n", llama2c_path,
+               tok_path);
     }
     model_free(&in); model_free(&m);
     tokenizer_free(&tok);
@@ -4056,11 +4296,14 @@ static bool row_shown(int row, const EvalOptions *o) {
     return o->gptq || (row != QROW_W_GPTQ && row != QROW_WAKV_GPTQ);
 }
 
-static void print_eval_text(const char *path, const TrainState *s, const EvalResult *r, const EvalOptions *o) {
+static void print_eval_text(const char *path, const TrainState *s, const EvalResult *r,
+                            const EvalOptions *o) {
     char label[64];
     printf("%s: preset %s%s, dim %d, %d layers, %d steps (%.2fM tokens)\n", path, preset_name(s->preset),
-           s->merged ? " (merged)" : "", s->cfg.dim, s->cfg.n_layers, s->step, (double)s->step * s->batch * s->cfg.seq_len / 1e6);
-    printf("validation: %ld windows x %d tokens%s\n", r->windows, s->cfg.seq_len, o->rotate ? "; residual stream rotated (--rotate)" : "");
+           s->merged ? " (merged)" : "", s->cfg.dim, s->cfg.n_layers, s->step,
+           (double)s->step * s->batch * s->cfg.seq_len / 1e6);
+    printf("validation: %ld windows x %d tokens%s\n", r->windows, s->cfg.seq_len,
+           o->rotate ? "; residual stream rotated (--rotate)" : "");
     printf("full precision: loss %.4f, perplexity %.2f\n\n", r->fp_loss, exp(r->fp_loss));
     const KurtosisReport *k[2] = {&r->paper, &r->context};
     printf("hidden states of %ld tokens: excess kurtosis per token across %d channels, the largest\n"
@@ -4083,7 +4326,8 @@ static void print_eval_text(const char *path, const TrainState *s, const EvalRes
            "      final norm's output (%d states); the in-context mean is over all %d\n\n",
            s->cfg.n_layers - 1, s->cfg.n_layers + 1, s->cfg.n_layers + 2);
     printf("perplexity under RTN fake quantization (weights per row, symmetric%s; activations per token\n"
-           "and KV per head, asymmetric; Had. = online Hadamard on the W2 input)\n", o->clip_search ? ", clip search" : ", no clip search");
+           "and KV per head, asymmetric; Had. = online Hadamard on the W2 input)\n",
+           o->clip_search ? ", clip search" : ", no clip search");
     if (o->gptq)
         printf("GPTQ rows: the weights quantized by GPTQ on the same grid, calibrated on %d windows of the\n"
                "training split (seed %llu)\n", o->calib_windows, (unsigned long long)o->calib_seed);
@@ -4100,11 +4344,14 @@ static void print_json_number(double v) {
     if (isfinite(v)) printf("%.6g", v); else printf("null");
 }
 
-static void print_eval_json(const char *path, const TrainState *s, const EvalResult *r, const EvalOptions *o) {
+static void print_eval_json(const char *path, const TrainState *s, const EvalResult *r,
+                            const EvalOptions *o) {
     printf("{\"checkpoint\": \"");
     for (const char *p = path; *p; p++) printf(*p == '"' || *p == '\\' ? "\\%c" : "%c", *p);
-    printf("\", \"preset\": \"%s\", \"merged\": %s, \"steps\": %d, \"tokens\": %lld, \"windows\": %ld, \"seq_len\": %d,\n",
-           preset_name(s->preset), s->merged ? "true" : "false", s->step, (long long)s->step * s->batch * s->cfg.seq_len, r->windows, s->cfg.seq_len);
+    printf("\", \"preset\": \"%s\", \"merged\": %s, \"steps\": %d, \"tokens\": %lld, \"windows\": %ld, "
+           "\"seq_len\": %d,\n",
+           preset_name(s->preset), s->merged ? "true" : "false", s->step,
+           (long long)s->step * s->batch * s->cfg.seq_len, r->windows, s->cfg.seq_len);
     printf(" \"rotate\": %s, \"clip_search\": %s, \"gptq\": %s,\n", o->rotate ? "true" : "false",
            o->clip_search ? "true" : "false", o->gptq ? "true" : "false");
     printf(" \"fp_loss\": "); print_json_number(r->fp_loss);
@@ -4197,11 +4444,18 @@ static int cmd_compare(int argc, char **argv) {
         printf(" %14.14s", slash ? slash + 1 : ckpts[i]);
     }
     printf("\n%-26s", "preset");
-    for (int i = 0; i < n; i++) { snprintf(cell, sizeof cell, "%s%s", preset_name(states[i].preset), states[i].merged ? "+merged" : ""); printf(" %14s", cell); }
+    for (int i = 0; i < n; i++) {
+        snprintf(cell, sizeof cell, "%s%s", preset_name(states[i].preset), states[i].merged ? "+merged" : "");
+        printf(" %14s", cell);
+    }
     printf("\n%-26s", "training tokens");
-    for (int i = 0; i < n; i++) printf(" %13.2fM", (double)states[i].step * states[i].batch * states[i].cfg.seq_len / 1e6);
+    for (int i = 0; i < n; i++)
+        printf(" %13.2fM", (double)states[i].step * states[i].batch * states[i].cfg.seq_len / 1e6);
     printf("\n%-26s", "optimizer state bytes");
-    for (int i = 0; i < n; i++) { snprintf(cell, sizeof cell, "%zu", state_bytes[i]); printf(" %14s", states[i].merged ? "-" : cell); }
+    for (int i = 0; i < n; i++) {
+        snprintf(cell, sizeof cell, "%zu", state_bytes[i]);
+        printf(" %14s", states[i].merged ? "-" : cell);
+    }
     printf("\n%-26s", "val loss");
     for (int i = 0; i < n; i++) printf(" %14.4f", results[i].fp_loss);
     printf("\n%-26s", "val ppl");
@@ -4361,13 +4615,15 @@ static const struct { double kurtosis, ppl_444, ppl_444_had; } paper_ablation[N_
 
 // dir/PRESET-sSEED<suffix>: where a run keeps its checkpoint, log and kurtosis CSV.
 static void ablation_path(char *buf, size_t size, const char *dir, const AblationRun *r, const char *suffix) {
-    if (snprintf(buf, size, "%s/%s-s%llu%s", dir, presets[r->preset].name, (unsigned long long)r->seed, suffix) >= (int)size)
+    if (snprintf(buf, size, "%s/%s-s%llu%s", dir, presets[r->preset].name, (unsigned long long)r->seed,
+                 suffix) >= (int)size)
         die("path too long in '%s'", dir);
 }
 
 // Starts a progress line about run i: "run  3/12 muon         seed 1337  | ".
 static void print_run_prefix(int i, int n_runs, const AblationRun *r) {
-    printf("run %2d/%d %-12s seed %-5llu | ", i + 1, n_runs, presets[r->preset].name, (unsigned long long)r->seed);
+    printf("run %2d/%d %-12s seed %-5llu | ", i + 1, n_runs, presets[r->preset].name,
+           (unsigned long long)r->seed);
 }
 
 // Evaluates a finished run as ./osp eval does and records the results; returns the seconds taken.
@@ -4397,7 +4653,9 @@ static void ablation_check_settings(const char *path, const TrainState *have, co
                      : have->batch != want->batch ? "--batch"
                      : memcmp(&have->opt, &want->opt, sizeof(OptimConfig)) ? "an optimization setting"
                      : have->preset != want->preset || have->seed != want->seed ? "the preset or seed" : NULL;
-    if (what) die("'%s' was trained with a different %s than asked now; use another --dir or delete the old runs", path, what);
+    if (what)
+        die("'%s' was trained with a different %s than asked now; use another --dir or delete the old runs",
+            path, what);
 }
 
 // Live progress: which run, its step and loss, and the time left for it and for all runs.
@@ -4422,7 +4680,8 @@ static void ablation_on_log(void *ctx, const TrainState *s, float loss, double s
     char run_left[32], all_left[32];
     print_run_prefix(p->run, p->n_runs, &p->runs[p->run]);
     printf("step %5d/%d | loss %.4f | %6.0f tok/s | run left %s | all left %s\n", s->step, s->opt.steps, loss,
-           s->batch * s->cfg.seq_len / seconds_per_step, format_duration(seconds_per_step * (s->opt.steps - s->step), run_left, sizeof run_left),
+           s->batch * s->cfg.seq_len / seconds_per_step,
+           format_duration(seconds_per_step * (s->opt.steps - s->step), run_left, sizeof run_left),
            format_duration(all, all_left, sizeof all_left));
     fflush(stdout);
 }
@@ -4451,7 +4710,9 @@ static const int increase_cols[] = {COL_W4, COL_A4, COL_KV4, COL_444, COL_444_HA
 
 static double ablation_value(const AblationRun *r, int col, bool increase) {
     int q = ablation_cols[col].quant_row;
-    if (q >= 0) return increase ? 100.0 * (r->quant_ppl[q][ablation_cols[col].had] / r->fp_ppl - 1.0) : r->quant_ppl[q][ablation_cols[col].had];
+    if (q >= 0)
+        return increase ? 100.0 * (r->quant_ppl[q][ablation_cols[col].had] / r->fp_ppl - 1.0)
+                        : r->quant_ppl[q][ablation_cols[col].had];
     switch (col) {
     case COL_KURTOSIS_PAPER: return r->kurtosis_paper;
     case COL_KURTOSIS: return r->kurtosis;
@@ -4463,7 +4724,8 @@ static double ablation_value(const AblationRun *r, int col, bool increase) {
 }
 
 // Prints "mean ±half-range" of one column over a preset's evaluated runs (one seed: the value).
-static void print_spread(FILE *f, const AblationRun *runs, int n_runs, int preset, int col, bool increase, int width, int decimals) {
+static void print_spread(FILE *f, const AblationRun *runs, int n_runs, int preset, int col, bool increase,
+                         int width, int decimals) {
     double lo = INFINITY, hi = -INFINITY, sum = 0.0;
     int n = 0;
     for (int i = 0; i < n_runs; i++) {
@@ -4488,7 +4750,8 @@ static bool preset_has_results(const AblationRun *runs, int n_runs, int p) {
 
 // The paper-style table: a row per preset, this run's numbers beside the paper's; then the
 // 4-bit perplexity increases over full precision.
-static void print_ablation_table(FILE *f, const AblationRun *runs, int n_runs, const TrainState *proto, int n_seeds) {
+static void print_ablation_table(FILE *f, const AblationRun *runs, int n_runs, const TrainState *proto,
+                                 int n_seeds) {
     size_t tokens = (size_t)proto->opt.steps * proto->batch * proto->cfg.seq_len;
     double windows = 0;
     for (int i = 0; i < n_runs; i++) if (runs[i].evaluated) windows = runs[i].windows;
@@ -4516,7 +4779,10 @@ static void print_ablation_table(FILE *f, const AblationRun *runs, int n_runs, c
         double bytes = NAN;
         int diverged = 0;
         for (int i = 0; i < n_runs; i++)
-            if (runs[i].preset == p) { bytes = runs[i].state_bytes; if (runs[i].diverged_step) diverged = runs[i].diverged_step; }
+            if (runs[i].preset == p) {
+                bytes = runs[i].state_bytes;
+                if (runs[i].diverged_step) diverged = runs[i].diverged_step;
+            }
         char ppl[2][32];   // the paper's perplexities run from 13.5 to 8e5
         for (int had = 0; had < 2; had++) {
             double v = had ? paper_ablation[p].ppl_444_had : paper_ablation[p].ppl_444;
@@ -4527,7 +4793,8 @@ static void print_ablation_table(FILE *f, const AblationRun *runs, int n_runs, c
         fprintf(f, "\n");
     }
     int n_increases = (int)(sizeof increase_cols / sizeof increase_cols[0]);
-    fprintf(f, "\nperplexity increase over full precision, %% (mean ±half the range over seeds)\n%-13s", "preset");
+    fprintf(f, "\nperplexity increase over full precision, %% (mean ±half the range over seeds)\n%-13s",
+            "preset");
     for (int c = 0; c < n_increases; c++) fprintf(f, " %13s", ablation_cols[increase_cols[c]].name);
     fprintf(f, "\n");
     for (int p = 0; p < N_PRESETS; p++) {
@@ -4546,7 +4813,8 @@ static void make_directories(const char *dir) {
         if (*p != '/' && *p != '\0') continue;
         char c = *p;
         *p = '\0';
-        if (mkdir(path, 0777) != 0 && errno != EEXIST) die("cannot create directory '%s': %s", path, strerror(errno));
+        if (mkdir(path, 0777) != 0 && errno != EEXIST)
+            die("cannot create directory '%s': %s", path, strerror(errno));
         if (c == '\0') break;
         *p = c;
     }
@@ -4554,7 +4822,8 @@ static void make_directories(const char *dir) {
 
 // Joins every run's kurtosis CSV into dir/kurtosis.csv and plots the mean over seeds of each
 // preset in dir/kurtosis.svg.
-static void ablation_write_curves(const char *dir, const AblationRun *runs, int n_runs, const TrainState *proto) {
+static void ablation_write_curves(const char *dir, const AblationRun *runs, int n_runs,
+                                  const TrainState *proto) {
     char path[4200];
     int n_states = proto->cfg.n_layers + 2;
     size_t tokens_per_step = (size_t)proto->batch * proto->cfg.seq_len;
@@ -4569,7 +4838,8 @@ static void ablation_write_curves(const char *dir, const AblationRun *runs, int 
     if (!atomic_open(&af, path)) die("%s", osp_error);
     for (int i = 0; i < n_runs; i++) {
         char prefix[64];
-        snprintf(prefix, sizeof prefix, "%s,%llu,", presets[runs[i].preset].name, (unsigned long long)runs[i].seed);
+        snprintf(prefix, sizeof prefix, "%s,%llu,", presets[runs[i].preset].name,
+                 (unsigned long long)runs[i].seed);
         kurtosis_log_write(af.f, &logs[i], i == 0, "preset,seed,", prefix, tokens_per_step);
     }
     if (!atomic_close(&af)) die("%s", osp_error);
@@ -4589,7 +4859,11 @@ static void ablation_write_curves(const char *dir, const AblationRun *runs, int 
             for (int i = 0; i < n_runs; i++) {
                 if (runs[i].preset != p) continue;
                 for (int k = 0; k < logs[i].n; k++)
-                    if (logs[i].step[k] == step) { sum += logs[i].values[(size_t)k * kurtosis_log_cols(&logs[i])]; seeds++; break; }
+                    if (logs[i].step[k] == step) {
+                        sum += logs[i].values[(size_t)k * kurtosis_log_cols(&logs[i])];
+                        seeds++;
+                        break;
+                    }
             }
             if (seeds < n_seeds) continue;
             x[n] = step * (double)tokens_per_step / 1e6;
@@ -4616,7 +4890,8 @@ static int cmd_ablation(int argc, char **argv) {
     TrainState proto = default_train_state();
     proto.opt.steps = 1000;
     proto.opt.lr_adam = 1e-2f;
-    const char *dir = "runs/ablation", *train_path = DEFAULT_TRAIN, *val_path = DEFAULT_VAL, *tok_path = DEFAULT_TOKENIZER;
+    const char *dir = "runs/ablation", *train_path = DEFAULT_TRAIN, *val_path = DEFAULT_VAL,
+               *tok_path = DEFAULT_TOKENIZER;
     int n_seeds = 2, kurtosis_every = 100, threads = 0;
     bool chosen[N_PRESETS];
     for (int p = 0; p < N_PRESETS; p++) chosen[p] = true;
@@ -4636,8 +4911,10 @@ static int cmd_ablation(int argc, char **argv) {
                 chosen[find_preset(name)] = true;
         }
         else if (!strcmp(f, "--steps")) proto.opt.steps = (int)parse_int(f, flag_value(&a), 1, 100000000);
-        else if (!strcmp(f, "--kurtosis-every")) kurtosis_every = (int)parse_int(f, flag_value(&a), 1, 100000000);
-        else if (!strcmp(f, "--eval-windows")) eopt.max_windows = (int)parse_int(f, flag_value(&a), 0, 100000000);
+        else if (!strcmp(f, "--kurtosis-every"))
+            kurtosis_every = (int)parse_int(f, flag_value(&a), 1, 100000000);
+        else if (!strcmp(f, "--eval-windows"))
+            eopt.max_windows = (int)parse_int(f, flag_value(&a), 0, 100000000);
         else if (!strcmp(f, "--train")) train_path = flag_value(&a);
         else if (!strcmp(f, "--val")) val_path = flag_value(&a);
         else if (!strcmp(f, "--tokenizer")) tok_path = flag_value(&a);
@@ -4678,8 +4955,12 @@ static int cmd_ablation(int argc, char **argv) {
     // step's FLOPs each.
     long windows = (long)((val.n - 1) / proto.cfg.seq_len);
     if (eopt.max_windows > 0 && eopt.max_windows < windows) windows = eopt.max_windows;
-    AblationProgress prog = {.n_runs = n_runs, .runs = runs, .step_flops = step_flops, .steps_left = steps_left, .eval_left = eval_left,
-                             .eval_flops = 10.0 * windows / proto.batch * step_flops[0] / 3.0};
+    AblationProgress prog = { .n_runs = n_runs,
+                              .runs = runs,
+                              .step_flops = step_flops,
+                              .steps_left = steps_left,
+                              .eval_left = eval_left,
+                              .eval_flops = 10.0 * windows / proto.batch * step_flops[0] / 3.0 };
     int n_chosen = 0;
     for (int p = 0; p < N_PRESETS; p++) n_chosen += chosen[p];
     if (n_chosen == 0) die("--presets names no preset");
@@ -4690,7 +4971,8 @@ static int cmd_ablation(int argc, char **argv) {
         if (!chosen[r->preset]) continue;
         if (r->diverged_step) {
             print_run_prefix(i, n_runs, r);
-            printf("diverged at step %d earlier; skipped (delete its row in %s to retry)\n", r->diverged_step, results_path);
+            printf("diverged at step %d earlier; skipped (delete its row in %s to retry)\n", r->diverged_step,
+                   results_path);
             continue;
         }
         ablation_path(path, sizeof path, dir, r, ".ckpt");
@@ -4713,12 +4995,20 @@ static int cmd_ablation(int argc, char **argv) {
         r->state_bytes = (double)optimizer_state_bytes(&tr.model, tr.state.opt.optimizer);
         if (tr.state.step < tr.state.opt.steps) {
             print_run_prefix(i, n_runs, r);
-            printf("%s %d; log %s\n", tr.state.step ? "resuming at step" : "training from step", tr.state.step, log_path);
+            printf("%s %d; log %s\n", tr.state.step ? "resuming at step" : "training from step",
+                   tr.state.step, log_path);
             FILE *log = fopen(log_path, tr.state.step ? "a" : "w");
             if (!log) die("cannot open '%s': %s", log_path, strerror(errno));
             prog.run = i;
-            RunOptions ro = {.out = path, .eval_every = kurtosis_every, .val_windows = 64, .log_every = 25,
-                             .kurtosis_every = kurtosis_every, .kurtosis_csv = csv_path, .log = log, .on_log = ablation_on_log, .ctx = &prog};
+            RunOptions ro = { .out = path,
+                              .eval_every = kurtosis_every,
+                              .val_windows = 64,
+                              .log_every = 25,
+                              .kurtosis_every = kurtosis_every,
+                              .kurtosis_csv = csv_path,
+                              .log = log,
+                              .on_log = ablation_on_log,
+                              .ctx = &prog };
             RunResult res;
             bool ok = train_run(&tr, &ro, &res);
             if (!ok) fprintf(log, "osp: error: %s\n", osp_error);
@@ -4832,7 +5122,10 @@ static double cpu_mhz(void) {
     char line[256];
     double mhz = 0.0;
     while (mhz == 0.0 && fgets(line, sizeof line, f))
-        if (!strncmp(line, "cpu MHz", 7)) { const char *colon = strchr(line, ':'); if (colon) mhz = atof(colon + 1); }
+        if (!strncmp(line, "cpu MHz", 7)) {
+            const char *colon = strchr(line, ':');
+            if (colon) mhz = atof(colon + 1);
+        }
     fclose(f);
     return mhz;
 }
@@ -4850,7 +5143,10 @@ static pid_t start_spinner(void) {
     return pid;
 }
 
-typedef struct { double ms_per_step, parts_ms[N_PARTS], forward_backward_ms; size_t allocated_bytes; } StepTiming;
+typedef struct {
+    double ms_per_step, parts_ms[N_PARTS], forward_backward_ms;
+    size_t allocated_bytes;
+} StepTiming;
 
 // Times `steps` training steps (after 2 warm-up steps) of a preset on synthetic tokens.
 static StepTiming time_training(const TrainState *proto, int preset, int steps, int threads) {
@@ -4863,7 +5159,8 @@ static StepTiming time_training(const TrainState *proto, int preset, int steps, 
     TokenData train = {.vocab_size = s.cfg.vocab_size, .n = (size_t)s.batch * s.cfg.seq_len * 4 + 1};
     train.tokens = xmalloc(sizeof(uint16_t) * train.n);
     uint64_t rng = 7;
-    for (size_t i = 0; i < train.n; i++) train.tokens[i] = (uint16_t)(rng_next(&rng) % (uint64_t)s.cfg.vocab_size);
+    for (size_t i = 0; i < train.n; i++)
+        train.tokens[i] = (uint16_t)(rng_next(&rng) % (uint64_t)s.cfg.vocab_size);
     tr.train = &train;
     float norm;
     for (int i = 0; i < 2; i++) train_step(&tr, &norm);
@@ -4896,7 +5193,8 @@ static StepTiming time_training(const TrainState *proto, int preset, int steps, 
 static void time_matmul(int N, int C, int OC, int threads, double *forward, double *backward) {
     set_num_threads(threads);
     uint64_t rng = 3;
-    float *x = xmalloc(sizeof(float) * N * C), *w = xmalloc(sizeof(float) * OC * C), *y = xmalloc(sizeof(float) * N * OC);
+    float *x = xmalloc(sizeof(float) * N * C), *w = xmalloc(sizeof(float) * OC * C),
+          *y = xmalloc(sizeof(float) * N * OC);
     float *dx = xcalloc((size_t)N * C, sizeof(float)), *dw = xcalloc((size_t)OC * C, sizeof(float));
     for (size_t i = 0; i < (size_t)N * C; i++) x[i] = rng_normal(&rng);
     for (size_t i = 0; i < (size_t)OC * C; i++) w[i] = rng_normal(&rng);
@@ -4914,10 +5212,26 @@ static void time_matmul(int N, int C, int OC, int threads, double *forward, doub
 static int cmd_bench(int argc, char **argv) {
     Args a = {argc, 0, argv, "bench"};
     TrainState s = {
-        .cfg = {.vocab_size = 512, .dim = 128, .n_layers = 4, .n_heads = 4, .n_kv_heads = 4, .ffn_dim = 512, .seq_len = 128},
-        .opt = {.lr_adam = 3e-3f, .lr_muon = 1e-2f, .weight_decay = 0.01f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f,
-                .muon_momentum = 0.95f, .ns_steps = 5, .grad_clip = 1.0f, .warmup = 1, .steps = 1000},
-        .batch = 16, .seed = 1,
+        .cfg = { .vocab_size = 512,
+                 .dim = 128,
+                 .n_layers = 4,
+                 .n_heads = 4,
+                 .n_kv_heads = 4,
+                 .ffn_dim = 512,
+                 .seq_len = 128 },
+        .opt = { .lr_adam = 3e-3f,
+                 .lr_muon = 1e-2f,
+                 .weight_decay = 0.01f,
+                 .beta1 = 0.9f,
+                 .beta2 = 0.95f,
+                 .eps = 1e-8f,
+                 .muon_momentum = 0.95f,
+                 .ns_steps = 5,
+                 .grad_clip = 1.0f,
+                 .warmup = 1,
+                 .steps = 1000 },
+        .batch = 16,
+        .seed = 1,
     };
     int preset = 0, steps = 10, threads = 0;
     for (a.i = 0; a.i < argc; a.i++) {
@@ -4934,10 +5248,15 @@ static int cmd_bench(int argc, char **argv) {
     int all = num_threads();
     int N = s.batch * s.cfg.seq_len;
     double peak1 = measure_peak_gflops(1), peak = measure_peak_gflops(all), mhz = cpu_mhz();
-    printf("machine: %d thread%s; measured fp32 peak %.1f GFLOP/s on 1 thread, %.1f on %d", all, all == 1 ? "" : "s", peak1, peak, all);
-    if (mhz > 0) printf(" (%.1f FLOP/cycle/core at the %.0f MHz /proc/cpuinfo reports; vector width %d floats)", peak1 * 1e3 / mhz, mhz, VECTOR_FLOATS);
-    printf("\nmodel: dim %d, layers %d, heads %d (kv %d), ffn %d, seq %d, vocab %d, batch %d: %d tokens/step\n\n",
-           s.cfg.dim, s.cfg.n_layers, s.cfg.n_heads, s.cfg.n_kv_heads, s.cfg.ffn_dim, s.cfg.seq_len, s.cfg.vocab_size, s.batch, N);
+    printf("machine: %d thread%s; measured fp32 peak %.1f GFLOP/s on 1 thread, %.1f on %d", all,
+           all == 1 ? "" : "s", peak1, peak, all);
+    if (mhz > 0)
+        printf(" (%.1f FLOP/cycle/core at the %.0f MHz /proc/cpuinfo reports; vector width %d floats)",
+               peak1 * 1e3 / mhz, mhz, VECTOR_FLOATS);
+    printf("\nmodel: dim %d, layers %d, heads %d (kv %d), ffn %d, seq %d, vocab %d, batch %d: %d "
+           "tokens/step\n\n",
+           s.cfg.dim, s.cfg.n_layers, s.cfg.n_heads, s.cfg.n_kv_heads, s.cfg.ffn_dim, s.cfg.seq_len,
+           s.cfg.vocab_size, s.batch, N);
 
     int adam_preset = find_preset("adam"), osp_preset = find_preset("osp");
     int shown[2] = {preset, osp_preset};
@@ -4949,15 +5268,17 @@ static int cmd_bench(int argc, char **argv) {
         double model_flops, ns_flops;
         preset_flops(&s, p, &model_flops, &ns_flops);
         double gflops = model_flops / (t.ms_per_step * 1e-3) / 1e9;
-        printf("training step, preset %s, %d threads: %.1f ms/step, %.0f tokens/s, %.2f GFLOP/s = %.1f%% of peak\n", presets[p].name, all,
-               t.ms_per_step, N / (t.ms_per_step * 1e-3), gflops, 100 * gflops / peak);
+        printf("training step, preset %s, %d threads: %.1f ms/step, %.0f tokens/s, %.2f GFLOP/s = %.1f%% of "
+               "peak\n",
+               presets[p].name, all, t.ms_per_step, N / (t.ms_per_step * 1e-3), gflops, 100 * gflops / peak);
         double matmul = t.parts_ms[PART_MATMUL_FORWARD] + t.parts_ms[PART_MATMUL_BACKWARD];
         double rest = t.forward_backward_ms - matmul - t.parts_ms[PART_ATTENTION];
         double other = t.ms_per_step - t.forward_backward_ms - t.parts_ms[PART_OPTIMIZER];
         const char *names[] = {"matmul forward", "matmul backward", "attention", "norms, elementwise, loss",
                                p == osp_preset ? "optimizer (Muon, AdamW)" : "optimizer", "batch, clipping"};
-        double ms[] = {t.parts_ms[PART_MATMUL_FORWARD], t.parts_ms[PART_MATMUL_BACKWARD], t.parts_ms[PART_ATTENTION], rest,
-                       t.parts_ms[PART_OPTIMIZER], other};
+        double ms[] = { t.parts_ms[PART_MATMUL_FORWARD], t.parts_ms[PART_MATMUL_BACKWARD],
+                        t.parts_ms[PART_ATTENTION],      rest,
+                        t.parts_ms[PART_OPTIMIZER],      other };
         printf("  %-26s %9s %7s\n", "part", "ms/step", "share");
         for (int i = 0; i < 6; i++)
             printf("  %-26s %9.1f %6.1f%%\n", names[i], ms[i], 100 * ms[i] / t.ms_per_step);
@@ -4976,7 +5297,8 @@ static int cmd_bench(int argc, char **argv) {
         double flops_adam_per_token = adam_flops / N;
         double measured = osp.ms_per_step / adam.ms_per_step, predicted = (osp_flops + ns_flops) / adam_flops;
         double muon_share_2pct = osp.parts_ms[PART_OPTIMIZER] / (0.02 * adam.ms_per_step / N);
-        printf("Muon overhead: osp step / adam step = %.3f measured; FLOPs predict %.3f (measured/predicted %.2f)\n",
+        printf("Muon overhead: osp step / adam step = %.3f measured; FLOPs predict %.3f (measured/predicted "
+               "%.2f)\n",
                measured, predicted, measured / predicted);
         printf("  Muon's step costs %.1f ms whatever the batch; it falls to 2%% of the step at about %.0f\n"
                "  tokens/step (%.0f by FLOPs: %.2f GFLOP of Newton-Schulz vs 6 x params x tokens)\n",
@@ -4984,8 +5306,8 @@ static int cmd_bench(int argc, char **argv) {
                ns_flops / 1e9);
     }
     StepTiming one_thread = time_training(&s, adam_preset, steps, 1);
-    printf("threads: adam step %.1f ms on 1 thread, %.1f ms on %d: %.2fx\n", one_thread.ms_per_step, adam.ms_per_step, all,
-           one_thread.ms_per_step / adam.ms_per_step);
+    printf("threads: adam step %.1f ms on 1 thread, %.1f ms on %d: %.2fx\n", one_thread.ms_per_step,
+           adam.ms_per_step, all, one_thread.ms_per_step / adam.ms_per_step);
     if (all > 1) {
         pid_t spinner = start_spinner();
         if (spinner > 0) {
@@ -5001,11 +5323,15 @@ static int cmd_bench(int argc, char **argv) {
     int biggest = s.cfg.ffn_dim > s.cfg.vocab_size ? s.cfg.ffn_dim : s.cfg.vocab_size;
     time_matmul(N, s.cfg.dim, biggest, 1, &fwd1, &bwd1);
     time_matmul(N, s.cfg.dim, biggest, all, &fwd, &bwd);
-    printf("matmul kernel alone, [%d x %d] x [%d x %d]^T: forward %.1f GFLOP/s (%.0f%% of peak), backward %.1f (%.0f%%) on %d threads;\n"
+    printf("matmul kernel alone, [%d x %d] x [%d x %d]^T: forward %.1f GFLOP/s (%.0f%% of peak), backward "
+           "%.1f (%.0f%%) on %d threads;\n"
            "  1 thread: forward %.1f (%.0f%% of the 1-thread peak), backward %.1f (%.0f%%)\n",
-           N, s.cfg.dim, biggest, s.cfg.dim, fwd, 100 * fwd / peak, bwd, 100 * bwd / peak, all, fwd1, 100 * fwd1 / peak1, bwd1, 100 * bwd1 / peak1);
-    printf("memory allocated (parameters, gradients, activations and their gradients, optimizer state and scratch):\n"
-           "  adam %.1f MB, osp %.1f MB\n", adam.allocated_bytes / 1e6, osp.allocated_bytes / 1e6);
+           N, s.cfg.dim, biggest, s.cfg.dim, fwd, 100 * fwd / peak, bwd, 100 * bwd / peak, all, fwd1,
+           100 * fwd1 / peak1, bwd1, 100 * bwd1 / peak1);
+    printf("memory allocated (parameters, gradients, activations and their gradients, optimizer state and "
+           "scratch):\n"
+           "  adam %.1f MB, osp %.1f MB\n",
+           adam.allocated_bytes / 1e6, osp.allocated_bytes / 1e6);
     set_num_threads(threads);
     return 0;
 }

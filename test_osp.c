@@ -89,7 +89,8 @@ static void grad_check_op(const char *test_name, LossFn loss, void *ctx, int n_i
     for (int i = 0; i < n_inputs; i++) {
         double rel = grad_check_tensor(loss, ctx, inputs[i], grads[i], sizes[i], 64, OP_EPS, rng);
         if (rel > worst) worst = rel;
-        used += (size_t)snprintf(detail + used, sizeof detail - used, "%s%s %.1e", i ? ", " : "", names[i], rel);
+        used += (size_t)snprintf(detail + used, sizeof detail - used, "%s%s %.1e", i ? ", " : "", names[i],
+                                 rel);
     }
     report(worst < OP_TOL, test_name, "rel err %s (tol %.0e)", detail, OP_TOL);
 }
@@ -164,14 +165,16 @@ static void test_grad_matmul(uint64_t *rng) {
 // reference's dot product is vectorized with split accumulators, so they agree to rounding:
 // tolerance 1e-5 of the largest output.
 static void test_matmul_fast_vs_reference(uint64_t *rng) {
-    int shapes[][3] = {{1, 1, 1}, {1, 7, 33}, {37, 1, 19}, {5, 13, 1}, {70, 29, 45}, {64, 128, 512}, {3, 200, 17}};
+    int shapes[][3] = { { 1, 1, 1 },    { 1, 7, 33 },     { 37, 1, 19 }, { 5, 13, 1 },
+                        { 70, 29, 45 }, { 64, 128, 512 }, { 3, 200, 17 } };
     double worst = 0.0;
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         int N = shapes[s][0], C = shapes[s][1], OC = shapes[s][2];
         float *x = random_floats((size_t)N * C, 1.0f, rng), *w = random_floats((size_t)OC * C, 1.0f, rng);
         float *g = random_floats((size_t)N * OC, 1.0f, rng);
         float *fast = xmalloc(sizeof(float) * N * OC), *ref = xmalloc(sizeof(float) * N * OC);
-        float *dx_fast = random_floats((size_t)N * C, 1.0f, rng), *dw_fast = random_floats((size_t)OC * C, 1.0f, rng);
+        float *dx_fast = random_floats((size_t)N * C, 1.0f, rng),
+              *dw_fast = random_floats((size_t)OC * C, 1.0f, rng);
         float *dx_ref = xmalloc(sizeof(float) * N * C), *dw_ref = xmalloc(sizeof(float) * OC * C);
         memcpy(dx_ref, dx_fast, sizeof(float) * N * C);   // both add into the same starting values
         memcpy(dw_ref, dw_fast, sizeof(float) * OC * C);
@@ -182,9 +185,18 @@ static void test_matmul_fast_vs_reference(uint64_t *rng) {
         worst = fmax(worst, max_rel_diff(ref, fast, (size_t)N * OC));
         worst = fmax(worst, max_rel_diff(dx_ref, dx_fast, (size_t)N * C));
         worst = fmax(worst, max_rel_diff(dw_ref, dw_fast, (size_t)OC * C));
-        free(x); free(w); free(g); free(fast); free(ref); free(dx_fast); free(dw_fast); free(dx_ref); free(dw_ref);
+        free(x);
+        free(w);
+        free(g);
+        free(fast);
+        free(ref);
+        free(dx_fast);
+        free(dw_fast);
+        free(dx_ref);
+        free(dw_ref);
     }
-    report(worst < 1e-5, "matmul kernel = plain loops", "7 shapes incl. 1x1x1, 1-row, 1-column, 70x29x45: max diff %.1e of the largest value", worst);
+    report(worst < 1e-5, "matmul kernel = plain loops",
+           "7 shapes incl. 1x1x1, 1-row, 1-column, 70x29x45: max diff %.1e of the largest value", worst);
 }
 
 // The batched products (Q, K, V from one input; their input gradients as one ordered chain)
@@ -238,7 +250,8 @@ static void test_grad_rope(uint64_t *rng) {
     float *dx = xmalloc(sizeof(float) * n);
     memcpy(dx, c.R, sizeof(float) * n);
     rope_backward(dx, NULL, c.cos_t, c.sin_t, c.B, c.T, c.H, 0, c.hd);
-    grad_check_op("grad rope", rope_loss, &c, 1, (const char *[]){"x"}, (float *[]){c.x}, (float *[]){dx}, (size_t[]){n}, rng);
+    grad_check_op("grad rope", rope_loss, &c, 1, (const char *[]){ "x" }, (float *[]){ c.x },
+                  (float *[]){ dx }, (size_t[]){ n }, rng);
     free(c.x); free(c.work); free(c.R); free(c.cos_t); free(c.sin_t); free(dx);
 }
 
@@ -256,7 +269,8 @@ static void test_rope_layout(void) {
             worst = fmax(worst, fabs(x[t * hd + 2 * i] - cos(angle)));
             worst = fmax(worst, fabs(x[t * hd + 2 * i + 1] - sin(angle)));
         }
-    report(worst < 1e-6, "rope adjacent-pair layout", "max deviation from (cos, sin) of t*theta^(-2i/hd): %.1e", worst);
+    report(worst < 1e-6, "rope adjacent-pair layout",
+           "max deviation from (cos, sin) of t*theta^(-2i/hd): %.1e", worst);
 }
 
 // --- attention (grouped KV heads: H = 4 query heads share KVH = 2 KV heads)
@@ -275,11 +289,13 @@ static void test_grad_attention(uint64_t *rng) {
     c.out = xmalloc(sizeof(float) * nq);
     c.att = xmalloc(sizeof(float) * c.B * c.H * c.T * c.T);
     c.R = random_floats(nq, 1.0f, rng);
-    float *dq = xcalloc(nq, sizeof(float)), *dk = xcalloc(nkv, sizeof(float)), *dv = xcalloc(nkv, sizeof(float));
+    float *dq = xcalloc(nq, sizeof(float)), *dk = xcalloc(nkv, sizeof(float)),
+          *dv = xcalloc(nkv, sizeof(float));
     attention_loss(&c);
     attention_backward(dq, dk, dv, c.R, c.out, c.att, c.q, c.k, c.v, c.B, c.T, c.H, c.KVH, c.hd);
-    grad_check_op("grad attention (4 heads, 2 kv heads)", attention_loss, &c, 3, (const char *[]){"q", "k", "v"},
-                  (float *[]){c.q, c.k, c.v}, (float *[]){dq, dk, dv}, (size_t[]){nq, nkv, nkv}, rng);
+    grad_check_op("grad attention (4 heads, 2 kv heads)", attention_loss, &c, 3,
+                  (const char *[]){ "q", "k", "v" }, (float *[]){ c.q, c.k, c.v }, (float *[]){ dq, dk, dv },
+                  (size_t[]){ nq, nkv, nkv }, rng);
     free(c.q); free(c.k); free(c.v); free(c.out); free(c.att); free(c.R); free(dq); free(dk); free(dv);
 }
 
@@ -287,8 +303,10 @@ static void test_grad_attention(uint64_t *rng) {
 static void test_attention_causal(uint64_t *rng) {
     int B = 1, T = 5, H = 2, KVH = 1, hd = 4;
     size_t nq = (size_t)T * H * hd, nkv = (size_t)T * KVH * hd;
-    float *q = random_floats(nq, 1.0f, rng), *k = random_floats(nkv, 1.0f, rng), *v = random_floats(nkv, 1.0f, rng);
-    float *out1 = xmalloc(sizeof(float) * nq), *out2 = xmalloc(sizeof(float) * nq), *att = xmalloc(sizeof(float) * H * T * T);
+    float *q = random_floats(nq, 1.0f, rng), *k = random_floats(nkv, 1.0f, rng),
+          *v = random_floats(nkv, 1.0f, rng);
+    float *out1 = xmalloc(sizeof(float) * nq), *out2 = xmalloc(sizeof(float) * nq),
+          *att = xmalloc(sizeof(float) * H * T * T);
     attention_forward(out1, att, q, k, v, B, T, H, KVH, hd);
     for (int i = 0; i < hd; i++) { k[(T - 1) * hd + i] += 3.0f; v[(T - 1) * hd + i] -= 2.0f; }
     attention_forward(out2, att, q, k, v, B, T, H, KVH, hd);
@@ -354,8 +372,8 @@ static void test_grad_swiglu(uint64_t *rng) {
     c.R = random_floats(c.n, 1.0f, rng);
     float *dgate = xcalloc(c.n, sizeof(float)), *dup = xcalloc(c.n, sizeof(float));
     swiglu_backward(dgate, dup, c.R, c.gate, c.up, c.n);
-    grad_check_op("grad swiglu", swiglu_loss, &c, 2, (const char *[]){"gate", "up"}, (float *[]){c.gate, c.up},
-                  (float *[]){dgate, dup}, (size_t[]){c.n, c.n}, rng);
+    grad_check_op("grad swiglu", swiglu_loss, &c, 2, (const char *[]){ "gate", "up" },
+                  (float *[]){ c.gate, c.up }, (float *[]){ dgate, dup }, (size_t[]){ c.n, c.n }, rng);
     free(c.gate); free(c.up); free(c.out); free(c.R); free(dgate); free(dup);
 }
 
@@ -397,8 +415,8 @@ static void test_grad_crossentropy(uint64_t *rng) {
     float *dlogits = xcalloc((size_t)c.N * c.V, sizeof(float));
     crossentropy_loss(&c);
     crossentropy_backward(dlogits, c.R, c.probs, c.targets, c.N, c.V);
-    grad_check_op("grad cross-entropy", crossentropy_loss, &c, 1, (const char *[]){"logits"}, (float *[]){c.logits},
-                  (float *[]){dlogits}, (size_t[]){(size_t)c.N * c.V}, rng);
+    grad_check_op("grad cross-entropy", crossentropy_loss, &c, 1, (const char *[]){ "logits" },
+                  (float *[]){ c.logits }, (float *[]){ dlogits }, (size_t[]){ (size_t)c.N * c.V }, rng);
     free(c.logits); free(c.probs); free(c.losses); free(c.R); free(c.targets); free(dlogits);
 }
 
@@ -421,7 +439,13 @@ static void test_grad_crossentropy(uint64_t *rng) {
 #define GRAD_VOCAB 32
 
 static Config test_config(void) {
-    return (Config){.vocab_size = 300, .dim = 16, .n_layers = 2, .n_heads = 4, .n_kv_heads = 2, .ffn_dim = 32, .seq_len = 8};
+    return (Config){ .vocab_size = 300,
+                     .dim = 16,
+                     .n_layers = 2,
+                     .n_heads = 4,
+                     .n_kv_heads = 2,
+                     .ffn_dim = 32,
+                     .seq_len = 8 };
 }
 
 typedef struct { Model *m; int *inputs, *targets; int B, T; } ModelCase;
@@ -444,7 +468,10 @@ static void test_grad_model(const Preset *preset, uint64_t *rng) {
         if (is_norm_gain(i))
             for (size_t j = 0; j < param_size(&m, i); j++) m.params[m.shape[i].offset + j] += 1.0f;
     ModelCase c = {&m, xmalloc(sizeof(int) * 16), xmalloc(sizeof(int) * 16), 2, 8};
-    for (int i = 0; i < 16; i++) { c.inputs[i] = (int)(rng_next(rng) % GRAD_VOCAB); c.targets[i] = (int)(rng_next(rng) % GRAD_VOCAB); }
+    for (int i = 0; i < 16; i++) {
+        c.inputs[i] = (int)(rng_next(rng) % GRAD_VOCAB);
+        c.targets[i] = (int)(rng_next(rng) % GRAD_VOCAB);
+    }
     model_forward(&m, c.inputs, c.targets, c.B, c.T, NULL);
     model_backward(&m);
     float *grads = xmalloc(sizeof(float) * m.n_params);
@@ -455,7 +482,8 @@ static void test_grad_model(const Preset *preset, uint64_t *rng) {
     for (int i = 0; i < N_PARAM_TENSORS; i++) {
         size_t off = m.shape[i].offset;
         if (param_size(&m, i) == 0) continue;
-        double rel = grad_check_tensor(model_loss, &c, m.params + off, grads + off, param_size(&m, i), 24, MODEL_EPS, rng);
+        double rel = grad_check_tensor(model_loss, &c, m.params + off, grads + off, param_size(&m, i), 24,
+                                       MODEL_EPS, rng);
         if (rel > worst) worst = rel;
         used += (size_t)snprintf(detail + used, sizeof detail - used, "%s %.0e ", param_names[i], rel);
     }
@@ -500,7 +528,8 @@ static void test_tokenizer_round_trip(uint64_t *rng) {
     tokenizer_train(&t, (const unsigned char *)sample_text, strlen(sample_text), 320);
     bool ok = round_trip(&t, (const unsigned char *)"", 0) &&
               round_trip(&t, (const unsigned char *)sample_text, strlen(sample_text));
-    const char *special[] = {"\xff\xfe invalid \x80\x80\x80\x80\x80 utf8 \xc3", "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80", "a\0b\0\0c"};
+    const char *special[] = { "\xff\xfe invalid \x80\x80\x80\x80\x80 utf8 \xc3",
+                              "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80", "a\0b\0\0c" };
     size_t special_len[] = {strlen(special[0]), strlen(special[1]), 6};
     for (int i = 0; i < 3; i++) ok = ok && round_trip(&t, (const unsigned char *)special[i], special_len[i]);
     unsigned char random_bytes[2000];
@@ -520,12 +549,14 @@ static void test_tokenizer_matches_reference(uint64_t *rng) {
     size_t n = strlen(sample_text) + 200;
     unsigned char *text = xmalloc(n);
     memcpy(text, sample_text, strlen(sample_text));
-    for (size_t i = strlen(sample_text); i < n; i++) text[i] = (unsigned char)(rng_next(rng) % 2 ? 'a' + (int)(rng_next(rng) % 5) : (int)rng_next(rng));
+    for (size_t i = strlen(sample_text); i < n; i++)
+        text[i] = (unsigned char)(rng_next(rng) % 2 ? 'a' + (int)(rng_next(rng) % 5) : (int)rng_next(rng));
     int *fast = xmalloc(sizeof(int) * n), *ref = xmalloc(sizeof(int) * n);
     int n_fast = tokenizer_encode(&t, text, n, fast);
     int n_ref = bpe_merge(&t, ref, tokenizer_split(&t, text, n, ref));
     bool same = n_fast == n_ref && memcmp(fast, ref, sizeof(int) * (size_t)n_ref) == 0;
-    report(same && n_fast < (int)n, "tokenizer encode = run.c merge loop", "%zu bytes -> %d tokens (reference %d)", n, n_fast, n_ref);
+    report(same && n_fast < (int)n, "tokenizer encode = run.c merge loop",
+           "%zu bytes -> %d tokens (reference %d)", n, n_fast, n_ref);
     free(text); free(fast); free(ref);
     tokenizer_free(&t);
 }
@@ -546,10 +577,13 @@ static void test_tokenizer_merge_order(void) {
     bool ok1 = n1 == 1 && ids[0] == TOKEN_FIRST_PIECE + 5;          // b+c scores highest, then a+bc = abc
     int n2 = tokenizer_encode(&t, (const unsigned char *)"abab", 4, ids);
     bool ok2 = n2 == 2 && ids[0] == TOKEN_FIRST_PIECE + 4 && ids[1] == TOKEN_FIRST_PIECE + 4;
-    int n3 = tokenizer_encode(&t, (const unsigned char *)"a\xe2\x82\xac", 4, ids);  // euro sign not in vocab: 3 byte tokens
-    bool ok3 = n3 == 4 && ids[1] == TOKEN_BYTE0 + 0xE2 && ids[2] == TOKEN_BYTE0 + 0x82 && ids[3] == TOKEN_BYTE0 + 0xAC;
-    report(ok1 && ok2 && ok3, "tokenizer merge order and byte fallback", "abc->[abc] %s, abab->[ab ab] %s, a€->a+3 bytes %s",
-           ok1 ? "ok" : "WRONG", ok2 ? "ok" : "WRONG", ok3 ? "ok" : "WRONG");
+    int n3 = tokenizer_encode(&t, (const unsigned char *)"a\xe2\x82\xac", 4,
+                              ids); // euro sign not in vocab: 3 byte tokens
+    bool ok3 = n3 == 4 && ids[1] == TOKEN_BYTE0 + 0xE2 && ids[2] == TOKEN_BYTE0 + 0x82 &&
+            ids[3] == TOKEN_BYTE0 + 0xAC;
+    report(ok1 && ok2 && ok3, "tokenizer merge order and byte fallback",
+           "abc->[abc] %s, abab->[ab ab] %s, a€->a+3 bytes %s", ok1 ? "ok" : "WRONG", ok2 ? "ok" : "WRONG",
+           ok3 ? "ok" : "WRONG");
     tokenizer_free(&t);
 }
 
@@ -560,9 +594,11 @@ static void test_tokenizer_file(void) {
     bool ok = tokenizer_save(&t, path) && tokenizer_load(&back, path);
     ok = ok && back.vocab_size == t.vocab_size && back.max_token_length == t.max_token_length;
     for (int i = 0; ok && i < t.vocab_size; i++)
-        ok = back.lengths[i] == t.lengths[i] && back.scores[i] == t.scores[i] && memcmp(back.pieces[i], t.pieces[i], (size_t)t.lengths[i]) == 0;
-    int layout_ok = ok && !strcmp(t.pieces[0], "<unk>") && !strcmp(t.pieces[1], "<s>") && !strcmp(t.pieces[2], "</s>") &&
-                    !strcmp(t.pieces[3], "<0x00>") && !strcmp(t.pieces[258], "<0xFF>");
+        ok = back.lengths[i] == t.lengths[i] && back.scores[i] == t.scores[i] &&
+                memcmp(back.pieces[i], t.pieces[i], (size_t)t.lengths[i]) == 0;
+    int layout_ok = ok && !strcmp(t.pieces[0], "<unk>") && !strcmp(t.pieces[1], "<s>") &&
+            !strcmp(t.pieces[2], "</s>") && !strcmp(t.pieces[3], "<0x00>") &&
+            !strcmp(t.pieces[258], "<0xFF>");
     if (ok) tokenizer_free(&back);
     // Truncate the file: the loader must refuse it with a message, not crash.
     size_t size;
@@ -571,7 +607,8 @@ static void test_tokenizer_file(void) {
     fwrite(bytes, 1, size - 3, f);
     fclose(f);
     bool refused = !tokenizer_load(&back, path) && strstr(osp_error, "truncated");
-    report(ok && layout_ok && refused, "tokenizer file round trip and truncation", "%d tokens; truncated file: \"%s\"", t.vocab_size, osp_error);
+    report(ok && layout_ok && refused, "tokenizer file round trip and truncation",
+           "%d tokens; truncated file: \"%s\"", t.vocab_size, osp_error);
     free(bytes);
     remove(path);
     tokenizer_free(&t);
@@ -582,7 +619,12 @@ static void test_tokenizer_reproducible(void) {
     size_t n, committed_size;
     unsigned char *text = read_file("data/tinyshakespeare.txt", &n);
     unsigned char *committed = read_file("tokenizer.bin", &committed_size);
-    if (!text || !committed) { report(false, "tokenizer.bin reproducible", "%s", osp_error); free(text); free(committed); return; }
+    if (!text || !committed) {
+        report(false, "tokenizer.bin reproducible", "%s", osp_error);
+        free(text);
+        free(committed);
+        return;
+    }
     Tokenizer t;
     tokenizer_train(&t, text, n, 512);
     const char *path = "test_tokenizer_repro.bin.tmp";
@@ -614,19 +656,21 @@ static void test_adamw(void) {
     bool ok1 = fabsf(w[0] - 0.899f) < 1e-6f && fabsf(w[1] + 2.098f) < 1e-6f;
     adamw_update(w, g2, m, v, 2, &o, 0.1f, 2);
     bool ok2 = fabsf(w[0] - 0.871264058f) < 1e-6f && fabsf(w[1] + 2.186771200f) < 1e-6f;
-    report(ok1 && ok2, "adamw two steps vs hand-computed", "w = (%.6f, %.6f), expected (0.871264, -2.186771)", w[0], w[1]);
+    report(ok1 && ok2, "adamw two steps vs hand-computed", "w = (%.6f, %.6f), expected (0.871264, -2.186771)",
+           w[0], w[1]);
 }
 
 static void test_schedule_and_clip(void) {
     OptimConfig o = {.warmup = 10, .steps = 100};
     bool ok = lr_factor(&o, 0) == 0.1f && lr_factor(&o, 9) == 1.0f && lr_factor(&o, 50) == 1.0f &&
-              lr_factor(&o, 79) == 1.0f && lr_factor(&o, 80) == 1.0f && fabsf(lr_factor(&o, 90) - 0.5f) < 1e-6f &&
-              fabsf(lr_factor(&o, 99) - 0.05f) < 1e-6f;
+            lr_factor(&o, 79) == 1.0f && lr_factor(&o, 80) == 1.0f &&
+            fabsf(lr_factor(&o, 90) - 0.5f) < 1e-6f && fabsf(lr_factor(&o, 99) - 0.05f) < 1e-6f;
     float g[2] = {3.0f, 4.0f};
     float norm = clip_grad_norm(g, 2, 1.0f);
     bool clip_ok = norm == 5.0f && fabsf(g[0] - 0.6f) < 1e-6f && fabsf(g[1] - 0.8f) < 1e-6f;
-    report(ok && clip_ok, "lr schedule and gradient clipping", "lr(0, 9, 80, 90, 99) = %.2f %.2f %.2f %.2f %.2f; clip (3,4) -> (%.2f, %.2f)",
-           lr_factor(&o, 0), lr_factor(&o, 9), lr_factor(&o, 80), lr_factor(&o, 90), lr_factor(&o, 99), g[0], g[1]);
+    report(ok && clip_ok, "lr schedule and gradient clipping",
+           "lr(0, 9, 80, 90, 99) = %.2f %.2f %.2f %.2f %.2f; clip (3,4) -> (%.2f, %.2f)", lr_factor(&o, 0),
+           lr_factor(&o, 9), lr_factor(&o, 80), lr_factor(&o, 90), lr_factor(&o, 99), g[0], g[1]);
 }
 
 /* ----------------------------------------------------------------------------
@@ -675,7 +719,11 @@ static void singular_values(const float *x, int rows, int cols, double *sv) {
     symmetric_eigenvalues(gram, r, sv);
     for (int i = 0; i < r; i++) sv[i] = sqrt(fmax(sv[i], 0.0));
     for (int i = 0; i < r; i++)   // insertion sort, r is small
-        for (int j = i; j > 0 && sv[j] < sv[j - 1]; j--) { double tmp = sv[j]; sv[j] = sv[j - 1]; sv[j - 1] = tmp; }
+        for (int j = i; j > 0 && sv[j] < sv[j - 1]; j--) {
+            double tmp = sv[j];
+            sv[j] = sv[j - 1];
+            sv[j - 1] = tmp;
+        }
     free(gram);
 }
 
@@ -696,8 +744,12 @@ static void test_newton_schulz_band(uint64_t *rng) {
     random_orthogonal(q, 16, rng);
     singular_values(q, 16, 16, sv);
     bool reference_ok = fabs(sv[0] - 1.0) < 1e-5 && fabs(sv[15] - 1.0) < 1e-5;
-    struct { const char *what; int rows, cols, rank; } cases[] = {
-        {"square 32x32 (cond 100)", 32, 32, 32}, {"wide 16x48", 16, 48, 16}, {"tall 48x16", 48, 16, 16}, {"rank-6 24x40", 24, 40, 6},
+    struct { const char *what; int rows, cols, rank;
+    } cases[] = {
+        { "square 32x32 (cond 100)", 32, 32, 32 },
+        { "wide 16x48", 16, 48, 16 },
+        { "tall 48x16", 48, 16, 16 },
+        { "rank-6 24x40", 24, 40, 6 },
     };
     bool ok = reference_ok;
     char detail[300] = "";
@@ -705,7 +757,8 @@ static void test_newton_schulz_band(uint64_t *rng) {
     for (int k = 0; k < 4; k++) {
         int R = cases[k].rows, C = cases[k].cols, rank = cases[k].rank;
         float *u = xcalloc((size_t)R * C, sizeof(float)), *out = xmalloc(sizeof(float) * R * C);
-        float *left = random_floats((size_t)R * rank, 1.0f, rng), *right = random_floats((size_t)rank * C, 1.0f, rng);
+        float *left = random_floats((size_t)R * rank, 1.0f, rng),
+              *right = random_floats((size_t)rank * C, 1.0f, rng);
         if (R == C) {                          // left = U·diag(s), right = V
             random_orthogonal(left, R, rng);
             random_orthogonal(right, R, rng);
@@ -722,31 +775,35 @@ static void test_newton_schulz_band(uint64_t *rng) {
         double lo = sv[r - rank], hi = sv[r - 1], zero = r > rank ? sv[r - rank - 1] : 0.0;
         bool in_band = lo >= NS_BAND_LO && hi <= NS_BAND_HI && zero < 1e-3;
         ok = ok && in_band;
-        used += (size_t)snprintf(detail + used, sizeof detail - used, "%s [%.3f, %.3f]%s; ", cases[k].what, lo, hi,
-                                 r > rank ? (zero < 1e-3 ? " zeros stay 0" : " ZEROS MOVED") : "");
+        used += (size_t)snprintf(detail + used, sizeof detail - used, "%s [%.3f, %.3f]%s; ", cases[k].what,
+                                 lo, hi, r > rank ? (zero < 1e-3 ? " zeros stay 0" : " ZEROS MOVED") : "");
         free(u); free(out); free(left); free(right); free(scratch);
     }
-    report(ok, "newton-schulz singular values in band", "%s%s", reference_ok ? "" : "SVD REFERENCE WRONG; ", detail);
+    report(ok, "newton-schulz singular values in band", "%s%s", reference_ok ? "" : "SVD REFERENCE WRONG; ",
+           detail);
 }
 
 // A tall matrix is orthogonalized through its transpose: NS(Uᵀ) = NS(U)ᵀ exactly.
 static void test_newton_schulz_tall(uint64_t *rng) {
     int R = 40, C = 12;
     float *tall = random_floats((size_t)R * C, 1.0f, rng), *wide = xmalloc(sizeof(float) * R * C);
-    float *out_tall = xmalloc(sizeof(float) * R * C), *out_wide = xmalloc(sizeof(float) * R * C), *back = xmalloc(sizeof(float) * R * C);
+    float *out_tall = xmalloc(sizeof(float) * R * C), *out_wide = xmalloc(sizeof(float) * R * C),
+          *back = xmalloc(sizeof(float) * R * C);
     float *scratch = xmalloc(sizeof(float) * newton_schulz_scratch(R, C));
     transpose(wide, tall, R, C);
     newton_schulz(out_tall, tall, R, C, 5, scratch);
     newton_schulz(out_wide, wide, C, R, 5, scratch);
     transpose(back, out_wide, C, R);
     bool same = memcmp(back, out_tall, sizeof(float) * R * C) == 0;
-    report(same, "newton-schulz tall = transpose of wide", "40x12 vs 12x40: %s", same ? "bit-identical" : "DIFFER");
+    report(same, "newton-schulz tall = transpose of wide", "40x12 vs 12x40: %s",
+           same ? "bit-identical" : "DIFFER");
     free(tall); free(wide); free(out_tall); free(out_wide); free(back); free(scratch);
 }
 
 // Muon written out directly from OSP-SPEC.md in double for a 2 x 3 matrix (wide, so no
 // transpose): momentum, Nesterov, NS5 with explicit 2 x 2 products, scaling, decay.
-static void muon_reference_step(double w[6], const double g[6], double mom[6], double lr, double mu, double wd) {
+static void muon_reference_step(double w[6], const double g[6], double mom[6], double lr, double mu,
+                                double wd) {
     const double a = 3.4445, b = -4.7750, c = 2.0315;
     double x[6], norm = 0.0;
     for (int i = 0; i < 6; i++) {
@@ -758,13 +815,15 @@ static void muon_reference_step(double w[6], const double g[6], double mom[6], d
     for (int step = 0; step < 5; step++) {
         double A[2][2], A2[2][2], B[2][2], next[6];
         for (int i = 0; i < 2; i++)
-            for (int j = 0; j < 2; j++) A[i][j] = x[i * 3] * x[j * 3] + x[i * 3 + 1] * x[j * 3 + 1] + x[i * 3 + 2] * x[j * 3 + 2];
+            for (int j = 0; j < 2; j++)
+                A[i][j] = x[i * 3] * x[j * 3] + x[i * 3 + 1] * x[j * 3 + 1] + x[i * 3 + 2] * x[j * 3 + 2];
         for (int i = 0; i < 2; i++)
             for (int j = 0; j < 2; j++) A2[i][j] = A[i][0] * A[0][j] + A[i][1] * A[1][j];
         for (int i = 0; i < 2; i++)
             for (int j = 0; j < 2; j++) B[i][j] = b * A[i][j] + c * A2[i][j];
         for (int i = 0; i < 2; i++)
-            for (int j = 0; j < 3; j++) next[i * 3 + j] = a * x[i * 3 + j] + B[i][0] * x[j] + B[i][1] * x[3 + j];
+            for (int j = 0; j < 3; j++)
+                next[i * 3 + j] = a * x[i * 3 + j] + B[i][0] * x[j] + B[i][1] * x[3 + j];
         memcpy(x, next, sizeof next);
     }
     double scale = 0.2 * sqrt(3.0);
@@ -798,8 +857,9 @@ static void test_muon_step(uint64_t *rng) {
     float gain = 1.0f, gain_grad = -3.0f, gain_mom = 0.0f;
     muon_update(&gain, &gain_grad, &gain_mom, 1, 1, &no_decay, 0.01f, big);
     bool ok = worst < 1e-5 && rms_ratio > 0.5 && rms_ratio < 1.2 && fabsf(gain - 1.002f) < 1e-6f;
-    report(ok, "muon step vs reference, update RMS, scalar rule", "3 steps max |w - ref| %.1e; 64x32 update RMS = %.3f x 0.2 lr; scalar gain 1 -> %.6f",
-           worst, rms_ratio, gain);
+    report(ok, "muon step vs reference, update RMS, scalar rule",
+           "3 steps max |w - ref| %.1e; 64x32 update RMS = %.3f x 0.2 lr; scalar gain 1 -> %.6f", worst,
+           rms_ratio, gain);
     free(wm); free(mm); free(gm); free(big);
 }
 
@@ -814,8 +874,10 @@ static void test_optimizer_state_size(void) {
     size_t emb_head = param_size(&m, PARAM_EMBED) + param_size(&m, PARAM_HEAD);
     bool ok = floats[OPTIMIZER_ADAM] == 2 * m.n_params && floats[OPTIMIZER_MUON_ONLY] == m.n_params &&
               floats[OPTIMIZER_MUON] == m.n_params + emb_head;
-    report(ok, "optimizer state: adam 2, muon 1 buffer per weight", "%zu params; state floats: %s %zu, %s %zu (embed+head %zu twice), %s %zu",
-           m.n_params, optimizer_names[0], floats[0], optimizer_names[1], floats[1], emb_head, optimizer_names[2], floats[2]);
+    report(ok, "optimizer state: adam 2, muon 1 buffer per weight",
+           "%zu params; state floats: %s %zu, %s %zu (embed+head %zu twice), %s %zu", m.n_params,
+           optimizer_names[0], floats[0], optimizer_names[1], floats[1], emb_head, optimizer_names[2],
+           floats[2]);
     model_free(&m);
 }
 
@@ -860,13 +922,16 @@ static void test_merge_invariance(uint64_t *rng) {
     bool io = checkpoint_save(path, &s, &merged, NULL) && checkpoint_load(path, &back, &loaded, 2, NULL);
     if (io) {
         model_forward(&loaded, inputs, NULL, 2, 8, NULL);
-        for (size_t i = 0; i < nl; i++) max_diff_loaded = fmax(max_diff_loaded, fabs(before[i] - loaded.act.logits[i]));
+        for (size_t i = 0; i < nl; i++)
+            max_diff_loaded = fmax(max_diff_loaded, fabs(before[i] - loaded.act.logits[i]));
         model_free(&loaded);
     }
     double rel = max_diff / max_logit, rel_loaded = max_diff_loaded / max_logit;
-    bool plain = merged.cfg.ssnorm == 0 && merged.cfg.embproj == 0 && io && back.merged == 1 && !strcmp(preset_name(back.preset), "osp");
+    bool plain = merged.cfg.ssnorm == 0 && merged.cfg.embproj == 0 && io && back.merged == 1 &&
+            !strcmp(preset_name(back.preset), "osp");
     report(plain && rel < 1e-5 && rel_loaded < 1e-5, "merge: plain Llama, same logits",
-           "max |dlogit| / max |logit| = %.1e (through a checkpoint %.1e); %zu -> %zu params", rel, rel_loaded, m.n_params, merged.n_params);
+           "max |dlogit| / max |logit| = %.1e (through a checkpoint %.1e); %zu -> %zu params", rel,
+           rel_loaded, m.n_params, merged.n_params);
     remove(path);
     free(before);
     model_free(&m); model_free(&merged);
@@ -893,9 +958,11 @@ static void test_kurtosis(uint64_t *rng) {
     // x = (1, -1, 1, -1): 1 / (4/3)² - 3 < 0, clamped to 0.
     float hand[4] = {1, 2, 3, 4}, alternating[4] = {1, -1, 1, -1};
     double k_hand = kurtosis_excess(hand, 4), k_alt = kurtosis_excess(alternating, 4);
-    bool ok = gauss < tol && gauss > 0.0 && fabs(one_hot - 125.0) < 0.5 && fabs(k_hand - 28.86) < 1e-9 && k_alt == 0.0;
-    report(ok, "kurtosis: gaussian, one channel, by hand", "gaussian %.4f (< %.3f), spike %.2f (d-3 = 125), (1,2,3,4) %.4f (28.86), (1,-1,1,-1) %.1f",
-           gauss, tol, one_hot, k_hand, k_alt);
+    bool ok = gauss < tol && gauss > 0.0 && fabs(one_hot - 125.0) < 0.5 && fabs(k_hand - 28.86) < 1e-9 &&
+            k_alt == 0.0;
+    report(ok, "kurtosis: gaussian, one channel, by hand",
+           "gaussian %.4f (< %.3f), spike %.2f (d-3 = 125), (1,2,3,4) %.4f (28.86), (1,-1,1,-1) %.1f", gauss,
+           tol, one_hot, k_hand, k_alt);
     free(x);
 }
 
@@ -913,7 +980,8 @@ static int count_levels(const float *x, int n) {
 static void test_quantizers(uint64_t *rng) {
     enum { n = 256 };
     float x[n], q[n], qq[n];
-    for (int i = 0; i < n; i++) x[i] = -1.3f + 4.2f * (float)i / (n - 1) + 1e-3f * rng_normal(rng);   // fills the range
+    for (int i = 0; i < n; i++)
+        x[i] = -1.3f + 4.2f * (float)i / (n - 1) + 1e-3f * rng_normal(rng); // fills the range
     x[5] = 0.0f;
     memcpy(q, x, sizeof x);
     quantize_asymmetric(q, n, n, 4);
@@ -942,10 +1010,13 @@ static void test_quantizers(uint64_t *rng) {
     bool w_idem = memcmp(wq, wqq, sizeof wq) == 0;
     quantize_row_symmetric(wc, w, n, 4, 0.5f);
     int w_levels = count_levels(wq, n), clipped_levels = count_levels(wc, n);
-    bool ok = half_step && idempotent && levels == 16 && q[5] == 0.0f && w_half && w_idem && w_levels == 15 && clipped_levels == 16;
+    bool ok = half_step && idempotent && levels == 16 && q[5] == 0.0f && w_half && w_idem && w_levels == 15 &&
+            clipped_levels == 16;
     report(ok, "quantizers: half step, 16 levels, idempotent, 0->0",
-           "asym: err<=s/2 %s, %d levels, idempotent %s, zero->%g; sym: err<=s/2 %s, idempotent %s, %d levels (clipped %d)",
-           half_step ? "yes" : "NO", levels, idempotent ? "yes" : "NO", q[5], w_half ? "yes" : "NO", w_idem ? "yes" : "NO", w_levels, clipped_levels);
+           "asym: err<=s/2 %s, %d levels, idempotent %s, zero->%g; sym: err<=s/2 %s, idempotent %s, %d "
+           "levels (clipped %d)",
+           half_step ? "yes" : "NO", levels, idempotent ? "yes" : "NO", q[5], w_half ? "yes" : "NO",
+           w_idem ? "yes" : "NO", w_levels, clipped_levels);
 }
 
 // Cholesky route to H⁻¹ against Gauss-Jordan elimination on a random 7 x 7 H = BᵀB + I.
@@ -980,8 +1051,10 @@ static void test_cholesky_inverse(uint64_t *rng) {
         for (int j = 0; j < n; j++) worst = fmax(worst, fabs(inv[i * n + j] - gj[i][n + j]));
     h[0] = -1.0;   // not positive definite
     bool refused = !cholesky(h, n);
-    report(factored && worst < 1e-10 && refused, "cholesky: H⁻¹ = plain inverse", "7 x 7, max |diff| %.1e; "
-           "indefinite H %s", worst, refused ? "refused" : "ACCEPTED");
+    report(factored && worst < 1e-10 && refused, "cholesky: H⁻¹ = plain inverse",
+           "7 x 7, max |diff| %.1e; "
+           "indefinite H %s",
+           worst, refused ? "refused" : "ACCEPTED");
 }
 
 // ||W·Xᵀ - Ŵ·Xᵀ||² over the rows of w, wq [rows, cols] for inputs x [tokens, cols].
@@ -1121,7 +1194,8 @@ static void test_clip_search(uint64_t *rng) {
     int agree = 0;
     for (int trial = 0; trial < 20; trial++) {
         float w[n], row[n], scratch[n];
-        for (int i = 0; i < n; i++) w[i] = rng_normal(rng) * (i == 3 ? 6.0f : 1.0f);   // an outlier makes clipping pay
+        for (int i = 0; i < n; i++)
+            w[i] = rng_normal(rng) * (i == 3 ? 6.0f : 1.0f); // an outlier makes clipping pay
         double maxabs = 0;
         for (int i = 0; i < n; i++) maxabs = fmax(maxabs, fabs(w[i]));
         double best_err = INFINITY;
@@ -1144,7 +1218,8 @@ static void test_clip_search(uint64_t *rng) {
 
 static void test_hadamard(uint64_t *rng) {
     int n = 64;
-    float *h = xmalloc(sizeof(float) * n * n), *x = random_floats((size_t)3 * n, 1.0f, rng), *fast = xmalloc(sizeof(float) * 3 * n);
+    float *h = xmalloc(sizeof(float) * n * n), *x = random_floats((size_t)3 * n, 1.0f, rng),
+          *fast = xmalloc(sizeof(float) * 3 * n);
     hadamard_matrix(h, n);
     memcpy(fast, x, sizeof(float) * 3 * n);
     hadamard_transform(fast, 3, n);
@@ -1161,7 +1236,8 @@ static void test_hadamard(uint64_t *rng) {
             for (int k = 0; k < n; k++) dotp += (double)h[i * n + k] * h[j * n + k];
             orth = fmax(orth, fabs(dotp - (i == j)));
         }
-    report(worst < 1e-5 && orth < 1e-6, "hadamard: fast = plain matrix, H·Hᵀ = I", "max |fast - plain| %.1e, max |H·Hᵀ - I| %.1e (n = 64)", worst, orth);
+    report(worst < 1e-5 && orth < 1e-6, "hadamard: fast = plain matrix, H·Hᵀ = I",
+           "max |fast - plain| %.1e, max |H·Hᵀ - I| %.1e (n = 64)", worst, orth);
     free(h); free(x); free(fast);
 }
 
@@ -1186,7 +1262,9 @@ static void test_rotations(uint64_t *rng) {
         model_alloc(&trained, &cfg, 2);
         for (size_t i = 0; i < trained.n_params; i++) trained.params[i] = 0.2f * rng_normal(rng);
         for (int i = 0; i < N_PARAM_TENSORS; i++)
-            if (is_norm_gain(i)) for (size_t j = 0; j < param_size(&trained, i); j++) trained.params[trained.shape[i].offset + j] += 1.0f;
+            if (is_norm_gain(i))
+                for (size_t j = 0; j < param_size(&trained, i); j++)
+                    trained.params[trained.shape[i].offset + j] += 1.0f;
         model_merge(&m, &trained, 2);
         int inputs[16];
         for (int i = 0; i < 16; i++) inputs[i] = (int)(rng_next(rng) % 300);
@@ -1206,8 +1284,8 @@ static void test_rotations(uint64_t *rng) {
         free(base); free(ffn); free(res);
         model_free(&trained); model_free(&m); model_free(&work);
     }
-    report(worst_ffn < 1e-5 && worst_res < 1e-5, "rotations keep full-precision logits", "FFN Hadamard %.1e, residual rotation %.1e (RMSNorm and SSNorm models)",
-           worst_ffn, worst_res);
+    report(worst_ffn < 1e-5 && worst_res < 1e-5, "rotations keep full-precision logits",
+           "FFN Hadamard %.1e, residual rotation %.1e (RMSNorm and SSNorm models)", worst_ffn, worst_res);
 }
 
 // The report over a forward pass: state 0 is the embedding output, the last the final norm;
@@ -1446,7 +1524,8 @@ static void tiny_trainer(Trainer *tr, int preset, uint64_t seed) {
     static uint16_t tokens[500];
     static TokenData train = {.vocab_size = 300, .n = 500, .tokens = tokens};
     uint64_t rng = 99;
-    for (int i = 0; i < 500; i++) tokens[i] = (uint16_t)(i % 7 == 0 ? (int)(rng_next(&rng) % 300) : (i * 13) % 300);
+    for (int i = 0; i < 500; i++)
+        tokens[i] = (uint16_t)(i % 7 == 0 ? (int)(rng_next(&rng) % 300) : (i * 13) % 300);
     tr->train = &train;
 }
 
@@ -1465,7 +1544,8 @@ static void test_data_batches(void) {
     for (int trial = 0; trial < 100; trial++) {
         data_next_batch(&d, &rng, 4, 8, inputs, targets);
         for (int i = 0; i < 32; i++) ok = ok && targets[i] == inputs[i] + 1 && targets[i] < 50;
-        for (int b = 0; b < 4; b++) for (int t = 1; t < 8; t++) ok = ok && inputs[b * 8 + t] == inputs[b * 8 + t - 1] + 1;
+        for (int b = 0; b < 4; b++)
+            for (int t = 1; t < 8; t++) ok = ok && inputs[b * 8 + t] == inputs[b * 8 + t - 1] + 1;
     }
     report(ok, "data batches: windows of T+1, targets shifted", "100 batches of 4x8 from 50 tokens");
     free(d.tokens);
@@ -1493,8 +1573,10 @@ static void test_training_deterministic(int preset) {
     trainer_free(&c);
     char name[64];
     snprintf(name, sizeof name, "training deterministic, %s", presets[preset].name);
-    report(same && thread_same && falls, name, "same seed, same 8 losses %s; %d vs %d threads %s; loss %.4f -> %.4f",
-           same ? "bit-identical" : "DIFFER", threads_used, threads_other, thread_same ? "bit-identical" : "DIFFER", la[0], la[7]);
+    report(same && thread_same && falls, name,
+           "same seed, same 8 losses %s; %d vs %d threads %s; loss %.4f -> %.4f",
+           same ? "bit-identical" : "DIFFER", threads_used, threads_other,
+           thread_same ? "bit-identical" : "DIFFER", la[0], la[7]);
     trainer_free(&a); trainer_free(&b);
 }
 
@@ -1510,11 +1592,13 @@ static void test_checkpoint_resume(int preset) {
     memset(&resumed, 0, sizeof resumed);
     bool loaded = saved && trainer_resume(&resumed, path);
     size_t offset[N_PARAM_TENSORS], n_state = optimizer_layout(&part.model, part.state.opt.optimizer, offset);
-    bool params_same = loaded && memcmp(resumed.model.params, part.model.params, sizeof(float) * part.model.n_params) == 0 &&
-                       memcmp(resumed.opt_state, part.opt_state, sizeof(float) * n_state) == 0 &&
-                       resumed.state.step == 3 && resumed.state.rng == part.state.rng && resumed.state.preset == preset &&
-                       memcmp(&resumed.state.opt, &part.state.opt, sizeof(OptimConfig)) == 0 &&
-                       memcmp(&resumed.state.cfg, &part.state.cfg, sizeof(Config)) == 0;
+    bool params_same = loaded &&
+            memcmp(resumed.model.params, part.model.params, sizeof(float) * part.model.n_params) == 0 &&
+            memcmp(resumed.opt_state, part.opt_state, sizeof(float) * n_state) == 0 &&
+            resumed.state.step == 3 && resumed.state.rng == part.state.rng &&
+            resumed.state.preset == preset &&
+            memcmp(&resumed.state.opt, &part.state.opt, sizeof(OptimConfig)) == 0 &&
+            memcmp(&resumed.state.cfg, &part.state.cfg, sizeof(Config)) == 0;
     if (loaded) {
         resumed.train = part.train;
         run_steps(&resumed, 5, lp + 3);
@@ -1523,14 +1607,16 @@ static void test_checkpoint_resume(int preset) {
     char name[64];
     snprintf(name, sizeof name, "checkpoint and exact resume, %s", presets[preset].name);
     report(params_same && same, name, "%s; steps 4-8 after resume %s (last %.6f vs %.6f)",
-           params_same ? "params, optimizer state, recipe, step, rng restored" : osp_error, same ? "bit-identical" : "DIFFER", lp[7], lf[7]);
+           params_same ? "params, optimizer state, recipe, step, rng restored" : osp_error,
+           same ? "bit-identical" : "DIFFER", lp[7], lf[7]);
     remove(path);
     trainer_free(&full); trainer_free(&part);
     if (loaded) trainer_free(&resumed);
 }
 
 // Writes a modified copy of a file: the first `keep` bytes, with byte `at` replaced (at < 0: none).
-static void write_variant(const char *path, const unsigned char *bytes, size_t keep, long at, unsigned char value) {
+static void write_variant(const char *path, const unsigned char *bytes, size_t keep, long at,
+                          unsigned char value) {
     FILE *f = fopen(path, "wb");
     for (size_t i = 0; i < keep; i++) fputc((long)i == at ? value : bytes[i], f);
     fclose(f);
@@ -1561,7 +1647,11 @@ static void test_bad_files(void) {
         bool refused = !checkpoint_load(bad, &s, &m, 0, NULL);
         bool named = refused && strstr(osp_error, cases[i].expect);
         if (!refused) model_free(&m);
-        if (!named) { ok = false; used += (size_t)snprintf(detail + used, sizeof detail - used, "%s: \"%s\" ", cases[i].what, refused ? osp_error : "accepted"); }
+        if (!named) {
+            ok = false;
+            used += (size_t)snprintf(detail + used, sizeof detail - used, "%s: \"%s\" ", cases[i].what,
+                                     refused ? osp_error : "accepted");
+        }
     }
     // Token files: bad magic, truncated, and an id out of range.
     int ids[5] = {1, 2, 3, 4, 299};
@@ -1577,8 +1667,13 @@ static void test_bad_files(void) {
     write_variant(bad, bytes, size, (long)size - 2, 0xFF);   // last id becomes 0x01FF = 511 >= 300
     bool t3 = !tokens_load(&d, bad) && strstr(osp_error, "out of range");
     bool t4 = !tokens_load(&d, "no/such/file.bin") && strstr(osp_error, "cannot open");
-    if (!(t1 && t2 && t3 && t4)) { ok = false; snprintf(detail + used, sizeof detail - used, "token files: %d%d%d%d \"%s\"", t1, t2, t3, t4, osp_error); }
-    report(ok, "bad files refused with a message", "%s", ok ? "6 broken checkpoints, 3 broken token files, a missing file" : detail);
+    if (!(t1 && t2 && t3 && t4)) {
+        ok = false;
+        snprintf(detail + used, sizeof detail - used, "token files: %d%d%d%d \"%s\"", t1, t2, t3, t4,
+                 osp_error);
+    }
+    report(ok, "bad files refused with a message", "%s",
+           ok ? "6 broken checkpoints, 3 broken token files, a missing file" : detail);
     free(bytes);
     remove(good); remove(bad); remove(tok_path);
     trainer_free(&tr);
@@ -1592,8 +1687,10 @@ static void test_nan_stops(void) {
     float *before = xmalloc(sizeof(float) * tr.model.n_params);
     memcpy(before, tr.model.params, sizeof(float) * tr.model.n_params);
     float norm, loss = train_step(&tr, &norm);
-    bool unchanged = memcmp(before, tr.model.params, sizeof(float) * tr.model.n_params) == 0 && tr.state.step == 0;
-    report(isnan(loss) && unchanged, "NaN loss stops the step", "loss %f, parameters %s", loss, unchanged ? "untouched" : "CHANGED");
+    bool unchanged = memcmp(before, tr.model.params, sizeof(float) * tr.model.n_params) == 0 &&
+            tr.state.step == 0;
+    report(isnan(loss) && unchanged, "NaN loss stops the step", "loss %f, parameters %s", loss,
+           unchanged ? "untouched" : "CHANGED");
     free(before);
     trainer_free(&tr);
 }
@@ -1609,7 +1706,8 @@ static void test_sampling(uint64_t *rng) {
         counts[id]++;
         nucleus = nucleus && (id == 1 || id == 3);
     }
-    report(greedy && nucleus && counts[1] > counts[3], "sampling: greedy and top-p", "top-p 0.5 drew tokens 1 and 3 only (%d, %d)", counts[1], counts[3]);
+    report(greedy && nucleus && counts[1] > counts[3], "sampling: greedy and top-p",
+           "top-p 0.5 drew tokens 1 and 3 only (%d, %d)", counts[1], counts[3]);
 }
 
 // Validation loss in batches equals the mean of per-window losses.
@@ -1624,7 +1722,10 @@ static void test_evaluate_loss(uint64_t *rng) {
     double sum = 0.0;
     for (int w = 0; w < 5; w++) {
         int inputs[8], targets[8];
-        for (int t = 0; t < 8; t++) { inputs[t] = val.tokens[w * 8 + t]; targets[t] = val.tokens[w * 8 + t + 1]; }
+        for (int t = 0; t < 8; t++) {
+            inputs[t] = val.tokens[w * 8 + t];
+            targets[t] = val.tokens[w * 8 + t + 1];
+        }
         sum += model_forward(&m, inputs, targets, 1, 8, NULL);
     }
     float batched = evaluate_loss(&m, &val, 0, NULL, NULL), limited = evaluate_loss(&m, &val, 2, NULL, NULL);
@@ -1635,7 +1736,8 @@ static void test_evaluate_loss(uint64_t *rng) {
         first_two = model_forward(&m, inputs, targets, 2, 8, NULL);
     }
     bool ok = fabs(batched - sum / 5) < 1e-5 && fabsf(limited - first_two) < 1e-6f;
-    report(ok, "validation loss over windows", "batched %.6f vs per-window mean %.6f; first 2 windows %.6f", batched, sum / 5, limited);
+    report(ok, "validation loss over windows", "batched %.6f vs per-window mean %.6f; first 2 windows %.6f",
+           batched, sum / 5, limited);
     free(val.tokens);
     model_free(&m);
 }
@@ -1657,7 +1759,8 @@ static void test_flops_and_format(void) {
     format_duration(245.0, a, sizeof a);
     format_duration(3725.0, b, sizeof b);
     bool ok = flops == 465408.0 && ns == 1822720.0 && !strcmp(a, "4m05s") && !strcmp(b, "1h02m");
-    report(ok, "flop counts and duration format", "%.0f FLOP/step (465408), Newton-Schulz %.0f (1822720); 245 s = %s, 3725 s = %s", flops, ns, a, b);
+    report(ok, "flop counts and duration format",
+           "%.0f FLOP/step (465408), Newton-Schulz %.0f (1822720); 245 s = %s, 3725 s = %s", flops, ns, a, b);
     model_free(&m);
 }
 
@@ -1680,7 +1783,8 @@ static void test_generate(void) {
         fclose(f);
     }
     bool ok = !strncmp(out[0], "First", 5) && !strcmp(out[0], out[1]) && strlen(out[0]) > 6;
-    report(ok, "generate: prompt, sliding window, seeded", "%zu bytes, identical for the same seed", strlen(out[0]));
+    report(ok, "generate: prompt, sliding window, seeded", "%zu bytes, identical for the same seed",
+           strlen(out[0]));
     model_free(&m);
     tokenizer_free(&t);
 }
@@ -1742,21 +1846,24 @@ static void test_ablation_results_file(void) {
 // a damaged file is refused.
 static void test_kurtosis_log_file(void) {
     const char *path = "test_kurtosis.csv.tmp";
-    KurtosisLog log = {.n_states = 3}, back = {.n_states = 3}, head = {.n_states = 3}, broken = {.n_states = 3};
+    KurtosisLog log = { .n_states = 3 }, back = { .n_states = 3 }, head = { .n_states = 3 },
+                broken = { .n_states = 3 };
     double states[3][3] = {{0.1, 0.2, 0.3}, {1.5, 2.5, 3.5}, {10.0, 20.0, 30.0}};
     for (int r = 0; r < 3; r++) kurtosis_log_add(&log, 50 * r, 2.0 + r, 1.0 + r, 100.0 * r, states[r]);
     bool saved = kurtosis_log_save(&log, path, 2048);
     bool loaded = kurtosis_log_load(&back, path, INT_MAX) && kurtosis_log_load(&head, path, 99);
     bool same = loaded && back.n == 3 && head.n == 2 && head.step[1] == 50;
-    for (int i = 0; same && i < 3 * kurtosis_log_cols(&log); i++) same = fabs(back.values[i] - log.values[i]) <= 1e-5 * fabs(log.values[i]);
+    for (int i = 0; same && i < 3 * kurtosis_log_cols(&log); i++)
+        same = fabs(back.values[i] - log.values[i]) <= 1e-5 * fabs(log.values[i]);
     size_t size;
     unsigned char *bytes = read_file(path, &size);
     FILE *f = fopen(path, "wb");
     fwrite(bytes, 1, size - 4, f);   // cut the last row short
     fclose(f);
     bool refused = !kurtosis_log_load(&broken, path, INT_MAX) && strstr(osp_error, "line 4");
-    report(saved && same && refused, "kurtosis CSV: round trip, resume, damage", "3 rows back %s, 2 kept up to step 99; cut file %s",
-           same ? "equal" : "DIFFER", refused ? osp_error : "ACCEPTED");
+    report(saved && same && refused, "kurtosis CSV: round trip, resume, damage",
+           "3 rows back %s, 2 kept up to step 99; cut file %s", same ? "equal" : "DIFFER",
+           refused ? osp_error : "ACCEPTED");
     free(bytes);
     remove(path);
     kurtosis_log_free(&log); kurtosis_log_free(&back); kurtosis_log_free(&head); kurtosis_log_free(&broken);
@@ -1782,15 +1889,23 @@ static void snapshot_files(void *ctx, const TrainState *s, float loss, double se
 }
 
 static void test_train_run_resume(void) {
-    const char *ckpt = "test_run.ckpt.tmp", *csv = "test_run.csv.tmp", *ckpt_copy = "test_run_copy.ckpt.tmp", *csv_copy = "test_run_copy.csv.tmp";
+    const char *ckpt = "test_run.ckpt.tmp", *csv = "test_run.csv.tmp", *ckpt_copy = "test_run_copy.ckpt.tmp",
+               *csv_copy = "test_run_copy.csv.tmp";
     Snapshot snap = {{ckpt, csv}, {ckpt_copy, csv_copy}, 8};
     Trainer full, resumed = {0};
     tiny_trainer(&full, 5, 17);
     full.state.opt.steps = 10;
     full.val = full.train;
     FILE *log = tmpfile();
-    RunOptions ro = {.out = ckpt, .eval_every = 4, .val_windows = 2, .log_every = 2, .kurtosis_every = 2, .kurtosis_csv = csv,
-                     .log = log, .on_log = snapshot_files, .ctx = &snap};
+    RunOptions ro = { .out = ckpt,
+                      .eval_every = 4,
+                      .val_windows = 2,
+                      .log_every = 2,
+                      .kurtosis_every = 2,
+                      .kurtosis_csv = csv,
+                      .log = log,
+                      .on_log = snapshot_files,
+                      .ctx = &snap };
     RunResult res;
     bool ran = train_run(&full, &ro, &res);
     bool loaded = trainer_resume(&resumed, ckpt_copy);
@@ -1808,7 +1923,8 @@ static void test_train_run_resume(void) {
     size_t n1 = 0, n2 = 0;
     unsigned char *a = read_file(csv, &n1), *b = read_file(csv_copy, &n2);
     bool csv_same = a && b && n1 == n2 && !memcmp(a, b, n1);
-    bool params_same = reran && !memcmp(full.model.params, resumed.model.params, sizeof(float) * full.model.n_params);
+    bool params_same = reran &&
+            !memcmp(full.model.params, resumed.model.params, sizeof(float) * full.model.n_params);
     int rows = 0;
     for (size_t i = 0; a && i < n1; i++) rows += a[i] == '\n';
     report(ran && from_4 && csv_same && params_same && rows == 7, "train_run: resume keeps the kurtosis CSV",
@@ -1836,7 +1952,8 @@ static void test_svg_plot(void) {
     if (ok) {
         svg = realloc(svg, size + 1);
         svg[size] = '\0';
-        ok = !strncmp(svg, "<svg", 4) && strstr(svg, "</svg>\n") == svg + size - 7 && strstr(svg, ">rising<") && strstr(svg, ">flat<");
+        ok = !strncmp(svg, "<svg", 4) && strstr(svg, "</svg>\n") == svg + size - 7 &&
+                strstr(svg, ">rising<") && strstr(svg, ">flat<");
         for (char *p = strstr(svg, "points=\""); p; p = strstr(p, "points=\"")) {
             polylines++;
             p += 8;
@@ -1845,11 +1962,12 @@ static void test_svg_plot(void) {
                 points++;
                 inside = inside && px >= 80.0 && px <= 570.0 && py >= 50.0 && py <= 420.0;
                 if (polylines == 1 && i == 2) decade = fabs(py - 235.0) < 0.06;   // y = 1: halfway up
-                if (polylines == 2 && i == 0) floor_ok = fabs(py - 420.0) < 0.06;  // 0 drawn at the floor 0.01
+                if (polylines == 2 && i == 0) floor_ok = fabs(py - 420.0) < 0.06; // 0 drawn at the floor 0.01
             }
         }
     }
-    report(ok && polylines == 2 && points == 8 && inside && decade && floor_ok, "SVG plot: lines, frame, log scale",
+    report(ok && polylines == 2 && points == 8 && inside && decade && floor_ok,
+           "SVG plot: lines, frame, log scale",
            "%d polylines, %d points %s; y = 1 on its gridline: %s; y = 0 at the floor: %s", polylines, points,
            inside ? "inside the frame" : "OUTSIDE", decade ? "yes" : "NO", floor_ok ? "yes" : "NO");
     free(svg);
@@ -1865,18 +1983,35 @@ static void test_svg_plot(void) {
 
 static float half_to_float(uint16_t h) {
     int exponent = (h >> 10) & 31, mantissa = h & 1023;
-    double v = exponent == 0 ? ldexp(mantissa, -24) : exponent == 31 ? (mantissa ? NAN : INFINITY) : ldexp(1024 + mantissa, exponent - 25);
+    double v = exponent == 0 ? ldexp(mantissa, -24)
+            : exponent == 31 ? (mantissa ? NAN : INFINITY)
+                             : ldexp(1024 + mantissa, exponent - 25);
     return (float)((h & 0x8000) ? -v : v);
 }
 
 static void test_float_to_half(uint64_t *rng) {
-    struct { float f; uint16_t h; } cases[] = {
-        {0.0f, 0x0000}, {-0.0f, 0x8000}, {1.0f, 0x3C00}, {-2.0f, 0xC000}, {0.1f, 0x2E66}, {65504.0f, 0x7BFF},
-        {65519.0f, 0x7BFF}, {65520.0f, 0x7C00}, {1e9f, 0x7C00}, {0x1p-14f, 0x0400}, {0x1p-24f, 0x0001},
-        {0x1p-25f, 0x0000}, {0x3p-25f, 0x0002}, {1.0f + 0x1p-11f, 0x3C00}, {1.0f + 0x3p-11f, 0x3C02}, {INFINITY, 0x7C00},
+    struct { float f; uint16_t h;
+    } cases[] = {
+        { 0.0f, 0x0000 },
+        { -0.0f, 0x8000 },
+        { 1.0f, 0x3C00 },
+        { -2.0f, 0xC000 },
+        { 0.1f, 0x2E66 },
+        { 65504.0f, 0x7BFF },
+        { 65519.0f, 0x7BFF },
+        { 65520.0f, 0x7C00 },
+        { 1e9f, 0x7C00 },
+        { 0x1p-14f, 0x0400 },
+        { 0x1p-24f, 0x0001 },
+        { 0x1p-25f, 0x0000 },
+        { 0x3p-25f, 0x0002 },
+        { 1.0f + 0x1p-11f, 0x3C00 },
+        { 1.0f + 0x3p-11f, 0x3C02 },
+        { INFINITY, 0x7C00 },
     };
     int wrong = 0;
-    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) wrong += float_to_half(cases[k].f) != cases[k].h;
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++)
+        wrong += float_to_half(cases[k].f) != cases[k].h;
     // Random values over the half range round to within half a unit in the last place.
     double worst = 0.0;
     for (int k = 0; k < 100000; k++) {
@@ -1885,7 +2020,8 @@ static void test_float_to_half(uint64_t *rng) {
         worst = fmax(worst, fabs(back - f) / fmax(fabs(f), 0x1p-14));
     }
     report(wrong == 0 && worst <= 0x1p-11 && isnan(half_to_float(float_to_half(NAN))), "float16 conversion",
-           "%d of %zu known values wrong; random values: max error %.3g (half ulp 4.9e-4)", wrong, sizeof cases / sizeof cases[0], worst);
+           "%d of %zu known values wrong; random values: max error %.3g (half ulp 4.9e-4)", wrong,
+           sizeof cases / sizeof cases[0], worst);
 }
 
 // A parsed GGUF file. Metadata values and tensor data stay in `bytes`, found by offset.
@@ -1954,7 +2090,8 @@ static const char *gguf_parse(Gguf *g, const char *path) {
         }
         e->value = r.pos;
         for (uint64_t k = 0; k < (e->type == GGUF_ARRAY ? e->count : 1); k++)
-            if (r.short_read || !gguf_skip(&r, e->type == GGUF_ARRAY ? e->elem_type : e->type)) return "bad or truncated value";
+            if (r.short_read || !gguf_skip(&r, e->type == GGUF_ARRAY ? e->elem_type : e->type))
+                return "bad or truncated value";
         if (!strcmp(e->key, "general.alignment")) {
             if (e->type != GGUF_U32) return "general.alignment is not uint32";
             memcpy(&g->alignment, g->bytes + e->value, 4);
@@ -2018,7 +2155,10 @@ static bool gguf_check_metadata(const Gguf *g, const Config *c, bool f16, char *
         {"tokenizer.ggml.add_space_prefix", GGUF_BOOL, 0, NULL, 0},
     };
     size_t n_want = sizeof want / sizeof want[0];
-    if (g->n_kv != n_want) { snprintf(why, why_size, "%llu keys, expected %zu", (unsigned long long)g->n_kv, n_want); return false; }
+    if (g->n_kv != n_want) {
+        snprintf(why, why_size, "%llu keys, expected %zu", (unsigned long long)g->n_kv, n_want);
+        return false;
+    }
     for (size_t k = 0; k < n_want; k++) {
         const GgufEntry *e = gguf_find(g, want[k].key);
         const unsigned char *v = e ? g->bytes + e->value : NULL;
@@ -2031,7 +2171,8 @@ static bool gguf_check_metadata(const Gguf *g, const Config *c, bool f16, char *
             memcpy(&n, v, 8);
             ok = want[k].text ? n == strlen(want[k].text) && !memcmp(v + 8, want[k].text, (size_t)n) : n > 0;
         }
-        if (ok && want[k].type == GGUF_ARRAY) ok = e->elem_type == want[k].elem_type && e->count == want[k].number;
+        if (ok && want[k].type == GGUF_ARRAY)
+            ok = e->elem_type == want[k].elem_type && e->count == want[k].number;
         if (!ok) { snprintf(why, why_size, "key %s missing or wrong", want[k].key); return false; }
     }
     return true;
@@ -2040,20 +2181,30 @@ static bool gguf_check_metadata(const Gguf *g, const Config *c, bool f16, char *
 // Rebuilds a plain model from the tensors of g: names, shapes, types, alignment, and that the
 // tensors lie in the file without overlapping.
 static bool gguf_rebuild(const Gguf *g, Model *m, bool f16, char *why, size_t why_size) {
-    Config c = {.vocab_size = (int)gguf_u32(g, "llama.vocab_size"), .dim = (int)gguf_u32(g, "llama.embedding_length"),
-                .n_layers = (int)gguf_u32(g, "llama.block_count"), .n_heads = (int)gguf_u32(g, "llama.attention.head_count"),
-                .n_kv_heads = (int)gguf_u32(g, "llama.attention.head_count_kv"), .ffn_dim = (int)gguf_u32(g, "llama.feed_forward_length"),
-                .seq_len = (int)gguf_u32(g, "llama.context_length")};
+    Config c = { .vocab_size = (int)gguf_u32(g, "llama.vocab_size"),
+                 .dim = (int)gguf_u32(g, "llama.embedding_length"),
+                 .n_layers = (int)gguf_u32(g, "llama.block_count"),
+                 .n_heads = (int)gguf_u32(g, "llama.attention.head_count"),
+                 .n_kv_heads = (int)gguf_u32(g, "llama.attention.head_count_kv"),
+                 .ffn_dim = (int)gguf_u32(g, "llama.feed_forward_length"),
+                 .seq_len = (int)gguf_u32(g, "llama.context_length") };
     if (config_problem(&c)) { snprintf(why, why_size, "config: %s", config_problem(&c)); return false; }
     model_alloc(m, &c, 1);
-    struct { int param; const char *name; bool per_layer; } names[] = {
-        {PARAM_EMBED, "token_embd", false}, {PARAM_ATTN_NORM, "attn_norm", true}, {PARAM_ATTN_Q, "attn_q", true},
-        {PARAM_ATTN_K, "attn_k", true}, {PARAM_ATTN_V, "attn_v", true}, {PARAM_ATTN_OUT, "attn_output", true},
-        {PARAM_FFN_NORM, "ffn_norm", true}, {PARAM_FFN_GATE, "ffn_gate", true}, {PARAM_FFN_UP, "ffn_up", true},
-        {PARAM_FFN_DOWN, "ffn_down", true}, {PARAM_FINAL_NORM, "output_norm", false}, {PARAM_HEAD, "output", false},
+    struct { int param; const char *name; bool per_layer;
+    } names[] = {
+        { PARAM_EMBED, "token_embd", false },       { PARAM_ATTN_NORM, "attn_norm", true },
+        { PARAM_ATTN_Q, "attn_q", true },           { PARAM_ATTN_K, "attn_k", true },
+        { PARAM_ATTN_V, "attn_v", true },           { PARAM_ATTN_OUT, "attn_output", true },
+        { PARAM_FFN_NORM, "ffn_norm", true },       { PARAM_FFN_GATE, "ffn_gate", true },
+        { PARAM_FFN_UP, "ffn_up", true },           { PARAM_FFN_DOWN, "ffn_down", true },
+        { PARAM_FINAL_NORM, "output_norm", false }, { PARAM_HEAD, "output", false },
     };
     uint64_t expected = 3 + 9 * (uint64_t)c.n_layers, found = 0, end = 0;
-    if (g->n_tensors != expected) { snprintf(why, why_size, "%llu tensors, expected %llu", (unsigned long long)g->n_tensors, (unsigned long long)expected); return false; }
+    if (g->n_tensors != expected) {
+        snprintf(why, why_size, "%llu tensors, expected %llu", (unsigned long long)g->n_tensors,
+                 (unsigned long long)expected);
+        return false;
+    }
     for (size_t k = 0; k < sizeof names / sizeof names[0]; k++) {
         const ParamShape *s = &m->shape[names[k].param];
         for (int l = 0; l < (names[k].per_layer ? c.n_layers : 1); l++) {
@@ -2061,11 +2212,16 @@ static bool gguf_rebuild(const Gguf *g, Model *m, bool f16, char *why, size_t wh
             if (names[k].per_layer) snprintf(name, sizeof name, "blk.%d.%s.weight", l, names[k].name);
             else snprintf(name, sizeof name, "%s.weight", names[k].name);
             const GgufTensorInfo *t = NULL;
-            for (uint64_t i = 0; i < g->n_tensors; i++) if (!strcmp(g->tensors[i].name, name)) { t = &g->tensors[i]; found++; }
+            for (uint64_t i = 0; i < g->n_tensors; i++)
+                if (!strcmp(g->tensors[i].name, name)) {
+                    t = &g->tensors[i];
+                    found++;
+                }
             bool vector = s->rows == 1;
             uint32_t type = f16 && !vector ? 1 : 0;
             size_t n = (size_t)s->rows * s->cols, bytes = n * (type ? 2 : 4);
-            if (!t || t->n_dims != (vector ? 1u : 2u) || t->ne[0] != (uint64_t)s->cols || (!vector && t->ne[1] != (uint64_t)s->rows) || t->type != type) {
+            if (!t || t->n_dims != (vector ? 1u : 2u) || t->ne[0] != (uint64_t)s->cols ||
+                (!vector && t->ne[1] != (uint64_t)s->rows) || t->type != type) {
                 snprintf(why, why_size, "tensor %s missing or with the wrong shape or type", name);
                 return false;
             }
@@ -2076,7 +2232,10 @@ static bool gguf_rebuild(const Gguf *g, Model *m, bool f16, char *why, size_t wh
             // Overlap: the tensors, sorted by offset, must each end before the next begins.
             for (uint64_t i = 0; i < g->n_tensors; i++) {
                 const GgufTensorInfo *o = &g->tensors[i];
-                if (o != t && o->offset >= t->offset && o->offset < t->offset + bytes) { snprintf(why, why_size, "tensor %s overlaps %s", name, o->name); return false; }
+                if (o != t && o->offset >= t->offset && o->offset < t->offset + bytes) {
+                    snprintf(why, why_size, "tensor %s overlaps %s", name, o->name);
+                    return false;
+                }
             }
             if (t->offset + bytes > end) end = t->offset + bytes;
             float *dst = param_at(m, m->params, names[k].param, l);
@@ -2088,8 +2247,10 @@ static bool gguf_rebuild(const Gguf *g, Model *m, bool f16, char *why, size_t wh
         }
     }
     if (found != expected) { snprintf(why, why_size, "duplicate tensor names"); return false; }
-    if (g->data_start % g->alignment || g->size < g->data_start + end || g->size - (g->data_start + end) >= g->alignment) {
-        snprintf(why, why_size, "file size %zu does not end the data at %llu", g->size, (unsigned long long)(g->data_start + end));
+    if (g->data_start % g->alignment || g->size < g->data_start + end ||
+        g->size - (g->data_start + end) >= g->alignment) {
+        snprintf(why, why_size, "file size %zu does not end the data at %llu", g->size,
+                 (unsigned long long)(g->data_start + end));
         return false;
     }
     return true;
@@ -2101,20 +2262,42 @@ static bool llama2c_rebuild(const char *path, Model *m, double *freq_err, char *
     size_t size;
     unsigned char *bytes = read_file(path, &size);
     int32_t h[7];
-    if (!bytes || size < sizeof h) { free(bytes); snprintf(why, why_size, "cannot read a header"); return false; }
+    if (!bytes || size < sizeof h) {
+        free(bytes);
+        snprintf(why, why_size, "cannot read a header");
+        return false;
+    }
     memcpy(h, bytes, sizeof h);
-    Config c = {.dim = h[0], .ffn_dim = h[1], .n_layers = h[2], .n_heads = h[3], .n_kv_heads = h[4], .vocab_size = abs(h[5]), .seq_len = h[6]};
-    if (config_problem(&c) || h[5] >= 0) { free(bytes); snprintf(why, why_size, "bad header (or a shared head)"); return false; }
-    size_t V = (size_t)c.vocab_size, d = (size_t)c.dim, L = (size_t)c.n_layers, f = (size_t)c.ffn_dim, hs = d / (size_t)c.n_heads;
+    Config c = { .dim = h[0],
+                 .ffn_dim = h[1],
+                 .n_layers = h[2],
+                 .n_heads = h[3],
+                 .n_kv_heads = h[4],
+                 .vocab_size = abs(h[5]),
+                 .seq_len = h[6] };
+    if (config_problem(&c) || h[5] >= 0) {
+        free(bytes);
+        snprintf(why, why_size, "bad header (or a shared head)");
+        return false;
+    }
+    size_t V = (size_t)c.vocab_size, d = (size_t)c.dim, L = (size_t)c.n_layers, f = (size_t)c.ffn_dim,
+           hs = d / (size_t)c.n_heads;
     size_t kvd = (size_t)c.n_kv_heads * hs, T = (size_t)c.seq_len;
-    size_t floats = V * d + L * d + L * d * d + 2 * L * kvd * d + L * d * d + L * d + 3 * L * d * f + d + T * hs + V * d;
-    if (size != sizeof h + 4 * floats) { free(bytes); snprintf(why, why_size, "size %zu, expected %zu", size, sizeof h + 4 * floats); return false; }
+    size_t floats = V * d + L * d + L * d * d + 2 * L * kvd * d + L * d * d + L * d + 3 * L * d * f + d +
+            T * hs + V * d;
+    if (size != sizeof h + 4 * floats) {
+        free(bytes);
+        snprintf(why, why_size, "size %zu, expected %zu", size, sizeof h + 4 * floats);
+        return false;
+    }
     model_alloc(m, &c, 1);
     const float *p = (const float *)(bytes + sizeof h);
-    struct { int param; size_t n; } order[] = {
-        {PARAM_EMBED, V * d}, {PARAM_ATTN_NORM, L * d}, {PARAM_ATTN_Q, L * d * d}, {PARAM_ATTN_K, L * kvd * d},
-        {PARAM_ATTN_V, L * kvd * d}, {PARAM_ATTN_OUT, L * d * d}, {PARAM_FFN_NORM, L * d}, {PARAM_FFN_GATE, L * f * d},
-        {PARAM_FFN_DOWN, L * d * f}, {PARAM_FFN_UP, L * f * d}, {PARAM_FINAL_NORM, d},
+    struct { int param; size_t n;
+    } order[] = {
+        { PARAM_EMBED, V * d },        { PARAM_ATTN_NORM, L * d },    { PARAM_ATTN_Q, L * d * d },
+        { PARAM_ATTN_K, L * kvd * d }, { PARAM_ATTN_V, L * kvd * d }, { PARAM_ATTN_OUT, L * d * d },
+        { PARAM_FFN_NORM, L * d },     { PARAM_FFN_GATE, L * f * d }, { PARAM_FFN_DOWN, L * d * f },
+        { PARAM_FFN_UP, L * f * d },   { PARAM_FINAL_NORM, d },
     };
     for (size_t k = 0; k < sizeof order / sizeof order[0]; k++) {
         memcpy(m->params + m->shape[order[k].param].offset, p, sizeof(float) * order[k].n);
@@ -2138,7 +2321,8 @@ static double f16_rounding_error(const Model *rebuilt, const Model *merged) {
     double worst = 0.0;
     for (int i = 0; i < N_PARAM_TENSORS; i++) {
         if (is_norm_gain(i)) continue;
-        const float *a = rebuilt->params + rebuilt->shape[i].offset, *b = merged->params + merged->shape[i].offset;
+        const float *a = rebuilt->params + rebuilt->shape[i].offset,
+                    *b = merged->params + merged->shape[i].offset;
         for (size_t j = 0; j < param_size(merged, i); j++)
             worst = fmax(worst, fabs(a[j] - b[j]) / fmax(fabs(b[j]) * 0x1p-11, 0x1p-25));
     }
@@ -2169,9 +2353,12 @@ static void test_export_model(const char *label, Model *orig, const Tokenizer *t
         else if (form < 2) {
             Gguf g = {0};
             const char *parse_error = NULL;
-            if (!export_gguf(paths[form], &merged, tok, form == 1, "osp.c test", &n_tensors)) snprintf(why, sizeof why, "%s", osp_error);
-            else if ((parse_error = gguf_parse(&g, paths[form]))) snprintf(why, sizeof why, "%s", parse_error);
-            else if (gguf_check_metadata(&g, c, form == 1, why, sizeof why)) built = gguf_rebuild(&g, &back, form == 1, why, sizeof why);
+            if (!export_gguf(paths[form], &merged, tok, form == 1, "osp.c test", &n_tensors))
+                snprintf(why, sizeof why, "%s", osp_error);
+            else if ((parse_error = gguf_parse(&g, paths[form])))
+                snprintf(why, sizeof why, "%s", parse_error);
+            else if (gguf_check_metadata(&g, c, form == 1, why, sizeof why))
+                built = gguf_rebuild(&g, &back, form == 1, why, sizeof why);
             extra = g.alignment;
             gguf_free(&g);
         } else if (!export_llama2c(paths[form], &merged)) {
@@ -2186,13 +2373,16 @@ static void test_export_model(const char *label, Model *orig, const Tokenizer *t
             if (form == 1) extra = f16_rounding_error(&back, &merged);
             model_free(&back);
             // F16 weights move the logits by about 1e-3 relative; F32 only by the merge's rounding.
-            ok = rel < (form == 1 ? 1e-2 : 1e-5) && (form != 1 || extra <= 1.0) && (form != 2 || extra < 1e-6);
+            ok = rel < (form == 1 ? 1e-2 : 1e-5) && (form != 1 || extra <= 1.0) &&
+                    (form != 2 || extra < 1e-6);
         }
         static const char *forms[3] = {"GGUF F32", "GGUF F16", "llama2.c"};
         snprintf(name, sizeof name, "export %s: %s", forms[form], label);
         if (!built) report(false, name, "%s", why);
-        else if (form == 0) report(ok, name, "keys, tensors, alignment %.0f ok; logits rel diff %.1e", extra, rel);
-        else if (form == 1) report(ok, name, "each weight within %.2f half-ulp; logits rel diff %.1e", extra, rel);
+        else if (form == 0)
+            report(ok, name, "keys, tensors, alignment %.0f ok; logits rel diff %.1e", extra, rel);
+        else if (form == 1)
+            report(ok, name, "each weight within %.2f half-ulp; logits rel diff %.1e", extra, rel);
         else report(ok, name, "run.c layout ok, RoPE tables err %.1e; logits rel diff %.1e", extra, rel);
         remove(paths[form]);
     }
@@ -2203,7 +2393,13 @@ static void test_export_model(const char *label, Model *orig, const Tokenizer *t
 // The GGUF vocabulary is tokenizer.bin's: the same pieces (a space written as U+2581), the
 // same scores bit for bit, and the token types llama.cpp needs to find specials and bytes.
 static void test_export_tokenizer(const Tokenizer *tok) {
-    Config c = {.vocab_size = tok->vocab_size, .dim = 8, .n_layers = 1, .n_heads = 2, .n_kv_heads = 2, .ffn_dim = 8, .seq_len = 4};
+    Config c = { .vocab_size = tok->vocab_size,
+                 .dim = 8,
+                 .n_layers = 1,
+                 .n_heads = 2,
+                 .n_kv_heads = 2,
+                 .ffn_dim = 8,
+                 .seq_len = 4 };
     Model m;
     model_alloc(&m, &c, 1);
     const char *path = "test_export_tokens.gguf.tmp";
@@ -2213,9 +2409,11 @@ static void test_export_tokenizer(const Tokenizer *tok) {
     int pieces_ok = 0, scores_ok = 0, types_ok = 0, with_space = 0;
     if (!export_gguf(path, &m, tok, false, "osp.c test", &n_tensors)) problem = osp_error;
     else if (!(problem = gguf_parse(&g, path))) {
-        const GgufEntry *tokens = gguf_find(&g, "tokenizer.ggml.tokens"), *scores = gguf_find(&g, "tokenizer.ggml.scores"),
+        const GgufEntry *tokens = gguf_find(&g, "tokenizer.ggml.tokens"),
+                        *scores = gguf_find(&g, "tokenizer.ggml.scores"),
                         *types = gguf_find(&g, "tokenizer.ggml.token_type");
-        if (!tokens || !scores || !types || tokens->count != (uint64_t)tok->vocab_size) problem = "tokenizer arrays missing";
+        if (!tokens || !scores || !types || tokens->count != (uint64_t)tok->vocab_size)
+            problem = "tokenizer arrays missing";
         Reader r = {g.bytes, g.size, problem ? 0 : tokens->value, false};
         for (int id = 0; !problem && id < tok->vocab_size; id++) {
             uint64_t len;
@@ -2229,7 +2427,8 @@ static void test_export_tokenizer(const Tokenizer *tok) {
                 else piece[n++] = text[k];
             }
             with_space += memchr(tok->pieces[id], ' ', (size_t)tok->lengths[id]) != NULL;
-            pieces_ok += n == (size_t)tok->lengths[id] && !memcmp(piece, tok->pieces[id], n) && !memchr(text, ' ', (size_t)len);
+            pieces_ok += n == (size_t)tok->lengths[id] && !memcmp(piece, tok->pieces[id], n) &&
+                    !memchr(text, ' ', (size_t)len);
             scores_ok += !memcmp(g.bytes + scores->value + 4 * (size_t)id, &tok->scores[id], 4);
             int32_t type;
             memcpy(&type, g.bytes + types->value + 4 * (size_t)id, 4);
@@ -2237,8 +2436,10 @@ static void test_export_tokenizer(const Tokenizer *tok) {
         }
     }
     int V = tok->vocab_size;
-    report(!problem && pieces_ok == V && scores_ok == V && types_ok == V, "export: GGUF tokenizer equals tokenizer.bin",
-           problem ? problem : "%d/%d pieces (%d with a space), %d/%d scores, %d/%d types", pieces_ok, V, with_space, scores_ok, V, types_ok, V);
+    report(!problem && pieces_ok == V && scores_ok == V && types_ok == V,
+           "export: GGUF tokenizer equals tokenizer.bin",
+           problem ? problem : "%d/%d pieces (%d with a space), %d/%d scores, %d/%d types", pieces_ok, V,
+           with_space, scores_ok, V, types_ok, V);
     gguf_free(&g);
     remove(path);
     model_free(&m);
@@ -2252,7 +2453,13 @@ static void test_export_refusals(void) {
     tokenizer_add(&t, "a", 1, 0.0f);
     tokenizer_add(&t, "x" SPIECE_SPACE, 4, -1.0f);
     tokenizer_index(&t);
-    Config c = {.vocab_size = t.vocab_size, .dim = 8, .n_layers = 1, .n_heads = 2, .n_kv_heads = 2, .ffn_dim = 8, .seq_len = 4};
+    Config c = { .vocab_size = t.vocab_size,
+                 .dim = 8,
+                 .n_layers = 1,
+                 .n_heads = 2,
+                 .n_kv_heads = 2,
+                 .ffn_dim = 8,
+                 .seq_len = 4 };
     Model m;
     model_alloc(&m, &c, 1);
     int refused = 0, cases = 0;
@@ -2283,8 +2490,10 @@ static void test_export_refusals(void) {
     model_alloc(&m, &c, 1);
     EXPECT((p = export_problem(&m, &t, EXPORT_GGUF)) && strstr(p, "vocab mismatch"));
     #undef EXPECT
-    report(refused == cases, "export: refuses what a format cannot hold", "%d/%d cases as expected (unmerged model, U+2581 and non-UTF-8 "
-           "tokens, F16 overflow, NaN, no \" \" token for run.c, vocab mismatch)", refused, cases);
+    report(refused == cases, "export: refuses what a format cannot hold",
+           "%d/%d cases as expected (unmerged model, U+2581 and non-UTF-8 "
+           "tokens, F16 overflow, NaN, no \" \" token for run.c, vocab mismatch)",
+           refused, cases);
     model_free(&m);
     tokenizer_free(&t);
 }
@@ -2298,9 +2507,31 @@ static void test_export(uint64_t *rng) {
     test_export_tokenizer(&tok);
     test_export_refusals();
     Config shapes[3] = {
-        {.vocab_size = tok.vocab_size, .dim = 128, .n_layers = 4, .n_heads = 4, .n_kv_heads = 4, .ffn_dim = 512, .seq_len = 128, .ssnorm = 1, .embproj = 1},
-        {.vocab_size = tok.vocab_size, .dim = 128, .n_layers = 4, .n_heads = 4, .n_kv_heads = 2, .ffn_dim = 512, .seq_len = 128},
-        {.vocab_size = tok.vocab_size, .dim = 18, .n_layers = 2, .n_heads = 3, .n_kv_heads = 1, .ffn_dim = 30, .seq_len = 16, .ssnorm = 1, .embproj = 1},
+        { .vocab_size = tok.vocab_size,
+          .dim = 128,
+          .n_layers = 4,
+          .n_heads = 4,
+          .n_kv_heads = 4,
+          .ffn_dim = 512,
+          .seq_len = 128,
+          .ssnorm = 1,
+          .embproj = 1 },
+        { .vocab_size = tok.vocab_size,
+          .dim = 128,
+          .n_layers = 4,
+          .n_heads = 4,
+          .n_kv_heads = 2,
+          .ffn_dim = 512,
+          .seq_len = 128 },
+        { .vocab_size = tok.vocab_size,
+          .dim = 18,
+          .n_layers = 2,
+          .n_heads = 3,
+          .n_kv_heads = 1,
+          .ffn_dim = 30,
+          .seq_len = 16,
+          .ssnorm = 1,
+          .embproj = 1 },
     };
     const char *labels[3] = {"osp (EmbProj, SSNorm)", "adam (2 KV heads)", "osp, sizes needing padding"};
     for (int k = 0; k < 3; k++) {
@@ -2324,7 +2555,9 @@ static void test_export(uint64_t *rng) {
         model_free(&m);
         present++;
     }
-    if (present < 2) printf("note %-44s %d of adam.ckpt, osp.ckpt found; run make run to check them too\n", "export: make run's checkpoints", present);
+    if (present < 2)
+        printf("note %-44s %d of adam.ckpt, osp.ckpt found; run make run to check them too\n",
+               "export: make run's checkpoints", present);
     tokenizer_free(&tok);
 }
 
