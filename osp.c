@@ -3,11 +3,24 @@ osp.c: Outlier-Safe Pre-Training (OSP) in one C file.
 
 Trains a small Llama from raw text with hand-written forward and backward passes, as a
 readable reference for "Outlier-Safe Pre-Training for Robust 4-Bit Quantization of Large
-Language Models" (Park et al., 2025). The exact definitions followed are in OSP-SPEC.md.
+Language Models" (Park et al., ACL 2025, arXiv:2506.19697). Adam-trained models grow activation
+outliers that break 4-bit quantization; OSP prevents them with three changes to training.
 
-Read top to bottom: utilities, tokenizer, data, layers (each forward followed by its
+Where the method lives, in reading order (grep -n "OSP:" osp.c walks through every line
+where OSP differs from a plain Llama trainer):
+  Single-Scale RMSNorm   rmsnorm_forward (gain_step 0: one gain for all channels), param_layout
+  EmbProj                param_layout, model_init (P_in, P_out random orthogonal), model_forward
+                         (x = P_in·e, logits = W_head·P_out·h), model_backward
+  Muon                   uses_muon (which tensors), newton_schulz, muon_update, optimizer_step
+  the ablation's presets presets[]: adam, muon-only, muon, muon-ssnorm, muon-embproj, osp
+  merging                model_merge: EmbProj and SSNorm folded away, a plain Llama remains
+  measuring it           kurtosis_excess and KurtosisReport (excess kurtosis of the hidden
+                         states), evaluate_model (4-bit fake quantization: quantize_weight_row,
+                         quantize_asymmetric, the FFN Hadamard, GPTQ: gptq_quantize_model)
+
+Sections, top to bottom: utilities, tokenizer, data, layers (each forward followed by its
 backward), quantization, model, optimizers, presets, checkpoints, merging, export,
-evaluation, training, sampling, plots, command line.
+evaluation, training, sampling, ablation results, plots, command line.
 
 Build: make            Test: make test            Train and sample: make run
 */
@@ -689,7 +702,7 @@ static void embedding_backward(float *dtable, const float *dout, const int *toke
 
 // RMSNorm: out = gain * x / sqrt(mean(x^2) + eps). inp, out [N,d]; rstd [N] saved.
 // gain_step 1: a gain per channel, gain [d] (Llama). gain_step 0: one scalar gain [1] for all
-// channels (OSP's Single-Scale RMSNorm), so no channel can be singled out by its own scale.
+// channels, so no channel can be singled out by its own scale. OSP: Single-Scale RMSNorm.
 static void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *gain, int gain_step,
                             int N, int d) {
 #pragma omp parallel for schedule(dynamic, 16)
@@ -1177,7 +1190,7 @@ static void crossentropy_backward(float *dlogits, const float *dlosses, const fl
 
 /* ============================================================================
  * Quantization primitives (evaluation only): RTN fake quantizers and the Walsh-Hadamard
- * transform (OSP-SPEC.md section 5). "Fake" quantization rounds a tensor to the values a
+ * transform, as the paper evaluates. "Fake" quantization rounds a tensor to the values a
  * b-bit integer grid can represent and keeps computing in float, which measures exactly the
  * damage of quantization. Rounding is to nearest, ties to even (rintf), as torch.round does.
  * ========================================================================== */
@@ -1213,7 +1226,7 @@ static double quantize_row_symmetric(float *out, const float *w, int n, int bits
     return err;
 }
 
-// Weight quantization of one output row with the clip search of OSP-SPEC.md: try
+// Weight quantization of one output row with the clip search of the authors' release: try
 // p = 1 - i/100 for i = 0..79 and keep the p with the smallest Σ |ŵ - w|^2.4 (the first on
 // ties). row [n] is quantized in place; scratch holds n floats. Returns the chosen p.
 static float quantize_weight_row(float *row, int n, int bits, bool clip_search, float *scratch) {
@@ -1503,7 +1516,7 @@ static const char *config_problem(const Config *c) {
 // Fills the parameter shapes and offsets for a config; returns the total parameter count.
 static size_t param_layout(ParamShape *shape, const Config *c) {
     int L = c->n_layers, d = c->dim, f = c->ffn_dim, kvd = kv_dim(c);
-    int gain = c->ssnorm ? 1 : d, proj = c->embproj ? 1 : 0;
+    int gain = c->ssnorm ? 1 : d, proj = c->embproj ? 1 : 0;   // OSP: one gain per norm; P_in, P_out
     ParamShape s[N_PARAM_TENSORS] = {
         [PARAM_EMBED] = {1, c->vocab_size, d},
         [PARAM_EMBPROJ_IN] = {proj, d, d},
@@ -1627,7 +1640,7 @@ static void random_orthogonal(float *q, int d, uint64_t *rng) {
     free(a);
 }
 
-// Initialization (OSP-SPEC.md section 1): N(0, 0.02) for all matrices, Wo and W2 further
+// Initialization: N(0, 0.02) for all matrices, Wo and W2 further
 // scaled by 1/sqrt(2L) (their outputs add into the residual stream L times each); norm gains 1;
 // EmbProj's P_in and P_out random orthogonal.
 static void model_init(Model *m, uint64_t seed) {
@@ -1637,7 +1650,7 @@ static void model_init(Model *m, uint64_t seed) {
         float *p = m->params + m->shape[i].offset;
         size_t n = param_size(m, i);
         if (n == 0) continue;
-        if (i == PARAM_EMBPROJ_IN || i == PARAM_EMBPROJ_OUT) {
+        if (i == PARAM_EMBPROJ_IN || i == PARAM_EMBPROJ_OUT) {   // OSP: EmbProj starts orthogonal
             random_orthogonal(p, m->cfg.dim, &rng);
             continue;
         }
@@ -1779,7 +1792,7 @@ static void model_backward(Model *m) {
     float *P = m->params, *G = m->grads;
     int gs = c->ssnorm ? 0 : 1;
 
-    // loss -> logits -> head (-> P_out) -> final norm -> x[L]
+    // loss -> logits -> head (-> P_out, OSP: EmbProj) -> final norm -> x[L]
     for (int n = 0; n < N; n++) g->losses[n] = 1.0f / (float)N;
     crossentropy_backward(g->logits, g->losses, a->probs, m->targets, N, c->vocab_size);
     float *head_in = c->embproj ? a->final_proj : a->final_norm,
@@ -1819,7 +1832,7 @@ static void model_backward(Model *m) {
                                 (const float *[]){ w.wq, w.wk, w.wv }, N, d, (int[]){ d, kvd, kvd }));
         rmsnorm_backward(ds.x, dw.attn_norm, ds.attn_norm, s.x, w.attn_norm, gs, s.attn_rstd, N, d);
     }
-    // x[0] (-> P_in) -> the embedding rows
+    // x[0] (-> P_in, OSP: EmbProj) -> the embedding rows
     if (c->embproj) {
         TIMED(PART_MATMUL_BACKWARD,
               matmul_backward(g->embed, param_at(m, G, PARAM_EMBPROJ_IN, 0), g->x, a->embed,
@@ -1862,6 +1875,7 @@ typedef struct {
 
 // Muon updates every tensor under muon-only; under muon every tensor but the embedding and
 // the head, which keep AdamW ("decoupled embedding optimization"); under adam none.
+// OSP: Muon for the network, AdamW for the embedding and the head only.
 static bool uses_muon(int optimizer, int tensor) {
     if (optimizer == OPTIMIZER_ADAM) return false;
     if (optimizer == OPTIMIZER_MUON_ONLY) return true;
@@ -1869,7 +1883,7 @@ static bool uses_muon(int optimizer, int tensor) {
 }
 
 // Learning-rate multiplier at step s (0-based): linear warmup to 1, constant, then linear
-// decay to 0 over the last 20% of steps (OSP-SPEC.md section 3).
+// decay to 0 over the last 20% of steps (the paper's schedule).
 static float lr_factor(const OptimConfig *o, int s) {
     int decay_start = o->steps - o->steps / 5;
     if (s < o->warmup) return (float)(s + 1) / (float)o->warmup;
@@ -1892,7 +1906,7 @@ static float clip_grad_norm(float *grads, size_t n, float max_norm) {
 // One AdamW step (t = 1-based step count) on n parameters with moments m, v:
 // m = b1·m + (1-b1)·g;  v = b2·v + (1-b2)·g²;  w -= lr·(m̂ / (sqrt(v̂) + eps) + wd·w),
 // with bias-corrected m̂ = m / (1 - b1^t), v̂ = v / (1 - b2^t). Weight decay applies to every
-// parameter, norm gains included, as OSP-SPEC.md writes the update. Called inside a parallel
+// parameter, norm gains included (one rule for every tensor). Called inside a parallel
 // region, the elements are split over its threads (an orphaned `omp for`); outside, one does all.
 static void adamw_update(float *params, const float *grads, float *m, float *v, size_t n,
                          const OptimConfig *o, float lr, int t) {
@@ -1923,7 +1937,7 @@ static size_t newton_schulz_scratch(int rows, int cols) {
     return 2 * n + 2 * r * r;
 }
 
-// Newton-Schulz orthogonalization (OSP-SPEC.md section 3): out [rows, cols] has U's singular
+// OSP: Newton-Schulz orthogonalization, the heart of Muon: out [rows, cols] has U's singular
 // vectors with its singular values pushed into about [0.5, 1.2]. X = U / (|U|_F + 1e-7), then
 // `steps` times X = a·X + (b·A + c·A²)·X with A = X·Xᵀ. It works on the wide orientation
 // (rows <= cols), so a tall U is transposed first and the result transposed back. The three
@@ -1952,7 +1966,7 @@ static void newton_schulz(float *out, const float *u, int rows, int cols, int st
     else memcpy(out, x, sizeof(float) * n);
 }
 
-// One Muon step on a rows x cols matrix w with gradient g and momentum buffer mom:
+// OSP: one Muon step on a rows x cols matrix w with gradient g and momentum buffer mom:
 // mom = g + mu·mom;  U = g + mu·mom (Nesterov);  O = NS(U) for a matrix, U / (|U|₂ + 1e-7) for
 // a vector or scalar (rows = 1: the norm gains);  w -= lr·(0.2·sqrt(max(rows, cols))·O + wd·w).
 // The 0.2·sqrt(max) factor gives a full-rank update an RMS of about 0.2·lr, like AdamW's.
@@ -2054,9 +2068,10 @@ static void optimizer_step(Model *m, const OptimConfig *o, float *state, float f
 }
 
 /* ============================================================================
- * Presets: the six rows of the paper's ablation (OSP-SPEC.md section 4)
+ * Presets: the six rows of the paper's ablation
  * ========================================================================== */
 
+// OSP: the recipe is the last row; the others take parts of it away (the paper's ablation).
 typedef struct { const char *name; int optimizer, ssnorm, embproj; const char *what; } Preset;
 static const Preset presets[] = {
     {"adam", OPTIMIZER_ADAM, 0, 0, "AdamW on everything, RMSNorm (the baseline)"},
@@ -2216,14 +2231,14 @@ static bool checkpoint_load(const char *path, TrainState *s, Model *m, int max_b
 }
 
 /* ============================================================================
- * Merging for inference (OSP-SPEC.md section 6)
+ * Merging for inference
  *
  * With x0 = P_in·e and logits = W_head·(P_out·h): E' = E·P_inᵀ (each row e becomes P_in·e)
  * and W_head' = W_head·P_out; an SSNorm scalar g becomes a per-channel vector filled with g.
  * The result is a plain Llama with the same outputs (up to float rounding).
  * ========================================================================== */
 
-// dst (allocated here, max_batch rows) = src with EmbProj and SSNorm folded away.
+// OSP: dst (allocated here, max_batch rows) = src with EmbProj and SSNorm folded away.
 static void model_merge(Model *dst, const Model *src, int max_batch) {
     Config plain = src->cfg;
     plain.ssnorm = 0;
@@ -2267,7 +2282,7 @@ static void model_merge(Model *dst, const Model *src, int max_batch) {
  *   data      after zero padding to a multiple of general.alignment (32); each tensor starts
  *             at a multiple of it, with zero padding after each one
  * The names and keys are those of llama.cpp's "llama" architecture. osp.c's RoPE rotates
- * adjacent pairs (2i, 2i+1) of each head (OSP-SPEC.md section 1), which is the rotation
+ * adjacent pairs (2i, 2i+1) of each head (rope_forward), which is the rotation
  * llama.cpp applies for this architecture, so Wq and Wk are written as they are: they need
  * none of the row permutation that converting Hugging Face checkpoints needs.
  *
@@ -2573,14 +2588,15 @@ static bool export_llama2c(const char *path, const Model *m) {
 
 /* ============================================================================
  * Evaluation: perplexity, excess kurtosis, and perplexity under 4-bit fake quantization
- * (OSP-SPEC.md section 5). Checkpoints are merged first (section 6): a merged model computes
+ * as the paper measures them. Checkpoints are merged first (model_merge): a merged model computes
  * the same function, and P_in, P_out would stay full precision anyway.
  * ========================================================================== */
 
-// Excess kurtosis of one token's hidden state x [d], as the authors' release computes it:
-// mean(x⁴) / std(x)⁴ - 3, the fourth moment not centred, the standard deviation unbiased
-// (divided by d - 1), negative values clamped to 0. Gaussian channels give about 0; one
-// channel carrying nearly all the energy gives about d (exactly d - 3 for a one-hot vector).
+// OSP: the measure of outliers. Excess kurtosis of one token's hidden state x [d], as the
+// authors' release computes it: mean(x⁴) / std(x)⁴ - 3, the fourth moment not centred, the
+// standard deviation unbiased (divided by d - 1), negative values clamped to 0. Gaussian
+// channels give about 0; one channel carrying nearly all the energy gives about d (exactly
+// d - 3 for a one-hot vector).
 static double kurtosis_excess(const float *x, int d) {
     double mean = 0.0, m4 = 0.0, var = 0.0;
     for (int i = 0; i < d; i++) { mean += x[i]; m4 += (double)x[i] * x[i] * x[i] * x[i]; }
@@ -4606,7 +4622,7 @@ static const char *ablation_help =
     "  --dim --ffn-dim --layers --heads --kv-heads --seq-len --batch --warmup --wd --grad-clip\n"
     "  --muon-momentum --ns-steps\n";
 
-// The paper's ablation (OSP-SPEC.md section 4), in presets[] order: excess kurtosis and 4-4-4
+// The paper's ablation table, in presets[] order: excess kurtosis and 4-4-4
 // perplexity without and with the FFN Hadamard, 1.4B parameters after 100B tokens.
 static const struct { double kurtosis, ppl_444, ppl_444_had; } paper_ablation[N_PRESETS] = {
     {1818.56, 8e4, 3e4}, {361.35, 8e5, 24.8}, {1575.12, 1e4, 15.8},

@@ -727,7 +727,7 @@ static void singular_values(const float *x, int rows, int cols, double *sv) {
     free(gram);
 }
 
-// NS5 maps every nonzero singular value into the band OSP-SPEC.md states, [0.5, 1.2], for
+// NS5 maps every nonzero singular value into the band newton_schulz states, [0.5, 1.2], for
 // square, wide, tall and rank-deficient inputs; zero singular values stay zero. The SVD used
 // for the check is checked first: a random orthogonal matrix must give singular values 1.
 // Two limits of NS5 itself, from iterating its scalar map f(x) = a·x + b·x³ + c·x⁵ five times:
@@ -800,7 +800,7 @@ static void test_newton_schulz_tall(uint64_t *rng) {
     free(tall); free(wide); free(out_tall); free(out_wide); free(back); free(scratch);
 }
 
-// Muon written out directly from OSP-SPEC.md in double for a 2 x 3 matrix (wide, so no
+// Muon written out directly from muon_update's comment, in double for a 2 x 3 matrix (wide, so no
 // transpose): momentum, Nesterov, NS5 with explicit 2 x 2 products, scaling, decay.
 static void muon_reference_step(double w[6], const double g[6], double mom[6], double lr, double mu,
                                 double wd) {
