@@ -26,7 +26,7 @@ CORPUS_URL = https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tin
 CORPUS_SHA = 86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed
 SHARED_CORPUS = ../shared/data/tinyshakespeare.txt
 
-.PHONY: all test data run ablation ablation-long clean
+.PHONY: all test test-run data run ablation ablation-long clean
 
 all: osp
 
@@ -44,6 +44,10 @@ test_osp_asan: test_osp.c osp.c Makefile
 test: test_osp test_osp_asan data/tinyshakespeare.txt
 	./test_osp
 	./test_osp_asan --quick
+
+# The export checks on make run's checkpoints (run make run first).
+test-run: test_osp
+	./test_osp --export adam.ckpt osp.ckpt
 
 data/tinyshakespeare.txt:
 	@mkdir -p data

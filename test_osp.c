@@ -1,13 +1,53 @@
 /*
 test_osp.c: checks for osp.c. Includes the implementation itself (without its main).
 Run: make test     (./test_osp --quick runs the fast subset, used for the sanitizer build)
-Each test prints one line; the last line is "N passed, M failed"; any failure exits 1.
+     make test-run (./test_osp --export adam.ckpt osp.ckpt: the export checks on the
+                   checkpoints of make run)
+Tests run in the order of this file and write only into a temporary directory. Each prints one
+line; the last line is "N passed, M failed"; any failure exits 1.
 */
 #define TESTING
 #include "osp.c"
 
 static int n_passed, n_failed;
 static bool quick;
+
+// Every file a test writes goes into one temporary directory, made at the start and removed at
+// the end, so the tests neither need nor touch anything in the working directory.
+static char temp_dir[256];
+static char temp_names[32][320];
+static int n_temp_names;
+
+// The path of file `name` in the temporary directory (the same pointer for the same name).
+static const char *temp_path(const char *name) {
+    char path[320];
+    snprintf(path, sizeof path, "%s/%s", temp_dir, name);
+    for (int i = 0; i < n_temp_names; i++)
+        if (!strcmp(temp_names[i], path)) return temp_names[i];
+    if (n_temp_names == 32) die("test_osp: too many temporary files");
+    memcpy(temp_names[n_temp_names], path, sizeof path);
+    return temp_names[n_temp_names++];
+}
+
+static void temp_dir_create(void) {
+    const char *root = getenv("TMPDIR");
+    snprintf(temp_dir, sizeof temp_dir, "%s/test_osp.XXXXXX", root && *root ? root : "/tmp");
+    if (!mkdtemp(temp_dir))
+        die("test_osp: cannot create a temporary directory in %s: %s", temp_dir, strerror(errno));
+}
+
+// Removes what the tests left (a failed test may not clean up) and the directory.
+static void temp_dir_remove(void) {
+    for (int i = 0; i < n_temp_names; i++) {
+        char tmp[sizeof temp_names[i] + 4];   // an atomic write's temporary name: path.tmp
+        size_t n = strlen(temp_names[i]);
+        memcpy(tmp, temp_names[i], n);
+        memcpy(tmp + n, ".tmp", 5);
+        remove(temp_names[i]);
+        remove(tmp);
+    }
+    if (rmdir(temp_dir) != 0) fprintf(stderr, "test_osp: %s not removed: %s\n", temp_dir, strerror(errno));
+}
 
 // Records one test result and prints its line.
 static void report(bool ok, const char *name, const char *fmt, ...) {
@@ -590,7 +630,7 @@ static void test_tokenizer_merge_order(void) {
 static void test_tokenizer_file(void) {
     Tokenizer t, back;
     tokenizer_train(&t, (const unsigned char *)sample_text, strlen(sample_text), 320);
-    const char *path = "test_tokenizer.bin.tmp";
+    const char *path = temp_path("tokenizer.bin");
     bool ok = tokenizer_save(&t, path) && tokenizer_load(&back, path);
     ok = ok && back.vocab_size == t.vocab_size && back.max_token_length == t.max_token_length;
     for (int i = 0; ok && i < t.vocab_size; i++)
@@ -627,7 +667,7 @@ static void test_tokenizer_reproducible(void) {
     }
     Tokenizer t;
     tokenizer_train(&t, text, n, 512);
-    const char *path = "test_tokenizer_repro.bin.tmp";
+    const char *path = temp_path("tokenizer_repro.bin");
     size_t size = 0;
     unsigned char *made = tokenizer_save(&t, path) ? read_file(path, &size) : NULL;
     bool same = made && size == committed_size && memcmp(made, committed, size) == 0;
@@ -917,7 +957,7 @@ static void test_merge_invariance(uint64_t *rng) {
         max_diff = fmax(max_diff, fabs(before[i] - merged.act.logits[i]));
     }
     TrainState s = {.cfg = merged.cfg, .preset = preset_of(OPTIMIZER_MUON, 1, 1), .merged = 1, .batch = 2};
-    const char *path = "test_merged.ckpt.tmp";
+    const char *path = temp_path("merged.ckpt");
     TrainState back;
     bool io = checkpoint_save(path, &s, &merged, NULL) && checkpoint_load(path, &back, &loaded, 2, NULL);
     if (io) {
@@ -1446,68 +1486,6 @@ static void test_sixteen_bits_exact(uint64_t *rng) {
     model_free(&m);
 }
 
-// The activation picture: a bar per channel at the chosen state and a cell per channel and
-// state, in each panel's frame, on one scale for all panels. Linear: the largest bar (100)
-// fills the frame and 50 fills half; log (decades 1..100): 10 is halfway. Cells: the largest
-// value darkest, the smallest lightest.
-static void test_svg_channels(void) {
-    enum { states = 3, dim = 8 };
-    const char *path = "test_channels.svg.tmp";
-    double a[states * dim], b[states * dim];
-    for (int i = 0; i < states * dim; i++) a[i] = b[i] = 1.0 + i % 3;
-    a[1 * dim + 5] = 100.0;   // an outlier channel at state 1 of the first panel
-    b[1 * dim + 2] = 50.0;
-    b[1 * dim + 3] = 10.0;
-    a[2 * dim + 7] = 1000.0;   // at another state: sets the strips' scale, not the bars'
-    ChannelPanel panels[2] = {{"a", states, dim, a}, {"b", states, dim, b}};
-    bool ok = true, inside = true, linear = false, half = false, log_half = false, dark = false,
-         light = false;
-    int bars = 0, cells = 0;
-    for (int log_scale = 0; log_scale < 2; log_scale++) {
-        ok = ok && write_svg_channels(path, "t", panels, 2, 1, log_scale);
-        size_t size = 0;
-        char *svg = ok ? (char *)read_file(path, &size) : NULL;
-        if (!svg) { ok = false; break; }
-        svg = realloc(svg, size + 1);
-        svg[size] = '\0';
-        ok = ok && !strncmp(svg, "<svg", 4) && strstr(svg, "</svg>\n") == svg + size - 7;
-        for (char *p = strstr(svg, "class=\""); p; p = strstr(p + 1, "class=\"")) {
-            bool bar = !strncmp(p, "class=\"bar\"", 11);
-            double x, y, w, h;
-            char *q = strstr(p, "x=\"");
-            x = strtod(q + 3, NULL);
-            y = strtod(strstr(q, "y=\"") + 3, NULL);
-            w = strtod(strstr(q, "width=\"") + 7, NULL);
-            h = strtod(strstr(q, "height=\"") + 8, NULL);
-            int panel = x >= CH_LEFT + CH_PANEL_W ? 1 : 0,
-                channel = (int)((x - CH_LEFT - panel * CH_PANEL_W) / w + 0.5);
-            double left = CH_LEFT + panel * CH_PANEL_W;
-            inside = inside && x >= left - 1e-6 && x + w <= left + CH_FRAME_W + 0.01;
-            if (bar) {
-                bars++;
-                inside = inside && y >= CH_TOP - 0.01 && y + h <= CH_TOP + CH_FRAME_H + 0.01;
-                if (!log_scale && panel == 0 && channel == 5) linear = fabs(h - CH_FRAME_H) < 0.01;
-                if (!log_scale && panel == 1 && channel == 2) half = fabs(h - CH_FRAME_H / 2.0) < 0.01;
-                if (log_scale && panel == 1 && channel == 3) log_half = fabs(h - CH_FRAME_H / 2.0) < 0.01;
-            } else {
-                cells++;
-                if (panel == 0 && channel == 7 && y > CH_TOP + CH_FRAME_H + 2 * CH_STRIP_H)
-                    dark = strstr(p, "fill=\"#800026\"") && strstr(p, "fill=\"#800026\"") < strstr(p, "/>");
-                if (panel == 0 && channel == 0 && y < CH_TOP + CH_FRAME_H + 62 + CH_STRIP_H)
-                    light = strstr(p, "fill=\"#ffffcc\"") && strstr(p, "fill=\"#ffffcc\"") < strstr(p, "/>");
-            }
-        }
-        free(svg);
-    }
-    report(ok && bars == 2 * 2 * dim && cells == 2 * 2 * states * dim && inside && linear && half &&
-                   log_half && dark && light,
-           "SVG activations: bars, strips, one scale",
-           "%d bars, %d cells %s; largest bar fills the frame %s, 50 half %s, log 10 half %s; colours %s",
-           bars, cells, inside ? "inside the frames" : "OUTSIDE", linear ? "yes" : "NO", half ? "yes" : "NO",
-           log_half ? "yes" : "NO", dark && light ? "dark..light" : "WRONG");
-    remove(path);
-}
-
 /* ----------------------------------------------------------------------------
  * Training, checkpoints, bad files
  * ------------------------------------------------------------------------- */
@@ -1581,7 +1559,7 @@ static void test_training_deterministic(int preset) {
 }
 
 static void test_checkpoint_resume(int preset) {
-    const char *path = "test_resume.ckpt.tmp";
+    const char *path = temp_path("resume.ckpt");
     Trainer full, part, resumed;
     float lf[8], lp[8];
     tiny_trainer(&full, preset, 11);
@@ -1623,7 +1601,7 @@ static void write_variant(const char *path, const unsigned char *bytes, size_t k
 }
 
 static void test_bad_files(void) {
-    const char *good = "test_good.ckpt.tmp", *bad = "test_bad.ckpt.tmp";
+    const char *good = temp_path("good.ckpt"), *bad = temp_path("bad.ckpt");
     Trainer tr;
     tiny_trainer(&tr, 0, 3);
     checkpoint_save(good, &tr.state, &tr.model, tr.opt_state);
@@ -1655,7 +1633,7 @@ static void test_bad_files(void) {
     }
     // Token files: bad magic, truncated, and an id out of range.
     int ids[5] = {1, 2, 3, 4, 299};
-    const char *tok_path = "test_tokens.bin.tmp";
+    const char *tok_path = temp_path("tokens.bin");
     TokenData d;
     tokens_save(tok_path, ids, 5, 300);
     free(bytes);
@@ -1810,7 +1788,7 @@ static void test_seed_sets_batches(void) {
 // results.csv: an evaluated run and one not yet trained (NaN values) come back as written, with
 // kurtosis_paper and top_channel_share in their columns; a file with other columns is refused.
 static void test_ablation_results_file(void) {
-    const char *path = "test_results.csv.tmp";
+    const char *path = temp_path("results.csv");
     AblationRun runs[2], back[2];
     double *v[ABLATION_VALUES], *w[ABLATION_VALUES];
     for (int i = 0; i < 2; i++) {
@@ -1845,7 +1823,7 @@ static void test_ablation_results_file(void) {
 // The kurtosis CSV: rows written then read back; a resumed run keeps the rows up to its step;
 // a damaged file is refused.
 static void test_kurtosis_log_file(void) {
-    const char *path = "test_kurtosis.csv.tmp";
+    const char *path = temp_path("kurtosis.csv");
     KurtosisLog log = { .n_states = 3 }, back = { .n_states = 3 }, head = { .n_states = 3 },
                 broken = { .n_states = 3 };
     double states[3][3] = {{0.1, 0.2, 0.3}, {1.5, 2.5, 3.5}, {10.0, 20.0, 30.0}};
@@ -1889,8 +1867,8 @@ static void snapshot_files(void *ctx, const TrainState *s, float loss, double se
 }
 
 static void test_train_run_resume(void) {
-    const char *ckpt = "test_run.ckpt.tmp", *csv = "test_run.csv.tmp", *ckpt_copy = "test_run_copy.ckpt.tmp",
-               *csv_copy = "test_run_copy.csv.tmp";
+    const char *ckpt = temp_path("run.ckpt"), *csv = temp_path("run.csv"),
+               *ckpt_copy = temp_path("run_copy.ckpt"), *csv_copy = temp_path("run_copy.csv");
     Snapshot snap = {{ckpt, csv}, {ckpt_copy, csv_copy}, 8};
     Trainer full, resumed = {0};
     tiny_trainer(&full, 5, 17);
@@ -1940,7 +1918,7 @@ static void test_train_run_resume(void) {
 // The SVG plot: one polyline per line, every point inside the frame, y on a log scale whose
 // decades fall on the gridlines (data from 0.01 to 100: 4 decades over the 370-pixel frame).
 static void test_svg_plot(void) {
-    const char *path = "test_plot.svg.tmp";
+    const char *path = temp_path("plot.svg");
     double x[4] = {0.0, 1.0, 2.0, 3.0}, y1[4] = {0.01, 0.1, 1.0, 100.0}, y2[4] = {0.0, 0.05, 0.05, 0.05};
     PlotLine lines[2] = {{"rising", 4, x, y1}, {"flat", 4, x, y2}};
     bool written = write_svg_plot(path, "t", "x", "y", lines, 2, 0.01);
@@ -1971,6 +1949,68 @@ static void test_svg_plot(void) {
            "%d polylines, %d points %s; y = 1 on its gridline: %s; y = 0 at the floor: %s", polylines, points,
            inside ? "inside the frame" : "OUTSIDE", decade ? "yes" : "NO", floor_ok ? "yes" : "NO");
     free(svg);
+    remove(path);
+}
+
+// The activation picture: a bar per channel at the chosen state and a cell per channel and
+// state, in each panel's frame, on one scale for all panels. Linear: the largest bar (100)
+// fills the frame and 50 fills half; log (decades 1..100): 10 is halfway. Cells: the largest
+// value darkest, the smallest lightest.
+static void test_svg_channels(void) {
+    enum { states = 3, dim = 8 };
+    const char *path = temp_path("channels.svg");
+    double a[states * dim], b[states * dim];
+    for (int i = 0; i < states * dim; i++) a[i] = b[i] = 1.0 + i % 3;
+    a[1 * dim + 5] = 100.0;   // an outlier channel at state 1 of the first panel
+    b[1 * dim + 2] = 50.0;
+    b[1 * dim + 3] = 10.0;
+    a[2 * dim + 7] = 1000.0;   // at another state: sets the strips' scale, not the bars'
+    ChannelPanel panels[2] = {{"a", states, dim, a}, {"b", states, dim, b}};
+    bool ok = true, inside = true, linear = false, half = false, log_half = false, dark = false,
+         light = false;
+    int bars = 0, cells = 0;
+    for (int log_scale = 0; log_scale < 2; log_scale++) {
+        ok = ok && write_svg_channels(path, "t", panels, 2, 1, log_scale);
+        size_t size = 0;
+        char *svg = ok ? (char *)read_file(path, &size) : NULL;
+        if (!svg) { ok = false; break; }
+        svg = realloc(svg, size + 1);
+        svg[size] = '\0';
+        ok = ok && !strncmp(svg, "<svg", 4) && strstr(svg, "</svg>\n") == svg + size - 7;
+        for (char *p = strstr(svg, "class=\""); p; p = strstr(p + 1, "class=\"")) {
+            bool bar = !strncmp(p, "class=\"bar\"", 11);
+            double x, y, w, h;
+            char *q = strstr(p, "x=\"");
+            x = strtod(q + 3, NULL);
+            y = strtod(strstr(q, "y=\"") + 3, NULL);
+            w = strtod(strstr(q, "width=\"") + 7, NULL);
+            h = strtod(strstr(q, "height=\"") + 8, NULL);
+            int panel = x >= CH_LEFT + CH_PANEL_W ? 1 : 0,
+                channel = (int)((x - CH_LEFT - panel * CH_PANEL_W) / w + 0.5);
+            double left = CH_LEFT + panel * CH_PANEL_W;
+            inside = inside && x >= left - 1e-6 && x + w <= left + CH_FRAME_W + 0.01;
+            if (bar) {
+                bars++;
+                inside = inside && y >= CH_TOP - 0.01 && y + h <= CH_TOP + CH_FRAME_H + 0.01;
+                if (!log_scale && panel == 0 && channel == 5) linear = fabs(h - CH_FRAME_H) < 0.01;
+                if (!log_scale && panel == 1 && channel == 2) half = fabs(h - CH_FRAME_H / 2.0) < 0.01;
+                if (log_scale && panel == 1 && channel == 3) log_half = fabs(h - CH_FRAME_H / 2.0) < 0.01;
+            } else {
+                cells++;
+                if (panel == 0 && channel == 7 && y > CH_TOP + CH_FRAME_H + 2 * CH_STRIP_H)
+                    dark = strstr(p, "fill=\"#800026\"") && strstr(p, "fill=\"#800026\"") < strstr(p, "/>");
+                if (panel == 0 && channel == 0 && y < CH_TOP + CH_FRAME_H + 62 + CH_STRIP_H)
+                    light = strstr(p, "fill=\"#ffffcc\"") && strstr(p, "fill=\"#ffffcc\"") < strstr(p, "/>");
+            }
+        }
+        free(svg);
+    }
+    report(ok && bars == 2 * 2 * dim && cells == 2 * 2 * states * dim && inside && linear && half &&
+                   log_half && dark && light,
+           "SVG activations: bars, strips, one scale",
+           "%d bars, %d cells %s; largest bar fills the frame %s, 50 half %s, log 10 half %s; colours %s",
+           bars, cells, inside ? "inside the frames" : "OUTSIDE", linear ? "yes" : "NO", half ? "yes" : "NO",
+           log_half ? "yes" : "NO", dark && light ? "dark..light" : "WRONG");
     remove(path);
 }
 
@@ -2340,7 +2380,8 @@ static void test_export_model(const char *label, Model *orig, const Tokenizer *t
     size_t n_logits = (size_t)T * c->vocab_size;
     Model merged;
     model_merge(&merged, orig, 1);
-    const char *paths[3] = {"test_export_f32.gguf.tmp", "test_export_f16.gguf.tmp", "test_export.bin.tmp"};
+    const char *paths[3] = { temp_path("export_f32.gguf"), temp_path("export_f16.gguf"),
+                             temp_path("export.bin") };
     for (int form = 0; form < 3; form++) {
         char why[640] = "", name[96];
         int n_tensors;
@@ -2402,7 +2443,7 @@ static void test_export_tokenizer(const Tokenizer *tok) {
                  .seq_len = 4 };
     Model m;
     model_alloc(&m, &c, 1);
-    const char *path = "test_export_tokens.gguf.tmp";
+    const char *path = temp_path("export_tokens.gguf");
     Gguf g = {0};
     int n_tensors;
     const char *problem = NULL;
@@ -2499,39 +2540,21 @@ static void test_export_refusals(void) {
 }
 
 // Both presets in make run's shape (the OSP one with EmbProj and SSNorm to merge, the Adam one
-// with grouped KV heads), a model whose tensors are not multiples of the 32-byte alignment (so
-// the padding is exercised), then make run's own checkpoints when they are present.
+// with grouped KV heads) and a model whose tensors are not multiples of the 32-byte alignment (so
+// the padding is exercised).
 static void test_export(uint64_t *rng) {
     Tokenizer tok;
     if (!tokenizer_load(&tok, "tokenizer.bin")) { report(false, "export", "%s", osp_error); return; }
     test_export_tokenizer(&tok);
     test_export_refusals();
+    int V = tok.vocab_size;
     Config shapes[3] = {
-        { .vocab_size = tok.vocab_size,
-          .dim = 128,
-          .n_layers = 4,
-          .n_heads = 4,
-          .n_kv_heads = 4,
-          .ffn_dim = 512,
-          .seq_len = 128,
-          .ssnorm = 1,
-          .embproj = 1 },
-        { .vocab_size = tok.vocab_size,
-          .dim = 128,
-          .n_layers = 4,
-          .n_heads = 4,
-          .n_kv_heads = 2,
-          .ffn_dim = 512,
-          .seq_len = 128 },
-        { .vocab_size = tok.vocab_size,
-          .dim = 18,
-          .n_layers = 2,
-          .n_heads = 3,
-          .n_kv_heads = 1,
-          .ffn_dim = 30,
-          .seq_len = 16,
-          .ssnorm = 1,
-          .embproj = 1 },
+        {.vocab_size = V, .dim = 128, .n_layers = 4, .n_heads = 4, .n_kv_heads = 4, .ffn_dim = 512,
+         .seq_len = 128, .ssnorm = 1, .embproj = 1},
+        {.vocab_size = V, .dim = 128, .n_layers = 4, .n_heads = 4, .n_kv_heads = 2, .ffn_dim = 512,
+         .seq_len = 128},
+        {.vocab_size = V, .dim = 18, .n_layers = 2, .n_heads = 3, .n_kv_heads = 1, .ffn_dim = 30,
+         .seq_len = 16, .ssnorm = 1, .embproj = 1},
     };
     const char *labels[3] = {"osp (EmbProj, SSNorm)", "adam (2 KV heads)", "osp, sizes needing padding"};
     for (int k = 0; k < 3; k++) {
@@ -2542,89 +2565,107 @@ static void test_export(uint64_t *rng) {
         test_export_model(labels[k], &m, &tok, rng);
         model_free(&m);
     }
-    const char *runs[2] = {"adam.ckpt", "osp.ckpt"};
-    int present = 0;
-    for (int k = 0; k < 2; k++) {
-        if (!file_exists(runs[k])) continue;
-        TrainState st;
-        Model m;
-        char label[64];
-        snprintf(label, sizeof label, "%s (make run)", runs[k]);
-        if (!checkpoint_load(runs[k], &st, &m, 1, NULL)) { report(false, label, "%s", osp_error); continue; }
-        test_export_model(label, &m, &tok, rng);
-        model_free(&m);
-        present++;
-    }
-    if (present < 2)
-        printf("note %-44s %d of adam.ckpt, osp.ckpt found; run make run to check them too\n",
-               "export: make run's checkpoints", present);
     tokenizer_free(&tok);
 }
 
-int main(int argc, char **argv) {
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--quick")) quick = true;
-        else { fprintf(stderr, "usage: %s [--quick]\n", argv[0]); return 2; }
+// The extra suite (./test_osp --export CKPT..., make test-run after make run): the export
+// checks on trained checkpoints.
+static void test_export_checkpoints(int n, char **paths, uint64_t *rng) {
+    Tokenizer tok;
+    if (!tokenizer_load(&tok, "tokenizer.bin")) { report(false, "export", "%s", osp_error); return; }
+    for (int k = 0; k < n; k++) {
+        TrainState st;
+        Model m;
+        if (!checkpoint_load(paths[k], &st, &m, 1, NULL)) {
+            report(false, paths[k], "%s", osp_error);
+            continue;
+        }
+        test_export_model(paths[k], &m, &tok, rng);
+        model_free(&m);
     }
-    uint64_t rng = 2026;
+    tokenizer_free(&tok);
+}
+
+// Every test, in the order of this file.
+static void run_all(uint64_t *rng) {
     double t0 = now_seconds();
-    test_grad_embedding(&rng);
-    test_grad_rmsnorm("grad rmsnorm", 1, &rng);
-    test_grad_rmsnorm("grad ssnorm (single scale)", 0, &rng);
-    test_grad_matmul(&rng);
-    test_matmul_fast_vs_reference(&rng);
-    test_matmul_batched_vs_reference(&rng);
-    test_grad_rope(&rng);
+    test_grad_embedding(rng);
+    test_grad_rmsnorm("grad rmsnorm", 1, rng);
+    test_grad_rmsnorm("grad ssnorm (single scale)", 0, rng);
+    test_grad_matmul(rng);
+    test_matmul_fast_vs_reference(rng);
+    test_matmul_batched_vs_reference(rng);
+    test_grad_rope(rng);
     test_rope_layout();
-    test_grad_attention(&rng);
-    test_attention_causal(&rng);
-    test_attention_fast_vs_reference(&rng);
-    test_grad_swiglu(&rng);
-    test_grad_residual(&rng);
-    test_grad_crossentropy(&rng);
-    for (int p = 0; p < N_PRESETS; p++) test_grad_model(&presets[p], &rng);
-    test_tokenizer_round_trip(&rng);
-    test_tokenizer_matches_reference(&rng);
+    test_grad_attention(rng);
+    test_attention_causal(rng);
+    test_attention_fast_vs_reference(rng);
+    test_grad_swiglu(rng);
+    test_grad_residual(rng);
+    test_grad_crossentropy(rng);
+    for (int p = 0; p < N_PRESETS; p++) test_grad_model(&presets[p], rng);
+    test_tokenizer_round_trip(rng);
+    test_tokenizer_matches_reference(rng);
     test_tokenizer_merge_order();
     test_tokenizer_file();
     if (!quick) test_tokenizer_reproducible();
     test_adamw();
-    test_newton_schulz_band(&rng);
-    test_newton_schulz_tall(&rng);
-    test_muon_step(&rng);
-    test_optimizer_state_size();
-    test_merge_invariance(&rng);
-    test_kurtosis(&rng);
-    test_quantizers(&rng);
-    test_clip_search(&rng);
-    test_cholesky_inverse(&rng);
-    test_gptq(&rng);
-    test_gptq_model(&rng, 0);
-    test_gptq_model(&rng, 1);
-    test_hadamard(&rng);
-    test_rotations(&rng);
-    test_kurtosis_report(&rng);
-    test_kurtosis_paper_states();
-    test_kurtosis_each_token_alone(&rng);
-    test_sixteen_bits_exact(&rng);
     test_schedule_and_clip();
+    test_newton_schulz_band(rng);
+    test_newton_schulz_tall(rng);
+    test_muon_step(rng);
+    test_optimizer_state_size();
+    test_merge_invariance(rng);
+    test_kurtosis(rng);
+    test_quantizers(rng);
+    test_cholesky_inverse(rng);
+    test_gptq(rng);
+    test_gptq_model(rng, 0);
+    test_gptq_model(rng, 1);
+    test_clip_search(rng);
+    test_hadamard(rng);
+    test_rotations(rng);
+    test_kurtosis_report(rng);
+    test_kurtosis_paper_states();
+    test_kurtosis_each_token_alone(rng);
+    test_sixteen_bits_exact(rng);
     test_data_batches();
     for (int p = 0; p < N_PRESETS; p++) test_training_deterministic(p);
     for (int p = 0; p < N_PRESETS; p++) test_checkpoint_resume(p);
     test_bad_files();
     test_nan_stops();
-    test_sampling(&rng);
-    test_evaluate_loss(&rng);
+    test_sampling(rng);
+    test_evaluate_loss(rng);
     test_flops_and_format();
     test_generate();
     test_seed_sets_batches();
-    test_kurtosis_log_file();
     test_ablation_results_file();
+    test_kurtosis_log_file();
     test_train_run_resume();
     test_svg_plot();
     test_svg_channels();
-    test_float_to_half(&rng);
-    test_export(&rng);
-    printf("(%.1f s)\n%d passed, %d failed\n", now_seconds() - t0, n_passed, n_failed);
+    test_float_to_half(rng);
+    test_export(rng);
+    printf("(%.1f s)\n", now_seconds() - t0);
+}
+
+int main(int argc, char **argv) {
+    uint64_t rng = 2026;
+    if (argc > 2 && !strcmp(argv[1], "--export")) {   // the extra suite: trained checkpoints
+        temp_dir_create();
+        test_export_checkpoints(argc - 2, argv + 2, &rng);
+    } else {
+        for (int i = 1; i < argc; i++) {
+            if (!strcmp(argv[i], "--quick")) quick = true;
+            else {
+                fprintf(stderr, "usage: %s [--quick] | --export CKPT...\n", argv[0]);
+                return 2;
+            }
+        }
+        temp_dir_create();
+        run_all(&rng);
+    }
+    temp_dir_remove();
+    printf("%d passed, %d failed\n", n_passed, n_failed);
     return n_failed ? 1 : 0;
 }
