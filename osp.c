@@ -3495,6 +3495,15 @@ static double plot_y(const PlotFrame *f, double log10_y) {
     return f->top + f->height * (1.0 - (log10_y - f->dec_lo) / (f->dec_hi - f->dec_lo));
 }
 
+// Opens an SVG of W x H pixels for writing (atomically): the svg element and a white ground.
+static bool svg_open(AtomicFile *af, const char *path, double W, double H) {
+    if (!atomic_open(af, path)) return false;
+    fprintf(af->f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" "
+                   "viewBox=\"0 0 %.0f %.0f\" font-family=\"sans-serif\" font-size=\"13\">\n", W, H, W, H);
+    fprintf(af->f, "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n");
+    return true;
+}
+
 // Writes lines[] as an SVG chart: linear x from 0, logarithmic y over whole decades (values
 // below y_floor are drawn at y_floor, since log(0) has no place), labelled axes, a legend.
 static bool write_svg_plot(const char *path, const char *title, const char *x_label, const char *y_label,
@@ -3517,14 +3526,8 @@ static bool write_svg_plot(const char *path, const char *title, const char *x_la
     };
     if (fr.dec_hi == fr.dec_lo) fr.dec_hi++;
     AtomicFile af;
-    if (!atomic_open(&af, path)) return false;
+    if (!svg_open(&af, path, W, H)) return false;
     FILE *f = af.f;
-    fprintf(f,
-            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" viewBox=\"0 0 %.0f "
-            "%.0f\" "
-            "font-family=\"sans-serif\" font-size=\"13\">\n",
-            W, H, W, H);
-    fprintf(f, "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n");
     fprintf(f, "<text x=\"%.1f\" y=\"28\" text-anchor=\"middle\" font-size=\"16\">%s</text>\n",
             left + fr.width / 2, title);
     // y: a grid line and label per decade, minor ticks at 2..9.
@@ -3622,14 +3625,8 @@ static bool write_svg_channels(const char *path, const char *title, const Channe
     double strips_top = CH_TOP + CH_FRAME_H + 62, W = CH_LEFT + n * CH_PANEL_W + 90;
     double H = strips_top + max_states * CH_STRIP_H + 50;
     AtomicFile af;
-    if (!atomic_open(&af, path)) return false;
+    if (!svg_open(&af, path, W, H)) return false;
     FILE *f = af.f;
-    fprintf(f,
-            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" viewBox=\"0 0 %.0f "
-            "%.0f\" "
-            "font-family=\"sans-serif\" font-size=\"13\">\n",
-            W, H, W, H);
-    fprintf(f, "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n");
     fprintf(f, "<text x=\"%.1f\" y=\"26\" text-anchor=\"middle\" font-size=\"16\">%s</text>\n", W / 2, title);
     char label[64], color[16];
     for (int p = 0; p < n; p++) {
@@ -3924,21 +3921,11 @@ static int default_warmup(int steps) { return steps / 10 < 50 ? steps / 10 : 50;
 // The defaults of ./osp train (and of each run of ./osp ablation); warmup -1 = default_warmup.
 static TrainState default_train_state(void) {
     return (TrainState){
-        .cfg = { .dim = 128, .n_layers = 4, .n_heads = 4, .n_kv_heads = 4, .ffn_dim = 512, .seq_len = 128 },
-        .opt = { .optimizer = OPTIMIZER_ADAM,
-                 .lr_adam = 3e-3f,
-                 .lr_muon = 1e-2f,
-                 .weight_decay = 0.01f,
-                 .beta1 = 0.9f,
-                 .beta2 = 0.95f,
-                 .eps = 1e-8f,
-                 .muon_momentum = 0.95f,
-                 .ns_steps = 5,
-                 .grad_clip = 1.0f,
-                 .warmup = -1,
-                 .steps = 500 },
-        .batch = 16,
-        .seed = 1337,
+        .cfg = {.dim = 128, .n_layers = 4, .n_heads = 4, .n_kv_heads = 4, .ffn_dim = 512, .seq_len = 128},
+        .opt = {.optimizer = OPTIMIZER_ADAM, .lr_adam = 3e-3f, .lr_muon = 1e-2f, .weight_decay = 0.01f,
+                .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .muon_momentum = 0.95f, .ns_steps = 5,
+                .grad_clip = 1.0f, .warmup = -1, .steps = 500},
+        .batch = 16, .seed = 1337,
     };
 }
 
@@ -5227,28 +5214,11 @@ static void time_matmul(int N, int C, int OC, int threads, double *forward, doub
 
 static int cmd_bench(int argc, char **argv) {
     Args a = {argc, 0, argv, "bench"};
-    TrainState s = {
-        .cfg = { .vocab_size = 512,
-                 .dim = 128,
-                 .n_layers = 4,
-                 .n_heads = 4,
-                 .n_kv_heads = 4,
-                 .ffn_dim = 512,
-                 .seq_len = 128 },
-        .opt = { .lr_adam = 3e-3f,
-                 .lr_muon = 1e-2f,
-                 .weight_decay = 0.01f,
-                 .beta1 = 0.9f,
-                 .beta2 = 0.95f,
-                 .eps = 1e-8f,
-                 .muon_momentum = 0.95f,
-                 .ns_steps = 5,
-                 .grad_clip = 1.0f,
-                 .warmup = 1,
-                 .steps = 1000 },
-        .batch = 16,
-        .seed = 1,
-    };
+    TrainState s = default_train_state();   // on synthetic tokens of a 512-token vocabulary,
+    s.cfg.vocab_size = 512;                  // at the peak learning rates (warmup 1 of 1000 steps)
+    s.opt.warmup = 1;
+    s.opt.steps = 1000;
+    s.seed = 1;
     int preset = 0, steps = 10, threads = 0;
     for (a.i = 0; a.i < argc; a.i++) {
         const char *f = argv[a.i];

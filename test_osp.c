@@ -479,13 +479,8 @@ static void test_grad_crossentropy(uint64_t *rng) {
 #define GRAD_VOCAB 32
 
 static Config test_config(void) {
-    return (Config){ .vocab_size = 300,
-                     .dim = 16,
-                     .n_layers = 2,
-                     .n_heads = 4,
-                     .n_kv_heads = 2,
-                     .ffn_dim = 32,
-                     .seq_len = 8 };
+    return (Config){.vocab_size = 300, .dim = 16, .n_layers = 2, .n_heads = 4, .n_kv_heads = 2, .ffn_dim = 32,
+                    .seq_len = 8};
 }
 
 typedef struct { Model *m; int *inputs, *targets; int B, T; } ModelCase;
@@ -2434,13 +2429,8 @@ static void test_export_model(const char *label, Model *orig, const Tokenizer *t
 // The GGUF vocabulary is tokenizer.bin's: the same pieces (a space written as U+2581), the
 // same scores bit for bit, and the token types llama.cpp needs to find specials and bytes.
 static void test_export_tokenizer(const Tokenizer *tok) {
-    Config c = { .vocab_size = tok->vocab_size,
-                 .dim = 8,
-                 .n_layers = 1,
-                 .n_heads = 2,
-                 .n_kv_heads = 2,
-                 .ffn_dim = 8,
-                 .seq_len = 4 };
+    Config c = {.vocab_size = tok->vocab_size, .dim = 8, .n_layers = 1, .n_heads = 2, .n_kv_heads = 2,
+                .ffn_dim = 8, .seq_len = 4};
     Model m;
     model_alloc(&m, &c, 1);
     const char *path = temp_path("export_tokens.gguf");
