@@ -90,7 +90,17 @@ static void *xrealloc(void *p, size_t n) {
 }
 
 // Reads a whole file into memory; *len gets its size. Returns NULL (and sets osp_error).
+// The largest file read_file reads: far above any checkpoint or corpus osp.c can use.
+#define READ_FILE_MAX ((size_t)16 << 30)
+
 static unsigned char *read_file(const char *path, size_t *len) {
+    struct stat st;   // refused before opening: a FIFO would block, /dev/zero never end
+    if (stat(path, &st) != 0) { fail("cannot open '%s': %s", path, strerror(errno)); return NULL; }
+    if (!S_ISREG(st.st_mode)) { fail("'%s' is not a regular file", path); return NULL; }
+    if ((size_t)st.st_size > READ_FILE_MAX) {
+        fail("'%s' is %.1f GB, more than osp reads (%zu GB)", path, st.st_size / 1e9, READ_FILE_MAX >> 30);
+        return NULL;
+    }
     FILE *f = fopen(path, "rb");
     if (!f) { fail("cannot open '%s': %s", path, strerror(errno)); return NULL; }
     size_t cap = 1 << 16, n = 0;
@@ -102,9 +112,40 @@ static unsigned char *read_file(const char *path, size_t *len) {
     }
     bool err = ferror(f);
     fclose(f);
-    if (err) { free(buf); fail("error reading '%s'", path); return NULL; }
+    if (err) { free(buf); fail("error reading '%s': %s", path, strerror(errno)); return NULL; }
     *len = n;
     return buf;
+}
+
+// path made absolute without following its last component: realpath of the directory, then
+// the name ("" if the directory does not exist).
+static void resolved_path(const char *path, char *out, size_t size) {
+    char dir[PATH_MAX], real[PATH_MAX];
+    const char *slash = strrchr(path, '/'), *name = slash ? slash + 1 : path;
+    snprintf(dir, sizeof dir, "%.*s", slash ? (int)(slash - path) + (slash == path) : 1, slash ? path : ".");
+    if (!realpath(dir, real)) { snprintf(out, size, "%s", ""); return; }
+    snprintf(out, size, "%s/%s", real, name);
+}
+
+// Whether paths a and b name the same file: the same device and inode when both exist (hard
+// and symbolic links included), else the same resolved path (an output not yet written).
+static bool same_file(const char *a, const char *b) {
+    struct stat sa, sb;
+    if (stat(a, &sa) == 0 && stat(b, &sb) == 0) return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+    char ra[PATH_MAX + 256], rb[PATH_MAX + 256];
+    resolved_path(a, ra, sizeof ra);
+    resolved_path(b, rb, sizeof rb);
+    return ra[0] && !strcmp(ra, rb);
+}
+
+// Dies if one of a command's outputs, paths[0..n_out), is the same file as another output or
+// as one of its inputs, paths[n_out..n) (named by roles[], NULL paths skipped): no command
+// overwrites what it reads or writes two outputs into one file.
+static void refuse_same_files(int n_out, int n, const char *const *paths, const char *const *roles) {
+    for (int i = 0; i < n_out; i++)
+        for (int j = i + 1; j < n; j++)
+            if (paths[i] && paths[j] && same_file(paths[i], paths[j]))
+                die("'%s' (%s) and '%s' (%s) are the same file", paths[i], roles[i], paths[j], roles[j]);
 }
 
 static bool file_exists(const char *path) {
@@ -3814,6 +3855,7 @@ static int cmd_tokenizer(int argc, char **argv) {
         else unknown_flag(&a);
     }
     if (!input) die("--input is required (see ./osp tokenizer --help)");
+    refuse_same_files(1, 2, (const char *[]){out, input}, (const char *[]){"--out", "--input"});
     size_t n;
     unsigned char *text = read_file(input, &n);
     if (!text) die("%s", osp_error);
@@ -3855,6 +3897,8 @@ static int cmd_prepare(int argc, char **argv) {
         else unknown_flag(&a);
     }
     if (!input) die("--input is required (see ./osp prepare --help)");
+    refuse_same_files(2, 4, (const char *[]){train, val, input, tok_path},
+                      (const char *[]){"--train", "--val", "--input", "--tokenizer"});
     Tokenizer t;
     load_tokenizer_or_die(&t, tok_path);
     size_t n;
@@ -3862,8 +3906,11 @@ static int cmd_prepare(int argc, char **argv) {
     int *ids = encode_text_file(&t, input, &n, &count);
     int n_train = (int)((long long)count * 9 / 10);
     if (n_train < 2 || count - n_train < 2) die("'%s' is too short to split (%d tokens)", input, count);
-    if (!tokens_save(train, ids, (size_t)n_train, t.vocab_size) ||
-        !tokens_save(val, ids + n_train, (size_t)(count - n_train), t.vocab_size)) die("%s", osp_error);
+    if (!tokens_save(train, ids, (size_t)n_train, t.vocab_size)) die("%s", osp_error);
+    if (!tokens_save(val, ids + n_train, (size_t)(count - n_train), t.vocab_size)) {
+        remove(train);   // no half-made pair of splits
+        die("%s", osp_error);
+    }
     printf("%s: %zu bytes -> %d tokens; wrote %s (%d tokens) and %s (%d tokens)\n",
            input, n, count, train, n_train, val, count - n_train);
     free(ids);
@@ -4009,6 +4056,8 @@ static int cmd_train(int argc, char **argv) {
     set_num_threads(threads);
     if (!out) out = resume ? resume : "model.ckpt";
     if (kurtosis_csv && kurtosis_every == 0) die("--kurtosis-csv needs --kurtosis-every N");
+    refuse_same_files(2, 5, (const char *[]){out, kurtosis_csv, train_path, val_path, tok_path},
+                      (const char *[]){"--out", "--kurtosis-csv", "--train", "--val", "--tokenizer"});
 
     Trainer tr = {0};
     if (resume) {
@@ -4117,8 +4166,7 @@ static int cmd_merge(int argc, char **argv) {
         paths[n++] = argv[a.i];
     }
     if (n != 2) die("merge needs an input and an output checkpoint (see ./osp merge --help)");
-    if (!strcmp(paths[0], paths[1]))
-        die("merge would overwrite its input '%s'; give another output name", paths[0]);
+    refuse_same_files(1, 2, (const char *[]){paths[1], paths[0]}, (const char *[]){"the output", "the input"});
     TrainState s;
     Model in, out;
     if (!checkpoint_load(paths[0], &s, &in, 1, NULL)) die("%s", osp_error);
@@ -4161,12 +4209,9 @@ static int cmd_export(int argc, char **argv) {
     if (!ckpt) die("no checkpoint given (see ./osp export --help)");
     if (!gguf_path && !llama2c_path) die("nothing to write: give --gguf FILE and/or --llama2c FILE");
     if (f16 && !gguf_path) die("--f16 applies to --gguf; the llama2.c format holds float32 only");
+    refuse_same_files(2, 4, (const char *[]){gguf_path, llama2c_path, ckpt, tok_path},
+                      (const char *[]){"--gguf", "--llama2c", "the checkpoint", "--tokenizer"});
     const char *outs[2] = {gguf_path, llama2c_path};
-    for (int k = 0; k < 2; k++)
-        if (outs[k] && (!strcmp(outs[k], ckpt) || !strcmp(outs[k], tok_path)))
-            die("export would overwrite its input '%s'", outs[k]);
-    if (gguf_path && llama2c_path && !strcmp(gguf_path, llama2c_path))
-        die("--gguf and --llama2c name the same file '%s'", gguf_path);
     Tokenizer tok;
     load_tokenizer_or_die(&tok, tok_path);
     TrainState s;
@@ -4568,6 +4613,9 @@ static int cmd_plot_activations(int argc, char **argv) {
         else ckpts[n++] = f;
     }
     if (n == 0) die("no checkpoint given (see ./osp plot-activations --help)");
+    for (int i = 0; i < n; i++)
+        refuse_same_files(1, 3, (const char *[]){out, ckpts[i], e.val_path},
+                          (const char *[]){"--out", "a checkpoint", "--val"});
     set_num_threads(e.threads);
     TokenData val;
     if (!tokens_load(&val, e.val_path)) die("%s", osp_error);
