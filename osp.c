@@ -25,6 +25,7 @@ evaluation, training, sampling, ablation results, plots, command line.
 Build: make            Test: make test            Train and sample: make run
 */
 
+#include <ctype.h>
 #include <errno.h>
 #include <float.h>
 #include <limits.h>
@@ -114,7 +115,7 @@ static unsigned char *read_file(const char *path, size_t *len) {
     fclose(f);
     if (err) { free(buf); fail("error reading '%s': %s", path, strerror(errno)); return NULL; }
     *len = n;
-    return buf;
+    return xrealloc(buf, n ? n : 1);   // exactly the file: a read past its end is the sanitizer's to see
 }
 
 // path made absolute without following its last component: realpath of the directory, then
@@ -138,14 +139,19 @@ static bool same_file(const char *a, const char *b) {
     return ra[0] && !strcmp(ra, rb);
 }
 
-// Dies if one of a command's outputs, paths[0..n_out), is the same file as another output or
-// as one of its inputs, paths[n_out..n) (named by roles[], NULL paths skipped): no command
-// overwrites what it reads or writes two outputs into one file.
-static void refuse_same_files(int n_out, int n, const char *const *paths, const char *const *roles) {
+// Why a command cannot run, or NULL: one of its outputs, paths[0..n_out), is the same file as
+// another output or as one of its inputs, paths[n_out..n) (named by roles[], NULL paths
+// skipped). So no command overwrites what it reads or writes two outputs into one file.
+static const char *same_files_problem(int n_out, int n, const char *const *paths, const char *const *roles) {
+    static char msg[PATH_MAX + 128];
     for (int i = 0; i < n_out; i++)
         for (int j = i + 1; j < n; j++)
-            if (paths[i] && paths[j] && same_file(paths[i], paths[j]))
-                die("'%s' (%s) and '%s' (%s) are the same file", paths[i], roles[i], paths[j], roles[j]);
+            if (paths[i] && paths[j] && same_file(paths[i], paths[j])) {
+                snprintf(msg, sizeof msg, "'%s' (%s) and '%s' (%s) are the same file", paths[i], roles[i],
+                         paths[j], roles[j]);
+                return msg;
+            }
+    return NULL;
 }
 
 static bool file_exists(const char *path) {
@@ -177,6 +183,17 @@ static bool read_lines(const char *path, char **buffer, char ***lines, int *n_li
 }
 
 // Parses n numbers from *p, each after a comma, and advances *p; false if one is missing.
+// Parses ",<integer>" at *p into *out if it lies in [lo, hi]; advances *p.
+static bool parse_csv_int(char **p, long lo, long hi, long *out) {
+    char *next;
+    if (**p != ',' || !(isdigit((unsigned char)(*p)[1]) || (*p)[1] == '-')) return false;
+    errno = 0;
+    *out = strtol(*p + 1, &next, 10);
+    if (errno || next == *p + 1 || *out < lo || *out > hi) return false;
+    *p = next;
+    return true;
+}
+
 static bool parse_csv_numbers(char **p, double *out, int n) {
     for (int i = 0; i < n; i++) {
         char *next;
@@ -190,11 +207,12 @@ static bool parse_csv_numbers(char **p, double *out, int n) {
 
 // Files are written to "<path>.tmp" and renamed into place only when complete, so a crash
 // or a full disk never leaves a half-written file under the real name.
-typedef struct { FILE *f; char tmp_path[4096]; const char *path; bool ok; } AtomicFile;
+typedef struct { FILE *f; char tmp_path[4096]; const char *path; bool ok; int error; } AtomicFile;
 
 static bool atomic_open(AtomicFile *af, const char *path) {
     af->path = path;
     af->ok = true;
+    af->error = 0;
     if (snprintf(af->tmp_path, sizeof af->tmp_path, "%s.tmp", path) >= (int)sizeof af->tmp_path)
         return fail("path too long: '%s'", path);
     af->f = fopen(af->tmp_path, "wb");
@@ -203,13 +221,18 @@ static bool atomic_open(AtomicFile *af, const char *path) {
 }
 
 static void atomic_write(AtomicFile *af, const void *data, size_t size) {
-    if (af->ok && size > 0 && fwrite(data, 1, size, af->f) != size) af->ok = false;
+    if (af->ok && size > 0 && fwrite(data, 1, size, af->f) != size) { af->ok = false; af->error = errno; }
 }
 
 static bool atomic_close(AtomicFile *af) {
     bool ok = af->ok && !ferror(af->f) && fflush(af->f) == 0;
+    if (ok || !af->error) af->error = errno;
     ok = (fclose(af->f) == 0) && ok;
-    if (!ok) { remove(af->tmp_path); return fail("error writing '%s'", af->tmp_path); }
+    if (!ok && !af->error) af->error = errno;
+    if (!ok) {
+        remove(af->tmp_path);
+        return fail("error writing '%s': %s", af->tmp_path, strerror(af->error ? af->error : EIO));
+    }
     if (rename(af->tmp_path, af->path) != 0) {
         remove(af->tmp_path);
         return fail("cannot rename '%s' to '%s': %s", af->tmp_path, af->path, strerror(errno));
@@ -2173,8 +2196,87 @@ typedef struct {
     uint64_t seed, rng;   // rng: the batch sampler's state
 } TrainState;
 
+// The accepted range of each setting, for the command line and for a checkpoint's header
+// alike (the model's own consistency is config_problem's).
+typedef struct { const char *name; double lo, hi; } Bound;
+enum { B_DIM, B_LAYERS, B_HEADS, B_KV_HEADS, B_FFN_DIM, B_SEQ_LEN, B_BATCH, B_STEPS, B_NS_STEPS, B_LR,
+       B_WD, B_GRAD_CLIP, B_MOMENTUM, N_BOUNDS };
+static const Bound bounds[N_BOUNDS] = {
+    [B_DIM] = { "dim", 2, 8192 },
+    [B_LAYERS] = { "layers", 1, 256 },
+    [B_HEADS] = { "heads", 1, 1024 },
+    [B_KV_HEADS] = { "kv-heads", 1, 1024 },
+    [B_FFN_DIM] = { "ffn-dim", 1, 65536 },
+    [B_SEQ_LEN] = { "seq-len", 2, 65536 },
+    [B_BATCH] = { "batch", 1, 65536 },
+    [B_STEPS] = { "steps", 1, 1e8 },
+    [B_NS_STEPS] = { "ns-steps", 1, 100 },
+    [B_LR] = { "lr", 1e-8, 10 },
+    [B_WD] = { "wd", 0, 10 },
+    [B_GRAD_CLIP] = { "grad-clip", 0, 1e6 },
+    [B_MOMENTUM] = { "muon-momentum", 0, 0.9999 },
+};
+
+static bool in_bounds(double v, int b) { return v >= bounds[b].lo && v <= bounds[b].hi; }   // false for NaN
+
+// Why a checkpoint's training state cannot be right, naming the field, or NULL.
+static const char *train_state_problem(const TrainState *s) {
+    static char msg[160];
+    const Config *c = &s->cfg;
+    const OptimConfig *o = &s->opt;
+    const struct { int bound; double v; } checks[] = {
+        {B_DIM, c->dim}, {B_LAYERS, c->n_layers}, {B_HEADS, c->n_heads}, {B_KV_HEADS, c->n_kv_heads},
+        {B_FFN_DIM, c->ffn_dim}, {B_SEQ_LEN, c->seq_len}, {B_BATCH, s->batch}, {B_STEPS, o->steps},
+        {B_NS_STEPS, o->ns_steps}, {B_LR, o->lr_adam}, {B_LR, o->lr_muon}, {B_WD, o->weight_decay},
+        {B_GRAD_CLIP, o->grad_clip}, {B_MOMENTUM, o->muon_momentum},
+    };
+    for (size_t i = 0; i < sizeof checks / sizeof checks[0]; i++)
+        if (!in_bounds(checks[i].v, checks[i].bound)) {
+            snprintf(msg, sizeof msg, "%s %g is outside [%g, %g]", bounds[checks[i].bound].name, checks[i].v,
+                     bounds[checks[i].bound].lo, bounds[checks[i].bound].hi);
+            return msg;
+        }
+    if ((c->ssnorm | c->embproj | s->merged) & ~1)
+        snprintf(msg, sizeof msg, "ssnorm, embproj and merged must be 0 or 1");
+    else if (!(o->beta1 >= 0 && o->beta1 < 1) || !(o->beta2 >= 0 && o->beta2 < 1))
+        snprintf(msg, sizeof msg, "betas %g, %g are outside [0, 1)", o->beta1, o->beta2);
+    else if (!(o->eps > 0 && o->eps <= 1)) snprintf(msg, sizeof msg, "eps %g is outside (0, 1]", o->eps);
+    else if (o->optimizer < 0 || o->optimizer >= N_OPTIMIZERS || s->preset < -1 || s->preset >= N_PRESETS)
+        snprintf(msg, sizeof msg, "optimizer %d or preset %d is unknown", o->optimizer, s->preset);
+    else if (o->warmup < 0 || o->warmup > o->steps || s->step < 0 || s->step > o->steps)
+        snprintf(msg, sizeof msg, "warmup %d or step %d is outside [0, steps %d]", o->warmup, s->step,
+                 o->steps);
+    else return config_problem(c);
+    return msg;
+}
+
+// The activations a checkpoint may ask for (values and gradients): beyond, loading refuses.
+#define ACTIVATIONS_MAX_BYTES 16e9
+
+// The name of the first tensor of block that holds NaN or Inf, or NULL. block is the
+// parameters (optimizer 0) or the optimizer state of optimizer - 1 (optimizer_layout).
+static const char *nonfinite_tensor(const Model *m, const float *block, int optimizer) {
+    static char name[64];
+    size_t offset[N_PARAM_TENSORS],
+            end = optimizer ? optimizer_layout(m, optimizer - 1, offset) : m->n_params;
+    for (int i = 0; i < N_PARAM_TENSORS; i++) {
+        size_t from = optimizer ? offset[i] : m->shape[i].offset;
+        size_t to = i + 1 < N_PARAM_TENSORS ? (optimizer ? offset[i + 1] : m->shape[i + 1].offset) : end;
+        for (size_t j = from; j < to; j++)
+            if (!isfinite(block[j])) {
+                snprintf(name, sizeof name, "%s%s", optimizer ? "the optimizer state of " : "",
+                         param_names[i]);
+                return name;
+            }
+    }
+    return NULL;
+}
+
 // Writes a checkpoint; state (optimizer buffers) may be NULL, as for a merged model.
 static bool checkpoint_save(const char *path, const TrainState *s, const Model *m, const float *state) {
+    const char *bad = nonfinite_tensor(m, m->params, 0);
+    if (!bad && state) bad = nonfinite_tensor(m, state, s->opt.optimizer + 1);
+    if (bad) return fail("not writing '%s': %s holds NaN or Inf (a file already there is kept)", path, bad);
     AtomicFile af;
     if (!atomic_open(&af, path)) return false;
     uint32_t version = CKPT_VERSION;
@@ -2233,7 +2335,7 @@ static bool checkpoint_load(const char *path, TrainState *s, Model *m, int max_b
     s->batch = ints[13];
     s->step = ints[16];
     s->seed = u64[0]; s->rng = u64[1];
-    bool has_state = ints[17] != 0, ok = true;
+    bool has_state = ints[17] == 1, ok = true;
     const char *problem = NULL;
     if (r.short_read && size < 4) ok = fail("'%s' is truncated (%zu bytes)", path, size);
     else if (memcmp(magic, CKPT_MAGIC, 4) != 0) ok = fail("'%s' is not an osp checkpoint (bad magic)", path);
@@ -2241,33 +2343,40 @@ static bool checkpoint_load(const char *path, TrainState *s, Model *m, int max_b
     else if (version != CKPT_VERSION)
         ok = fail("'%s' has checkpoint version %u; this osp reads version %u", path, version, CKPT_VERSION);
     else if (r.short_read) ok = fail("'%s' is truncated: the header is incomplete", path);
-    else if ((problem = config_problem(&s->cfg))) ok = fail("'%s' has a bad model config: %s", path, problem);
-    else if (s->opt.optimizer < 0 || s->opt.optimizer >= N_OPTIMIZERS || s->preset < -1 ||
-             s->preset >= N_PRESETS)
-        ok = fail("'%s' has a bad optimizer %d or preset %d", path, s->opt.optimizer, s->preset);
-    else if (s->batch < 1 || s->step < 0 || s->opt.steps < s->step)
-        ok = fail("'%s' has a bad training state (batch %d, step %d of %d)", path, s->batch, s->step,
-                  s->opt.steps);
+    else if ((problem = train_state_problem(s))) ok = fail("'%s' has a bad header: %s", path, problem);
+    else if (ints[17] != 0 && ints[17] != 1)
+        ok = fail("'%s' has a bad header: has_optimizer_state %d", path, ints[17]);
     if (!ok) { free(data); return false; }
-    model_alloc(m, &s->cfg, max_batch > 0 ? max_batch : s->batch);
-    size_t offset[N_PARAM_TENSORS];
-    size_t n_state = optimizer_layout(m, s->opt.optimizer, offset);
-    size_t expected = r.pos + sizeof(float) * (m->n_params + (has_state ? n_state : 0));
-    if (size != expected) {
-        model_free(m);
-        free(data);
-        return fail("'%s' is %s: expected %zu bytes for this config, found %zu", path,
-                    size < expected ? "truncated" : "corrupt", expected, size);
-    }
+    // The sizes the header implies, checked before anything proportional to them is allocated.
+    Model shell = {.cfg = s->cfg};
+    shell.n_params = param_layout(shell.shape, &s->cfg);
+    size_t offset[N_PARAM_TENSORS], n_state = optimizer_layout(&shell, s->opt.optimizer, offset);
+    size_t expected = r.pos + sizeof(float) * (shell.n_params + (has_state ? n_state : 0));
+    int B = max_batch > 0 ? max_batch : s->batch;
+    Activations views;
+    double act_bytes = 2.0 * sizeof(float) *
+            (double)activation_layout(&views, NULL, &s->cfg, B, s->cfg.seq_len);
+    if (size != expected) ok = fail("'%s' is %s: expected %zu bytes for this config, found %zu", path,
+                                    size < expected ? "truncated" : "corrupt", expected, size);
+    else if (act_bytes > ACTIVATIONS_MAX_BYTES)
+        ok = fail("'%s': batch %d x seq-len %d would need %.0f GB of activations", path, B, s->cfg.seq_len,
+                  act_bytes / 1e9);
+    if (!ok) { free(data); return false; }
+    model_alloc(m, &s->cfg, B);
     reader_get(&r, m->params, sizeof(float) * m->n_params);
-    if (state) {
-        *state = NULL;
-        if (has_state) {
-            *state = xmalloc(sizeof(float) * n_state);
-            reader_get(&r, *state, sizeof(float) * n_state);
-        }
-    }
+    float *st = has_state ? xmalloc(sizeof(float) * n_state) : NULL;
+    if (st) reader_get(&r, st, sizeof(float) * n_state);
     free(data);
+    const char *bad = nonfinite_tensor(m, m->params, 0);
+    if (!bad && st) bad = nonfinite_tensor(m, st, s->opt.optimizer + 1);
+    if (bad) {
+        fail("'%s' holds NaN or Inf in %s", path, bad);
+        free(st);
+        model_free(m);
+        return false;
+    }
+    if (state) *state = st;
+    else free(st);
     return true;
 }
 
@@ -3496,8 +3605,10 @@ static bool ablation_load_results(const char *path, AblationRun *runs, int n_run
     for (int i = 1; ok && i < n_lines; i++) {
         char *comma = strchr(lines[i], ','), *p = comma;
         unsigned long long seed = comma ? strtoull(comma + 1, &p, 10) : 0;
-        double values[1 + ABLATION_VALUES];   // diverged_step, then the values
-        if (!comma || p == comma + 1 || !parse_csv_numbers(&p, values, 1 + ABLATION_VALUES) || *p) {
+        long diverged_step = 0;
+        double values[ABLATION_VALUES];
+        if (!comma || p == comma + 1 || !parse_csv_int(&p, 0, INT_MAX, &diverged_step) ||
+            !parse_csv_numbers(&p, values, ABLATION_VALUES) || *p) {
             ok = fail("'%s' line %d is not a results row", path, i + 1);
             break;
         }
@@ -3506,8 +3617,8 @@ static bool ablation_load_results(const char *path, AblationRun *runs, int n_run
             if (strcmp(presets[runs[r].preset].name, lines[i]) || runs[r].seed != seed) continue;
             double *v[ABLATION_VALUES];
             ablation_values(&runs[r], v);
-            for (int k = 0; k < ABLATION_VALUES; k++) *v[k] = values[1 + k];
-            runs[r].diverged_step = (int)values[0];
+            for (int k = 0; k < ABLATION_VALUES; k++) *v[k] = values[k];
+            runs[r].diverged_step = (int)diverged_step;
             runs[r].evaluated = isfinite(runs[r].fp_ppl);
         }
     }
@@ -3747,6 +3858,12 @@ static bool write_svg_channels(const char *path, const char *title, const Channe
  * ========================================================================== */
 #ifndef TESTING
 
+// Dies with same_files_problem's reason, if any.
+static void refuse_same_files(int n_out, int n, const char *const *paths, const char *const *roles) {
+    const char *problem = same_files_problem(n_out, n, paths, roles);
+    if (problem) die("%s", problem);
+}
+
 // The files the commands read and write unless told otherwise (make data writes the first three).
 #define DEFAULT_TOKENIZER "tokenizer.bin"
 #define DEFAULT_TRAIN "data/train.bin"
@@ -3778,6 +3895,14 @@ static uint64_t parse_u64(const char *flag, const char *s) {
     unsigned long long v = strtoull(s, &end, 10);
     if (errno || end == s || *end) die("%s expects a non-negative integer, got '%s'", flag, s);
     return (uint64_t)v;
+}
+
+// A flag whose range is in bounds[] (shared with the checkpoint loader).
+static long parse_bounded_int(const char *flag, const char *s, int b) {
+    return parse_int(flag, s, (long)bounds[b].lo, (long)bounds[b].hi);
+}
+static float parse_bounded_float(const char *flag, const char *s, int b) {
+    return parse_float(flag, s, bounds[b].lo, bounds[b].hi);
 }
 
 // Argument cursor: flags come as "--name value" pairs, positionals as bare words.
@@ -3812,13 +3937,14 @@ static int find_preset(const char *name) {
 // Consumes one model-shape or batch flag at a->i if it is one; shared by train and bench.
 static bool parse_shape_flag(Args *a, TrainState *s) {
     const char *f = a->argv[a->i];
-    if (!strcmp(f, "--dim")) s->cfg.dim = (int)parse_int(f, flag_value(a), 2, 8192);
-    else if (!strcmp(f, "--layers")) s->cfg.n_layers = (int)parse_int(f, flag_value(a), 1, 256);
-    else if (!strcmp(f, "--heads")) s->cfg.n_heads = (int)parse_int(f, flag_value(a), 1, 1024);
-    else if (!strcmp(f, "--kv-heads")) s->cfg.n_kv_heads = (int)parse_int(f, flag_value(a), 1, 1024);
-    else if (!strcmp(f, "--ffn-dim")) s->cfg.ffn_dim = (int)parse_int(f, flag_value(a), 1, 65536);
-    else if (!strcmp(f, "--seq-len")) s->cfg.seq_len = (int)parse_int(f, flag_value(a), 2, 65536);
-    else if (!strcmp(f, "--batch")) s->batch = (int)parse_int(f, flag_value(a), 1, 65536);
+    if (!strcmp(f, "--dim")) s->cfg.dim = (int)parse_bounded_int(f, flag_value(a), B_DIM);
+    else if (!strcmp(f, "--layers")) s->cfg.n_layers = (int)parse_bounded_int(f, flag_value(a), B_LAYERS);
+    else if (!strcmp(f, "--heads")) s->cfg.n_heads = (int)parse_bounded_int(f, flag_value(a), B_HEADS);
+    else if (!strcmp(f, "--kv-heads"))
+        s->cfg.n_kv_heads = (int)parse_bounded_int(f, flag_value(a), B_KV_HEADS);
+    else if (!strcmp(f, "--ffn-dim")) s->cfg.ffn_dim = (int)parse_bounded_int(f, flag_value(a), B_FFN_DIM);
+    else if (!strcmp(f, "--seq-len")) s->cfg.seq_len = (int)parse_bounded_int(f, flag_value(a), B_SEQ_LEN);
+    else if (!strcmp(f, "--batch")) s->batch = (int)parse_bounded_int(f, flag_value(a), B_BATCH);
     else return false;
     return true;
 }
@@ -3980,13 +4106,14 @@ static TrainState default_train_state(void) {
 static bool parse_optim_flag(Args *a, TrainState *s) {
     const char *f = a->argv[a->i];
     if (!strcmp(f, "--lr") || !strcmp(f, "--lr-adam"))
-        s->opt.lr_adam = parse_float(f, flag_value(a), 1e-8, 10.0);
-    else if (!strcmp(f, "--lr-muon")) s->opt.lr_muon = parse_float(f, flag_value(a), 1e-8, 10.0);
-    else if (!strcmp(f, "--muon-momentum")) s->opt.muon_momentum = parse_float(f, flag_value(a), 0.0, 0.9999);
-    else if (!strcmp(f, "--ns-steps")) s->opt.ns_steps = (int)parse_int(f, flag_value(a), 1, 100);
+        s->opt.lr_adam = parse_bounded_float(f, flag_value(a), B_LR);
+    else if (!strcmp(f, "--lr-muon")) s->opt.lr_muon = parse_bounded_float(f, flag_value(a), B_LR);
+    else if (!strcmp(f, "--muon-momentum"))
+        s->opt.muon_momentum = parse_bounded_float(f, flag_value(a), B_MOMENTUM);
+    else if (!strcmp(f, "--ns-steps")) s->opt.ns_steps = (int)parse_bounded_int(f, flag_value(a), B_NS_STEPS);
     else if (!strcmp(f, "--warmup")) s->opt.warmup = (int)parse_int(f, flag_value(a), 0, 100000000);
-    else if (!strcmp(f, "--wd")) s->opt.weight_decay = parse_float(f, flag_value(a), 0.0, 10.0);
-    else if (!strcmp(f, "--grad-clip")) s->opt.grad_clip = parse_float(f, flag_value(a), 0.0, 1e6);
+    else if (!strcmp(f, "--wd")) s->opt.weight_decay = parse_bounded_float(f, flag_value(a), B_WD);
+    else if (!strcmp(f, "--grad-clip")) s->opt.grad_clip = parse_bounded_float(f, flag_value(a), B_GRAD_CLIP);
     else if (!strcmp(f, "--seed")) s->seed = parse_u64(f, flag_value(a));
     else return false;
     return true;
@@ -3996,9 +4123,12 @@ static bool parse_optim_flag(Args *a, TrainState *s) {
 static void load_training_data(TokenData *train, TokenData *val, const char *train_path, const char *val_path,
                                const Tokenizer *tok, const char *tok_path) {
     if (!tokens_load(train, train_path) || !tokens_load(val, val_path)) die("%s", osp_error);
-    if (train->vocab_size != tok->vocab_size || val->vocab_size != tok->vocab_size)
-        die("vocab mismatch: %s has %d tokens but the data was made with vocab %d (run 'make data' again)",
-            tok_path, tok->vocab_size, train->vocab_size);
+    const TokenData *data[2] = {train, val};
+    const char *paths[2] = {train_path, val_path};
+    for (int i = 0; i < 2; i++)
+        if (data[i]->vocab_size != tok->vocab_size)
+            die("vocab mismatch: %s has %d tokens but %s was made with vocab %d (run 'make data' again)",
+                tok_path, tok->vocab_size, paths[i], data[i]->vocab_size);
 }
 
 // Checks the settings of a new run (steps set) and the data against its context length.
@@ -4035,7 +4165,7 @@ static int cmd_train(int argc, char **argv) {
         else if (parse_shape_flag(&a, &s) || parse_optim_flag(&a, &s)) {}
         else {
             fixed = false;
-            if (!strcmp(f, "--steps")) steps = (int)parse_int(f, flag_value(&a), 1, 100000000);
+            if (!strcmp(f, "--steps")) steps = (int)parse_bounded_int(f, flag_value(&a), B_STEPS);
             else if (!strcmp(f, "--train")) train_path = flag_value(&a);
             else if (!strcmp(f, "--val")) val_path = flag_value(&a);
             else if (!strcmp(f, "--tokenizer")) tok_path = flag_value(&a);
@@ -4166,7 +4296,8 @@ static int cmd_merge(int argc, char **argv) {
         paths[n++] = argv[a.i];
     }
     if (n != 2) die("merge needs an input and an output checkpoint (see ./osp merge --help)");
-    refuse_same_files(1, 2, (const char *[]){paths[1], paths[0]}, (const char *[]){"the output", "the input"});
+    refuse_same_files(1, 2, (const char *[]){ paths[1], paths[0] },
+                      (const char *[]){ "the output", "the input" });
     TrainState s;
     Model in, out;
     if (!checkpoint_load(paths[0], &s, &in, 1, NULL)) die("%s", osp_error);
@@ -4697,15 +4828,16 @@ static double ablation_evaluate(AblationRun *r, const Model *m, const TokenData 
 
 // Dies if a checkpoint found in the ablation directory was trained with other settings.
 static void ablation_check_settings(const char *path, const TrainState *have, const TrainState *want) {
-    const char *what = memcmp(&have->cfg, &want->cfg, sizeof(Config)) ? "the model shape"
+    const char *what = memcmp(&have->cfg, &want->cfg, sizeof(Config)) ? "model shape"
                      : have->opt.steps != want->opt.steps ? "--steps"
                      : have->opt.lr_adam != want->opt.lr_adam ? "--lr-adam"
                      : have->opt.lr_muon != want->opt.lr_muon ? "--lr-muon"
                      : have->batch != want->batch ? "--batch"
-                     : memcmp(&have->opt, &want->opt, sizeof(OptimConfig)) ? "an optimization setting"
-                     : have->preset != want->preset || have->seed != want->seed ? "the preset or seed" : NULL;
+                     : memcmp(&have->opt, &want->opt, sizeof(OptimConfig)) ? "optimization settings"
+                     : have->preset != want->preset || have->seed != want->seed ? "preset or seed" : NULL;
     if (what)
-        die("'%s' was trained with a different %s than asked now; use another --dir or delete the old runs",
+        die("'%s' was trained with other settings (%s) than asked now; use another --dir or delete the old "
+            "runs",
             path, what);
 }
 
@@ -4961,7 +5093,7 @@ static int cmd_ablation(int argc, char **argv) {
             for (char *name = strtok(list, ","); name; name = strtok(NULL, ","))
                 chosen[find_preset(name)] = true;
         }
-        else if (!strcmp(f, "--steps")) proto.opt.steps = (int)parse_int(f, flag_value(&a), 1, 100000000);
+        else if (!strcmp(f, "--steps")) proto.opt.steps = (int)parse_bounded_int(f, flag_value(&a), B_STEPS);
         else if (!strcmp(f, "--kurtosis-every"))
             kurtosis_every = (int)parse_int(f, flag_value(&a), 1, 100000000);
         else if (!strcmp(f, "--eval-windows"))

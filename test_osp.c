@@ -478,6 +478,21 @@ static void test_grad_crossentropy(uint64_t *rng) {
 // over 11 seeds x 6 presets was 3.9e-3.
 #define GRAD_VOCAB 32
 
+// Optimizer settings of the tests' small runs (a checkpoint must hold valid ones).
+static OptimConfig test_optim(void) {
+    return (OptimConfig){ .lr_adam = 1e-2f,
+                          .lr_muon = 1e-2f,
+                          .weight_decay = 0.01f,
+                          .beta1 = 0.9f,
+                          .beta2 = 0.95f,
+                          .eps = 1e-8f,
+                          .muon_momentum = 0.95f,
+                          .ns_steps = 5,
+                          .grad_clip = 1.0f,
+                          .warmup = 2,
+                          .steps = 8 };
+}
+
 static Config test_config(void) {
     return (Config){.vocab_size = 300, .dim = 16, .n_layers = 2, .n_heads = 4, .n_kv_heads = 2, .ffn_dim = 32,
                     .seq_len = 8};
@@ -951,7 +966,11 @@ static void test_merge_invariance(uint64_t *rng) {
         max_logit = fmax(max_logit, fabs(before[i]));
         max_diff = fmax(max_diff, fabs(before[i] - merged.act.logits[i]));
     }
-    TrainState s = {.cfg = merged.cfg, .preset = preset_of(OPTIMIZER_MUON, 1, 1), .merged = 1, .batch = 2};
+    TrainState s = { .cfg = merged.cfg,
+                     .opt = test_optim(),
+                     .preset = preset_of(OPTIMIZER_MUON, 1, 1),
+                     .merged = 1,
+                     .batch = 2 };
     const char *path = temp_path("merged.ckpt");
     TrainState back;
     bool io = checkpoint_save(path, &s, &merged, NULL) && checkpoint_load(path, &back, &loaded, 2, NULL);
@@ -1488,9 +1507,7 @@ static void test_sixteen_bits_exact(uint64_t *rng) {
 // A tiny training setup for a preset, on synthetic tokens (no corpus needed).
 static void tiny_trainer(Trainer *tr, int preset, uint64_t seed) {
     TrainState s = {.cfg = test_config(), .batch = 3, .seed = seed, .preset = preset};
-    s.opt = (OptimConfig){.lr_adam = 1e-2f, .lr_muon = 1e-2f, .weight_decay = 0.01f,
-                          .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .muon_momentum = 0.95f, .ns_steps = 5,
-                          .grad_clip = 1.0f, .warmup = 2, .steps = 8};
+    s.opt = test_optim();
     apply_preset(&s.cfg, &s.opt, preset);
     memset(tr, 0, sizeof *tr);
     trainer_init(tr, &s);
@@ -1651,6 +1668,232 @@ static void test_bad_files(void) {
     remove(good); remove(bad); remove(tok_path);
     trainer_free(&tr);
 }
+
+// Writes bytes [size] to path with a 4-byte field at `at` replaced by value (an int32 or a
+// float32 of the checkpoint header).
+static void write_patched(const char *path, const unsigned char *bytes, size_t size, size_t at,
+                          const void *value) {
+    FILE *f = fopen(path, "wb");
+    fwrite(bytes, 1, at, f);
+    fwrite(value, 1, 4, f);
+    fwrite(bytes + at + 4, 1, size - at - 4, f);
+    fclose(f);
+}
+
+// Checkpoint headers are not trusted: every field out of the command line's range is refused,
+// naming it, before anything proportional to it is allocated; NaN or Inf in the parameters or
+// the optimizer state is refused naming the tensor, on loading and on saving.
+static void test_checkpoint_header_checks(void) {
+    const char *good = temp_path("header_good.ckpt"), *bad = temp_path("header_bad.ckpt");
+    Trainer tr;
+    tiny_trainer(&tr, 5, 3);   // osp: Muon and AdamW state, SSNorm, EmbProj
+    checkpoint_save(good, &tr.state, &tr.model, tr.opt_state);
+    size_t size;
+    unsigned char *bytes = read_file(good, &size);
+    const size_t ints = 8, floats = 8 + 4 * CKPT_INTS;
+    float nan = NAN, inf = INFINITY, zero = 0.0f, one = 1.0f;
+    struct { const char *what; size_t at; int32_t i; const float *f; const char *expect; } cases[] = {
+        {"dim 16384", ints + 1 * 4, 16384, NULL, "dim"},
+        {"16M layers", ints + 2 * 4, 16 << 20, NULL, "layers"},
+        {"ns_steps 2147483647", ints + 12 * 4, INT32_MAX, NULL, "ns-steps"},
+        {"ns_steps -5", ints + 12 * 4, -5, NULL, "ns-steps"},
+        {"batch 200000", ints + 13 * 4, 200000, NULL, "batch"},
+        {"step beyond steps", ints + 16 * 4, 9, NULL, "step"},
+        {"has_state 7", ints + 17 * 4, 7, NULL, "has_optimizer_state"},
+        {"lr NaN", floats + 0 * 4, 0, &nan, "lr"},
+        {"lr Inf", floats + 1 * 4, 0, &inf, "lr"},
+        {"beta2 1", floats + 4 * 4, 0, &one, "betas"},
+        {"eps 0", floats + 5 * 4, 0, &zero, "eps"},
+        {"seq-len 16384", ints + 6 * 4, 16384, NULL, "GB of activations"},
+        {"vocab 300 -> 301", ints + 0 * 4, 301, NULL, "expected"},
+    };
+    bool ok = true;
+    char detail[400] = "";
+    size_t used = 0;
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        write_patched(bad, bytes, size, cases[i].at, cases[i].f ? (const void *)cases[i].f : &cases[i].i);
+        TrainState s;
+        Model m;
+        bool refused = !checkpoint_load(bad, &s, &m, 0, NULL),
+             named = refused && strstr(osp_error, cases[i].expect);
+        if (!refused) model_free(&m);
+        if (!named) {
+            ok = false;
+            used += (size_t)snprintf(detail + used, sizeof detail - used, "%s: \"%s\" ", cases[i].what,
+                                     refused ? osp_error : "accepted");
+        }
+    }
+    // NaN in an embedding row the data never uses, and in Adam's v of the head.
+    size_t params = size -
+            sizeof(float) *
+                    (tr.model.n_params +
+                     optimizer_layout(&tr.model, tr.state.opt.optimizer, (size_t[N_PARAM_TENSORS]){ 0 }));
+    size_t offset[N_PARAM_TENSORS];
+    optimizer_layout(&tr.model, tr.state.opt.optimizer, offset);
+    size_t at_embed = params + sizeof(float) * (tr.model.shape[PARAM_EMBED].offset + 299 * 16);
+    size_t at_state = params + sizeof(float) * (tr.model.n_params + offset[PARAM_HEAD] + 5);
+    const struct { size_t at; const char *expect; } nans[2] = {{at_embed, "NaN or Inf in embed"},
+                                                               {at_state, "optimizer state of head"}};
+    for (int k = 0; k < 2; k++) {
+        write_patched(bad, bytes, size, nans[k].at, &nan);
+        TrainState s;
+        Model m;
+        bool refused = !checkpoint_load(bad, &s, &m, 0, NULL) && strstr(osp_error, nans[k].expect);
+        if (!refused) {
+            ok = false;
+            used += (size_t)snprintf(detail + used, sizeof detail - used, "NaN %d: \"%s\" ", k, osp_error);
+        }
+    }
+    tr.model.params[tr.model.shape[PARAM_FFN_UP].offset] = NAN;
+    bool save_refused = !checkpoint_save(bad, &tr.state, &tr.model, tr.opt_state) &&
+            strstr(osp_error, "ffn_up");
+    if (!save_refused) {
+        ok = false;
+        snprintf(detail + used, sizeof detail - used, "saving NaN: \"%s\"", osp_error);
+    }
+    report(ok, "checkpoint header, NaN and Inf refused", "%s",
+           ok ? "13 header fields out of range, NaN in a parameter and in the state, a NaN save: each named"
+              : detail);
+    free(bytes);
+    trainer_free(&tr);
+}
+
+// Outputs that are inputs or other outputs are found however they are spelled (./a, dir/../a,
+// a hard or symbolic link, an output not yet written); two inputs may be one file. read_file
+// refuses what is not a regular file.
+static void test_same_files(void) {
+    const char *a = temp_path("same_a"), *hard = temp_path("same_hard"), *soft = temp_path("same_soft");
+    FILE *f = fopen(a, "wb");
+    fputs("x", f);
+    fclose(f);
+    link(a, hard);
+    symlink(a, soft);
+    char dotted[400], fresh[400], fresh_dotted[400];
+    snprintf(dotted, sizeof dotted, "%s/./same_a", temp_dir);
+    snprintf(fresh, sizeof fresh, "%s", temp_path("same_new"));
+    snprintf(fresh_dotted, sizeof fresh_dotted, "%s/../%s/same_new", temp_dir, strrchr(temp_dir, '/') + 1);
+    const char *roles[2] = {"out", "in"};
+    bool found = same_files_problem(1, 2, (const char *[]){dotted, a}, roles) &&
+                 same_files_problem(1, 2, (const char *[]){hard, a}, roles) &&
+                 same_files_problem(1, 2, (const char *[]){soft, a}, roles) &&
+                 same_files_problem(2, 2, (const char *[]){fresh, fresh_dotted}, roles);
+    bool allowed = !same_files_problem(1, 3, (const char *[]){ fresh, a, hard },
+                                       (const char *[]){ "o", "i1", "i2" }) &&
+            !same_files_problem(1, 2, (const char *[]){ fresh, NULL }, roles);
+    size_t n;
+    bool dir = !read_file(temp_dir, &n) && strstr(osp_error, "not a regular file");
+    bool dev = !read_file("/dev/zero", &n) && strstr(osp_error, "not a regular file");
+    remove(hard);
+    remove(soft);
+    report(found && allowed && dir && dev, "same files found, non-regular files refused",
+           "./a, a hard link, a symlink, dir/../new: %s; two inputs alike: %s; directory %s, /dev/zero %s",
+           found ? "found" : "MISSED", allowed ? "allowed" : "REFUSED", dir ? "refused" : "READ",
+           dev ? "refused" : "READ");
+}
+
+// Every loader, fed a small corpus of mutated files made here with a fixed seed (bytes flipped,
+// files cut and extended), ends each in a clean refusal or a valid load: under the sanitizer
+// build, any read out of bounds or undefined behaviour stops the run.
+static void test_loader_corpus(uint64_t *rng) {
+    Trainer tr;
+    tiny_trainer(&tr, 5, 3);
+    const char *files[5] = { temp_path("corpus.ckpt"), temp_path("corpus_tok.bin"),
+                             temp_path("corpus_data.bin"), temp_path("corpus_kurt.csv"),
+                             temp_path("corpus_results.csv") };
+    checkpoint_save(files[0], &tr.state, &tr.model, tr.opt_state);
+    Tokenizer tok;
+    tokenizer_load(&tok, "tokenizer.bin");
+    tokenizer_save(&tok, files[1]);
+    int ids[40];
+    for (int i = 0; i < 40; i++) ids[i] = i * 7 % 300;
+    tokens_save(files[2], ids, 40, 300);
+    KurtosisLog klog = {.n_states = 4};
+    double states[4] = {0.1, 0.2, 0.3, 0.4};
+    for (int s = 1; s <= 3; s++) kurtosis_log_add(&klog, s, 0.5, 0.4, 3.0, states);
+    kurtosis_log_save(&klog, files[3], 100);
+    AblationRun runs[2] = { { .preset = 0, .seed = 1, .evaluated = true },
+                            { .preset = 5, .seed = 1, .diverged_step = 7 } };
+    ablation_save_results(files[4], runs, 2);
+    const char *mutant = temp_path("corpus_mutant");
+    int loads[5] = {0}, refusals[5] = {0};
+    for (int k = 0; k < 5; k++) {
+        size_t size;
+        unsigned char *bytes = read_file(files[k], &size);
+        for (int trial = 0; trial < 60; trial++) {
+            size_t keep = size;
+            unsigned char *copy = xmalloc(size + 16);
+            memcpy(copy, bytes, size);
+            int kind = (int)(rng_next(rng) % 3);
+            if (kind == 0) keep = (size_t)(rng_next(rng) % (size + 1));   // cut
+            else if (kind == 1) keep = size + 1 + (size_t)(rng_next(rng) % 16);   // extended with junk
+            for (size_t i = size; i < keep; i++) copy[i] = (unsigned char)rng_next(rng);
+            for (int flips = (int)(rng_next(rng) % 4); flips > 0 && keep > 0; flips--)   // and bytes flipped
+                copy[rng_next(rng) % (keep < 120 ? keep : 120)] ^= (unsigned char)(1 + rng_next(rng) % 255);
+            FILE *f = fopen(mutant, "wb");
+            fwrite(copy, 1, keep, f);
+            fclose(f);
+            bool loaded = false;
+            if (k == 0) {
+                TrainState s;
+                Model m;
+                float *state = NULL;
+                if ((loaded = checkpoint_load(mutant, &s, &m, 0, &state))) { model_free(&m); free(state); }
+            } else if (k == 1) {
+                Tokenizer t;
+                if ((loaded = tokenizer_load(&t, mutant))) tokenizer_free(&t);
+            } else if (k == 2) {
+                TokenData d;
+                if ((loaded = tokens_load(&d, mutant))) free(d.tokens);
+            } else if (k == 3) {
+                KurtosisLog l = {.n_states = 4};
+                loaded = kurtosis_log_load(&l, mutant, 1000);
+                kurtosis_log_free(&l);
+            } else {
+                AblationRun r[2] = {{.preset = 0, .seed = 1}, {.preset = 5, .seed = 1}};
+                loaded = ablation_load_results(mutant, r, 2);
+            }
+            loads[k] += loaded;
+            refusals[k] += !loaded;
+            free(copy);
+        }
+        free(bytes);
+    }
+    report(true, "loaders: mutated files end cleanly",
+           "60 each, loaded/refused: checkpoint %d/%d, tokenizer %d/%d, tokens %d/%d, kurtosis csv %d/%d, "
+           "results %d/%d",
+           loads[0], refusals[0], loads[1], refusals[1], loads[2], refusals[2], loads[3], refusals[3],
+           loads[4], refusals[4]);
+    tokenizer_free(&tok);
+    kurtosis_log_free(&klog);
+    trainer_free(&tr);
+}
+
+// results.csv's diverged_step is an integer in range: 1e300, nan and -3 are refused.
+static void test_results_integers(void) {
+    const char *path = temp_path("ints_results.csv");
+    AblationRun runs[1] = {{.preset = 0, .seed = 1}};
+    ablation_save_results(path, runs, 1);
+    size_t size;
+    unsigned char *bytes = read_file(path, &size);
+    char *text = xrealloc(bytes, size + 1);
+    text[size] = '\0';
+    char *row = strchr(text, '\n') + 1, *field = strchr(strchr(row, ',') + 1, ',') + 1;   // diverged_step
+    const char *values[3] = {"1e300", "nan", "-3"};
+    int refused = 0;
+    for (int k = 0; k < 3; k++) {
+        FILE *f = fopen(path, "wb");
+        fwrite(text, 1, (size_t)(field - text), f);
+        fputs(values[k], f);
+        fputs(strchr(field, ','), f);
+        fclose(f);
+        AblationRun back[1] = {{.preset = 0, .seed = 1}};
+        refused += !ablation_load_results(path, back, 1) && strstr(osp_error, "not a results row");
+    }
+    report(refused == 3, "results.csv: diverged_step must be an integer", "%d of 3 refused (1e300, nan, -3)",
+           refused);
+    free(text);
+}
+
 
 // A NaN loss is reported by train_step before any parameter changes.
 static void test_nan_stops(void) {
@@ -2623,6 +2866,10 @@ static void run_all(uint64_t *rng) {
     for (int p = 0; p < N_PRESETS; p++) test_training_deterministic(p);
     for (int p = 0; p < N_PRESETS; p++) test_checkpoint_resume(p);
     test_bad_files();
+    test_checkpoint_header_checks();
+    test_same_files();
+    test_loader_corpus(rng);
+    test_results_integers();
     test_nan_stops();
     test_sampling(rng);
     test_evaluate_loss(rng);
