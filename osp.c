@@ -4366,7 +4366,10 @@ static int cmd_export(int argc, char **argv) {
                f16 ? "F16 matrices" : "F32", n_tensors, tok.vocab_size);
     }
     if (llama2c_path) {
-        if (!export_llama2c(llama2c_path, &m)) die("%s", osp_error);
+        if (!export_llama2c(llama2c_path, &m)) {
+            if (gguf_path) remove(gguf_path);   // no half of a two-file export left behind
+            die("%s", osp_error);
+        }
         printf("wrote %s: llama2.c legacy (version 0), float32; run it with tokenizer %s\n", llama2c_path,
                tok_path);
     }
