@@ -3299,9 +3299,11 @@ static bool kurtosis_log_load(KurtosisLog *l, const char *path, int max_step) {
     double *v = xmalloc(sizeof(double) * (size_t)(1 + kurtosis_log_cols(l)));   // tokens, then the values
     for (int i = 1; ok && i < n_lines; i++) {   // line 0: the header
         char *p = lines[i], *next;
-        long step = strtol(p, &next, 10);
-        p = next;
-        if (next == lines[i] || !parse_csv_numbers(&p, v, 1 + kurtosis_log_cols(l)) || *p != '\0')
+        errno = 0;
+        long step = isdigit((unsigned char)*p) ? strtol(p, &next, 10) : -1;
+        p = next = step < 0 ? lines[i] : next;
+        if (next == lines[i] || errno || step > INT_MAX ||
+            !parse_csv_numbers(&p, v, 1 + kurtosis_log_cols(l)) || *p != '\0')
             ok = fail("'%s' line %d is not a row of %d kurtosis values", path, i + 1, l->n_states);
         else if (step <= max_step) kurtosis_log_add(l, (int)step, v[1], v[2], v[3], v + 4);
     }
@@ -3604,7 +3606,7 @@ static bool ablation_load_results(const char *path, AblationRun *runs, int n_run
         ok = fail("'%s' has other columns than this osp writes; use another --dir or delete it", path);
     for (int i = 1; ok && i < n_lines; i++) {
         char *comma = strchr(lines[i], ','), *p = comma;
-        unsigned long long seed = comma ? strtoull(comma + 1, &p, 10) : 0;
+        unsigned long long seed = comma && isdigit((unsigned char)comma[1]) ? strtoull(comma + 1, &p, 10) : 0;
         long diverged_step = 0;
         double values[ABLATION_VALUES];
         if (!comma || p == comma + 1 || !parse_csv_int(&p, 0, INT_MAX, &diverged_step) ||

@@ -15,7 +15,7 @@ static bool quick;
 // Every file a test writes goes into one temporary directory, made at the start and removed at
 // the end, so the tests neither need nor touch anything in the working directory.
 static char temp_dir[256];
-static char temp_names[32][320];
+static char temp_names[64][320];
 static int n_temp_names;
 
 // The path of file `name` in the temporary directory (the same pointer for the same name).
@@ -24,7 +24,7 @@ static const char *temp_path(const char *name) {
     snprintf(path, sizeof path, "%s/%s", temp_dir, name);
     for (int i = 0; i < n_temp_names; i++)
         if (!strcmp(temp_names[i], path)) return temp_names[i];
-    if (n_temp_names == 32) die("test_osp: too many temporary files");
+    if (n_temp_names == 64) die("test_osp: too many temporary files");
     memcpy(temp_names[n_temp_names], path, sizeof path);
     return temp_names[n_temp_names++];
 }
@@ -1868,7 +1868,7 @@ static void test_loader_corpus(uint64_t *rng) {
     trainer_free(&tr);
 }
 
-// results.csv's diverged_step is an integer in range: 1e300, nan and -3 are refused.
+// results.csv's diverged_step and a kurtosis CSV's step are integers in range.
 static void test_results_integers(void) {
     const char *path = temp_path("ints_results.csv");
     AblationRun runs[1] = {{.preset = 0, .seed = 1}};
@@ -1889,8 +1889,21 @@ static void test_results_integers(void) {
         AblationRun back[1] = {{.preset = 0, .seed = 1}};
         refused += !ablation_load_results(path, back, 1) && strstr(osp_error, "not a results row");
     }
-    report(refused == 3, "results.csv: diverged_step must be an integer", "%d of 3 refused (1e300, nan, -3)",
-           refused);
+    // and a kurtosis CSV's step: a negative one or one beyond int
+    const char *kpath = temp_path("ints_kurtosis.csv");
+    const char *rows[2] = {"-3,0,1,1,1,1,1,1,1\n", "99999999999,0,1,1,1,1,1,1,1\n"};
+    int krefused = 0;
+    for (int k = 0; k < 2; k++) {
+        FILE *f = fopen(kpath, "wb");
+        fprintf(f, "step,tokens,kurtosis_paper,kurtosis,max_abs,s0,s1,s2,s3\n%s", rows[k]);
+        fclose(f);
+        KurtosisLog l = {.n_states = 4};
+        krefused += !kurtosis_log_load(&l, kpath, 1000);
+        kurtosis_log_free(&l);
+    }
+    report(refused == 3 && krefused == 2, "CSV integers: range-checked integers",
+           "results.csv diverged_step: %d of 3 refused (1e300, nan, -3); kurtosis step: %d of 2 (-3, 1e11)",
+           refused, krefused);
     free(text);
 }
 
