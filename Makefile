@@ -41,7 +41,7 @@ test_osp: test_osp.c osp.c Makefile
 test_osp_asan: test_osp.c osp.c Makefile
 	$(CC) -O1 -g -std=c11 -Wall -Wextra -fsanitize=address,undefined -fno-sanitize-recover=all -fopenmp-simd $(FP) $(DEFS) -o $@ test_osp.c $(LDLIBS)
 
-test: test_osp test_osp_asan data/tinyshakespeare.txt
+test: osp test_osp test_osp_asan data/tinyshakespeare.txt
 	./test_osp
 	./test_osp_asan --quick
 

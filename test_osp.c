@@ -1868,6 +1868,71 @@ static void test_loader_corpus(uint64_t *rng) {
     trainer_free(&tr);
 }
 
+// Runs the command line `cmd` (through the shell, in the temporary directory) and returns its
+// exit status; its output goes to out [size].
+static int run_command(const char *cmd, char *out, size_t size) {
+    char line[PATH_MAX + 1200];
+    snprintf(line, sizeof line, "cd '%s' && %.900s 2>&1", temp_dir, cmd);
+    FILE *p = popen(line, "r");
+    size_t n = p ? fread(out, 1, size - 1, p) : 0;
+    out[n] = '\0';
+    int status = p ? pclose(p) : -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+// The commands, run as a user runs them (./osp, built by make test): each refuses an output
+// that is one of its inputs, however spelled, leaving the input as it was; a failed prepare
+// leaves no train split; a vocab mismatch names the file that does not match.
+static void test_commands(void) {
+    char osp[PATH_MAX], out[4096];
+    if (!realpath("osp", osp)) { report(false, "commands: bad outputs refused", "no ./osp (make builds it)"); return; }
+    Trainer tr;
+    tiny_trainer(&tr, 0, 3);
+    checkpoint_save(temp_path("cmd.ckpt"), &tr.state, &tr.model, tr.opt_state);
+    trainer_free(&tr);
+    Tokenizer tok;
+    tokenizer_load(&tok, "tokenizer.bin");
+    tokenizer_save(&tok, temp_path("cmd_tok.bin"));
+    int ids[400];
+    for (int i = 0; i < 400; i++) ids[i] = i % 300;
+    tokens_save(temp_path("cmd_train.bin"), ids, 400, tok.vocab_size);
+    tokens_save(temp_path("cmd_val300.bin"), ids, 400, 300);
+    FILE *f = fopen(temp_path("cmd.txt"), "wb");
+    fputs("some text to read, some text to read, some text to read\n", f);
+    fclose(f);
+    tokenizer_free(&tok);
+    const struct { const char *args, *expect, *kept; } cases[] = {
+        {"merge cmd.ckpt ./cmd.ckpt", "same file", "cmd.ckpt"},
+        {"export cmd.ckpt --gguf ../%s/cmd.ckpt", "same file", "cmd.ckpt"},
+        {"prepare --input cmd.txt --tokenizer cmd_tok.bin --train cmd.txt", "same file", "cmd.txt"},
+        {"tokenizer --input cmd.txt --out ./cmd.txt", "same file", "cmd.txt"},
+        {"train --out cmd_train.bin --train cmd_train.bin", "same file", "cmd_train.bin"},
+        {"train --out cmd_tok.bin --tokenizer cmd_tok.bin", "same file", "cmd_tok.bin"},
+        {"train --kurtosis-every 1 --kurtosis-csv k.ckpt --out ./k.ckpt", "same file", NULL},
+        {"prepare --input cmd.txt --tokenizer cmd_tok.bin --train split_train.bin --val no/dir/v.bin",
+         "cannot create", NULL},
+        {"train --tokenizer cmd_tok.bin --train cmd_train.bin --val cmd_val300.bin --steps 1", "cmd_val300.bin", NULL},
+    };
+    int passed = 0, n = (int)(sizeof cases / sizeof cases[0]);
+    char detail[400] = "";
+    for (int i = 0; i < n; i++) {
+        char args[512], cmd[PATH_MAX + 600];
+        snprintf(args, sizeof args, cases[i].args, strrchr(temp_dir, '/') + 1);
+        snprintf(cmd, sizeof cmd, "'%s' %s", osp, args);
+        struct stat before = {0}, after = {0};
+        if (cases[i].kept) stat(temp_path(cases[i].kept), &before);
+        int status = run_command(cmd, out, sizeof out);
+        if (cases[i].kept) stat(temp_path(cases[i].kept), &after);
+        bool kept = !cases[i].kept || (before.st_size == after.st_size && before.st_mtime == after.st_mtime &&
+                                       before.st_size > 0);
+        bool split_left = i == 7 && file_exists(temp_path("split_train.bin"));
+        if (status != 0 && status != -1 && strstr(out, cases[i].expect) && kept && !split_left) passed++;
+        else if (!detail[0]) snprintf(detail, sizeof detail, "'%.120s': exit %d, %.150s", args, status, out);
+    }
+    report(passed == n, "commands: bad outputs refused", "%d of %d cases%s%s", passed, n, detail[0] ? "; " : "",
+           detail);
+}
+
 // results.csv's diverged_step and a kurtosis CSV's step are integers in range.
 static void test_results_integers(void) {
     const char *path = temp_path("ints_results.csv");
@@ -2882,6 +2947,7 @@ static void run_all(uint64_t *rng) {
     test_checkpoint_header_checks();
     test_same_files();
     test_loader_corpus(rng);
+    test_commands();
     test_results_integers();
     test_nan_stops();
     test_sampling(rng);
