@@ -1885,7 +1885,10 @@ static int run_command(const char *cmd, char *out, size_t size) {
 // leaves no train split; a vocab mismatch names the file that does not match.
 static void test_commands(void) {
     char osp[PATH_MAX], out[4096];
-    if (!realpath("osp", osp)) { report(false, "commands: bad outputs refused", "no ./osp (make builds it)"); return; }
+    if (!realpath("osp", osp)) {
+        report(false, "commands: bad outputs refused", "no ./osp (make builds it)");
+        return;
+    }
     Trainer tr;
     tiny_trainer(&tr, 0, 3);
     checkpoint_save(temp_path("cmd.ckpt"), &tr.state, &tr.model, tr.opt_state);
@@ -1901,17 +1904,19 @@ static void test_commands(void) {
     fputs("some text to read, some text to read, some text to read\n", f);
     fclose(f);
     tokenizer_free(&tok);
-    const struct { const char *args, *expect, *kept; } cases[] = {
-        {"merge cmd.ckpt ./cmd.ckpt", "same file", "cmd.ckpt"},
-        {"export cmd.ckpt --gguf ../%s/cmd.ckpt", "same file", "cmd.ckpt"},
-        {"prepare --input cmd.txt --tokenizer cmd_tok.bin --train cmd.txt", "same file", "cmd.txt"},
-        {"tokenizer --input cmd.txt --out ./cmd.txt", "same file", "cmd.txt"},
-        {"train --out cmd_train.bin --train cmd_train.bin", "same file", "cmd_train.bin"},
-        {"train --out cmd_tok.bin --tokenizer cmd_tok.bin", "same file", "cmd_tok.bin"},
-        {"train --kurtosis-every 1 --kurtosis-csv k.ckpt --out ./k.ckpt", "same file", NULL},
-        {"prepare --input cmd.txt --tokenizer cmd_tok.bin --train split_train.bin --val no/dir/v.bin",
-         "cannot create", NULL},
-        {"train --tokenizer cmd_tok.bin --train cmd_train.bin --val cmd_val300.bin --steps 1", "cmd_val300.bin", NULL},
+    const struct { const char *args, *expect, *kept;
+    } cases[] = {
+        { "merge cmd.ckpt ./cmd.ckpt", "same file", "cmd.ckpt" },
+        { "export cmd.ckpt --gguf ../%s/cmd.ckpt", "same file", "cmd.ckpt" },
+        { "prepare --input cmd.txt --tokenizer cmd_tok.bin --train cmd.txt", "same file", "cmd.txt" },
+        { "tokenizer --input cmd.txt --out ./cmd.txt", "same file", "cmd.txt" },
+        { "train --out cmd_train.bin --train cmd_train.bin", "same file", "cmd_train.bin" },
+        { "train --out cmd_tok.bin --tokenizer cmd_tok.bin", "same file", "cmd_tok.bin" },
+        { "train --kurtosis-every 1 --kurtosis-csv k.ckpt --out ./k.ckpt", "same file", NULL },
+        { "prepare --input cmd.txt --tokenizer cmd_tok.bin --train split_train.bin --val no/dir/v.bin",
+          "cannot create", NULL },
+        { "train --tokenizer cmd_tok.bin --train cmd_train.bin --val cmd_val300.bin --steps 1",
+          "cmd_val300.bin", NULL },
     };
     int passed = 0, n = (int)(sizeof cases / sizeof cases[0]);
     char detail[400] = "";
@@ -1929,8 +1934,8 @@ static void test_commands(void) {
         if (status != 0 && status != -1 && strstr(out, cases[i].expect) && kept && !split_left) passed++;
         else if (!detail[0]) snprintf(detail, sizeof detail, "'%.120s': exit %d, %.150s", args, status, out);
     }
-    report(passed == n, "commands: bad outputs refused", "%d of %d cases%s%s", passed, n, detail[0] ? "; " : "",
-           detail);
+    report(passed == n, "commands: bad outputs refused", "%d of %d cases%s%s", passed, n,
+           detail[0] ? "; " : "", detail);
 }
 
 // results.csv's diverged_step and a kurtosis CSV's step are integers in range.
