@@ -19,8 +19,6 @@ else
     OMP := -fopenmp-simd
   endif
 endif
-# -D_DEFAULT_SOURCE: strict C11 math.h does not define M_PI.
-DEFS = -D_DEFAULT_SOURCE
 
 CORPUS_URL = https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
 CORPUS_SHA = 86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed
@@ -31,15 +29,15 @@ SHARED_CORPUS = ../shared/data/tinyshakespeare.txt
 all: osp
 
 osp: osp.c Makefile
-	$(CC) $(CFLAGS) $(FP) $(NATIVE) $(OMP) $(DEFS) -o $@ osp.c $(LDLIBS)
+	$(CC) $(CFLAGS) $(FP) $(NATIVE) $(OMP) -o $@ osp.c $(LDLIBS)
 
 test_osp: test_osp.c osp.c Makefile
-	$(CC) $(CFLAGS) $(FP) $(NATIVE) $(OMP) $(DEFS) -o $@ test_osp.c $(LDLIBS)
+	$(CC) $(CFLAGS) $(FP) $(NATIVE) $(OMP) -o $@ test_osp.c $(LDLIBS)
 
 # Sanitizer build: no OpenMP (its runtime is not instrumented); runs the quick subset.
 # The full suite retrains tokenizer.bin from the corpus to check it is reproducible.
 test_osp_asan: test_osp.c osp.c Makefile
-	$(CC) -O1 -g -std=c11 -Wall -Wextra -fsanitize=address,undefined -fno-sanitize-recover=all -fopenmp-simd $(FP) $(DEFS) -o $@ test_osp.c $(LDLIBS)
+	$(CC) -O1 -g -std=c11 -Wall -Wextra -fsanitize=address,undefined -fno-sanitize-recover=all -fopenmp-simd $(FP) -o $@ test_osp.c $(LDLIBS)
 
 test: osp test_osp test_osp_asan data/tinyshakespeare.txt
 	./test_osp

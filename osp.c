@@ -25,6 +25,9 @@ evaluation, training, sampling, ablation results, plots, command line.
 Build: make            Test: make test            Train and sample: make run
 */
 
+// Strict C11 headers leave out M_PI and the POSIX calls used here (realpath, mkdtemp, kill).
+#define _DEFAULT_SOURCE 1
+
 #include <ctype.h>
 #include <errno.h>
 #include <float.h>
@@ -1582,20 +1585,20 @@ static size_t param_layout(ParamShape *shape, const Config *c) {
     int L = c->n_layers, d = c->dim, f = c->ffn_dim, kvd = kv_dim(c);
     int gain = c->ssnorm ? 1 : d, proj = c->embproj ? 1 : 0;   // OSP: one gain per norm; P_in, P_out
     ParamShape s[N_PARAM_TENSORS] = {
-        [PARAM_EMBED] = {1, c->vocab_size, d},
-        [PARAM_EMBPROJ_IN] = {proj, d, d},
-        [PARAM_ATTN_NORM] = {L, 1, gain},
-        [PARAM_ATTN_Q] = {L, d, d},
-        [PARAM_ATTN_K] = {L, kvd, d},
-        [PARAM_ATTN_V] = {L, kvd, d},
-        [PARAM_ATTN_OUT] = {L, d, d},
-        [PARAM_FFN_NORM] = {L, 1, gain},
-        [PARAM_FFN_GATE] = {L, f, d},
-        [PARAM_FFN_UP] = {L, f, d},
-        [PARAM_FFN_DOWN] = {L, d, f},
-        [PARAM_FINAL_NORM] = {1, 1, gain},
-        [PARAM_EMBPROJ_OUT] = {proj, d, d},
-        [PARAM_HEAD] = {1, c->vocab_size, d},
+        [PARAM_EMBED] = {1, c->vocab_size, d, 0},
+        [PARAM_EMBPROJ_IN] = {proj, d, d, 0},
+        [PARAM_ATTN_NORM] = {L, 1, gain, 0},
+        [PARAM_ATTN_Q] = {L, d, d, 0},
+        [PARAM_ATTN_K] = {L, kvd, d, 0},
+        [PARAM_ATTN_V] = {L, kvd, d, 0},
+        [PARAM_ATTN_OUT] = {L, d, d, 0},
+        [PARAM_FFN_NORM] = {L, 1, gain, 0},
+        [PARAM_FFN_GATE] = {L, f, d, 0},
+        [PARAM_FFN_UP] = {L, f, d, 0},
+        [PARAM_FFN_DOWN] = {L, d, f, 0},
+        [PARAM_FINAL_NORM] = {1, 1, gain, 0},
+        [PARAM_EMBPROJ_OUT] = {proj, d, d, 0},
+        [PARAM_HEAD] = {1, c->vocab_size, d, 0},
     };
     size_t offset = 0;
     for (int i = 0; i < N_PARAM_TENSORS; i++) {
@@ -3148,12 +3151,12 @@ static void evaluate_model(EvalResult *r, const Model *m, const TokenData *val, 
         free(targets);
     }
     const QuantSetting rows[N_QUANT_ROWS] = {
-        [QROW_W] = {o->wbits, false, {QUANT_OFF, QUANT_OFF}},
-        [QROW_A] = {QUANT_OFF, false, {o->abits, QUANT_OFF}},
-        [QROW_KV] = {QUANT_OFF, false, {QUANT_OFF, o->kvbits}},
-        [QROW_WAKV] = {o->wbits, false, {o->abits, o->kvbits}},
-        [QROW_W_GPTQ] = {o->wbits, true, {QUANT_OFF, QUANT_OFF}},
-        [QROW_WAKV_GPTQ] = {o->wbits, true, {o->abits, o->kvbits}},
+        [QROW_W] = {o->wbits, false, {QUANT_OFF, QUANT_OFF, false}},
+        [QROW_A] = {QUANT_OFF, false, {o->abits, QUANT_OFF, false}},
+        [QROW_KV] = {QUANT_OFF, false, {QUANT_OFF, o->kvbits, false}},
+        [QROW_WAKV] = {o->wbits, false, {o->abits, o->kvbits, false}},
+        [QROW_W_GPTQ] = {o->wbits, true, {QUANT_OFF, QUANT_OFF, false}},
+        [QROW_WAKV_GPTQ] = {o->wbits, true, {o->abits, o->kvbits, false}},
     };
     for (int had = 0; had < 2; had++) {
         float *gptq_weights = NULL;
