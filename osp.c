@@ -1293,10 +1293,10 @@ static double quantize_row_symmetric(float *out, const float *w, int n, int bits
     return err;
 }
 
-// Weight quantization of one output row with the clip search of the authors' release: try
-// p = 1 - i/100 for i = 0..79 and keep the p with the smallest Σ |ŵ - w|^2.4 (the first on
-// ties). row [n] is quantized in place; scratch holds n floats. Returns the chosen p.
-static float quantize_weight_row(float *row, int n, int bits, bool clip_search, float *scratch) {
+// The clip search of the authors' release for one weight row [n]: try p = 1 - i/100 for
+// i = 0..79 and keep the p with the smallest Σ |ŵ - w|^2.4 (the first on ties); 1 without the
+// search. scratch holds n floats.
+static float clip_ratio(const float *row, int n, int bits, bool clip_search, float *scratch) {
     float best_p = 1.0f;
     if (clip_search) {
         double best_err = INFINITY;
@@ -1306,8 +1306,15 @@ static float quantize_weight_row(float *row, int n, int bits, bool clip_search, 
             if (err < best_err) { best_err = err; best_p = p; }
         }
     }
-    quantize_row_symmetric(row, row, n, bits, best_p);
     return best_p;
+}
+
+// Weight quantization of one output row [n] in place, on the grid clip_ratio chooses; scratch
+// holds n floats. Returns the chosen p.
+static float quantize_weight_row(float *row, int n, int bits, bool clip_search, float *scratch) {
+    float p = clip_ratio(row, n, bits, clip_search, scratch);
+    quantize_row_symmetric(row, row, n, bits, p);
+    return p;
 }
 
 // Cholesky factorisation in place of a symmetric positive definite a [n, n]: a = L·Lᵀ with L
@@ -1382,19 +1389,21 @@ static bool gptq_quantize(float *w, int rows, int cols, double *h, int bits, boo
         for (int j = i; j < cols; j++) u[(size_t)i * cols + j] = inv[(size_t)j * cols + i];
     free(inv);
     float qmax = symmetric_qmax(bits);
-#pragma omp parallel for schedule(dynamic)
-    for (int r = 0; r < rows; r++) {
-        float *row = w + (size_t)r * cols;
-        float *scratch = xmalloc(sizeof(float) * 2 * (size_t)cols);
-        memcpy(scratch + cols, row, sizeof(float) * (size_t)cols);
-        float p = quantize_weight_row(scratch + cols, cols, bits, clip_search, scratch);
-        float scale = p * max_abs(row, cols) / qmax;   // RTN's step for this row
-        for (int i = 0; i < cols; i++) {
-            float q = round_to_grid(row[i], scale, qmax);
-            const double *u_i = u + (size_t)i * cols;
-            double err = (row[i] - q) / u_i[i];
-            row[i] = q;
-            for (int j = i + 1; j < cols; j++) row[j] -= (float)(err * u_i[j]);
+#pragma omp parallel
+    {
+        float *scratch = xmalloc(sizeof(float) * (size_t)cols);
+#pragma omp for schedule(dynamic)
+        for (int r = 0; r < rows; r++) {
+            float *row = w + (size_t)r * cols;
+            float p = clip_ratio(row, cols, bits, clip_search, scratch);
+            float scale = p * max_abs(row, cols) / qmax;   // RTN's step for this row
+            for (int i = 0; i < cols; i++) {
+                float q = round_to_grid(row[i], scale, qmax);
+                const double *u_i = u + (size_t)i * cols;
+                double err = (row[i] - q) / u_i[i];
+                row[i] = q;
+                for (int j = i + 1; j < cols; j++) row[j] -= (float)(err * u_i[j]);
+            }
         }
         free(scratch);
     }
