@@ -185,18 +185,28 @@ static bool read_lines(const char *path, char **buffer, char ***lines, int *n_li
     return true;
 }
 
-// Parses n numbers from *p, each after a comma, and advances *p; false if one is missing.
-// Parses ",<integer>" at *p into *out if it lies in [lo, hi]; advances *p.
-static bool parse_csv_int(char **p, long lo, long hi, long *out) {
+// Parses a decimal integer at *p (digits, optionally after '-') into *out if it lies in
+// [lo, hi]; advances *p. Nothing else (spaces, "1e3", "nan") is an integer.
+static bool parse_int_at(char **p, long lo, long hi, long *out) {
     char *next;
-    if (**p != ',' || !(isdigit((unsigned char)(*p)[1]) || (*p)[1] == '-')) return false;
+    if (!(isdigit((unsigned char)**p) || (**p == '-' && isdigit((unsigned char)(*p)[1])))) return false;
     errno = 0;
-    *out = strtol(*p + 1, &next, 10);
-    if (errno || next == *p + 1 || *out < lo || *out > hi) return false;
+    *out = strtol(*p, &next, 10);
+    if (errno || *out < lo || *out > hi) return false;
     *p = next;
     return true;
 }
 
+// Parses ",<integer>" at *p as parse_int_at does.
+static bool parse_csv_int(char **p, long lo, long hi, long *out) {
+    if (**p != ',') return false;
+    char *q = *p + 1;
+    if (!parse_int_at(&q, lo, hi, out)) return false;
+    *p = q;
+    return true;
+}
+
+// Parses n numbers from *p, each after a comma, and advances *p; false if one is missing.
 static bool parse_csv_numbers(char **p, double *out, int n) {
     for (int i = 0; i < n; i++) {
         char *next;
@@ -224,17 +234,19 @@ static bool atomic_open(AtomicFile *af, const char *path) {
 }
 
 static void atomic_write(AtomicFile *af, const void *data, size_t size) {
-    if (af->ok && size > 0 && fwrite(data, 1, size, af->f) != size) { af->ok = false; af->error = errno; }
+    if (af->ok && size > 0 && fwrite(data, 1, size, af->f) != size) {
+        af->ok = false;
+        af->error = errno ? errno : EIO;
+    }
 }
 
 static bool atomic_close(AtomicFile *af) {
-    bool ok = af->ok && !ferror(af->f) && fflush(af->f) == 0;
-    if (ok || !af->error) af->error = errno;
-    ok = (fclose(af->f) == 0) && ok;
-    if (!ok && !af->error) af->error = errno;
-    if (!ok) {
+    int err = af->ok ? 0 : af->error;   // the first failure's reason
+    if (!err && (ferror(af->f) || fflush(af->f) != 0)) err = errno ? errno : EIO;
+    if (fclose(af->f) != 0 && !err) err = errno ? errno : EIO;
+    if (err) {
         remove(af->tmp_path);
-        return fail("error writing '%s': %s", af->tmp_path, strerror(af->error ? af->error : EIO));
+        return fail("error writing '%s': %s", af->tmp_path, strerror(err));
     }
     if (rename(af->tmp_path, af->path) != 0) {
         remove(af->tmp_path);
@@ -1350,10 +1362,10 @@ static void inverse_from_cholesky(double *inv, const double *l, int n) {
     }
 #pragma omp parallel for schedule(dynamic)
     for (int i = 0; i < n; i++)
-        for (int j = 0; j < n; j++) {   // (YᵀY)[i][j]: Y[k][i] = 0 for k < i
+        for (int j = 0; j <= i; j++) {   // (YᵀY)[i][j] = [j][i]: Y[k][i] = 0 for k < i
             double v = 0.0;
-            for (int k = i > j ? i : j; k < n; k++) v += yt[(size_t)i * n + k] * yt[(size_t)j * n + k];
-            inv[(size_t)i * n + j] = v;
+            for (int k = i; k < n; k++) v += yt[(size_t)i * n + k] * yt[(size_t)j * n + k];
+            inv[(size_t)i * n + j] = inv[(size_t)j * n + i] = v;
         }
     free(yt);
 }
@@ -2265,29 +2277,27 @@ static const char *train_state_problem(const TrainState *s) {
 // The activations a checkpoint may ask for (values and gradients): beyond, loading refuses.
 #define ACTIVATIONS_MAX_BYTES 16e9
 
-// The name of the first tensor of block that holds NaN or Inf, or NULL. block is the
-// parameters (optimizer 0) or the optimizer state of optimizer - 1 (optimizer_layout).
-static const char *nonfinite_tensor(const Model *m, const float *block, int optimizer) {
+// The first tensor of the parameters, then of the optimizer state (layout of optimizer_layout;
+// state may be NULL), that holds NaN or Inf, named; NULL if all are finite.
+static const char *nonfinite_tensor(const Model *m, const float *params, const float *state, int optimizer) {
     static char name[64];
-    size_t offset[N_PARAM_TENSORS],
-            end = optimizer ? optimizer_layout(m, optimizer - 1, offset) : m->n_params;
-    for (int i = 0; i < N_PARAM_TENSORS; i++) {
-        size_t from = optimizer ? offset[i] : m->shape[i].offset;
-        size_t to = i + 1 < N_PARAM_TENSORS ? (optimizer ? offset[i + 1] : m->shape[i + 1].offset) : end;
-        for (size_t j = from; j < to; j++)
-            if (!isfinite(block[j])) {
-                snprintf(name, sizeof name, "%s%s", optimizer ? "the optimizer state of " : "",
-                         param_names[i]);
+    for (int i = 0; i < N_PARAM_TENSORS; i++)
+        for (size_t j = 0; j < param_size(m, i); j++)
+            if (!isfinite(params[m->shape[i].offset + j])) return param_names[i];
+    size_t offset[N_PARAM_TENSORS + 1];
+    offset[N_PARAM_TENSORS] = optimizer_layout(m, optimizer, offset);
+    for (int i = 0; state && i < N_PARAM_TENSORS; i++)
+        for (size_t j = offset[i]; j < offset[i + 1]; j++)
+            if (!isfinite(state[j])) {
+                snprintf(name, sizeof name, "the optimizer state of %s", param_names[i]);
                 return name;
             }
-    }
     return NULL;
 }
 
 // Writes a checkpoint; state (optimizer buffers) may be NULL, as for a merged model.
 static bool checkpoint_save(const char *path, const TrainState *s, const Model *m, const float *state) {
-    const char *bad = nonfinite_tensor(m, m->params, 0);
-    if (!bad && state) bad = nonfinite_tensor(m, state, s->opt.optimizer + 1);
+    const char *bad = nonfinite_tensor(m, m->params, state, s->opt.optimizer);
     if (bad) return fail("not writing '%s': %s holds NaN or Inf (a file already there is kept)", path, bad);
     AtomicFile af;
     if (!atomic_open(&af, path)) return false;
@@ -2379,8 +2389,7 @@ static bool checkpoint_load(const char *path, TrainState *s, Model *m, int max_b
     float *st = has_state ? xmalloc(sizeof(float) * n_state) : NULL;
     if (st) reader_get(&r, st, sizeof(float) * n_state);
     free(data);
-    const char *bad = nonfinite_tensor(m, m->params, 0);
-    if (!bad && st) bad = nonfinite_tensor(m, st, s->opt.optimizer + 1);
+    const char *bad = nonfinite_tensor(m, m->params, st, s->opt.optimizer);
     if (bad) {
         fail("'%s' holds NaN or Inf in %s", path, bad);
         free(st);
@@ -2579,13 +2588,14 @@ static const char *export_problem(const Model *m, const Tokenizer *t, ExportForm
                  m->cfg.vocab_size, t->vocab_size);
         return msg;
     }
+    const char *bad = nonfinite_tensor(m, m->params, NULL, OPTIMIZER_ADAM);
+    if (bad) {
+        snprintf(msg, sizeof msg, "parameter tensor %s holds NaN or Inf", bad);
+        return msg;
+    }
     for (int i = 0; i < N_PARAM_TENSORS; i++) {
         const float *p = m->params + m->shape[i].offset;
         for (size_t j = 0; j < param_size(m, i); j++) {
-            if (!isfinite(p[j])) {
-                snprintf(msg, sizeof msg, "parameter tensor %s holds NaN or Inf", param_names[i]);
-                return msg;
-            }
             if (format == EXPORT_GGUF_F16 && !is_norm_gain(i) && fabsf(p[j]) > F16_MAX) {
                 snprintf(msg, sizeof msg,
                          "%s holds %g, beyond float16's largest value %g: export without --f16",
@@ -3310,12 +3320,10 @@ static bool kurtosis_log_load(KurtosisLog *l, const char *path, int max_step) {
     bool ok = read_lines(path, &text, &lines, &n_lines);
     double *v = xmalloc(sizeof(double) * (size_t)(1 + kurtosis_log_cols(l)));   // tokens, then the values
     for (int i = 1; ok && i < n_lines; i++) {   // line 0: the header
-        char *p = lines[i], *next;
-        errno = 0;
-        long step = isdigit((unsigned char)*p) ? strtol(p, &next, 10) : -1;
-        p = next = step < 0 ? lines[i] : next;
-        if (next == lines[i] || errno || step > INT_MAX ||
-            !parse_csv_numbers(&p, v, 1 + kurtosis_log_cols(l)) || *p != '\0')
+        char *p = lines[i];
+        long step;
+        if (!parse_int_at(&p, 0, INT_MAX, &step) || !parse_csv_numbers(&p, v, 1 + kurtosis_log_cols(l)) ||
+            *p != '\0')
             ok = fail("'%s' line %d is not a row of %d kurtosis values", path, i + 1, l->n_states);
         else if (step <= max_step) kurtosis_log_add(l, (int)step, v[1], v[2], v[3], v + 4);
     }
@@ -4440,7 +4448,7 @@ static bool parse_eval_flag(Args *a, EvalArgs *e) {
     else if (!strcmp(f, "--calib-windows"))
         e->opt.calib_windows = (int)parse_int(f, flag_value(a), 1, 100000);
     else if (!strcmp(f, "--calib-seed"))
-        e->opt.calib_seed = (uint64_t)parse_int(f, flag_value(a), 0, INT_MAX);
+        e->opt.calib_seed = parse_u64(f, flag_value(a));
     else if (!strcmp(f, "--threads")) e->threads = (int)parse_int(f, flag_value(a), 0, 1024);
     else return false;
     return true;
