@@ -107,18 +107,18 @@ static unsigned char *read_file(const char *path, size_t *len) {
     }
     FILE *f = fopen(path, "rb");
     if (!f) { fail("cannot open '%s': %s", path, strerror(errno)); return NULL; }
-    size_t cap = 1 << 16, n = 0;
-    unsigned char *buf = xmalloc(cap);
-    size_t got;
-    while ((got = fread(buf + n, 1, cap - n, f)) > 0) {
-        n += got;
-        if (n == cap) buf = xrealloc(buf, cap *= 2);
-    }
-    bool err = ferror(f);
+    // exactly the file's size, so that a read past its end is the sanitizers' to see
+    size_t n = (size_t)st.st_size;
+    unsigned char *buf = xmalloc(n ? n : 1);
+    bool short_read = fread(buf, 1, n, f) != n, err = ferror(f);
     fclose(f);
-    if (err) { free(buf); fail("error reading '%s': %s", path, strerror(errno)); return NULL; }
+    if (short_read || err) {
+        free(buf);
+        fail("error reading '%s': %s", path, err ? strerror(errno) : "it changed while being read");
+        return NULL;
+    }
     *len = n;
-    return xrealloc(buf, n ? n : 1);   // exactly the file: a read past its end is the sanitizer's to see
+    return buf;
 }
 
 // path made absolute without following its last component: realpath of the directory, then
@@ -2931,15 +2931,17 @@ static void kurtosis_without_context(Model *m, const TokenData *val, int max_win
 
 // Both kurtosis reports of the first `windows` validation windows (0 = all), started and
 // finished here: `paper` with each token alone over the release's L + 1 states, `context` with
-// the windows whole over all L + 2. Returns the windows' mean loss.
+// the windows whole over all L + 2 (paper may be NULL). Returns the windows' mean loss.
 static float measure_hidden_states(Model *m, const TokenData *val, int windows, KurtosisReport *paper,
                                    KurtosisReport *context) {
-    kurtosis_init(paper, m->cfg.n_layers, m->cfg.dim, STATES_PAPER);
     kurtosis_init(context, m->cfg.n_layers, m->cfg.dim, STATES_ALL);
     float loss = evaluate_loss(m, val, windows, NULL, context);
-    kurtosis_without_context(m, val, windows, paper);
-    kurtosis_finish(paper);
     kurtosis_finish(context);
+    if (paper) {   // NULL: the in-context report only
+        kurtosis_init(paper, m->cfg.n_layers, m->cfg.dim, STATES_PAPER);
+        kurtosis_without_context(m, val, windows, paper);
+        kurtosis_finish(paper);
+    }
     return loss;
 }
 
@@ -3567,18 +3569,18 @@ typedef struct {
 
 // results.csv's columns after preset, seed and diverged_step: these, then a perplexity per row
 // of the 4-bit table without and then with Had. (quant_row_keys); and where each lives in a run.
-#define ABLATION_VALUES (8 + 2 * N_QUANT_ROWS)
-static const char *ablation_columns[8] = { "tokens_per_s",       "optimizer_state_bytes",
-                                           "val_windows",        "kurtosis",
-                                           "kurtosis_paper",     "top_channel_share",
-                                           "max_abs_activation", "fp_ppl" };
+#define ABLATION_SCALARS 8
+#define ABLATION_VALUES (ABLATION_SCALARS + 2 * N_QUANT_ROWS)
+static const char *ablation_columns[ABLATION_SCALARS] = {
+    "tokens_per_s", "optimizer_state_bytes", "val_windows", "kurtosis", "kurtosis_paper", "top_channel_share",
+    "max_abs_activation", "fp_ppl"};
 
 static void ablation_values(AblationRun *r, double **v) {
     double *fields[ABLATION_VALUES] = {&r->tokens_per_second, &r->state_bytes, &r->windows, &r->kurtosis,
                                        &r->kurtosis_paper, &r->top_channel, &r->max_abs, &r->fp_ppl};
     for (int q = 0; q < N_QUANT_ROWS; q++) {
-        fields[8 + q] = &r->quant_ppl[q][0];
-        fields[8 + N_QUANT_ROWS + q] = &r->quant_ppl[q][1];
+        fields[ABLATION_SCALARS + q] = &r->quant_ppl[q][0];
+        fields[ABLATION_SCALARS + N_QUANT_ROWS + q] = &r->quant_ppl[q][1];
     }
     memcpy(v, fields, sizeof fields);
 }
@@ -3586,13 +3588,11 @@ static void ablation_values(AblationRun *r, double **v) {
 // The first line of results.csv.
 static void ablation_header(char *buf, size_t size) {
     int n = snprintf(buf, size, "preset,seed,diverged_step");
-    for (int c = 0; c < ABLATION_VALUES; c++) {
-        int q = (c - 8) % N_QUANT_ROWS;
-        if (c < 8) n += snprintf(buf + n, size - (size_t)n, ",%s", ablation_columns[c]);
-        else
-            n += snprintf(buf + n, size - (size_t)n, ",%s_ppl%s", quant_row_keys[q].csv,
-                          c < 8 + N_QUANT_ROWS ? "" : "_had");
-    }
+    for (int c = 0; c < ABLATION_SCALARS; c++)
+        n += snprintf(buf + n, size - (size_t)n, ",%s", ablation_columns[c]);
+    for (int had = 0; had < 2; had++)
+        for (int q = 0; q < N_QUANT_ROWS; q++)
+            n += snprintf(buf + n, size - (size_t)n, ",%s_ppl%s", quant_row_keys[q].csv, had ? "_had" : "");
 }
 
 // results.csv: a header, then per run: preset, seed, diverged_step, then ABLATION_VALUES numbers.
@@ -3828,7 +3828,8 @@ static bool write_svg_channels(const char *path, const char *title, const Channe
         }
         fprintf(f, "<rect x=\"%.1f\" y=\"%d\" width=\"%d\" height=\"%d\" fill=\"none\" stroke=\"black\"/>\n",
                 left, CH_TOP, CH_FRAME_W, CH_FRAME_H);
-        for (int i = 0; i < c->dim; i += nice_step(c->dim, 4) > 1 ? (int)nice_step(c->dim, 4) : 1)
+        int tick = nice_step(c->dim, 4) > 1 ? (int)nice_step(c->dim, 4) : 1;
+        for (int i = 0; i < c->dim; i += tick)
             fprintf(f, "<text x=\"%.1f\" y=\"%d\" text-anchor=\"middle\" font-size=\"11\">%d</text>\n",
                     left + (i + 0.5) * bar_w, CH_TOP + CH_FRAME_H + 14, i);
         fprintf(f, "<text x=\"%.1f\" y=\"%d\" text-anchor=\"middle\">channel</text>\n",
@@ -4730,9 +4731,7 @@ static void plot_activations(const char *const *ckpts, int n, const EvalArgs *e,
         if (state >= s.cfg.n_layers + 2)
             die("--state %d: '%s' has hidden states 0..%d", state, ckpts[i], s.cfg.n_layers + 1);
         model_merge(&merged, &m, m.max_batch);
-        kurtosis_init(&reports[i], s.cfg.n_layers, s.cfg.dim, STATES_ALL);
-        evaluate_loss(&merged, val, e->opt.max_windows, NULL, &reports[i]);
-        kurtosis_finish(&reports[i]);
+        measure_hidden_states(&merged, val, e->opt.max_windows, NULL, &reports[i]);
         tokens = reports[i].tokens;
         if (state < 0)
             for (int k = state = 0; k < reports[i].n_states; k++)
@@ -4769,9 +4768,13 @@ static int cmd_plot_activations(int argc, char **argv) {
         else ckpts[n++] = f;
     }
     if (n == 0) die("no checkpoint given (see ./osp plot-activations --help)");
-    for (int i = 0; i < n; i++)
-        refuse_same_files(1, 3, (const char *[]){out, ckpts[i], e.val_path},
-                          (const char *[]){"--out", "a checkpoint", "--val"});
+    const char **paths = xmalloc(sizeof(char *) * (size_t)(n + 2));
+    const char **roles = xmalloc(sizeof(char *) * (size_t)(n + 2));
+    paths[0] = out, roles[0] = "--out";
+    paths[1] = e.val_path, roles[1] = "--val";
+    for (int i = 0; i < n; i++) paths[2 + i] = ckpts[i], roles[2 + i] = "a checkpoint";
+    refuse_same_files(1, n + 2, paths, roles);
+    free(paths); free(roles);
     set_num_threads(e.threads);
     TokenData val;
     if (!tokens_load(&val, e.val_path)) die("%s", osp_error);
