@@ -6,21 +6,27 @@ readable reference for "Outlier-Safe Pre-Training for Robust 4-Bit Quantization 
 Language Models" (Park et al., ACL 2025, arXiv:2506.19697). Adam-trained models grow activation
 outliers that break 4-bit quantization; OSP prevents them with three changes to training.
 
-Where the method lives, in reading order (grep -n "OSP:" osp.c walks through every line
-where OSP differs from a plain Llama trainer):
-  Single-Scale RMSNorm   rmsnorm_forward (gain_step 0: one gain for all channels), param_layout
+Part I is the method, top to bottom; Part II is the machinery (fast kernels, files, the
+command line). Part I, in reading order (grep -n "OSP:" osp.c walks through every line where
+OSP differs from a plain Llama trainer):
+  layers                 each op's forward then its backward: embedding, rmsnorm, the linear
+                         layer (matmul), RoPE, causal attention, SwiGLU, residual, cross-entropy
+  Single-Scale RMSNorm   rmsnorm_forward with gain step 0: one gain for all channels
+  quantizers             quantize_weight_row (RTN with clip search), quantize_asymmetric,
+                         hadamard_transform, FakeQuant
+  the model              Config, param_layout, Activations, model_init, model_forward,
+                         model_backward
   EmbProj                param_layout, model_init (P_in, P_out random orthogonal), model_forward
                          (x = P_in·e, logits = W_head·P_out·h), model_backward
-  Muon                   uses_muon (which tensors), newton_schulz, muon_update, optimizer_step
+  Muon                   uses_muon (which tensors), newton_schulz, muon_update, optimizer_step;
+                         adamw_update for the rest; lr_factor (the schedule), clip_grad_norm
   the ablation's presets presets[]: adam, muon-only, muon, muon-ssnorm, muon-embproj, osp
   merging                model_merge: EmbProj and SSNorm folded away, a plain Llama remains
-  measuring it           kurtosis_excess and KurtosisReport (excess kurtosis of the hidden
-                         states), evaluate_model (4-bit fake quantization: quantize_weight_row,
-                         quantize_asymmetric, the FFN Hadamard, GPTQ: gptq_quantize_model)
-
-Sections, top to bottom: utilities, tokenizer, data, layers (each forward followed by its
-backward), quantization, model, optimizers, presets, checkpoints, merging, export,
-evaluation, training, sampling, ablation results, plots, command line.
+  measuring outliers     kurtosis_excess, KurtosisReport (the paper's and the in-context report)
+  the 4-bit evaluation   evaluate_model: evaluate_loss under fake quantization, RTN rows
+                         (quantize_weights), the FFN Hadamard (rotate_ffn_down), GPTQ rows
+  the training step      train_step: a batch, model_forward, model_backward, clipping,
+                         optimizer_step
 
 Build: make            Test: make test            Train and sample: make run
 */
@@ -48,8 +54,16 @@ Build: make            Test: make test            Train and sample: make run
 #include <omp.h>
 #endif
 
+/* ############################################################################
+ * PART I: THE METHOD
+ *
+ * The model, its training and its measurement, top to bottom: utilities, the products taken
+ * from Part II, layers, quantizers, the model, the optimizers, the presets, merging, kurtosis
+ * and the 4-bit evaluation, the training step.
+ * ############################################################################ */
+
 /* ============================================================================
- * Utilities: errors, memory, files, random numbers, time
+ * Utilities: errors, memory, random numbers, a clock
  * ========================================================================== */
 
 // Fatal error: one line naming the problem, exit status 1.
@@ -92,6 +106,1570 @@ static void *xrealloc(void *p, size_t n) {
     if (!bigger) die("out of memory allocating %zu bytes", n);
     return bigger;
 }
+
+// splitmix64: a tiny, high-quality generator whose whole state is one uint64 (easy to save).
+static uint64_t rng_next(uint64_t *state) {
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// Uniform float in [0, 1).
+static float rng_uniform(uint64_t *state) {
+    return (float)(rng_next(state) >> 40) * (1.0f / 16777216.0f);
+}
+
+// Standard normal sample (Box-Muller).
+static float rng_normal(uint64_t *state) {
+    double u1 = ((double)(rng_next(state) >> 11) + 1.0) * (1.0 / 9007199254740993.0);
+    double u2 = (double)(rng_next(state) >> 11) * (1.0 / 9007199254740992.0);
+    return (float)(sqrt(-2.0 * log(u1)) * cos(2.0 * M_PI * u2));
+}
+
+// max(a, b) and min(a, b) for a that is not NaN (a NaN b gives a, as fmaxf and fminf do). Plain
+// comparisons inline in the hot loops, where fmaxf and fminf are calls into libm.
+static inline float max_float(float a, float b) { return b > a ? b : a; }
+static inline float min_float(float a, float b) { return b < a ? b : a; }
+
+static double now_seconds(void) {
+    struct timespec ts;
+    timespec_get(&ts, TIME_UTC);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+// out [cols, rows] = inᵀ, in [rows, cols].
+static void transpose(float *out, const float *in, int rows, int cols) {
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < cols; j++) out[(size_t)j * rows + i] = in[(size_t)i * cols + j];
+}
+
+/* ============================================================================
+ * What Part I takes from Part II
+ *
+ * The products, written there as fast kernels. Each computes exactly the sums its comment
+ * writes out, in float (the order of the additions aside); test_osp.c checks each against its
+ * plain loop. Matrices are row-major; where a row stride is given (a_row: floats from one row
+ * to the next), a matrix may be one head's columns of a [tokens, heads·head_dim] tensor.
+ * ========================================================================== */
+
+// out [N, OC] = x [N, C]·W [OC, C]ᵀ: out[n][o] = Σ_c x[n][c]·W[o][c] (matmul_reference).
+static void matmul(float *out, const float *x, const float *w, int N, int C, int OC);
+// dx [N, C] += dout [N, OC]·W and dW [OC, C] += doutᵀ·x: the backward of matmul.
+static void matmul_backward(float *dx, float *dw, const float *dout, const float *x, const float *w, int N,
+                            int C, int OC);
+// out[p] = x·W[p]ᵀ for n <= 8 weights W[p] [OC[p], C] that read the same x (Q, K, V; gate, up).
+static void matmuls_same_input(int n, float *const *out, const float *x, const float *const *w, int N, int C,
+                               const int *OC);
+// Their backward: dW[p] += dout[p]ᵀ·x for each p, and dx += dout[0]·W[0] + dout[1]·W[1] + ...
+static void matmuls_same_input_backward(int n, float *dx, float *const *dw, const float *const *dout,
+                                        const float *x, const float *const *w, int N, int C, const int *OC);
+
+// The products below run on the calling thread: their callers split the work over threads.
+// s [T, T] = a·bᵀ on and below the diagonal, for a, b [T, n]: s[t][u] = Σ_i a[t][i]·b[u][i] for
+// u <= t, and s[t][u] = 0 for u > t (up to where causal_mix reads; s is not written beyond).
+static void causal_scores(float *s, const float *a, size_t a_row, const float *b, size_t b_row, int T, int n);
+// out [T, n] = p·v for p [T, T] as causal_scores leaves it: out[t][i] = Σ_{u <= t} p[t][u]·v[u][i].
+static void causal_mix(float *out, size_t out_row, const float *p, const float *v, size_t v_row, int T,
+                       int n);
+// out [T, n] += p·v, for p as above.
+static void causal_mix_add(float *out, size_t out_row, const float *p, const float *v, size_t v_row, int T,
+                           int n);
+// out [T, n] += pᵀ·v, for p as above: out[u][i] += Σ_{t >= u} p[t][u]·v[t][i].
+static void causal_mix_transposed_add(float *out, size_t out_row, const float *p, const float *v,
+                                      size_t v_row, int T, int n);
+// g [r, r] = x·xᵀ for x [r, c]: g[i][j] = Σ_k x[i][k]·x[j][k].
+static void gram_matrix(float *g, const float *x, int r, int c);
+// out [M, N] = a [M, K]·b [K, N]: out[i][j] = Σ_k a[i][k]·b[k][j].
+static void matrix_product(float *out, const float *a, const float *b, int M, int K, int N);
+
+// A scratch buffer of `floats` floats for the calling thread, one per use, kept for the next call.
+enum { WORKSPACE_SCORES, WORKSPACE_MUON, WORKSPACE_PANEL, N_WORKSPACES };   // attention, Muon, the kernel
+static float *workspace(int which, size_t floats);
+
+// The 4-bit evaluation's two steps beyond round-to-nearest (Part II: GPTQ and the rotation).
+typedef struct Model Model;
+// GPTQ of every block matrix of m in place, calibrated on `windows` windows calib [windows, seq_len].
+static void gptq_quantize_model(Model *m, const int *calib, int windows, int bits, bool clip_search,
+                                bool ffn_hadamard);
+// QuaRot's rotation of the residual stream by a random-sign Hadamard: the same function, new weights.
+static void rotate_residual(Model *m, uint64_t seed);
+
+/* ============================================================================
+ * Layers. Each forward is followed by its backward. Conventions:
+ * - N = B*T rows (tokens); matrices are [out][in] row-major, as PyTorch stores them.
+ * - Forward functions write their outputs; backward functions ADD into the gradients of their
+ *   inputs (a tensor used twice receives both contributions), so gradients start zeroed.
+ * - Parallel loops split over outputs, and every sum runs in a fixed order, so results are
+ *   bit-identical for any thread count. Loops hand out their work in chunks as threads come
+ *   free (schedule(dynamic)): a thread whose core the OS shares with another program then takes
+ *   fewer chunks, instead of every loop's end waiting for its fixed share.
+ * ========================================================================== */
+
+#define RMSNORM_EPS 1e-5f
+#define ROPE_THETA 10000.0f
+
+// Dot product of two length-n vectors (the compiler vectorizes the reduction).
+static inline float dot(const float *a, const float *b, int n) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int i = 0; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+// Embedding lookup: out[n,:] = table[tokens[n],:]. out [N,d], table [V,d].
+static void embedding_forward(float *out, const int *tokens, const float *table, int N, int d) {
+    for (int n = 0; n < N; n++)
+        memcpy(out + (size_t)n * d, table + (size_t)tokens[n] * d, sizeof(float) * (size_t)d);
+}
+
+// dtable[tokens[n],:] += dout[n,:]. Serial: two rows may share a token.
+static void embedding_backward(float *dtable, const float *dout, const int *tokens, int N, int d) {
+    for (int n = 0; n < N; n++) {
+        float *row = dtable + (size_t)tokens[n] * d;
+        const float *g = dout + (size_t)n * d;
+        for (int i = 0; i < d; i++) row[i] += g[i];
+    }
+}
+
+// RMSNorm: out = gain * x / sqrt(mean(x^2) + eps). inp, out [N,d]; rstd [N] saved.
+// gain_step 1: a gain per channel, gain [d] (Llama). gain_step 0: one scalar gain [1] for all
+// channels, so no channel can be singled out by its own scale. OSP: Single-Scale RMSNorm.
+static void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *gain, int gain_step,
+                            int N, int d) {
+#pragma omp parallel for schedule(dynamic, 16)
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * d;
+        float r = 1.0f / sqrtf(dot(x, x, d) / (float)d + RMSNORM_EPS);
+        rstd[n] = r;
+        float *y = out + (size_t)n * d;
+        for (int i = 0; i < d; i++) y[i] = gain[i * gain_step] * x[i] * r;
+    }
+}
+
+// dx = r*(g*dy) - r^3/d * x * sum(g*dy*x);  dgain += sum over rows (and, for the single
+// scale, over channels) of dy * x * r.
+static void rmsnorm_backward(float *dinp, float *dgain, const float *dout, const float *inp,
+                             const float *gain, int gain_step, const float *rstd, int N, int d) {
+#pragma omp parallel for schedule(dynamic, 16)
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * d, *dy = dout + (size_t)n * d;
+        float r = rstd[n], proj = 0.0f;
+        for (int i = 0; i < d; i++) proj += gain[i * gain_step] * dy[i] * x[i];
+        float c = proj * r * r * r / (float)d;
+        float *dx = dinp + (size_t)n * d;
+        for (int i = 0; i < d; i++) dx[i] += r * gain[i * gain_step] * dy[i] - c * x[i];
+    }
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * d, *dy = dout + (size_t)n * d;
+        float r = rstd[n];
+        for (int i = 0; i < d; i++) dgain[i * gain_step] += dy[i] * x[i] * r;
+    }
+}
+
+// Linear layer: out [N, OC] = x [N, C]·Wᵀ for W [OC, C]; backward dx += dout·W, dW += doutᵀ·x.
+// These plain loops say what the model computes; it calls matmul and matmul_backward, Part II's
+// fast kernels for the same sums, which test_osp.c checks against these loops. (Not static, so
+// that a build without the tests does not warn that nothing calls them.)
+void matmul_reference(float *out, const float *x, const float *w, int N, int C, int OC);
+void matmul_reference(float *out, const float *x, const float *w, int N, int C, int OC) {
+    for (int n = 0; n < N; n++)
+        for (int o = 0; o < OC; o++) out[(size_t)n * OC + o] = dot(x + (size_t)n * C, w + (size_t)o * C, C);
+}
+
+void matmul_backward_reference(float *dx, float *dw, const float *dout, const float *x, const float *w,
+                               int N, int C, int OC);
+void matmul_backward_reference(float *dx, float *dw, const float *dout, const float *x, const float *w,
+                               int N, int C, int OC) {
+    for (int n = 0; n < N; n++)
+        for (int o = 0; o < OC; o++)
+            for (int c = 0; c < C; c++) {
+                dx[(size_t)n * C + c] += dout[(size_t)n * OC + o] * w[(size_t)o * C + c];
+                dw[(size_t)o * C + c] += dout[(size_t)n * OC + o] * x[(size_t)n * C + c];
+            }
+}
+
+// Rotary position embedding tables: cos/sin [T_max, head_dim/2] of pos * theta^(-2i/head_dim).
+static void rope_tables(float *cos_table, float *sin_table, int T_max, int head_dim) {
+    int half = head_dim / 2;
+    for (int t = 0; t < T_max; t++)
+        for (int i = 0; i < half; i++) {
+            double angle = t * pow(ROPE_THETA, -2.0 * i / head_dim);
+            cos_table[t * half + i] = (float)cos(angle);
+            sin_table[t * half + i] = (float)sin(angle);
+        }
+}
+
+// RoPE in place on q [B,T,H,head_dim] and k [B,T,KVH,head_dim] (k may be NULL with KVH = 0),
+// in one pass: rotates ADJACENT pairs (2i, 2i+1) of each head by angle t * theta^(-2i/head_dim)
+// (the Meta / llama2.c layout). sign = +1 applies the rotation; sign = -1 applies its inverse,
+// which is exactly the backward pass, because the rotation is orthogonal: dx = Rᵀ dy.
+static void rope_rotate(float *q, float *k, const float *cos_table, const float *sin_table, int B, int T,
+                        int H, int KVH, int head_dim, float sign) {
+    int half = head_dim / 2;
+#pragma omp parallel for collapse(2) schedule(dynamic, 16)
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++)
+            for (int h = 0; h < H + KVH; h++) {
+                size_t row = (size_t)b * T + t;
+                float *v = h < H ? q + (row * H + h) * head_dim : k + (row * KVH + h - H) * head_dim;
+                for (int i = 0; i < half; i++) {
+                    float c = cos_table[t * half + i], s = sign * sin_table[t * half + i];
+                    float x0 = v[2 * i], x1 = v[2 * i + 1];
+                    v[2 * i] = x0 * c - x1 * s;
+                    v[2 * i + 1] = x0 * s + x1 * c;
+                }
+            }
+}
+
+static void rope_forward(float *q, float *k, const float *cos_table, const float *sin_table,
+                         int B, int T, int H, int KVH, int head_dim) {
+    rope_rotate(q, k, cos_table, sin_table, B, T, H, KVH, head_dim, 1.0f);
+}
+
+// In place on dq and dk, unlike the other backwards (which add): when it runs they hold exactly
+// the gradient of the rotated q and k, from attention alone.
+static void rope_backward(float *dq, float *dk, const float *cos_table, const float *sin_table,
+                          int B, int T, int H, int KVH, int head_dim) {
+    rope_rotate(dq, dk, cos_table, sin_table, B, T, H, KVH, head_dim, -1.0f);
+}
+
+// Offset of head `head`'s first row in batch b of a [B, T, row] tensor of heads of hd values.
+static size_t head_offset(int b, int T, size_t row, int head, int hd) {
+    return (size_t)b * T * row + (size_t)head * hd;
+}
+
+// Causal attention with grouped KV heads: query head h reads KV head h / (H / KVH).
+// q [B,T,H,hd], k and v [B,T,KVH,hd], out [B,T,H,hd], att [B,H,T,T] softmax probabilities
+// (zero right of the diagonal as far as causal_mix reads; unused values beyond).
+// Per (b, h), on one thread: scores S = Q·Kᵀ, each row t becomes P[t] = softmax(scale·S[t][0..t]),
+// then out = P·V.
+static void attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
+                              int B, int T, int H, int KVH, int hd) {
+    float scale = 1.0f / sqrtf((float)hd);
+    int group = H / KVH;
+    size_t q_row = (size_t)H * hd, kv_row = (size_t)KVH * hd;
+#pragma omp parallel for collapse(2) schedule(dynamic)
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++) {
+            size_t qo = head_offset(b, T, q_row, h, hd), kvo = head_offset(b, T, kv_row, h / group, hd);
+            float *p = att + ((size_t)b * H + h) * T * T;
+            causal_scores(p, q + qo, q_row, k + kvo, kv_row, T, hd);   // p[t][u] = q[t]·k[u], u <= t
+            for (int t = 0; t < T; t++) {
+                float *row = p + (size_t)t * T, maxval = -FLT_MAX, sum = 0.0f;
+                for (int u = 0; u <= t; u++) { row[u] *= scale; maxval = max_float(maxval, row[u]); }
+                for (int u = 0; u <= t; u++) { row[u] = expf(row[u] - maxval); sum += row[u]; }
+                float inv = 1.0f / sum;
+                for (int u = 0; u <= t; u++) row[u] *= inv;
+            }
+            causal_mix(out + qo, q_row, p, v + kvo, kv_row, T, hd);   // out[t] = Σ_{u <= t} p[t][u]·v[u]
+        }
+}
+
+// Backward of attention. With s = scaled scores and p = softmax(s), for each row t:
+// dv[u] += p[u]·dout;  dp[u] = dout·v[u];  ds[u] = p[u]·(dp[u] - Σ p·dp), and
+// Σ p·dp = dout·out (since out = Σ p·v), so no scratch row is needed.
+// dq += scale·Σ ds·k;  dk[u] += scale·ds[u]·q. As matrices, per (b, h): dP = dO·Vᵀ (lower
+// triangle), dS from it row by row, dQ += dS·K, dK += dSᵀ·Q, dV += Pᵀ·dO. Parallel over
+// (b, KV head), each KV head's query heads in order, so dk and dv rows have one writer.
+static void attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                               const float *att, const float *q, const float *k, const float *v,
+                               int B, int T, int H, int KVH, int hd) {
+    float scale = 1.0f / sqrtf((float)hd);
+    int group = H / KVH;
+    size_t q_row = (size_t)H * hd, kv_row = (size_t)KVH * hd;
+#pragma omp parallel for collapse(2) schedule(dynamic)
+    for (int b = 0; b < B; b++)
+        for (int kh = 0; kh < KVH; kh++) {
+            size_t kvo = head_offset(b, T, kv_row, kh, hd);
+            float *ds = workspace(WORKSPACE_SCORES, (size_t)T * T);
+            for (int h = kh * group; h < (kh + 1) * group; h++) {
+                size_t qo = head_offset(b, T, q_row, h, hd);
+                const float *p = att + ((size_t)b * H + h) * T * T;
+                causal_scores(ds, dout + qo, q_row, v + kvo, kv_row, T, hd);   // dP = dO·Vᵀ
+                for (int t = 0; t < T; t++) {                                  // dS, in place
+                    const float *pt = p + (size_t)t * T;
+                    float *dst = ds + (size_t)t * T;
+                    float p_dot_dp = dot(dout + qo + t * q_row, out + qo + t * q_row, hd);
+                    for (int u = 0; u <= t; u++) dst[u] = pt[u] * (dst[u] - p_dot_dp) * scale;
+                }
+                causal_mix_add(dq + qo, q_row, ds, k + kvo, kv_row, T, hd);              // dQ += dS·K
+                causal_mix_transposed_add(dk + kvo, kv_row, ds, q + qo, q_row, T, hd);   // dK += dSᵀ·Q
+                causal_mix_transposed_add(dv + kvo, kv_row, p, dout + qo, q_row, T, hd); // dV += Pᵀ·dO
+            }
+        }
+}
+
+// SwiGLU: out = silu(gate) * up, silu(x) = x * sigmoid(x). All [n].
+static void swiglu_forward(float *out, const float *gate, const float *up, size_t n) {
+#pragma omp parallel for schedule(dynamic, 8192)
+    for (size_t i = 0; i < n; i++) {
+        float g = gate[i];
+        out[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+// dgate += dout·up·silu'(gate), silu'(x) = s(x)·(1 + x·(1 - s(x)));  dup += dout·silu(gate).
+static void swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
+                            size_t n) {
+#pragma omp parallel for schedule(dynamic, 8192)
+    for (size_t i = 0; i < n; i++) {
+        float g = gate[i], s = 1.0f / (1.0f + expf(-g));
+        dgate[i] += dout[i] * up[i] * s * (1.0f + g * (1.0f - s));
+        dup[i] += dout[i] * g * s;
+    }
+}
+
+// Residual connection: out = a + b. All [n].
+static void residual_forward(float *out, const float *a, const float *b, size_t n) {
+#pragma omp parallel for schedule(dynamic, 8192)
+    for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
+}
+
+// da += dout; db += dout.
+static void residual_backward(float *da, float *db, const float *dout, size_t n) {
+#pragma omp parallel for schedule(dynamic, 8192)
+    for (size_t i = 0; i < n; i++) { da[i] += dout[i]; db[i] += dout[i]; }
+}
+
+// Softmax cross-entropy: probs [N,V] = softmax(logits), losses [N] = -log probs[target].
+static void crossentropy_forward(float *losses, float *probs, const float *logits, const int *targets, int N,
+                                 int V) {
+#pragma omp parallel for schedule(dynamic, 16)
+    for (int n = 0; n < N; n++) {
+        const float *z = logits + (size_t)n * V;
+        float *p = probs + (size_t)n * V;
+        float maxval = -FLT_MAX;
+        for (int i = 0; i < V; i++) if (z[i] > maxval) maxval = z[i];
+        double sum = 0.0;
+        for (int i = 0; i < V; i++) { p[i] = expf(z[i] - maxval); sum += p[i]; }
+        float inv = (float)(1.0 / sum);
+        for (int i = 0; i < V; i++) p[i] *= inv;
+        losses[n] = (float)(log(sum) + maxval - z[targets[n]]);
+    }
+}
+
+// dlogits += dlosses[n] * (probs - onehot(target)).
+static void crossentropy_backward(float *dlogits, const float *dlosses, const float *probs,
+                                  const int *targets, int N, int V) {
+#pragma omp parallel for schedule(dynamic, 16)
+    for (int n = 0; n < N; n++) {
+        const float *p = probs + (size_t)n * V;
+        float *dz = dlogits + (size_t)n * V;
+        for (int i = 0; i < V; i++) dz[i] += dlosses[n] * (p[i] - (i == targets[n] ? 1.0f : 0.0f));
+    }
+}
+
+/* ============================================================================
+ * Quantization primitives (evaluation only): RTN fake quantizers and the Walsh-Hadamard
+ * transform, as the paper evaluates. "Fake" quantization rounds a tensor to the values a
+ * b-bit integer grid can represent and keeps computing in float, which measures exactly the
+ * damage of quantization. Rounding is to nearest, ties to even (rintf), as torch.round does.
+ * ========================================================================== */
+
+#define QUANT_OFF 16   // bits >= 16 means full precision
+
+// The symmetric b-bit grid of a weight row: qmax = 2^(bits-1) - 1 steps of s on each side.
+static float symmetric_qmax(int bits) { return (float)((1 << (bits - 1)) - 1); }
+
+// w rounded to the grid of step s: clamp(round(w/s), -qmax-1, qmax)·s (w itself if s is 0).
+static float round_to_grid(float w, float scale, float qmax) {
+    return scale > 0.0f ? min_float(qmax, max_float(-qmax - 1.0f, rintf(w / scale))) * scale : w;
+}
+
+static float max_abs(const float *w, int n) {
+    float m = 0.0f;
+    for (int i = 0; i < n; i++) m = max_float(m, fabsf(w[i]));
+    return m;
+}
+
+// Symmetric RTN of one weight row w [n] with clip ratio p: s = p·max|w| / qmax, each value
+// rounded to that grid. Writes out [n] (may be w); returns Σ |ŵ - w|^2.4, the error the clip
+// search minimises.
+static double quantize_row_symmetric(float *out, const float *w, int n, int bits, float p) {
+    float qmax = symmetric_qmax(bits);
+    float scale = p * max_abs(w, n) / qmax;
+    double err = 0.0;
+    for (int i = 0; i < n; i++) {
+        float q = round_to_grid(w[i], scale, qmax);
+        err += pow(fabs((double)q - w[i]), 2.4);
+        out[i] = q;
+    }
+    return err;
+}
+
+// The clip search of the authors' release for one weight row [n]: try p = 1 - i/100 for
+// i = 0..79 and keep the p with the smallest Σ |ŵ - w|^2.4 (the first on ties); 1 without the
+// search. scratch holds n floats.
+static float clip_ratio(const float *row, int n, int bits, bool clip_search, float *scratch) {
+    float best_p = 1.0f;
+    if (clip_search) {
+        double best_err = INFINITY;
+        for (int i = 0; i < 80; i++) {
+            float p = 1.0f - (float)i / 100.0f;
+            double err = quantize_row_symmetric(scratch, row, n, bits, p);
+            if (err < best_err) { best_err = err; best_p = p; }
+        }
+    }
+    return best_p;
+}
+
+// Weight quantization of one output row [n] in place, on the grid clip_ratio chooses; scratch
+// holds n floats. Returns the chosen p.
+static float quantize_weight_row(float *row, int n, int bits, bool clip_search, float *scratch) {
+    float p = clip_ratio(row, n, bits, clip_search, scratch);
+    quantize_row_symmetric(row, row, n, bits, p);
+    return p;
+}
+
+// Asymmetric RTN in place over each group of `group` consecutive values of x [n]:
+// xmax = max(max x, 0), xmin = min(min x, 0), s = (xmax - xmin) / (2^bits - 1),
+// z = round(-xmin / s), q = clamp(round(x/s) + z, 0, 2^bits - 1), x̂ = (q - z)·s.
+// Zero is always on the grid, so zeros stay exactly zero. At QUANT_OFF bits, x is left as it is.
+static void quantize_asymmetric(float *x, size_t n, int group, int bits) {
+    if (bits >= QUANT_OFF) return;
+    float levels = (float)((1 << bits) - 1);
+    size_t groups = n / (size_t)group;
+#pragma omp parallel for schedule(static)
+    for (size_t g = 0; g < groups; g++) {
+        float *v = x + g * (size_t)group;
+        float xmax = 0.0f, xmin = 0.0f;
+        for (int i = 0; i < group; i++) { xmax = max_float(xmax, v[i]); xmin = min_float(xmin, v[i]); }
+        float scale = (xmax - xmin) / levels;
+        if (scale == 0.0f) continue;   // all zeros
+        float zero = rintf(-xmin / scale);
+        for (int i = 0; i < group; i++)
+            v[i] = (min_float(levels, max_float(0.0f, rintf(v[i] / scale) + zero)) - zero) * scale;
+    }
+}
+
+// Normalised Walsh-Hadamard transform in place of each of the `rows` vectors x [rows, n]
+// (n a power of two): x = H·x with H = H_n / sqrt(n), H_n the Sylvester Hadamard matrix
+// (H_1 = [1], H_2k = [[H_k, H_k], [H_k, -H_k]]). H is symmetric and orthogonal: H·Hᵀ = I.
+// The fast butterfly takes n·log2(n) additions; hadamard_matrix below is the plain reference.
+static void hadamard_transform(float *x, size_t rows, int n) {
+    float norm = 1.0f / sqrtf((float)n);
+#pragma omp parallel for schedule(static)
+    for (size_t r = 0; r < rows; r++) {
+        float *v = x + r * (size_t)n;
+        for (int len = 1; len < n; len <<= 1)
+            for (int i = 0; i < n; i += 2 * len)
+                for (int j = i; j < i + len; j++) {
+                    float a = v[j], b = v[j + len];
+                    v[j] = a + b;
+                    v[j + len] = a - b;
+                }
+        for (int i = 0; i < n; i++) v[i] *= norm;
+    }
+}
+
+// The normalised Hadamard matrix h [n, n] written out: H[i][j] = (-1)^popcount(i & j) / sqrt(n).
+// The plain reference for hadamard_transform (test_osp.c compares the two); not static, so
+// that a build without the tests does not warn that nothing calls it.
+void hadamard_matrix(float *h, int n);
+void hadamard_matrix(float *h, int n) {
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < n; j++) {
+            int bits = i & j, parity = 0;
+            while (bits) { parity ^= bits & 1; bits >>= 1; }
+            h[(size_t)i * n + j] = (parity ? -1.0f : 1.0f) / sqrtf((float)n);
+        }
+}
+
+static bool is_power_of_two(int n) { return n > 0 && (n & (n - 1)) == 0; }
+
+// The fake quantization of the activations inside the forward pass (the weights are quantized
+// offline, before it). QUANT_OFF bits = full precision.
+typedef struct {
+    int abits;           // inputs of every block matrix, per token (the Wo input per head)
+    int kvbits;          // K after RoPE and V, per (token, head); Q and K get a head_dim Hadamard first
+    bool ffn_hadamard;   // rotate the W2 input online, h -> H·h (W2 was rotated to W2·Hᵀ)
+} FakeQuant;
+static const FakeQuant NO_FAKE_QUANT = {QUANT_OFF, QUANT_OFF, false};
+
+/* ============================================================================
+ * Model: configuration, parameters and activations (each one contiguous block)
+ * ========================================================================== */
+
+typedef struct {
+    int vocab_size;  // V
+    int dim;         // d, the residual stream width
+    int n_layers;    // L
+    int n_heads;     // H query heads
+    int n_kv_heads;  // KVH key/value heads (divides H)
+    int ffn_dim;     // f, SwiGLU hidden width
+    int seq_len;     // T_max, context length
+    int ssnorm;      // 1: Single-Scale RMSNorm, one scalar gain per norm (OSP); 0: a gain per channel
+    int embproj;     // 1: learnable d x d projections P_in after the embedding, P_out before the head (OSP)
+} Config;
+
+// Parameter tensors, in storage order. Per-layer tensors hold all L layers back to back.
+// Without EmbProj, embproj_in and embproj_out hold nothing (count 0).
+enum {
+    PARAM_EMBED,
+    PARAM_EMBPROJ_IN,
+    PARAM_ATTN_NORM,
+    PARAM_ATTN_Q,
+    PARAM_ATTN_K,
+    PARAM_ATTN_V,
+    PARAM_ATTN_OUT,
+    PARAM_FFN_NORM,
+    PARAM_FFN_GATE,
+    PARAM_FFN_UP,
+    PARAM_FFN_DOWN,
+    PARAM_FINAL_NORM,
+    PARAM_EMBPROJ_OUT,
+    PARAM_HEAD,
+    N_PARAM_TENSORS
+};
+static const char *param_names[N_PARAM_TENSORS] = {
+    "embed", "embproj_in", "attn_norm", "attn_q", "attn_k", "attn_v", "attn_out",
+    "ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "final_norm", "embproj_out", "head",
+};
+
+// One parameter tensor: `count` matrices of rows x cols (count = L for per-layer tensors;
+// a norm gain has rows = 1, and cols = 1 under SSNorm).
+typedef struct { int count, rows, cols; size_t offset; } ParamShape;
+
+// Activations of one forward pass, all views into one block, laid out for the current B x T
+// tokens (activation_layout) inside the block allocated for max_batch x seq_len. N = B·T.
+typedef struct {
+    float *embed;       // [N, d]         embedding rows, input of P_in (EmbProj only)
+    float *x;           // [L+1, N, d] residual stream entering block l; x[L] leaves the last block
+    float *attn_norm;   // [L, N, d]
+    float *attn_rstd;   // [L, N]
+    float *q;           // [L, N, d]      after RoPE
+    float *k;           // [L, N, kv_dim] after RoPE
+    float *v;           // [L, N, kv_dim]
+    float *att;         // [L, B, H, T, T] attention probabilities
+    float *attn_out;    // [L, N, d]      attention output, input of Wo
+    float *attn_proj;   // [L, N, d]      Wo · attn_out
+    float *x_mid;       // [L, N, d]      residual stream after attention
+    float *ffn_norm;    // [L, N, d]
+    float *ffn_rstd;    // [L, N]
+    float *ffn_gate;    // [L, N, f]      W1 · n
+    float *ffn_up;      // [L, N, f]      W3 · n
+    float *ffn_hidden;  // [L, N, f]      silu(gate) * up, input of W2
+    float *ffn_proj;    // [L, N, d]      W2 · hidden
+    float *final_norm;  // [N, d]
+    float *final_rstd;  // [N]
+    float *final_proj;  // [N, d]         P_out · final_norm, input of the head (EmbProj only)
+    float *logits;      // [N, V]
+    float *probs;       // [N, V]
+    float *losses;      // [N]
+} Activations;
+
+struct Model {   // (typedef Model: in the prototypes above)
+    Config cfg;
+    ParamShape shape[N_PARAM_TENSORS];
+    size_t n_params;
+    float *params;                       // all parameters, one block
+    float *grads;                        // same layout as params
+    int max_batch;                       // activations are allocated for [max_batch, seq_len]
+    size_t act_floats;
+    float *act_block, *dact_block;
+    Activations act, dact;               // values and their gradients, same layout
+    float *rope_cos, *rope_sin;          // [seq_len, head_dim/2]
+    int *inputs, *targets;               // [max_batch, seq_len]
+    int B, T;                            // shape of the last forward pass
+};
+
+static int head_dim(const Config *c) { return c->dim / c->n_heads; }
+static int kv_dim(const Config *c) { return c->n_kv_heads * head_dim(c); }
+
+// Fills the parameter shapes and offsets for a config; returns the total parameter count.
+static size_t param_layout(ParamShape *shape, const Config *c) {
+    int L = c->n_layers, d = c->dim, f = c->ffn_dim, kvd = kv_dim(c);
+    int gain = c->ssnorm ? 1 : d, proj = c->embproj ? 1 : 0;   // OSP: one gain per norm; P_in, P_out
+    ParamShape s[N_PARAM_TENSORS] = {
+        [PARAM_EMBED] = {1, c->vocab_size, d, 0},
+        [PARAM_EMBPROJ_IN] = {proj, d, d, 0},
+        [PARAM_ATTN_NORM] = {L, 1, gain, 0},
+        [PARAM_ATTN_Q] = {L, d, d, 0},
+        [PARAM_ATTN_K] = {L, kvd, d, 0},
+        [PARAM_ATTN_V] = {L, kvd, d, 0},
+        [PARAM_ATTN_OUT] = {L, d, d, 0},
+        [PARAM_FFN_NORM] = {L, 1, gain, 0},
+        [PARAM_FFN_GATE] = {L, f, d, 0},
+        [PARAM_FFN_UP] = {L, f, d, 0},
+        [PARAM_FFN_DOWN] = {L, d, f, 0},
+        [PARAM_FINAL_NORM] = {1, 1, gain, 0},
+        [PARAM_EMBPROJ_OUT] = {proj, d, d, 0},
+        [PARAM_HEAD] = {1, c->vocab_size, d, 0},
+    };
+    size_t offset = 0;
+    for (int i = 0; i < N_PARAM_TENSORS; i++) {
+        s[i].offset = offset;
+        offset += (size_t)s[i].count * s[i].rows * s[i].cols;
+        shape[i] = s[i];
+    }
+    return offset;
+}
+
+static size_t param_size(const Model *m, int i) {
+    return (size_t)m->shape[i].count * m->shape[i].rows * m->shape[i].cols;
+}
+
+static bool is_norm_gain(int i) {
+    return i == PARAM_ATTN_NORM || i == PARAM_FFN_NORM || i == PARAM_FINAL_NORM;
+}
+
+// Pointer to layer `layer` of parameter tensor i inside block (params or grads).
+static float *param_at(const Model *m, float *block, int i, int layer) {
+    return block + m->shape[i].offset + (size_t)layer * m->shape[i].rows * m->shape[i].cols;
+}
+
+// Lays out the activation views over block (NULL: sizes only) for batch B and context T, one
+// tensor after the other; returns the float count.
+static size_t activation_layout(Activations *a, float *block, const Config *c, int B, int T) {
+    size_t N = (size_t)B * T, L = (size_t)c->n_layers, d = (size_t)c->dim, f = (size_t)c->ffn_dim;
+    size_t kvd = (size_t)kv_dim(c), V = (size_t)c->vocab_size, H = (size_t)c->n_heads;
+    size_t proj = c->embproj ? N * d : 0;
+    const struct { float **view; size_t size; } tensors[] = {
+        {&a->embed, proj},
+        {&a->x, (L + 1) * N * d},
+        {&a->attn_norm, L * N * d},
+        {&a->attn_rstd, L * N},
+        {&a->q, L * N * d},
+        {&a->k, L * N * kvd},
+        {&a->v, L * N * kvd},
+        {&a->att, L * B * H * T * T},
+        {&a->attn_out, L * N * d},
+        {&a->attn_proj, L * N * d},
+        {&a->x_mid, L * N * d},
+        {&a->ffn_norm, L * N * d},
+        {&a->ffn_rstd, L * N},
+        {&a->ffn_gate, L * N * f},
+        {&a->ffn_up, L * N * f},
+        {&a->ffn_hidden, L * N * f},
+        {&a->ffn_proj, L * N * d},
+        {&a->final_norm, N * d},
+        {&a->final_rstd, N},
+        {&a->final_proj, proj},
+        {&a->logits, N * V},
+        {&a->probs, N * V},
+        {&a->losses, N},
+    };
+    size_t total = 0;
+    for (size_t i = 0; i < sizeof tensors / sizeof tensors[0]; i++) {
+        *tensors[i].view = block ? block + total : NULL;
+        total += tensors[i].size;
+    }
+    return total;
+}
+
+static void model_alloc(Model *m, const Config *c, int max_batch) {
+    memset(m, 0, sizeof *m);
+    m->cfg = *c;
+    m->n_params = param_layout(m->shape, c);
+    m->params = xcalloc(m->n_params, sizeof(float));
+    m->grads = xcalloc(m->n_params, sizeof(float));
+    m->max_batch = max_batch;
+    m->act_floats = activation_layout(&m->act, NULL, c, max_batch, c->seq_len);
+    m->act_block = xcalloc(m->act_floats, sizeof(float));
+    m->dact_block = xcalloc(m->act_floats, sizeof(float));
+    int half = head_dim(c) / 2;
+    m->rope_cos = xmalloc(sizeof(float) * (size_t)c->seq_len * half);
+    m->rope_sin = xmalloc(sizeof(float) * (size_t)c->seq_len * half);
+    rope_tables(m->rope_cos, m->rope_sin, c->seq_len, head_dim(c));
+    m->inputs = xcalloc((size_t)max_batch * c->seq_len, sizeof(int));
+    m->targets = xcalloc((size_t)max_batch * c->seq_len, sizeof(int));
+}
+
+static void model_free(Model *m) {
+    free(m->params); free(m->grads); free(m->act_block); free(m->dact_block);
+    free(m->rope_cos); free(m->rope_sin); free(m->inputs); free(m->targets);
+    memset(m, 0, sizeof *m);
+}
+
+// Random orthogonal d x d matrix: Gram-Schmidt (modified, in double) on the rows of a
+// Gaussian matrix.
+static void random_orthogonal(float *q, int d, uint64_t *rng) {
+    double *a = xmalloc(sizeof(double) * (size_t)d * d);
+    for (size_t i = 0; i < (size_t)d * d; i++) a[i] = rng_normal(rng);
+    for (int i = 0; i < d; i++) {
+        double *row = a + (size_t)i * d;
+        for (int j = 0; j < i; j++) {
+            const double *prev = a + (size_t)j * d;
+            double proj = 0.0;
+            for (int k = 0; k < d; k++) proj += row[k] * prev[k];
+            for (int k = 0; k < d; k++) row[k] -= proj * prev[k];
+        }
+        double norm = 0.0;
+        for (int k = 0; k < d; k++) norm += row[k] * row[k];
+        norm = sqrt(norm);
+        for (int k = 0; k < d; k++) row[k] /= norm;
+    }
+    for (size_t i = 0; i < (size_t)d * d; i++) q[i] = (float)a[i];
+    free(a);
+}
+
+// Initialization: normal with std 0.02 for all matrices, Wo and W2 further
+// scaled by 1/sqrt(2L) (their outputs add into the residual stream L times each); norm gains 1;
+// EmbProj's P_in and P_out random orthogonal.
+static void model_init(Model *m, uint64_t seed) {
+    uint64_t rng = seed ^ 0x5EEDBA5Eull;   // init and batch sampling draw from different streams
+    float out_scale = 1.0f / sqrtf(2.0f * (float)m->cfg.n_layers);
+    for (int i = 0; i < N_PARAM_TENSORS; i++) {
+        float *p = m->params + m->shape[i].offset;
+        size_t n = param_size(m, i);
+        if (n == 0) continue;
+        if (i == PARAM_EMBPROJ_IN || i == PARAM_EMBPROJ_OUT) {   // OSP: EmbProj starts orthogonal
+            random_orthogonal(p, m->cfg.dim, &rng);
+            continue;
+        }
+        float std = 0.02f * ((i == PARAM_ATTN_OUT || i == PARAM_FFN_DOWN) ? out_scale : 1.0f);
+        for (size_t j = 0; j < n; j++) p[j] = is_norm_gain(i) ? 1.0f : std * rng_normal(&rng);
+    }
+}
+
+// Layer l's slices of an activation block (the values, or their gradients): the per-layer
+// tensors of Activations for the current B x T tokens, and x_next, the stream leaving the layer.
+typedef struct {
+    float *x, *attn_norm, *attn_rstd, *q, *k, *v, *att, *attn_out, *attn_proj, *x_mid;
+    float *ffn_norm, *ffn_rstd, *ffn_gate, *ffn_up, *ffn_hidden, *ffn_proj, *x_next;
+} LayerActs;
+
+static LayerActs layer_acts(const Activations *a, const Config *c, int l, int B, int T) {
+    size_t N = (size_t)B * T, Nd = N * c->dim, Nkv = N * kv_dim(c), Nf = N * c->ffn_dim;
+    return (LayerActs){ a->x + l * Nd,
+                        a->attn_norm + l * Nd,
+                        a->attn_rstd + l * N,
+                        a->q + l * Nd,
+                        a->k + l * Nkv,
+                        a->v + l * Nkv,
+                        a->att + l * N * c->n_heads * T,
+                        a->attn_out + l * Nd,
+                        a->attn_proj + l * Nd,
+                        a->x_mid + l * Nd,
+                        a->ffn_norm + l * Nd,
+                        a->ffn_rstd + l * N,
+                        a->ffn_gate + l * Nf,
+                        a->ffn_up + l * Nf,
+                        a->ffn_hidden + l * Nf,
+                        a->ffn_proj + l * Nd,
+                        a->x + (l + 1) * Nd };
+}
+
+// Layer l's weights in a parameter block (the parameters, or their gradients).
+typedef struct { float *attn_norm, *wq, *wk, *wv, *wo, *ffn_norm, *w_gate, *w_up, *w_down; } LayerWeights;
+
+static LayerWeights layer_weights(const Model *m, float *block, int l) {
+    return (LayerWeights){param_at(m, block, PARAM_ATTN_NORM, l), param_at(m, block, PARAM_ATTN_Q, l),
+                          param_at(m, block, PARAM_ATTN_K, l), param_at(m, block, PARAM_ATTN_V, l),
+                          param_at(m, block, PARAM_ATTN_OUT, l), param_at(m, block, PARAM_FFN_NORM, l),
+                          param_at(m, block, PARAM_FFN_GATE, l), param_at(m, block, PARAM_FFN_UP, l),
+                          param_at(m, block, PARAM_FFN_DOWN, l)};
+}
+
+// Forward pass over inputs [B,T] (copied into m->inputs). With targets, returns the mean
+// cross-entropy loss; without, computes logits only and returns 0. Any B, T whose activations
+// fit the allocation may be used (T = 1 with B up to max_batch·seq_len, for example).
+// fq: the evaluation's fake quantization of the activations; NULL in training (none).
+static float model_forward(Model *m, const int *inputs, const int *targets, int B, int T,
+                           const FakeQuant *fq) {
+    const Config *c = &m->cfg;
+    int d = c->dim, f = c->ffn_dim, H = c->n_heads, KVH = c->n_kv_heads, hd = head_dim(c), kvd = kv_dim(c);
+    int N = B * T;
+    m->B = B; m->T = T;
+    if (activation_layout(&m->act, m->act_block, c, B, T) > m->act_floats || N > m->max_batch * c->seq_len)
+        die("internal: forward of %d x %d does not fit the activations allocated for %d x %d", B, T,
+            m->max_batch, c->seq_len);
+    memcpy(m->inputs, inputs, sizeof(int) * (size_t)N);
+    if (targets) memcpy(m->targets, targets, sizeof(int) * (size_t)N);
+    Activations *a = &m->act;
+    size_t Nd = (size_t)N * d, Nkv = (size_t)N * kvd, Nf = (size_t)N * f;
+    float *P = m->params;
+    int gs = c->ssnorm ? 0 : 1;   // OSP: SSNorm reads one gain for all channels (gain step 0)
+    if (!fq) fq = &NO_FAKE_QUANT;
+
+    // embedding rows, then (OSP: EmbProj) their projection P_in: the residual stream x[0]
+    if (c->embproj) {
+        embedding_forward(a->embed, m->inputs, param_at(m, P, PARAM_EMBED, 0), N, d);
+        matmul(a->x, a->embed, param_at(m, P, PARAM_EMBPROJ_IN, 0), N, d, d);   // each row x = P_in·e
+    } else {
+        embedding_forward(a->x, m->inputs, param_at(m, P, PARAM_EMBED, 0), N, d);
+    }
+    for (int l = 0; l < c->n_layers; l++) {
+        LayerActs s = layer_acts(a, c, l, B, T);
+        LayerWeights w = layer_weights(m, P, l);
+        // attention: norm, Q K V projections, RoPE, causal softmax attention, output projection
+        rmsnorm_forward(s.attn_norm, s.attn_rstd, s.x, w.attn_norm, gs, N, d);
+        quantize_asymmetric(s.attn_norm, Nd, d, fq->abits);
+        matmuls_same_input(3, (float *[]){ s.q, s.k, s.v }, s.attn_norm,   // q, k, v = n·Wqᵀ, n·Wkᵀ, n·Wvᵀ
+                           (const float *[]){ w.wq, w.wk, w.wv }, N, d, (int[]){ d, kvd, kvd });
+        rope_forward(s.q, s.k, m->rope_cos, m->rope_sin, B, T, H, KVH, hd);
+        if (fq->kvbits < QUANT_OFF) {   // rotating both q and k by H leaves every q·k unchanged
+            hadamard_transform(s.q, (size_t)N * H, hd);
+            hadamard_transform(s.k, (size_t)N * KVH, hd);
+            quantize_asymmetric(s.k, Nkv, hd, fq->kvbits);
+            quantize_asymmetric(s.v, Nkv, hd, fq->kvbits);
+        }
+        attention_forward(s.attn_out, s.att, s.q, s.k, s.v, B, T, H, KVH, hd);
+        quantize_asymmetric(s.attn_out, Nd, hd, fq->abits);
+        matmul(s.attn_proj, s.attn_out, w.wo, N, d, d);
+        residual_forward(s.x_mid, s.x, s.attn_proj, Nd);
+        // feed-forward: norm, gate and up projections, SwiGLU, down projection
+        rmsnorm_forward(s.ffn_norm, s.ffn_rstd, s.x_mid, w.ffn_norm, gs, N, d);
+        quantize_asymmetric(s.ffn_norm, Nd, d, fq->abits);
+        matmuls_same_input(2, (float *[]){ s.ffn_gate, s.ffn_up }, s.ffn_norm,
+                           (const float *[]){ w.w_gate, w.w_up }, N, d, (int[]){ f, f });
+        swiglu_forward(s.ffn_hidden, s.ffn_gate, s.ffn_up, Nf);
+        if (fq->ffn_hadamard) hadamard_transform(s.ffn_hidden, (size_t)N, f);
+        quantize_asymmetric(s.ffn_hidden, Nf, f, fq->abits);
+        matmul(s.ffn_proj, s.ffn_hidden, w.w_down, N, f, d);
+        residual_forward(s.x_next, s.x_mid, s.ffn_proj, Nd);
+    }
+    // final norm, then (OSP: EmbProj) P_out, then the head: logits, and the loss
+    rmsnorm_forward(a->final_norm, a->final_rstd, a->x + c->n_layers * Nd,
+                    param_at(m, P, PARAM_FINAL_NORM, 0), gs, N, d);
+    float *head_in = a->final_norm;
+    if (c->embproj) {
+        matmul(a->final_proj, a->final_norm, param_at(m, P, PARAM_EMBPROJ_OUT, 0), N, d, d);
+        head_in = a->final_proj;
+    }
+    matmul(a->logits, head_in, param_at(m, P, PARAM_HEAD, 0), N, d, c->vocab_size);
+    if (!targets) return 0.0f;
+    crossentropy_forward(a->losses, a->probs, a->logits, m->targets, N, c->vocab_size);
+    double sum = 0.0;
+    for (int n = 0; n < N; n++) sum += a->losses[n];
+    return (float)(sum / N);
+}
+
+// Backward pass of the mean loss of the last forward (which must have had targets): fills
+// m->grads. The forward's steps in reverse, each with the gradients (g, dw) of the same
+// tensors (a, w); a tensor read by two steps (the residual stream) sums both gradients.
+static void model_backward(Model *m) {
+    const Config *c = &m->cfg;
+    int B = m->B, T = m->T, N = B * T;
+    int d = c->dim, f = c->ffn_dim, H = c->n_heads, KVH = c->n_kv_heads, hd = head_dim(c), kvd = kv_dim(c);
+    size_t Nd = (size_t)N * d, Nf = (size_t)N * f;
+    memset(m->grads, 0, sizeof(float) * m->n_params);
+    size_t used = activation_layout(&m->dact, m->dact_block, c, B, T);
+    memset(m->dact_block, 0, sizeof(float) * used);
+    Activations *a = &m->act, *g = &m->dact;
+    float *P = m->params, *G = m->grads;
+    int gs = c->ssnorm ? 0 : 1;   // OSP: SSNorm's one gain gathers the gradient of every channel
+
+    // loss -> logits -> head (-> P_out, OSP: EmbProj) -> final norm -> x[L]
+    for (int n = 0; n < N; n++) g->losses[n] = 1.0f / (float)N;
+    crossentropy_backward(g->logits, g->losses, a->probs, m->targets, N, c->vocab_size);
+    float *head_in = c->embproj ? a->final_proj : a->final_norm,
+          *dhead_in = c->embproj ? g->final_proj : g->final_norm;
+    matmul_backward(dhead_in, param_at(m, G, PARAM_HEAD, 0), g->logits, head_in,
+                    param_at(m, P, PARAM_HEAD, 0), N, d, c->vocab_size);
+    if (c->embproj)
+        matmul_backward(g->final_norm, param_at(m, G, PARAM_EMBPROJ_OUT, 0), g->final_proj, a->final_norm,
+                        param_at(m, P, PARAM_EMBPROJ_OUT, 0), N, d, d);
+    rmsnorm_backward(g->x + c->n_layers * Nd, param_at(m, G, PARAM_FINAL_NORM, 0), g->final_norm,
+                     a->x + c->n_layers * Nd, param_at(m, P, PARAM_FINAL_NORM, 0), gs, a->final_rstd, N, d);
+    for (int l = c->n_layers - 1; l >= 0; l--) {
+        LayerActs s = layer_acts(a, c, l, B, T), ds = layer_acts(g, c, l, B, T);
+        LayerWeights w = layer_weights(m, P, l), dw = layer_weights(m, G, l);
+        // feed-forward, from x_next = x_mid + ffn_proj back to x_mid
+        residual_backward(ds.x_mid, ds.ffn_proj, ds.x_next, Nd);
+        matmul_backward(ds.ffn_hidden, dw.w_down, ds.ffn_proj, s.ffn_hidden, w.w_down, N, f, d);
+        swiglu_backward(ds.ffn_gate, ds.ffn_up, ds.ffn_hidden, s.ffn_gate, s.ffn_up, Nf);
+        matmuls_same_input_backward(2, ds.ffn_norm, (float *[]){ dw.w_gate, dw.w_up },
+                                    (const float *[]){ ds.ffn_gate, ds.ffn_up }, s.ffn_norm,
+                                    (const float *[]){ w.w_gate, w.w_up }, N, d, (int[]){ f, f });
+        rmsnorm_backward(ds.x_mid, dw.ffn_norm, ds.ffn_norm, s.x_mid, w.ffn_norm, gs, s.ffn_rstd, N, d);
+        // attention, from x_mid = x + attn_proj back to x
+        residual_backward(ds.x, ds.attn_proj, ds.x_mid, Nd);
+        matmul_backward(ds.attn_out, dw.wo, ds.attn_proj, s.attn_out, w.wo, N, d, d);
+        attention_backward(ds.q, ds.k, ds.v, ds.attn_out, s.attn_out, s.att, s.q, s.k, s.v, B, T, H, KVH, hd);
+        rope_backward(ds.q, ds.k, m->rope_cos, m->rope_sin, B, T, H, KVH, hd);
+        matmuls_same_input_backward(3, ds.attn_norm, (float *[]){ dw.wq, dw.wk, dw.wv },
+                                    (const float *[]){ ds.q, ds.k, ds.v }, s.attn_norm,
+                                    (const float *[]){ w.wq, w.wk, w.wv }, N, d, (int[]){ d, kvd, kvd });
+        rmsnorm_backward(ds.x, dw.attn_norm, ds.attn_norm, s.x, w.attn_norm, gs, s.attn_rstd, N, d);
+    }
+    // x[0] (-> P_in, OSP: EmbProj) -> the embedding rows
+    if (c->embproj) {
+        matmul_backward(g->embed, param_at(m, G, PARAM_EMBPROJ_IN, 0), g->x, a->embed,
+                        param_at(m, P, PARAM_EMBPROJ_IN, 0), N, d, d);
+        embedding_backward(param_at(m, G, PARAM_EMBED, 0), g->embed, m->inputs, N, d);
+    } else {
+        embedding_backward(param_at(m, G, PARAM_EMBED, 0), g->x, m->inputs, N, d);
+    }
+}
+
+/* ============================================================================
+ * Optimizers: AdamW (the baseline) and Muon (OSP), global-norm clipping, the OSP schedule
+ * ========================================================================== */
+
+enum { OPTIMIZER_ADAM, OPTIMIZER_MUON, OPTIMIZER_MUON_ONLY, N_OPTIMIZERS };
+static const char *optimizer_names[N_OPTIMIZERS] = {"adam", "muon", "muon-only"};
+
+typedef struct {
+    int optimizer;       // OPTIMIZER_*: which tensors Muon updates (see uses_muon)
+    float lr_adam;       // peak learning rate of the AdamW-updated tensors
+    float lr_muon;       // peak learning rate of the Muon-updated tensors
+    float weight_decay;  // decoupled: w -= lr * wd * w
+    float beta1, beta2, eps;  // AdamW
+    float muon_momentum; // mu, Nesterov momentum of Muon
+    int ns_steps;        // Newton-Schulz iterations of Muon
+    float grad_clip;     // clip the global gradient norm to this; 0 = off
+    int warmup;          // linear warmup steps
+    int steps;           // total steps (the schedule decays over the last 20%)
+} OptimConfig;
+
+// Muon updates every tensor under muon-only; under muon every tensor but the embedding and
+// the head, which keep AdamW ("decoupled embedding optimization"); under adam none.
+// OSP: Muon for the network, AdamW for the embedding and the head only. The norm gains are
+// Muon's too (muon_update's vector rule): the paper gives AdamW those two tensors alone, and a
+// per-channel gain under AdamW's per-coordinate steps is the privileged basis OSP removes.
+// (KellerJordan's muon.py leaves gains and biases to AdamW.)
+static bool uses_muon(int optimizer, int tensor) {
+    if (optimizer == OPTIMIZER_ADAM) return false;
+    if (optimizer == OPTIMIZER_MUON_ONLY) return true;
+    return tensor != PARAM_EMBED && tensor != PARAM_HEAD;
+}
+
+// One AdamW step (t = 1-based step count) on n parameters with moments m, v:
+// m = b1·m + (1-b1)·g;  v = b2·v + (1-b2)·g²;  w -= lr·(m̂ / (sqrt(v̂) + eps) + wd·w),
+// with bias-corrected m̂ = m / (1 - b1^t), v̂ = v / (1 - b2^t). Weight decay applies to every
+// parameter, norm gains included (one rule for every tensor). Called inside a parallel
+// region, the elements are split over its threads (an orphaned `omp for`); outside, one does all.
+static void adamw_update(float *params, const float *grads, float *m, float *v, size_t n,
+                         const OptimConfig *o, float lr, int t) {
+    float c1 = 1.0f - powf(o->beta1, (float)t), c2 = 1.0f - powf(o->beta2, (float)t);
+#pragma omp for schedule(dynamic, 8192) nowait
+    for (size_t i = 0; i < n; i++) {
+        float g = grads[i];
+        m[i] = o->beta1 * m[i] + (1.0f - o->beta1) * g;
+        v[i] = o->beta2 * v[i] + (1.0f - o->beta2) * g * g;
+        float mhat = m[i] / c1, vhat = v[i] / c2;
+        params[i] -= lr * (mhat / (sqrtf(vhat) + o->eps) + o->weight_decay * params[i]);
+    }
+}
+
+#define NS_A 3.4445f
+#define NS_B (-4.7750f)
+#define NS_C 2.0315f
+
+// Floats of work space newton_schulz needs for a rows x cols matrix.
+static size_t newton_schulz_scratch(int rows, int cols) {
+    size_t n = (size_t)rows * cols, r = (size_t)(rows < cols ? rows : cols);
+    return 2 * n + 2 * r * r;
+}
+
+// OSP: Newton-Schulz orthogonalization, the heart of Muon: out [rows, cols] has U's singular
+// vectors with its singular values pushed into about [0.5, 1.2]. X = U / (|U|_F + 1e-7), then
+// `steps` times X = a·X + (b·A + c·A²)·X with A = X·Xᵀ. It works on the wide orientation
+// (rows <= cols), so a tall U is transposed first and the result transposed back.
+// scratch: newton_schulz_scratch(rows, cols) floats.
+static void newton_schulz(float *out, const float *u, int rows, int cols, int steps, float *scratch) {
+    bool tall = rows > cols;
+    int r = tall ? cols : rows, c = tall ? rows : cols;
+    size_t n = (size_t)r * c;
+    float *x = scratch, *x_next = x + n, *gram = x_next + n, *poly = gram + (size_t)r * r;
+    double sq = 0.0;
+    for (size_t i = 0; i < n; i++) sq += (double)u[i] * u[i];
+    float inv_norm = (float)(1.0 / (sqrt(sq) + 1e-7));
+    if (tall) transpose(x, u, rows, cols);
+    else memcpy(x, u, sizeof(float) * n);
+    for (size_t i = 0; i < n; i++) x[i] *= inv_norm;
+    for (int step = 0; step < steps; step++) {
+        gram_matrix(gram, x, r, c);                  // A = X·Xᵀ
+        matrix_product(poly, gram, gram, r, r, r);   // A²
+        for (size_t i = 0; i < (size_t)r * r; i++) poly[i] = NS_B * gram[i] + NS_C * poly[i];
+        matrix_product(x_next, poly, x, r, r, c);    // (b·A + c·A²)·X
+        for (size_t i = 0; i < n; i++) x[i] = NS_A * x[i] + x_next[i];
+    }
+    if (tall) transpose(out, x, r, c);
+    else memcpy(out, x, sizeof(float) * n);
+}
+
+// OSP: one Muon step on a rows x cols matrix w with gradient g and momentum buffer mom:
+//   mom = g + mu·mom;  U = g + mu·mom with the new mom (Nesterov);  O = NS(U);
+//   w -= lr·(0.2·sqrt(max(rows, cols))·O + wd·w).
+// The momentum has the SGD form (PyTorch's SGD with nesterov=True, the first Muon of
+// modded-nanogpt). KellerJordan's muon.py averages instead, M = β·M + (1-β)·G and
+// U = (1-β)·G + β·M, which is (1-β) times our U; NS divides U by its norm first, so both give
+// the same O. The scale differs: muon.py multiplies O by sqrt(max(1, rows/cols)), while
+// 0.2·sqrt(max(rows, cols)) is Moonlight's rule (Liu et al. 2025, "Muon is Scalable for LLM
+// Training"): it gives a full-rank update an RMS of about 0.2·lr, like AdamW's, so AdamW's
+// learning rate and weight decay carry over. A norm gain (rows = 1: a vector, or SSNorm's
+// scalar) has no singular vectors to align: a single row orthogonalized is the row divided by
+// its norm, so O = U / (|U|₂ + 1e-7). scratch: 2·rows·cols + newton_schulz_scratch floats.
+static void muon_update(float *w, const float *g, float *mom, int rows, int cols, const OptimConfig *o,
+                        float lr, float *scratch) {
+    size_t n = (size_t)rows * cols;
+    float *u = scratch, *orth = scratch + n;
+    float mu = o->muon_momentum;
+    for (size_t i = 0; i < n; i++) {
+        mom[i] = g[i] + mu * mom[i];
+        u[i] = g[i] + mu * mom[i];
+    }
+    if (rows == 1) {
+        double sq = 0.0;
+        for (size_t i = 0; i < n; i++) sq += (double)u[i] * u[i];
+        float inv_norm = (float)(1.0 / (sqrt(sq) + 1e-7));
+        for (size_t i = 0; i < n; i++) orth[i] = u[i] * inv_norm;
+    } else {
+        newton_schulz(orth, u, rows, cols, o->ns_steps, scratch + 2 * n);
+    }
+    float scale = 0.2f * sqrtf((float)(rows > cols ? rows : cols));
+    for (size_t i = 0; i < n; i++) w[i] -= lr * (scale * orth[i] + o->weight_decay * w[i]);
+}
+
+// Optimizer state, one block: for each tensor in order, AdamW's m then v (2 floats per
+// parameter) or Muon's momentum buffer (1 float per parameter). Fills offset[] (floats into
+// the block) and returns the block's size in floats.
+static size_t optimizer_layout(const Model *m, int optimizer, size_t *offset) {
+    size_t total = 0;
+    for (int i = 0; i < N_PARAM_TENSORS; i++) {
+        offset[i] = total;
+        total += param_size(m, i) * (uses_muon(optimizer, i) ? 1 : 2);
+    }
+    return total;
+}
+
+// Floats of scratch the Muon updates of this model need (0 under adam).
+static size_t optimizer_scratch(const Model *m, int optimizer) {
+    size_t most = 0;
+    for (int i = 0; i < N_PARAM_TENSORS; i++) {
+        if (!uses_muon(optimizer, i) || param_size(m, i) == 0) continue;
+        size_t n = (size_t)m->shape[i].rows * m->shape[i].cols;
+        size_t need = 2 * n + newton_schulz_scratch(m->shape[i].rows, m->shape[i].cols);
+        if (need > most) most = need;
+    }
+    return most;
+}
+
+// Applies one optimizer step (t = 1-based step count, factor = schedule multiplier) to every
+// tensor: AdamW on the whole tensor, or Muon on each of its matrices (each layer separately).
+// One parallel region: the AdamW tensors are split elementwise, then each Muon matrix goes whole
+// to one thread (its Newton-Schulz products are too small to split well), handed out one at a
+// time so a thread slowed by another program takes fewer.
+static void optimizer_step(Model *m, const OptimConfig *o, float *state, float factor, int t) {
+    size_t offset[N_PARAM_TENSORS];
+    optimizer_layout(m, o->optimizer, offset);
+    int first_matrix[N_PARAM_TENSORS + 1] = {0};   // Muon matrices numbered across tensors
+    for (int i = 0; i < N_PARAM_TENSORS; i++)
+        first_matrix[i + 1] = first_matrix[i] + (uses_muon(o->optimizer, i) ? m->shape[i].count : 0);
+    size_t scratch_floats = optimizer_scratch(m, o->optimizer);
+#pragma omp parallel
+    {
+        for (int i = 0; i < N_PARAM_TENSORS; i++) {
+            size_t n = param_size(m, i);
+            if (n == 0 || uses_muon(o->optimizer, i)) continue;
+            float *st = state + offset[i];
+            size_t at = m->shape[i].offset;
+            adamw_update(m->params + at, m->grads + at, st, st + n, n, o, factor * o->lr_adam, t);
+        }
+#pragma omp for schedule(dynamic)
+        for (int j = 0; j < first_matrix[N_PARAM_TENSORS]; j++) {
+            int i = 0;
+            while (j >= first_matrix[i + 1]) i++;
+            size_t within = (size_t)(j - first_matrix[i]) * m->shape[i].rows * m->shape[i].cols;
+            size_t at = m->shape[i].offset + within;
+            muon_update(m->params + at, m->grads + at, state + offset[i] + within, m->shape[i].rows,
+                        m->shape[i].cols, o, factor * o->lr_muon, workspace(WORKSPACE_MUON, scratch_floats));
+        }
+    }
+}
+
+// Learning-rate multiplier at step s (0-based): linear warmup to 1, constant, then linear
+// decay to 0 over the last 20% of steps (the paper's schedule).
+static float lr_factor(const OptimConfig *o, int s) {
+    int decay_start = o->steps - o->steps / 5;
+    if (s < o->warmup) return (float)(s + 1) / (float)o->warmup;
+    if (s >= decay_start) return (float)(o->steps - s) / (float)(o->steps - decay_start);
+    return 1.0f;
+}
+
+// Scales grads so that their global L2 norm is at most max_norm; returns the norm before.
+static float clip_grad_norm(float *grads, size_t n, float max_norm) {
+    double sum = 0.0;
+    for (size_t i = 0; i < n; i++) sum += (double)grads[i] * grads[i];
+    float norm = (float)sqrt(sum);
+    if (max_norm > 0.0f && norm > max_norm) {
+        float scale = max_norm / norm;
+        for (size_t i = 0; i < n; i++) grads[i] *= scale;
+    }
+    return norm;
+}
+
+/* ============================================================================
+ * Presets: the six rows of the paper's ablation
+ * ========================================================================== */
+
+// OSP: the recipe is the last row; the others take parts of it away (the paper's ablation).
+typedef struct { const char *name; int optimizer, ssnorm, embproj; const char *what; } Preset;
+static const Preset presets[] = {
+    {"adam", OPTIMIZER_ADAM, 0, 0, "AdamW on everything, RMSNorm (the baseline)"},
+    {"muon-only", OPTIMIZER_MUON_ONLY, 0, 0, "Muon on every matrix, embedding and head included"},
+    {"muon", OPTIMIZER_MUON, 0, 0, "Muon on the network, AdamW on embedding and head"},
+    {"muon-ssnorm", OPTIMIZER_MUON, 1, 0, "muon + Single-Scale RMSNorm"},
+    {"muon-embproj", OPTIMIZER_MUON, 0, 1, "muon + embedding projection"},
+    {"osp", OPTIMIZER_MUON, 1, 1, "muon + SSNorm + EmbProj: the paper's recipe"},
+};
+#define N_PRESETS ((int)(sizeof presets / sizeof presets[0]))
+
+// Index of the preset with these switches, or -1 (a custom combination).
+static int preset_of(int optimizer, int ssnorm, int embproj) {
+    for (int i = 0; i < N_PRESETS; i++)
+        if (presets[i].optimizer == optimizer && presets[i].ssnorm == ssnorm && presets[i].embproj == embproj)
+            return i;
+    return -1;
+}
+
+static const char *preset_name(int preset) {
+    return preset >= 0 && preset < N_PRESETS ? presets[preset].name : "custom";
+}
+
+// Sets the optimizer, SSNorm and EmbProj switches of a run to those of preset p.
+static void apply_preset(Config *cfg, OptimConfig *opt, int p) {
+    opt->optimizer = presets[p].optimizer;
+    cfg->ssnorm = presets[p].ssnorm;
+    cfg->embproj = presets[p].embproj;
+}
+
+/* ============================================================================
+ * Merging for inference
+ *
+ * With x0 = P_in·e and logits = W_head·(P_out·h): E' = E·P_inᵀ (each row e becomes P_in·e)
+ * and W_head' = W_head·P_out; an SSNorm scalar g becomes a per-channel vector filled with g.
+ * The result is a plain Llama with the same outputs (up to float rounding).
+ * ========================================================================== */
+
+// OSP: dst (allocated here, max_batch rows) = src with EmbProj and SSNorm folded away.
+static void model_merge(Model *dst, const Model *src, int max_batch) {
+    Config plain = src->cfg;
+    plain.ssnorm = 0;
+    plain.embproj = 0;
+    model_alloc(dst, &plain, max_batch);
+    int d = plain.dim, V = plain.vocab_size;
+    float *P = src->params;
+    for (int i = 0; i < N_PARAM_TENSORS; i++) {
+        size_t n = param_size(dst, i);
+        float *out = dst->params + dst->shape[i].offset;
+        const float *in = src->params + src->shape[i].offset;
+        if (n == 0) continue;
+        if (i == PARAM_EMBED && src->cfg.embproj) {
+            matmul(out, in, param_at(src, P, PARAM_EMBPROJ_IN, 0), V, d, d);   // E' = E·P_inᵀ
+        } else if (i == PARAM_HEAD && src->cfg.embproj) {
+            matrix_product(out, in, param_at(src, P, PARAM_EMBPROJ_OUT, 0), V, d, d);   // W' = W·P_out
+        } else if (is_norm_gain(i) && src->cfg.ssnorm) {   // OSP: the scalar g becomes [g, g, ...]
+            for (size_t j = 0; j < n; j++) out[j] = in[j / (size_t)d];
+        } else {
+            memcpy(out, in, sizeof(float) * n);
+        }
+    }
+}
+
+/* ============================================================================
+ * Measuring outliers: excess kurtosis of the hidden states
+ *
+ * Two reports, for two purposes. The paper's figure (STATES_PAPER, kurtosis_without_context)
+ * repeats the authors' script: every token fed alone, as a sequence of length 1, averaged over
+ * the L + 1 states of Hugging Face's hidden_states (after the embedding, blocks 1..L-1, the
+ * final norm; the raw output of block L is not among them). It is the number to set beside the
+ * paper's tables. The in-context report (STATES_ALL) feeds whole windows, as the model runs,
+ * over all L + 2 states: the activations that the 4-bit quantizers meet, and the source of the
+ * top-channel share, the largest |activation| and the activation picture.
+ * ========================================================================== */
+
+// OSP: the measure of outliers. Excess kurtosis of one token's hidden state x [d], as the
+// authors' release computes it: mean(x⁴) / std(x)⁴ - 3, the fourth moment not centred, the
+// standard deviation unbiased (divided by d - 1), negative values clamped to 0. Gaussian
+// channels give about 0; one channel carrying nearly all the energy gives about d (exactly
+// d - 3 for a one-hot vector).
+static double kurtosis_excess(const float *x, int d) {
+    double mean = 0.0, m4 = 0.0, var = 0.0;
+    for (int i = 0; i < d; i++) { mean += x[i]; m4 += (double)x[i] * x[i] * x[i] * x[i]; }
+    mean /= d;
+    m4 /= d;
+    for (int i = 0; i < d; i++) var += (x[i] - mean) * (x[i] - mean);
+    var /= d - 1;
+    if (var <= 0.0) return 0.0;
+    double k = m4 / (var * var) - 3.0;
+    return k > 0.0 ? k : 0.0;
+}
+
+// Which hidden states a KurtosisReport averages: all L + 2, or the paper's L + 1 (see above).
+enum { STATES_ALL, STATES_PAPER };
+
+// Per hidden state (after the embedding and P_in, after each block, after the final norm):
+// excess kurtosis per token, largest |activation|, and the per-channel view: the share of the
+// state's energy (sum over tokens of x²) that its largest channel carries. A channel that is
+// large in every token (what breaks per-token 4-bit activations) gives a large share; Gaussian
+// channels give about 1/d; a few massive tokens raise the kurtosis but hardly the share.
+typedef struct {
+    int n_states, dim, which;   // which: STATES_ALL or STATES_PAPER, for the means
+    double *kurtosis;           // [n_states] sums over tokens, means after kurtosis_finish
+    double *max_abs;            // [n_states] largest |x|, after kurtosis_finish
+    double *channel_max;        // [n_states][dim] largest |x| per channel
+    double *energy;             // [n_states][dim] sum over tokens of x² per channel
+    double *top_channel;        // [n_states] largest channel's share of energy, after kurtosis_finish
+    double mean, top_channel_mean;   // means over the states counted by `which`
+    long tokens;
+} KurtosisReport;
+
+static void kurtosis_init(KurtosisReport *r, int n_layers, int dim, int which) {
+    r->n_states = n_layers + 2;
+    r->dim = dim;
+    r->which = which;
+    r->kurtosis = xcalloc((size_t)r->n_states, sizeof(double));
+    r->max_abs = xcalloc((size_t)r->n_states, sizeof(double));
+    r->channel_max = xcalloc((size_t)r->n_states * dim, sizeof(double));
+    r->energy = xcalloc((size_t)r->n_states * dim, sizeof(double));
+    r->top_channel = xcalloc((size_t)r->n_states, sizeof(double));
+    r->mean = r->top_channel_mean = 0.0;
+    r->tokens = 0;
+}
+
+static void kurtosis_free(KurtosisReport *r) {
+    free(r->kurtosis); free(r->max_abs); free(r->channel_max); free(r->energy); free(r->top_channel);
+}
+
+// Adds the hidden states of the model's last forward pass to the sums.
+static void kurtosis_accumulate(KurtosisReport *r, const Model *m) {
+    int N = m->B * m->T, d = m->cfg.dim;
+    size_t Nd = (size_t)N * d;
+    for (int s = 0; s < r->n_states; s++) {
+        const float *h = s < r->n_states - 1 ? m->act.x + s * Nd : m->act.final_norm;
+        double sum = 0.0, *energy = r->energy + (size_t)s * d, *channel_max = r->channel_max + (size_t)s * d;
+#pragma omp parallel for reduction(+ : sum) schedule(static)
+        for (int n = 0; n < N; n++) sum += kurtosis_excess(h + (size_t)n * d, d);
+#pragma omp parallel for schedule(static)
+        for (int i = 0; i < d; i++)
+            for (int n = 0; n < N; n++) {
+                double x = h[(size_t)n * d + i];
+                energy[i] += x * x;
+                channel_max[i] = fmax(channel_max[i], fabs(x));
+            }
+        r->kurtosis[s] += sum;
+    }
+    r->tokens += N;
+}
+
+// Whether state s counts in the report's means: all of them, or all but block L's raw output.
+static bool kurtosis_counts(const KurtosisReport *r, int s) {
+    return r->which == STATES_ALL || s != r->n_states - 2;
+}
+
+static void kurtosis_finish(KurtosisReport *r) {
+    int counted = 0;
+    r->mean = r->top_channel_mean = 0.0;
+    for (int s = 0; s < r->n_states; s++) {
+        const double *energy = r->energy + (size_t)s * r->dim;
+        double total = 0.0, top = 0.0;
+        r->max_abs[s] = 0.0;
+        for (int i = 0; i < r->dim; i++) {
+            total += energy[i];
+            top = fmax(top, energy[i]);
+            r->max_abs[s] = fmax(r->max_abs[s], r->channel_max[(size_t)s * r->dim + i]);
+        }
+        r->kurtosis[s] /= (double)(r->tokens ? r->tokens : 1);
+        r->top_channel[s] = total > 0.0 ? top / total : 0.0;
+        if (!kurtosis_counts(r, s)) continue;
+        r->mean += r->kurtosis[s];
+        r->top_channel_mean += r->top_channel[s];
+        counted++;
+    }
+    r->mean /= counted;
+    r->top_channel_mean /= counted;
+}
+
+static double kurtosis_max_abs(const KurtosisReport *r) {
+    double mx = 0.0;
+    for (int s = 0; s < r->n_states; s++) mx = fmax(mx, r->max_abs[s]);
+    return mx;
+}
+
+/* ============================================================================
+ * Evaluation: perplexity, the kurtosis reports on the validation split, and perplexity under
+ * 4-bit fake quantization as the paper measures them. A model is merged first (model_merge): a
+ * merged model computes the same function, and P_in, P_out would stay full precision anyway.
+ * ========================================================================== */
+
+// Token ids of a text: the training or validation split (Part II reads and writes their files).
+typedef struct { int vocab_size; size_t n; uint16_t *tokens; } TokenData;
+
+// Draws B random windows of T+1 tokens: inputs [B,T] and targets [B,T] (shifted by one).
+static void data_next_batch(const TokenData *d, uint64_t *rng, int B, int T, int *inputs, int *targets) {
+    size_t range = d->n - (size_t)T;   // valid starts: 0 .. n-T-1
+    for (int b = 0; b < B; b++) {
+        size_t start = (size_t)(rng_next(rng) % range);
+        for (int t = 0; t < T; t++) {
+            inputs[b * T + t] = d->tokens[start + (size_t)t];
+            targets[b * T + t] = d->tokens[start + (size_t)t + 1];
+        }
+    }
+}
+
+// Number of validation windows of seq_len tokens evaluated (max_windows 0 = all).
+static long validation_windows(const Model *m, const TokenData *val, int max_windows) {
+    long windows = (long)((val->n - 1) / (size_t)m->cfg.seq_len);
+    return max_windows > 0 && windows > max_windows ? max_windows : windows;
+}
+
+// Mean loss over the validation tokens in non-overlapping windows of seq_len (up to
+// max_windows windows; 0 = all), evaluated max_batch windows at a time. With kurt, also adds
+// every window's hidden states to the kurtosis sums (full context).
+static float evaluate_loss(Model *m, const TokenData *val, int max_windows, const FakeQuant *fq,
+                           KurtosisReport *kurt) {
+    int T = m->cfg.seq_len;
+    long windows = validation_windows(m, val, max_windows);
+    if (windows < 1) return NAN;
+    int *inputs = xmalloc(sizeof(int) * (size_t)m->max_batch * T);
+    int *targets = xmalloc(sizeof(int) * (size_t)m->max_batch * T);
+    double total = 0.0;
+    for (long w0 = 0; w0 < windows; w0 += m->max_batch) {
+        int B = (int)(windows - w0 < m->max_batch ? windows - w0 : m->max_batch);
+        for (int b = 0; b < B; b++)
+            for (int t = 0; t < T; t++) {
+                size_t pos = (size_t)(w0 + b) * T + (size_t)t;
+                inputs[b * T + t] = val->tokens[pos];
+                targets[b * T + t] = val->tokens[pos + 1];
+            }
+        total += (double)model_forward(m, inputs, targets, B, T, fq) * B;
+        if (kurt) kurtosis_accumulate(kurt, m);
+    }
+    free(inputs); free(targets);
+    return (float)(total / (double)windows);
+}
+
+// The paper's kurtosis: every token of the same windows fed as its own sequence of length 1.
+static void kurtosis_without_context(Model *m, const TokenData *val, int max_windows, KurtosisReport *kurt) {
+    size_t n = (size_t)validation_windows(m, val, max_windows) * m->cfg.seq_len;
+    int chunk = m->max_batch * m->cfg.seq_len;
+    int *inputs = xmalloc(sizeof(int) * (size_t)chunk);
+    for (size_t start = 0; start < n; start += (size_t)chunk) {
+        int B = (int)(n - start < (size_t)chunk ? n - start : (size_t)chunk);
+        for (int b = 0; b < B; b++) inputs[b] = val->tokens[start + (size_t)b];
+        model_forward(m, inputs, NULL, B, 1, NULL);
+        kurtosis_accumulate(kurt, m);
+    }
+    free(inputs);
+}
+
+// Both kurtosis reports of the first `windows` validation windows (0 = all), started and
+// finished here: `paper` (may be NULL) and `context`. Returns the windows' mean loss.
+static float measure_hidden_states(Model *m, const TokenData *val, int windows, KurtosisReport *paper,
+                                   KurtosisReport *context) {
+    kurtosis_init(context, m->cfg.n_layers, m->cfg.dim, STATES_ALL);
+    float loss = evaluate_loss(m, val, windows, NULL, context);
+    kurtosis_finish(context);
+    if (paper) {   // NULL: the in-context report only
+        kurtosis_init(paper, m->cfg.n_layers, m->cfg.dim, STATES_PAPER);
+        kurtosis_without_context(m, val, windows, paper);
+        kurtosis_finish(paper);
+    }
+    return loss;
+}
+
+// The weight matrices quantized to 4 bits: those of the blocks. The embedding and the head
+// stay full precision.
+static bool is_block_matrix(int i) {
+    return i == PARAM_ATTN_Q || i == PARAM_ATTN_K || i == PARAM_ATTN_V || i == PARAM_ATTN_OUT ||
+           i == PARAM_FFN_GATE || i == PARAM_FFN_UP || i == PARAM_FFN_DOWN;
+}
+
+// RTN-quantizes every block matrix in place, one output row at a time (with the clip search
+// if asked).
+static void quantize_weights(Model *m, int bits, bool clip_search) {
+    for (int i = 0; i < N_PARAM_TENSORS; i++) {
+        if (!is_block_matrix(i)) continue;
+        int rows = m->shape[i].count * m->shape[i].rows, cols = m->shape[i].cols;
+        float *w = m->params + m->shape[i].offset;
+#pragma omp parallel
+        {
+            float *scratch = xmalloc(sizeof(float) * (size_t)cols);
+#pragma omp for schedule(static)
+            for (int r = 0; r < rows; r++)
+                quantize_weight_row(w + (size_t)r * cols, cols, bits, clip_search, scratch);
+            free(scratch);
+        }
+    }
+}
+
+// The offline half of the FFN rotation: W2 -> W2·Hᵀ, i.e. H applied to every row of W2
+// [d, f]. With the online half (h -> H·h in the forward pass) the product is unchanged:
+// W2·Hᵀ·H·h = W2·h. Needs ffn_dim a power of two.
+static void rotate_ffn_down(Model *m) {
+    hadamard_transform(m->params + m->shape[PARAM_FFN_DOWN].offset, (size_t)m->cfg.n_layers * m->cfg.dim,
+                       m->cfg.ffn_dim);
+}
+
+// The rows of the 4-bit table: what is quantized, and whether the weights get GPTQ instead
+// of RTN (the GPTQ rows are evaluated only when asked, --gptq).
+enum { QROW_W, QROW_A, QROW_KV, QROW_WAKV, QROW_W_GPTQ, QROW_WAKV_GPTQ, N_QUANT_ROWS };
+
+// One fake-quantization setting: one row of the table, without or with the FFN Hadamard.
+typedef struct {
+    int wbits;       // weight bits
+    bool gptq;       // weights quantized by GPTQ instead of RTN
+    FakeQuant act;   // activations, KV cache, FFN Hadamard
+} QuantSetting;
+
+typedef struct {
+    int wbits, abits, kvbits;   // the bits of the table's rows (16 = off)
+    bool clip_search;           // weight clip search (default on)
+    bool rotate;                // full residual rotation before quantizing
+    int max_windows;            // validation windows, 0 = all
+    bool gptq;                  // also the GPTQ rows
+    int calib_windows;          // GPTQ's calibration: windows of seq_len training tokens,
+    uint64_t calib_seed;        // drawn at random with this seed
+} EvalOptions;
+
+typedef struct {
+    long windows;
+    float fp_loss;
+    KurtosisReport paper, context;       // the two kurtosis reports (Measuring outliers)
+    float quant_loss[N_QUANT_ROWS][2];   // [row][no Had., Had.]; NAN if not evaluated or not applicable
+    double seconds;
+} EvalResult;
+
+static void eval_result_free(EvalResult *r) { kurtosis_free(&r->paper); kurtosis_free(&r->context); }
+
+// Validation loss of the plain model `base` under one quantization setting, evaluated on
+// `work` (same config), whose parameters are overwritten. calib: GPTQ's calibration windows.
+// The GPTQ weights of one Hadamard setting serve two rows: the first keeps them in *gptq_cache
+// (NULL until then), the second copies them from there.
+static float evaluate_quantized(Model *work, const Model *base, const QuantSetting *q, const EvalOptions *o,
+                                const TokenData *val, const int *calib, float **gptq_cache) {
+    size_t bytes = sizeof(float) * base->n_params;
+    if (q->gptq && *gptq_cache) {
+        memcpy(work->params, *gptq_cache, bytes);
+    } else {
+        memcpy(work->params, base->params, bytes);
+        if (q->act.ffn_hadamard) rotate_ffn_down(work);
+        if (q->wbits < QUANT_OFF && q->gptq)
+            gptq_quantize_model(work, calib, o->calib_windows, q->wbits, o->clip_search, q->act.ffn_hadamard);
+        else if (q->wbits < QUANT_OFF) quantize_weights(work, q->wbits, o->clip_search);
+        if (q->gptq) *gptq_cache = memcpy(xmalloc(bytes), work->params, bytes);
+    }
+    return evaluate_loss(work, val, o->max_windows, &q->act, NULL);
+}
+
+// Full evaluation of a model (merged here if it has EmbProj or SSNorm): full-precision loss,
+// the hidden states' kurtosis (each token alone, and in context), and the 4-bit table without
+// and with the FFN Hadamard. train: the calibration tokens of the GPTQ rows (with o->gptq).
+// With o->rotate every figure is the rotated model's, its kurtosis included.
+static void evaluate_model(EvalResult *r, const Model *m, const TokenData *val, const TokenData *train,
+                           const EvalOptions *o) {
+    double t0 = now_seconds();
+    Model base, work;
+    model_merge(&base, m, m->max_batch);
+    if (o->rotate) rotate_residual(&base, 0x0505ull);
+    model_alloc(&work, &base.cfg, m->max_batch);
+    memcpy(work.params, base.params, sizeof(float) * base.n_params);
+    r->windows = validation_windows(&work, val, o->max_windows);
+    r->fp_loss = measure_hidden_states(&work, val, o->max_windows, &r->paper, &r->context);
+    int *calib = NULL;
+    if (o->gptq) {
+        int T = base.cfg.seq_len, *targets = xmalloc(sizeof(int) * (size_t)o->calib_windows * T);
+        calib = xmalloc(sizeof(int) * (size_t)o->calib_windows * T);
+        uint64_t rng = o->calib_seed;
+        data_next_batch(train, &rng, o->calib_windows, T, calib, targets);
+        free(targets);
+    }
+    const QuantSetting rows[N_QUANT_ROWS] = {
+        [QROW_W] = {o->wbits, false, {QUANT_OFF, QUANT_OFF, false}},
+        [QROW_A] = {QUANT_OFF, false, {o->abits, QUANT_OFF, false}},
+        [QROW_KV] = {QUANT_OFF, false, {QUANT_OFF, o->kvbits, false}},
+        [QROW_WAKV] = {o->wbits, false, {o->abits, o->kvbits, false}},
+        [QROW_W_GPTQ] = {o->wbits, true, {QUANT_OFF, QUANT_OFF, false}},
+        [QROW_WAKV_GPTQ] = {o->wbits, true, {o->abits, o->kvbits, false}},
+    };
+    for (int had = 0; had < 2; had++) {
+        float *gptq_weights = NULL;
+        for (int i = 0; i < N_QUANT_ROWS; i++) {
+            QuantSetting q = rows[i];
+            q.act.ffn_hadamard = had;
+            bool skip = (had && !is_power_of_two(base.cfg.ffn_dim)) || (q.gptq && !o->gptq);
+            r->quant_loss[i][had] = skip ? NAN
+                                         : evaluate_quantized(&work, &base, &q, o, val, calib, &gptq_weights);
+        }
+        free(gptq_weights);
+    }
+    free(calib);
+    model_free(&base); model_free(&work);
+    r->seconds = now_seconds() - t0;
+}
+
+/* ============================================================================
+ * The training step
+ * ========================================================================== */
+
+// A training run: its settings and how far it has come (a checkpoint holds this and the
+// weights, and the optimizer state to resume from).
+typedef struct {
+    Config cfg;
+    OptimConfig opt;
+    int preset;           // presets[] index the run was trained as, -1 custom
+    int merged;           // 1: EmbProj and SSNorm folded away by ./osp merge
+    int batch;
+    int step;             // completed steps
+    uint64_t seed, rng;   // rng: the batch sampler's state
+} TrainState;
+
+// A run in memory: its state, the model, the optimizer's buffers and a batch.
+typedef struct {
+    TrainState state;
+    Model model;
+    float *opt_state;        // optimizer buffers (optimizer_layout)
+    const TokenData *train, *val;   // borrowed: the caller loads and frees the data
+    int *inputs, *targets;   // [batch, seq_len]
+} Trainer;
+
+// One optimizer step on the next training batch; returns the loss before the update (NaN or
+// Inf is returned as is, before any parameter changes).
+static float train_step(Trainer *tr, float *grad_norm) {
+    TrainState *s = &tr->state;
+    Model *m = &tr->model;
+    int B = s->batch, T = s->cfg.seq_len;
+    data_next_batch(tr->train, &s->rng, B, T, tr->inputs, tr->targets);
+    float loss = model_forward(m, tr->inputs, tr->targets, B, T, NULL);
+    if (!isfinite(loss)) return loss;
+    model_backward(m);
+    *grad_norm = clip_grad_norm(m->grads, m->n_params, s->opt.grad_clip);
+    optimizer_step(m, &s->opt, tr->opt_state, lr_factor(&s->opt, s->step), s->step + 1);
+    s->step++;
+    return loss;
+}
+
+static void trainer_alloc_buffers(Trainer *tr) {
+    tr->inputs = xmalloc(sizeof(int) * (size_t)tr->state.batch * tr->state.cfg.seq_len);
+    tr->targets = xmalloc(sizeof(int) * (size_t)tr->state.batch * tr->state.cfg.seq_len);
+}
+
+// Sets up a fresh run: model and batch sampler seeded from s->seed, zero optimizer state.
+static void trainer_init(Trainer *tr, const TrainState *s) {
+    tr->state = *s;
+    tr->state.step = 0;
+    tr->state.rng = s->seed;
+    model_alloc(&tr->model, &s->cfg, s->batch);
+    model_init(&tr->model, s->seed);
+    size_t offset[N_PARAM_TENSORS];
+    tr->opt_state = xcalloc(optimizer_layout(&tr->model, s->opt.optimizer, offset), sizeof(float));
+    trainer_alloc_buffers(tr);
+}
+
+static void trainer_free(Trainer *tr) {
+    model_free(&tr->model);
+    free(tr->opt_state); free(tr->inputs); free(tr->targets);
+    memset(tr, 0, sizeof *tr);
+}
+
+/* ############################################################################
+ * END OF PART I. The method ends here: everything above is what OSP is and how it is measured.
+ *
+ * PART II: THE MACHINERY
+ *
+ * What makes it fast, and what makes it a tool: utilities for files and threads, the fast
+ * kernels and their scheduling, the tokenizer and its trainer, data files, checkpoints, GPTQ
+ * and the rotation, the exporters, the training run loop and its logs, sampling, CSV and SVG,
+ * and the command line (the ablation and the bench among its commands).
+ * ############################################################################ */
+
+/* ============================================================================
+ * Utilities: files, parsing, threads
+ * ========================================================================== */
 
 // Reads a whole file into memory; *len gets its size. Returns NULL (and sets osp_error).
 // The largest file read_file reads: far above any checkpoint or corpus osp.c can use.
@@ -264,37 +1842,6 @@ static void reader_get(Reader *r, void *out, size_t size) {
     r->pos += size;
 }
 
-// splitmix64: a tiny, high-quality generator whose whole state is one uint64 (easy to save).
-static uint64_t rng_next(uint64_t *state) {
-    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-// Uniform float in [0, 1).
-static float rng_uniform(uint64_t *state) {
-    return (float)(rng_next(state) >> 40) * (1.0f / 16777216.0f);
-}
-
-// Standard normal sample (Box-Muller).
-static float rng_normal(uint64_t *state) {
-    double u1 = ((double)(rng_next(state) >> 11) + 1.0) * (1.0 / 9007199254740993.0);
-    double u2 = (double)(rng_next(state) >> 11) * (1.0 / 9007199254740992.0);
-    return (float)(sqrt(-2.0 * log(u1)) * cos(2.0 * M_PI * u2));
-}
-
-// max(a, b) and min(a, b) for a that is not NaN (a NaN b gives a, as fmaxf and fminf do). Plain
-// comparisons inline in the hot loops, where fmaxf and fminf are calls into libm.
-static inline float max_float(float a, float b) { return b > a ? b : a; }
-static inline float min_float(float a, float b) { return b < a ? b : a; }
-
-static double now_seconds(void) {
-    struct timespec ts;
-    timespec_get(&ts, TIME_UTC);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 static int num_threads(void) {
 #ifdef _OPENMP
     return omp_get_max_threads();
@@ -311,17 +1858,6 @@ static void set_num_threads(int n) {
 #endif
 }
 
-// Time spent in the main parts of a training step, summed for ./osp bench's breakdown: the
-// call sites in the forward and backward passes and the optimizer step wrap the work in
-// TIMED(part, call). Off (and free) unless bench switches `profiling` on.
-enum { PART_MATMUL_FORWARD, PART_MATMUL_BACKWARD, PART_ATTENTION, PART_OPTIMIZER, N_PARTS };
-static double part_seconds[N_PARTS];
-static bool profiling;
-
-static double part_begin(void) { return profiling ? now_seconds() : 0.0; }
-static void part_end(int part, double t0) { if (profiling) part_seconds[part] += now_seconds() - t0; }
-#define TIMED(part, call) do { double t0_ = part_begin(); call; part_end(part, t0_); } while (0)
-
 // Formats a duration like "4m05s" for progress lines.
 static const char *format_duration(double seconds, char *buf, size_t size) {
     if (seconds < 0 || !isfinite(seconds)) seconds = 0;
@@ -329,6 +1865,295 @@ static const char *format_duration(double seconds, char *buf, size_t size) {
     if (s >= 3600) snprintf(buf, size, "%ldh%02ldm", s / 3600, (s / 60) % 60);
     else snprintf(buf, size, "%ldm%02lds", s / 60, s % 60);
     return buf;
+}
+
+/* ============================================================================
+ * Fast kernels: the products of Part I on one register-tiled kernel
+ * ========================================================================== */
+
+// A product C[M, N] = A·B (or C += A·B) is given by strides: A[i][k] = a[i·a_row + k·a_col] and
+// B[k][j] = b[k·b_row + j·b_col], so either may be the transpose of a row-major array. One kernel
+// thus serves the forward product, both backward products, attention and Newton-Schulz.
+//
+// C is cut into tiles of GEMM_MR x GEMM_NR. A tile keeps its sums in vectors of 8 floats, two
+// per row, and for each k does 2·MR vector multiply-adds on one row of B (two vectors) and MR
+// broadcast values of A. MR is as large as the registers allow: 6 rows (12 accumulators + 2 B
+// vectors + 1 broadcast) on AVX2's 16 registers or NEON's 32 (two per vector), 12 on AVX-512's
+// 32. The vectors are GCC/Clang vector extensions, so the layout is fixed in the source rather
+// than left to the auto-vectorizer (which made a 30x slower kernel of the plain loop for
+// AVX-512), and it stays portable C.
+// A row of B must be 16 floats in a row: B is read in place when it is row-major and the panel
+// full; otherwise the panel is first copied ("packed") into a K x 16 buffer, zero-padded. A is
+// read in place, one value per tile row and k, whatever its strides.
+//
+// Every element of C is summed over k in order by one tile, so results do not depend on the
+// number of threads nor on how the work is split.
+
+typedef float vec8 __attribute__((vector_size(32)));   // 8 floats, one AVX register or two NEON
+
+#if defined(__AVX512F__)
+#define GEMM_MR 12
+#else
+#define GEMM_MR 6
+#endif
+#define GEMM_NR 16
+#define GEMM_ITEM_ROWS 96   // rows of C per work item of gemm_parallel, a multiple of GEMM_MR
+
+// Causal attention needs only a triangle of some products (see attention_forward):
+enum {
+    GEMM_FULL,
+    GEMM_LOWER,     // only C[i][j] with j <= i is needed: tiles right of the diagonal are skipped
+    GEMM_A_LOWER,   // A[i][k] = 0 for k > i: a tile sums k up to its last row only
+    GEMM_A_UPPER,   // A[i][k] = 0 for k < i: a tile sums k from its first row only
+};
+
+typedef struct {
+    float *c; size_t ldc;              // C [M, N], row stride ldc
+    const float *a; size_t a_row, a_col;
+    const float *b; size_t b_row, b_col;
+    int M, N, K;
+    bool accumulate;                   // C += A·B instead of C = A·B
+    int shape;                         // GEMM_FULL or a triangle
+} Gemm;
+
+// Per-thread work space, grown as needed and never freed, so that allocation stays out of the
+// training loop after the first step. One buffer per use, so that users can nest.
+static _Thread_local float *workspace_buffer[N_WORKSPACES];
+static _Thread_local size_t workspace_floats[N_WORKSPACES];
+
+static float *workspace(int which, size_t floats) {
+    if (floats > workspace_floats[which]) {
+        free(workspace_buffer[which]);
+        workspace_buffer[which] = xmalloc(sizeof(float) * floats);
+        workspace_floats[which] = floats;
+    }
+    return workspace_buffer[which];
+}
+
+// One tile: c[i][j] (+)= Σ_{k0 <= k < k1} A[i][k]·panel[k][j] for i < mr, j < nr, where a points
+// at the tile's first row of A and panel rows are panel_row floats apart. A short tile
+// (mr < MR) repeats its last row of A, so the loop is always the full MR x 16.
+static inline void gemm_tile(float *restrict c, size_t ldc, const float *a, size_t a_row, size_t a_col,
+                             const float *panel, size_t panel_row, int k0, int k1, bool accumulate,
+                             int mr, int nr) {
+    const float *row[GEMM_MR];
+    for (int i = 0; i < GEMM_MR; i++) row[i] = a + (size_t)(i < mr ? i : mr - 1) * a_row;
+    vec8 acc[GEMM_MR][2];
+    for (int i = 0; i < GEMM_MR; i++) acc[i][0] = acc[i][1] = (vec8){0};
+    for (int k = k0; k < k1; k++) {
+        vec8 b0, b1;   // memcpy: an unaligned vector load (no vector-typed function calls: their ABI varies)
+        memcpy(&b0, panel + (size_t)k * panel_row, sizeof b0);
+        memcpy(&b1, panel + (size_t)k * panel_row + 8, sizeof b1);
+#pragma GCC unroll 12
+        for (int i = 0; i < GEMM_MR; i++) {
+            float aik = row[i][(size_t)k * a_col];
+            acc[i][0] += aik * b0;
+            acc[i][1] += aik * b1;
+        }
+    }
+    for (int i = 0; i < mr; i++) {
+        float *ci = c + (size_t)i * ldc, sums[GEMM_NR];
+        memcpy(sums, acc[i], sizeof sums);
+        for (int j = 0; j < nr; j++) ci[j] = (accumulate ? ci[j] : 0.0f) + sums[j];
+    }
+}
+
+// Rows [i_begin, i_end) of column panel `panel` (columns 16·panel ...) of a product, on the
+// calling thread. i_begin is a multiple of GEMM_MR, so tiles sit at the same rows however the
+// rows are split (the triangles rely on that).
+static void gemm_block(const Gemm *g, int panel, int i_begin, int i_end) {
+    int j0 = panel * GEMM_NR, nr = g->N - j0 < GEMM_NR ? g->N - j0 : GEMM_NR;
+    if (g->shape == GEMM_LOWER && j0 > i_end - 1) return;
+    const float *p = g->b + (size_t)j0 * g->b_col;
+    size_t p_row = g->b_row;
+    if (g->b_col != 1 || nr < GEMM_NR) {   // pack: buf[k][j] = B[k][j0 + j], zero beyond N
+        float *buf = workspace(WORKSPACE_PANEL, (size_t)g->K * GEMM_NR);
+        for (int k = 0; k < g->K; k++)
+            for (int j = 0; j < GEMM_NR; j++)
+                buf[k * GEMM_NR + j] = j < nr ? p[(size_t)k * g->b_row + (size_t)j * g->b_col] : 0.0f;
+        p = buf;
+        p_row = GEMM_NR;
+    }
+    for (int i0 = i_begin; i0 < i_end; i0 += GEMM_MR) {
+        int mr = i_end - i0 < GEMM_MR ? i_end - i0 : GEMM_MR;
+        if (g->shape == GEMM_LOWER && j0 > i0 + mr - 1) continue;
+        int k0 = g->shape == GEMM_A_UPPER ? i0 : 0;
+        int k1 = g->shape == GEMM_A_LOWER && i0 + mr < g->K ? i0 + mr : g->K;
+        gemm_tile(g->c + (size_t)i0 * g->ldc + j0, g->ldc, g->a + (size_t)i0 * g->a_row, g->a_row, g->a_col,
+                  p, p_row, k0, k1, g->accumulate, mr, nr);
+    }
+}
+
+// A whole product on the calling thread (for callers that are themselves split over threads).
+static void gemm_serial(const Gemm *g) {
+    for (int panel = 0; panel * GEMM_NR < g->N; panel++) gemm_block(g, panel, 0, g->M);
+}
+
+#define GEMM_MAX_BATCH 8
+
+// n products split over the threads in one parallel region. Work items (a panel of
+// GEMM_ITEM_ROWS rows) are handed out one at a time, so a thread that the OS shares with another
+// program simply takes fewer. Products that write the same C must be consecutive in g (a
+// "chain", same M and N): each item runs the chain in order, so every element of C still
+// receives the products' sums in a fixed order.
+static void gemm_parallel(const Gemm *g, int n) {
+    int chain[GEMM_MAX_BATCH], first_item[GEMM_MAX_BATCH + 1] = {0}, chains = 0;
+    if (n > GEMM_MAX_BATCH) die("internal: gemm_parallel of %d products", n);
+    for (int p = 0; p < n; p++) {
+        if (p > 0 && g[p].c == g[p - 1].c) continue;
+        int panels = (g[p].N + GEMM_NR - 1) / GEMM_NR;
+        int blocks = (g[p].M + GEMM_ITEM_ROWS - 1) / GEMM_ITEM_ROWS;
+        chain[chains] = p;
+        first_item[chains + 1] = first_item[chains] + panels * blocks;
+        chains++;
+    }
+#pragma omp parallel for schedule(dynamic)
+    for (int item = 0; item < first_item[chains]; item++) {
+        int ch = 0;
+        while (item >= first_item[ch + 1]) ch++;
+        const Gemm *first = &g[chain[ch]];
+        int blocks = (first->M + GEMM_ITEM_ROWS - 1) / GEMM_ITEM_ROWS, local = item - first_item[ch];
+        int i0 = local % blocks * GEMM_ITEM_ROWS;
+        int i1 = i0 + GEMM_ITEM_ROWS < first->M ? i0 + GEMM_ITEM_ROWS : first->M;
+        for (const Gemm *p = first; p < g + n && p->c == first->c; p++) gemm_block(p, local / blocks, i0, i1);
+    }
+}
+
+// Seconds spent in the forward and backward matmuls, for ./osp bench's breakdown: counted by
+// the matmul kernels while `profiling` is on (bench times the other parts at its own call sites).
+static double matmul_seconds[2];   // [0] forward, [1] backward
+static bool profiling;
+
+static void matmuls_same_input(int n, float *const *out, const float *x, const float *const *w, int N, int C,
+                               const int *OC) {
+    double t0 = profiling ? now_seconds() : 0.0;
+    Gemm g[GEMM_MAX_BATCH];   // B[k][j] = w[j][k]
+    for (int p = 0; p < n; p++)
+        g[p] = (Gemm){out[p], (size_t)OC[p], x, (size_t)C, 1, w[p], 1, (size_t)C, N, OC[p], C, false,
+                      GEMM_FULL};
+    gemm_parallel(g, n);
+    if (profiling) matmul_seconds[0] += now_seconds() - t0;
+}
+
+static void matmul(float *out, const float *x, const float *w, int N, int C, int OC) {
+    matmuls_same_input(1, &out, x, &w, N, C, &OC);
+}
+
+// The dW products come first (A[o][n] = dout[p][n][o]), then the dx products, a chain in order.
+// The dW items are the larger (k runs over all N tokens), and large items first balance best.
+static void matmuls_same_input_backward(int n, float *dx, float *const *dw, const float *const *dout,
+                                        const float *x, const float *const *w, int N, int C, const int *OC) {
+    double t0 = profiling ? now_seconds() : 0.0;
+    Gemm g[GEMM_MAX_BATCH];
+    for (int p = 0; p < n; p++) {
+        g[p] = (Gemm){dw[p], (size_t)C, dout[p], 1, (size_t)OC[p], x, (size_t)C, 1, OC[p], C, N, true,
+                      GEMM_FULL};
+        g[n + p] = (Gemm){dx, (size_t)C, dout[p], (size_t)OC[p], 1, w[p], (size_t)C, 1, N, C, OC[p], true,
+                          GEMM_FULL};
+    }
+    gemm_parallel(g, 2 * n);
+    if (profiling) matmul_seconds[1] += now_seconds() - t0;
+}
+
+static void matmul_backward(float *dx, float *dw, const float *dout, const float *x, const float *w, int N,
+                            int C, int OC) {
+    matmuls_same_input_backward(1, dx, &dw, &dout, x, &w, N, C, &OC);
+}
+
+// The causal products: only the triangle on and below the diagonal is computed or read.
+static void causal_scores(float *s, const float *a, size_t a_row, const float *b, size_t b_row, int T,
+                          int n) {
+    gemm_serial(&(Gemm){s, (size_t)T, a, a_row, 1, b, 1, b_row, T, T, n, false, GEMM_LOWER});
+    for (int t = 0; t < T; t++) {   // zeros right of the diagonal up to the end of row t's tile,
+        int tile_end = (t / GEMM_MR + 1) * GEMM_MR;   // as far as GEMM_A_LOWER and _UPPER read
+        for (int u = t + 1; u < tile_end && u < T; u++) s[(size_t)t * T + u] = 0.0f;
+    }
+}
+
+static void causal_mix(float *out, size_t out_row, const float *p, const float *v, size_t v_row, int T,
+                       int n) {
+    gemm_serial(&(Gemm){out, out_row, p, (size_t)T, 1, v, v_row, 1, T, n, T, false, GEMM_A_LOWER});
+}
+
+static void causal_mix_add(float *out, size_t out_row, const float *p, const float *v, size_t v_row, int T,
+                           int n) {
+    gemm_serial(&(Gemm){out, out_row, p, (size_t)T, 1, v, v_row, 1, T, n, T, true, GEMM_A_LOWER});
+}
+
+static void causal_mix_transposed_add(float *out, size_t out_row, const float *p, const float *v,
+                                      size_t v_row, int T, int n) {   // A[i][k] = p[k][i]
+    gemm_serial(&(Gemm){out, out_row, p, 1, (size_t)T, v, v_row, 1, T, n, T, true, GEMM_A_UPPER});
+}
+
+static void gram_matrix(float *g, const float *x, int r, int c) {   // B[k][j] = x[j][k]
+    gemm_serial(&(Gemm){g, (size_t)r, x, (size_t)c, 1, x, 1, (size_t)c, r, r, c, false, GEMM_FULL});
+}
+
+static void matrix_product(float *out, const float *a, const float *b, int M, int K, int N) {
+    gemm_serial(&(Gemm){out, (size_t)N, a, (size_t)K, 1, b, (size_t)N, 1, M, N, K, false, GEMM_FULL});
+}
+
+// The plain loops of attention, forward and backward: the reference for attention_forward and
+// attention_backward, Part I's attention on the causal products above (test_osp.c: odd shapes,
+// T = 1, causal tiles cut mid-tile). They write att only for t2 <= t.
+void attention_forward_reference(float *out, float *att, const float *q, const float *k, const float *v,
+                                 int B, int T, int H, int KVH, int hd);
+void attention_forward_reference(float *out, float *att, const float *q, const float *k, const float *v,
+                                 int B, int T, int H, int KVH, int hd) {
+    float scale = 1.0f / sqrtf((float)hd);
+    int group = H / KVH;
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int t = 0; t < T; t++) {
+                const float *qt = q + (((size_t)b * T + t) * H + h) * hd;
+                float *p = att + (((size_t)b * H + h) * T + t) * T;
+                int kh = h / group;
+                float maxval = -FLT_MAX;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    p[t2] = dot(qt, k + (((size_t)b * T + t2) * KVH + kh) * hd, hd) * scale;
+                    if (p[t2] > maxval) maxval = p[t2];
+                }
+                float sum = 0.0f;
+                for (int t2 = 0; t2 <= t; t2++) { p[t2] = expf(p[t2] - maxval); sum += p[t2]; }
+                float inv = 1.0f / sum;
+                float *o = out + (((size_t)b * T + t) * H + h) * hd;
+                for (int i = 0; i < hd; i++) o[i] = 0.0f;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    p[t2] *= inv;
+                    const float *vt = v + (((size_t)b * T + t2) * KVH + kh) * hd;
+                    for (int i = 0; i < hd; i++) o[i] += p[t2] * vt[i];
+                }
+            }
+}
+
+void attention_backward_reference(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                                  const float *att, const float *q, const float *k, const float *v,
+                                  int B, int T, int H, int KVH, int hd);
+void attention_backward_reference(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                                  const float *att, const float *q, const float *k, const float *v,
+                                  int B, int T, int H, int KVH, int hd) {
+    float scale = 1.0f / sqrtf((float)hd);
+    int group = H / KVH;
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int t = 0; t < T; t++) {
+                size_t row = ((size_t)b * T + t) * H + h;
+                const float *p = att + (((size_t)b * H + h) * T + t) * T;
+                const float *go = dout + row * hd, *qt = q + row * hd;
+                float *dqt = dq + row * hd;
+                float p_dot_dp = dot(go, out + row * hd, hd);
+                for (int t2 = 0; t2 <= t; t2++) {
+                    size_t kv_row = ((size_t)b * T + t2) * KVH + h / group;
+                    const float *kt = k + kv_row * hd, *vt = v + kv_row * hd;
+                    float *dkt = dk + kv_row * hd, *dvt = dv + kv_row * hd;
+                    float ds = p[t2] * (dot(go, vt, hd) - p_dot_dp) * scale;
+                    for (int i = 0; i < hd; i++) {
+                        dvt[i] += p[t2] * go[i];
+                        dqt[i] += ds * kt[i];
+                        dkt[i] += ds * qt[i];
+                    }
+                }
+            }
 }
 
 /* ============================================================================
@@ -667,7 +2492,7 @@ static bool tokenizer_load(Tokenizer *t, const char *path) {
 }
 
 /* ============================================================================
- * Data: token files and the batch loader
+ * Data: token files (data_next_batch, in Part I, draws the batches)
  *
  * Token file: 16-byte header (char magic[4] "OSPD", uint32 version 1, uint32 vocab_size,
  * uint32 reserved 0), uint64 n_tokens, then n_tokens uint16 token ids. Little-endian.
@@ -675,8 +2500,6 @@ static bool tokenizer_load(Tokenizer *t, const char *path) {
 
 #define DATA_MAGIC "OSPD"
 #define DATA_VERSION 1u
-
-typedef struct { int vocab_size; size_t n; uint16_t *tokens; } TokenData;
 
 static bool tokens_save(const char *path, const int *tokens, size_t n, int vocab_size) {
     AtomicFile af;
@@ -730,1466 +2553,6 @@ static bool tokens_load(TokenData *d, const char *path) {
     return true;
 }
 
-// Draws B random windows of T+1 tokens: inputs [B,T] and targets [B,T] (shifted by one).
-static void data_next_batch(const TokenData *d, uint64_t *rng, int B, int T, int *inputs, int *targets) {
-    size_t range = d->n - (size_t)T;   // valid starts: 0 .. n-T-1
-    for (int b = 0; b < B; b++) {
-        size_t start = (size_t)(rng_next(rng) % range);
-        for (int t = 0; t < T; t++) {
-            inputs[b * T + t] = d->tokens[start + (size_t)t];
-            targets[b * T + t] = d->tokens[start + (size_t)t + 1];
-        }
-    }
-}
-
-/* ============================================================================
- * Layers. Each forward is followed by its backward. Conventions:
- * - N = B*T rows (tokens); matrices are [out][in] row-major, as PyTorch stores them.
- * - Forward functions write their outputs; backward functions ADD into the gradients of their
- *   inputs (a tensor used twice receives both contributions), so gradients start zeroed.
- * - Parallel loops split over outputs, and every sum runs in a fixed order, so results are
- *   bit-identical for any thread count. Loops hand out their work in chunks as threads come
- *   free (schedule(dynamic)): a thread whose core the OS shares with another program then takes
- *   fewer chunks, instead of every loop's end waiting for its fixed share.
- * ========================================================================== */
-
-#define RMSNORM_EPS 1e-5f
-#define ROPE_THETA 10000.0f
-
-// Dot product of two length-n vectors (the compiler vectorizes the reduction).
-static inline float dot(const float *a, const float *b, int n) {
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int i = 0; i < n; i++) sum += a[i] * b[i];
-    return sum;
-}
-
-// Embedding lookup: out[n,:] = table[tokens[n],:]. out [N,d], table [V,d].
-static void embedding_forward(float *out, const int *tokens, const float *table, int N, int d) {
-    for (int n = 0; n < N; n++)
-        memcpy(out + (size_t)n * d, table + (size_t)tokens[n] * d, sizeof(float) * (size_t)d);
-}
-
-// dtable[tokens[n],:] += dout[n,:]. Serial: two rows may share a token.
-static void embedding_backward(float *dtable, const float *dout, const int *tokens, int N, int d) {
-    for (int n = 0; n < N; n++) {
-        float *row = dtable + (size_t)tokens[n] * d;
-        const float *g = dout + (size_t)n * d;
-        for (int i = 0; i < d; i++) row[i] += g[i];
-    }
-}
-
-// RMSNorm: out = gain * x / sqrt(mean(x^2) + eps). inp, out [N,d]; rstd [N] saved.
-// gain_step 1: a gain per channel, gain [d] (Llama). gain_step 0: one scalar gain [1] for all
-// channels, so no channel can be singled out by its own scale. OSP: Single-Scale RMSNorm.
-static void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *gain, int gain_step,
-                            int N, int d) {
-#pragma omp parallel for schedule(dynamic, 16)
-    for (int n = 0; n < N; n++) {
-        const float *x = inp + (size_t)n * d;
-        float r = 1.0f / sqrtf(dot(x, x, d) / (float)d + RMSNORM_EPS);
-        rstd[n] = r;
-        float *y = out + (size_t)n * d;
-        for (int i = 0; i < d; i++) y[i] = gain[i * gain_step] * x[i] * r;
-    }
-}
-
-// dx = r*(g*dy) - r^3/d * x * sum(g*dy*x);  dgain += sum over rows (and, for the single
-// scale, over channels) of dy * x * r.
-static void rmsnorm_backward(float *dinp, float *dgain, const float *dout, const float *inp,
-                             const float *gain, int gain_step, const float *rstd, int N, int d) {
-#pragma omp parallel for schedule(dynamic, 16)
-    for (int n = 0; n < N; n++) {
-        const float *x = inp + (size_t)n * d, *dy = dout + (size_t)n * d;
-        float r = rstd[n], proj = 0.0f;
-        for (int i = 0; i < d; i++) proj += gain[i * gain_step] * dy[i] * x[i];
-        float c = proj * r * r * r / (float)d;
-        float *dx = dinp + (size_t)n * d;
-        for (int i = 0; i < d; i++) dx[i] += r * gain[i * gain_step] * dy[i] - c * x[i];
-    }
-    for (int n = 0; n < N; n++) {
-        const float *x = inp + (size_t)n * d, *dy = dout + (size_t)n * d;
-        float r = rstd[n];
-        for (int i = 0; i < d; i++) dgain[i * gain_step] += dy[i] * x[i] * r;
-    }
-}
-
-// ---- Matrix multiplication: one register-tiled kernel, and the plain loops it is tested against.
-//
-// A product C[M, N] = A·B (or C += A·B) is given by strides: A[i][k] = a[i·a_row + k·a_col] and
-// B[k][j] = b[k·b_row + j·b_col], so either may be the transpose of a row-major array. One kernel
-// thus serves the forward product, both backward products, attention and Newton-Schulz.
-//
-// C is cut into tiles of GEMM_MR x GEMM_NR. A tile keeps its sums in vectors of 8 floats, two
-// per row, and for each k does 2·MR vector multiply-adds on one row of B (two vectors) and MR
-// broadcast values of A. MR is as large as the registers allow: 6 rows (12 accumulators + 2 B
-// vectors + 1 broadcast) on AVX2's 16 registers or NEON's 32 (two per vector), 12 on AVX-512's
-// 32. The vectors are GCC/Clang vector extensions, so the layout is fixed in the source rather
-// than left to the auto-vectorizer (which made a 30x slower kernel of the plain loop for
-// AVX-512), and it stays portable C.
-// A row of B must be 16 floats in a row: B is read in place when it is row-major and the panel
-// full; otherwise the panel is first copied ("packed") into a K x 16 buffer, zero-padded. A is
-// read in place, one value per tile row and k, whatever its strides.
-//
-// Every element of C is summed over k in order by one tile, so results do not depend on the
-// number of threads nor on how the work is split.
-
-typedef float vec8 __attribute__((vector_size(32)));   // 8 floats, one AVX register or two NEON
-
-#if defined(__AVX512F__)
-#define GEMM_MR 12
-#else
-#define GEMM_MR 6
-#endif
-#define GEMM_NR 16
-#define GEMM_ITEM_ROWS 96   // rows of C per work item of gemm_parallel, a multiple of GEMM_MR
-
-// Causal attention needs only a triangle of some products (see attention_forward):
-enum {
-    GEMM_FULL,
-    GEMM_LOWER,     // only C[i][j] with j <= i is needed: tiles right of the diagonal are skipped
-    GEMM_A_LOWER,   // A[i][k] = 0 for k > i: a tile sums k up to its last row only
-    GEMM_A_UPPER,   // A[i][k] = 0 for k < i: a tile sums k from its first row only
-};
-
-typedef struct {
-    float *c; size_t ldc;              // C [M, N], row stride ldc
-    const float *a; size_t a_row, a_col;
-    const float *b; size_t b_row, b_col;
-    int M, N, K;
-    bool accumulate;                   // C += A·B instead of C = A·B
-    int shape;                         // GEMM_FULL or a triangle
-} Gemm;
-
-// Per-thread work space, grown as needed and never freed, so that allocation stays out of the
-// training loop after the first step. One buffer per use, so that users can nest.
-enum { WORKSPACE_PANEL, WORKSPACE_SCORES, WORKSPACE_MUON, N_WORKSPACES };
-static _Thread_local float *workspace_buffer[N_WORKSPACES];
-static _Thread_local size_t workspace_floats[N_WORKSPACES];
-
-static float *workspace(int which, size_t floats) {
-    if (floats > workspace_floats[which]) {
-        free(workspace_buffer[which]);
-        workspace_buffer[which] = xmalloc(sizeof(float) * floats);
-        workspace_floats[which] = floats;
-    }
-    return workspace_buffer[which];
-}
-
-// One tile: c[i][j] (+)= Σ_{k0 <= k < k1} A[i][k]·panel[k][j] for i < mr, j < nr, where a points
-// at the tile's first row of A and panel rows are panel_row floats apart. A short tile
-// (mr < MR) repeats its last row of A, so the loop is always the full MR x 16.
-static inline void gemm_tile(float *restrict c, size_t ldc, const float *a, size_t a_row, size_t a_col,
-                             const float *panel, size_t panel_row, int k0, int k1, bool accumulate,
-                             int mr, int nr) {
-    const float *row[GEMM_MR];
-    for (int i = 0; i < GEMM_MR; i++) row[i] = a + (size_t)(i < mr ? i : mr - 1) * a_row;
-    vec8 acc[GEMM_MR][2];
-    for (int i = 0; i < GEMM_MR; i++) acc[i][0] = acc[i][1] = (vec8){0};
-    for (int k = k0; k < k1; k++) {
-        vec8 b0, b1;   // memcpy: an unaligned vector load (no vector-typed function calls: their ABI varies)
-        memcpy(&b0, panel + (size_t)k * panel_row, sizeof b0);
-        memcpy(&b1, panel + (size_t)k * panel_row + 8, sizeof b1);
-#pragma GCC unroll 12
-        for (int i = 0; i < GEMM_MR; i++) {
-            float aik = row[i][(size_t)k * a_col];
-            acc[i][0] += aik * b0;
-            acc[i][1] += aik * b1;
-        }
-    }
-    for (int i = 0; i < mr; i++) {
-        float *ci = c + (size_t)i * ldc, sums[GEMM_NR];
-        memcpy(sums, acc[i], sizeof sums);
-        for (int j = 0; j < nr; j++) ci[j] = (accumulate ? ci[j] : 0.0f) + sums[j];
-    }
-}
-
-// Rows [i_begin, i_end) of column panel `panel` (columns 16·panel ...) of a product, on the
-// calling thread. i_begin is a multiple of GEMM_MR, so tiles sit at the same rows however the
-// rows are split (the triangles rely on that).
-static void gemm_block(const Gemm *g, int panel, int i_begin, int i_end) {
-    int j0 = panel * GEMM_NR, nr = g->N - j0 < GEMM_NR ? g->N - j0 : GEMM_NR;
-    if (g->shape == GEMM_LOWER && j0 > i_end - 1) return;
-    const float *p = g->b + (size_t)j0 * g->b_col;
-    size_t p_row = g->b_row;
-    if (g->b_col != 1 || nr < GEMM_NR) {   // pack: buf[k][j] = B[k][j0 + j], zero beyond N
-        float *buf = workspace(WORKSPACE_PANEL, (size_t)g->K * GEMM_NR);
-        for (int k = 0; k < g->K; k++)
-            for (int j = 0; j < GEMM_NR; j++)
-                buf[k * GEMM_NR + j] = j < nr ? p[(size_t)k * g->b_row + (size_t)j * g->b_col] : 0.0f;
-        p = buf;
-        p_row = GEMM_NR;
-    }
-    for (int i0 = i_begin; i0 < i_end; i0 += GEMM_MR) {
-        int mr = i_end - i0 < GEMM_MR ? i_end - i0 : GEMM_MR;
-        if (g->shape == GEMM_LOWER && j0 > i0 + mr - 1) continue;
-        int k0 = g->shape == GEMM_A_UPPER ? i0 : 0;
-        int k1 = g->shape == GEMM_A_LOWER && i0 + mr < g->K ? i0 + mr : g->K;
-        gemm_tile(g->c + (size_t)i0 * g->ldc + j0, g->ldc, g->a + (size_t)i0 * g->a_row, g->a_row, g->a_col,
-                  p, p_row, k0, k1, g->accumulate, mr, nr);
-    }
-}
-
-// A whole product on the calling thread (for callers that are themselves split over threads).
-static void gemm_serial(const Gemm *g) {
-    for (int panel = 0; panel * GEMM_NR < g->N; panel++) gemm_block(g, panel, 0, g->M);
-}
-
-#define GEMM_MAX_BATCH 8
-
-// n products split over the threads in one parallel region. Work items (a panel of
-// GEMM_ITEM_ROWS rows) are handed out one at a time, so a thread that the OS shares with another
-// program simply takes fewer. Products that write the same C must be consecutive in g (a
-// "chain", same M and N): each item runs the chain in order, so every element of C still
-// receives the products' sums in a fixed order.
-static void gemm_parallel(const Gemm *g, int n) {
-    int chain[GEMM_MAX_BATCH], first_item[GEMM_MAX_BATCH + 1] = {0}, chains = 0;
-    if (n > GEMM_MAX_BATCH) die("internal: gemm_parallel of %d products", n);
-    for (int p = 0; p < n; p++) {
-        if (p > 0 && g[p].c == g[p - 1].c) continue;
-        int panels = (g[p].N + GEMM_NR - 1) / GEMM_NR;
-        int blocks = (g[p].M + GEMM_ITEM_ROWS - 1) / GEMM_ITEM_ROWS;
-        chain[chains] = p;
-        first_item[chains + 1] = first_item[chains] + panels * blocks;
-        chains++;
-    }
-#pragma omp parallel for schedule(dynamic)
-    for (int item = 0; item < first_item[chains]; item++) {
-        int ch = 0;
-        while (item >= first_item[ch + 1]) ch++;
-        const Gemm *first = &g[chain[ch]];
-        int blocks = (first->M + GEMM_ITEM_ROWS - 1) / GEMM_ITEM_ROWS, local = item - first_item[ch];
-        int i0 = local % blocks * GEMM_ITEM_ROWS;
-        int i1 = i0 + GEMM_ITEM_ROWS < first->M ? i0 + GEMM_ITEM_ROWS : first->M;
-        for (const Gemm *p = first; p < g + n && p->c == first->c; p++) gemm_block(p, local / blocks, i0, i1);
-    }
-}
-
-// out[p] = inp · w[p]ᵀ for n weights sharing one input (Q, K, V; gate and up), in one parallel
-// region. inp [N,C], w[p] [OC[p],C], out[p] [N,OC[p]]. (B[k][j] = w[j][k].)
-static void matmul_forward_n(int n, float *const *out, const float *inp, const float *const *w,
-                             int N, int C, const int *OC) {
-    Gemm g[GEMM_MAX_BATCH];
-    for (int p = 0; p < n; p++)
-        g[p] = (Gemm){out[p], (size_t)OC[p], inp, (size_t)C, 1, w[p], 1, (size_t)C, N, OC[p], C, false,
-                      GEMM_FULL};
-    gemm_parallel(g, n);
-}
-
-static void matmul_forward(float *out, const float *inp, const float *w, int N, int C, int OC) {
-    matmul_forward_n(1, &out, inp, &w, N, C, &OC);
-}
-
-// Backward of matmul_forward_n: dw[p] += dout[p]ᵀ · inp (A[o][n] = dout[p][n][o]), then
-// dinp += dout[0]·w[0] + dout[1]·w[1] + ... in that order (a chain). The dw products come first:
-// their work items are the larger (k runs over all N tokens), and large items first balance best.
-static void matmul_backward_n(int n, float *dinp, float *const *dw, const float *const *dout,
-                              const float *inp, const float *const *w, int N, int C, const int *OC) {
-    Gemm g[GEMM_MAX_BATCH];
-    for (int p = 0; p < n; p++) {
-        g[p] = (Gemm){dw[p], (size_t)C, dout[p], 1, (size_t)OC[p], inp, (size_t)C, 1, OC[p], C, N, true,
-                      GEMM_FULL};
-        g[n + p] = (Gemm){dinp, (size_t)C, dout[p], (size_t)OC[p], 1, w[p], (size_t)C, 1, N, C, OC[p], true,
-                          GEMM_FULL};
-    }
-    gemm_parallel(g, 2 * n);
-}
-
-static void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
-                            int N, int C, int OC) {
-    matmul_backward_n(1, dinp, &dw, &dout, inp, &w, N, C, &OC);
-}
-
-// The plain loops: the reference the kernel is tested against (test_osp.c, odd shapes).
-// Not static, so that a build without the tests does not warn that nothing calls them.
-void matmul_forward_reference(float *out, const float *inp, const float *w, int N, int C, int OC);
-void matmul_forward_reference(float *out, const float *inp, const float *w, int N, int C, int OC) {
-    for (int n = 0; n < N; n++)
-        for (int o = 0; o < OC; o++) out[(size_t)n * OC + o] = dot(inp + (size_t)n * C, w + (size_t)o * C, C);
-}
-
-void matmul_backward_reference(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
-                               int N, int C, int OC);
-void matmul_backward_reference(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
-                               int N, int C, int OC) {
-    for (int n = 0; n < N; n++)
-        for (int o = 0; o < OC; o++)
-            for (int c = 0; c < C; c++) {
-                dinp[(size_t)n * C + c] += dout[(size_t)n * OC + o] * w[(size_t)o * C + c];
-                dw[(size_t)o * C + c] += dout[(size_t)n * OC + o] * inp[(size_t)n * C + c];
-            }
-}
-
-// Rotary position embedding tables: cos/sin [T_max, head_dim/2] of pos * theta^(-2i/head_dim).
-static void rope_tables(float *cos_table, float *sin_table, int T_max, int head_dim) {
-    int half = head_dim / 2;
-    for (int t = 0; t < T_max; t++)
-        for (int i = 0; i < half; i++) {
-            double angle = t * pow(ROPE_THETA, -2.0 * i / head_dim);
-            cos_table[t * half + i] = (float)cos(angle);
-            sin_table[t * half + i] = (float)sin(angle);
-        }
-}
-
-// RoPE in place on q [B,T,H,head_dim] and k [B,T,KVH,head_dim] (k may be NULL with KVH = 0),
-// in one pass: rotates ADJACENT pairs (2i, 2i+1) of each head by angle t * theta^(-2i/head_dim)
-// (the Meta / llama2.c layout). sign = +1 applies the rotation; sign = -1 applies its inverse,
-// which is exactly the backward pass, because the rotation is orthogonal: dx = Rᵀ dy.
-static void rope_rotate(float *q, float *k, const float *cos_table, const float *sin_table, int B, int T,
-                        int H, int KVH, int head_dim, float sign) {
-    int half = head_dim / 2;
-#pragma omp parallel for collapse(2) schedule(dynamic, 16)
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < T; t++)
-            for (int h = 0; h < H + KVH; h++) {
-                size_t row = (size_t)b * T + t;
-                float *v = h < H ? q + (row * H + h) * head_dim : k + (row * KVH + h - H) * head_dim;
-                for (int i = 0; i < half; i++) {
-                    float c = cos_table[t * half + i], s = sign * sin_table[t * half + i];
-                    float x0 = v[2 * i], x1 = v[2 * i + 1];
-                    v[2 * i] = x0 * c - x1 * s;
-                    v[2 * i + 1] = x0 * s + x1 * c;
-                }
-            }
-}
-
-static void rope_forward(float *q, float *k, const float *cos_table, const float *sin_table,
-                         int B, int T, int H, int KVH, int head_dim) {
-    rope_rotate(q, k, cos_table, sin_table, B, T, H, KVH, head_dim, 1.0f);
-}
-
-static void rope_backward(float *dq, float *dk, const float *cos_table, const float *sin_table,
-                          int B, int T, int H, int KVH, int head_dim) {
-    rope_rotate(dq, dk, cos_table, sin_table, B, T, H, KVH, head_dim, -1.0f);
-}
-
-// Zeroes row t of a causal [T, T] score matrix right of the diagonal, up to the end of the row's
-// GEMM_MR-row tile: the triangular products (GEMM_A_LOWER, GEMM_A_UPPER) read that far.
-static void causal_row_clear(float *row, int t, int T) {
-    int tile_end = (t / GEMM_MR + 1) * GEMM_MR;
-    for (int t2 = t + 1; t2 < tile_end && t2 < T; t2++) row[t2] = 0.0f;
-}
-
-// Offset of head `head`'s first row in batch b of a [B, T, row] tensor of heads of hd values.
-static size_t head_offset(int b, int T, size_t row, int head, int hd) {
-    return (size_t)b * T * row + (size_t)head * hd;
-}
-
-// Causal attention with grouped KV heads: query head h reads KV head h / (H / KVH).
-// q [B,T,H,hd], k and v [B,T,KVH,hd], out [B,T,H,hd], att [B,H,T,T] softmax probabilities.
-// For each (b, h), on one thread: S = Q·Kᵀ (only tiles on or left of the diagonal), then each
-// row t becomes p = softmax(scale·S[t][0..t]), then out = P·V. P is zeroed right of the diagonal
-// (causal_row_clear); beyond that att holds unused values.
-static void attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
-                              int B, int T, int H, int KVH, int hd) {
-    float scale = 1.0f / sqrtf((float)hd);
-    int group = H / KVH;
-    size_t q_row = (size_t)H * hd, kv_row = (size_t)KVH * hd;
-#pragma omp parallel for collapse(2) schedule(dynamic)
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < H; h++) {
-            size_t qo = head_offset(b, T, q_row, h, hd), kvo = head_offset(b, T, kv_row, h / group, hd);
-            float *p = att + ((size_t)b * H + h) * T * T;
-            gemm_serial(&(Gemm){p, (size_t)T, q + qo, q_row, 1, k + kvo, 1, kv_row, T, T, hd, false,
-                                GEMM_LOWER});
-            for (int t = 0; t < T; t++) {
-                float *row = p + (size_t)t * T, maxval = -FLT_MAX, sum = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) { row[t2] *= scale; maxval = max_float(maxval, row[t2]); }
-                for (int t2 = 0; t2 <= t; t2++) { row[t2] = expf(row[t2] - maxval); sum += row[t2]; }
-                float inv = 1.0f / sum;
-                for (int t2 = 0; t2 <= t; t2++) row[t2] *= inv;
-                causal_row_clear(row, t, T);
-            }
-            gemm_serial(&(Gemm){out + qo, q_row, p, (size_t)T, 1, v + kvo, kv_row, 1, T, hd, T, false,
-                                GEMM_A_LOWER});
-        }
-}
-
-// Backward of attention. With s = scaled scores and p = softmax(s):
-// dv[t2] += p[t2]·dout;  dp[t2] = dout·v[t2];  ds[t2] = p[t2]·(dp[t2] - Σ p·dp), and
-// Σ p·dp = dout·out (since out = Σ p·v), so no scratch row is needed.
-// dq += scale·Σ ds·k;  dk[t2] += scale·ds[t2]·q. As matrices, per (b, h): dP = dO·Vᵀ (lower
-// triangle), dS from it row by row, dQ += dS·K, dK += dSᵀ·Q, dV += Pᵀ·dO. Parallel over
-// (b, KV head), each KV head's query heads in order, so dk and dv rows have one writer.
-static void attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,
-                               const float *att, const float *q, const float *k, const float *v,
-                               int B, int T, int H, int KVH, int hd) {
-    float scale = 1.0f / sqrtf((float)hd);
-    int group = H / KVH;
-    size_t q_row = (size_t)H * hd, kv_row = (size_t)KVH * hd;
-#pragma omp parallel for collapse(2) schedule(dynamic)
-    for (int b = 0; b < B; b++)
-        for (int kh = 0; kh < KVH; kh++) {
-            size_t kvo = head_offset(b, T, kv_row, kh, hd);
-            float *ds = workspace(WORKSPACE_SCORES, (size_t)T * T);
-            for (int h = kh * group; h < (kh + 1) * group; h++) {
-                size_t qo = head_offset(b, T, q_row, h, hd);
-                const float *p = att + ((size_t)b * H + h) * T * T;
-                // dP = dO·Vᵀ into ds, then dS in place, then dQ += dS·K, dK += dSᵀ·Q, dV += Pᵀ·dO
-                gemm_serial(&(Gemm){ds, (size_t)T, dout + qo, q_row, 1, v + kvo, 1, kv_row, T, T, hd, false,
-                                    GEMM_LOWER});
-                for (int t = 0; t < T; t++) {
-                    const float *pt = p + (size_t)t * T;
-                    float *dst = ds + (size_t)t * T;
-                    float p_dot_dp = dot(dout + qo + t * q_row, out + qo + t * q_row, hd);
-                    for (int t2 = 0; t2 <= t; t2++) dst[t2] = pt[t2] * (dst[t2] - p_dot_dp) * scale;
-                    causal_row_clear(dst, t, T);
-                }
-                gemm_serial(&(Gemm){dq + qo, q_row, ds, (size_t)T, 1, k + kvo, kv_row, 1, T, hd, T, true,
-                                    GEMM_A_LOWER});
-                gemm_serial(&(Gemm){dk + kvo, kv_row, ds, 1, (size_t)T, q + qo, q_row, 1, T, hd, T, true,
-                                    GEMM_A_UPPER});
-                gemm_serial(&(Gemm){dv + kvo, kv_row, p, 1, (size_t)T, dout + qo, q_row, 1, T, hd, T, true,
-                                    GEMM_A_UPPER});
-            }
-        }
-}
-
-// The plain loops of attention, forward and backward, as the reference for the two above
-// (test_osp.c: odd shapes, T = 1, causal tiles cut mid-tile). They write att only for t2 <= t.
-void attention_forward_reference(float *out, float *att, const float *q, const float *k, const float *v,
-                                 int B, int T, int H, int KVH, int hd);
-void attention_forward_reference(float *out, float *att, const float *q, const float *k, const float *v,
-                                 int B, int T, int H, int KVH, int hd) {
-    float scale = 1.0f / sqrtf((float)hd);
-    int group = H / KVH;
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < H; h++)
-            for (int t = 0; t < T; t++) {
-                const float *qt = q + (((size_t)b * T + t) * H + h) * hd;
-                float *p = att + (((size_t)b * H + h) * T + t) * T;
-                int kh = h / group;
-                float maxval = -FLT_MAX;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    p[t2] = dot(qt, k + (((size_t)b * T + t2) * KVH + kh) * hd, hd) * scale;
-                    if (p[t2] > maxval) maxval = p[t2];
-                }
-                float sum = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) { p[t2] = expf(p[t2] - maxval); sum += p[t2]; }
-                float inv = 1.0f / sum;
-                float *o = out + (((size_t)b * T + t) * H + h) * hd;
-                for (int i = 0; i < hd; i++) o[i] = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    p[t2] *= inv;
-                    const float *vt = v + (((size_t)b * T + t2) * KVH + kh) * hd;
-                    for (int i = 0; i < hd; i++) o[i] += p[t2] * vt[i];
-                }
-            }
-}
-
-void attention_backward_reference(float *dq, float *dk, float *dv, const float *dout, const float *out,
-                                  const float *att, const float *q, const float *k, const float *v,
-                                  int B, int T, int H, int KVH, int hd);
-void attention_backward_reference(float *dq, float *dk, float *dv, const float *dout, const float *out,
-                                  const float *att, const float *q, const float *k, const float *v,
-                                  int B, int T, int H, int KVH, int hd) {
-    float scale = 1.0f / sqrtf((float)hd);
-    int group = H / KVH;
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < H; h++)
-            for (int t = 0; t < T; t++) {
-                size_t row = ((size_t)b * T + t) * H + h;
-                const float *p = att + (((size_t)b * H + h) * T + t) * T;
-                const float *go = dout + row * hd, *qt = q + row * hd;
-                float *dqt = dq + row * hd;
-                float p_dot_dp = dot(go, out + row * hd, hd);
-                for (int t2 = 0; t2 <= t; t2++) {
-                    size_t kv_row = ((size_t)b * T + t2) * KVH + h / group;
-                    const float *kt = k + kv_row * hd, *vt = v + kv_row * hd;
-                    float *dkt = dk + kv_row * hd, *dvt = dv + kv_row * hd;
-                    float ds = p[t2] * (dot(go, vt, hd) - p_dot_dp) * scale;
-                    for (int i = 0; i < hd; i++) {
-                        dvt[i] += p[t2] * go[i];
-                        dqt[i] += ds * kt[i];
-                        dkt[i] += ds * qt[i];
-                    }
-                }
-            }
-}
-
-// SwiGLU: out = silu(gate) * up, silu(x) = x * sigmoid(x). All [n].
-static void swiglu_forward(float *out, const float *gate, const float *up, size_t n) {
-#pragma omp parallel for schedule(dynamic, 8192)
-    for (size_t i = 0; i < n; i++) {
-        float g = gate[i];
-        out[i] = g / (1.0f + expf(-g)) * up[i];
-    }
-}
-
-// dgate += dout·up·silu'(gate), silu'(x) = s(x)·(1 + x·(1 - s(x)));  dup += dout·silu(gate).
-static void swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
-                            size_t n) {
-#pragma omp parallel for schedule(dynamic, 8192)
-    for (size_t i = 0; i < n; i++) {
-        float g = gate[i], s = 1.0f / (1.0f + expf(-g));
-        dgate[i] += dout[i] * up[i] * s * (1.0f + g * (1.0f - s));
-        dup[i] += dout[i] * g * s;
-    }
-}
-
-// Residual connection: out = a + b. All [n].
-static void residual_forward(float *out, const float *a, const float *b, size_t n) {
-#pragma omp parallel for schedule(dynamic, 8192)
-    for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
-}
-
-// da += dout; db += dout.
-static void residual_backward(float *da, float *db, const float *dout, size_t n) {
-#pragma omp parallel for schedule(dynamic, 8192)
-    for (size_t i = 0; i < n; i++) { da[i] += dout[i]; db[i] += dout[i]; }
-}
-
-// Softmax cross-entropy: probs [N,V] = softmax(logits), losses [N] = -log probs[target].
-static void crossentropy_forward(float *losses, float *probs, const float *logits, const int *targets, int N,
-                                 int V) {
-#pragma omp parallel for schedule(dynamic, 16)
-    for (int n = 0; n < N; n++) {
-        const float *z = logits + (size_t)n * V;
-        float *p = probs + (size_t)n * V;
-        float maxval = -FLT_MAX;
-        for (int i = 0; i < V; i++) if (z[i] > maxval) maxval = z[i];
-        double sum = 0.0;
-        for (int i = 0; i < V; i++) { p[i] = expf(z[i] - maxval); sum += p[i]; }
-        float inv = (float)(1.0 / sum);
-        for (int i = 0; i < V; i++) p[i] *= inv;
-        losses[n] = (float)(log(sum) + maxval - z[targets[n]]);
-    }
-}
-
-// dlogits += dlosses[n] * (probs - onehot(target)).
-static void crossentropy_backward(float *dlogits, const float *dlosses, const float *probs,
-                                  const int *targets, int N, int V) {
-#pragma omp parallel for schedule(dynamic, 16)
-    for (int n = 0; n < N; n++) {
-        const float *p = probs + (size_t)n * V;
-        float *dz = dlogits + (size_t)n * V;
-        for (int i = 0; i < V; i++) dz[i] += dlosses[n] * (p[i] - (i == targets[n] ? 1.0f : 0.0f));
-    }
-}
-
-/* ============================================================================
- * Quantization primitives (evaluation only): RTN fake quantizers and the Walsh-Hadamard
- * transform, as the paper evaluates. "Fake" quantization rounds a tensor to the values a
- * b-bit integer grid can represent and keeps computing in float, which measures exactly the
- * damage of quantization. Rounding is to nearest, ties to even (rintf), as torch.round does.
- * ========================================================================== */
-
-#define QUANT_OFF 16   // bits >= 16 means full precision
-
-// The symmetric b-bit grid of a weight row: qmax = 2^(bits-1) - 1 steps of s on each side.
-static float symmetric_qmax(int bits) { return (float)((1 << (bits - 1)) - 1); }
-
-// w rounded to the grid of step s: clamp(round(w/s), -qmax-1, qmax)·s (w itself if s is 0).
-static float round_to_grid(float w, float scale, float qmax) {
-    return scale > 0.0f ? min_float(qmax, max_float(-qmax - 1.0f, rintf(w / scale))) * scale : w;
-}
-
-static float max_abs(const float *w, int n) {
-    float m = 0.0f;
-    for (int i = 0; i < n; i++) m = max_float(m, fabsf(w[i]));
-    return m;
-}
-
-// Symmetric RTN of one weight row w [n] with clip ratio p: s = p·max|w| / qmax, each value
-// rounded to that grid. Writes out [n] (may be w); returns Σ |ŵ - w|^2.4, the error the clip
-// search minimises.
-static double quantize_row_symmetric(float *out, const float *w, int n, int bits, float p) {
-    float qmax = symmetric_qmax(bits);
-    float scale = p * max_abs(w, n) / qmax;
-    double err = 0.0;
-    for (int i = 0; i < n; i++) {
-        float q = round_to_grid(w[i], scale, qmax);
-        err += pow(fabs((double)q - w[i]), 2.4);
-        out[i] = q;
-    }
-    return err;
-}
-
-// The clip search of the authors' release for one weight row [n]: try p = 1 - i/100 for
-// i = 0..79 and keep the p with the smallest Σ |ŵ - w|^2.4 (the first on ties); 1 without the
-// search. scratch holds n floats.
-static float clip_ratio(const float *row, int n, int bits, bool clip_search, float *scratch) {
-    float best_p = 1.0f;
-    if (clip_search) {
-        double best_err = INFINITY;
-        for (int i = 0; i < 80; i++) {
-            float p = 1.0f - (float)i / 100.0f;
-            double err = quantize_row_symmetric(scratch, row, n, bits, p);
-            if (err < best_err) { best_err = err; best_p = p; }
-        }
-    }
-    return best_p;
-}
-
-// Weight quantization of one output row [n] in place, on the grid clip_ratio chooses; scratch
-// holds n floats. Returns the chosen p.
-static float quantize_weight_row(float *row, int n, int bits, bool clip_search, float *scratch) {
-    float p = clip_ratio(row, n, bits, clip_search, scratch);
-    quantize_row_symmetric(row, row, n, bits, p);
-    return p;
-}
-
-// Cholesky factorisation in place of a symmetric positive definite a [n, n]: a = L·Lᵀ with L
-// lower triangular, written over the lower half (the upper half is not read or changed).
-// Returns false if a is not positive definite.
-static bool cholesky(double *a, int n) {
-    for (int j = 0; j < n; j++) {
-        double d = a[(size_t)j * n + j];
-        for (int k = 0; k < j; k++) d -= a[(size_t)j * n + k] * a[(size_t)j * n + k];
-        if (!(d > 0.0)) return false;
-        d = sqrt(d);
-        a[(size_t)j * n + j] = d;
-        for (int i = j + 1; i < n; i++) {
-            double v = a[(size_t)i * n + j];
-            for (int k = 0; k < j; k++) v -= a[(size_t)i * n + k] * a[(size_t)j * n + k];
-            a[(size_t)i * n + j] = v / d;
-        }
-    }
-    return true;
-}
-
-// inv [n, n] = H⁻¹ = L⁻ᵀ·L⁻¹ from the Cholesky factor L of H (the lower half of l).
-static void inverse_from_cholesky(double *inv, const double *l, int n) {
-    double *yt = xcalloc((size_t)n * n, sizeof(double)); // Yᵀ for Y = L⁻¹: row c of yt solves L·y = e_c
-#pragma omp parallel for schedule(dynamic)
-    for (int c = 0; c < n; c++) {
-        double *y = yt + (size_t)c * n;
-        for (int i = c; i < n; i++) {
-            double v = i == c ? 1.0 : 0.0;
-            for (int k = c; k < i; k++) v -= l[(size_t)i * n + k] * y[k];
-            y[i] = v / l[(size_t)i * n + i];
-        }
-    }
-#pragma omp parallel for schedule(dynamic)
-    for (int i = 0; i < n; i++)
-        for (int j = 0; j <= i; j++) {   // (YᵀY)[i][j] = [j][i]: Y[k][i] = 0 for k < i
-            double v = 0.0;
-            for (int k = i; k < n; k++) v += yt[(size_t)i * n + k] * yt[(size_t)j * n + k];
-            inv[(size_t)i * n + j] = inv[(size_t)j * n + i] = v;
-        }
-    free(yt);
-}
-
-// GPTQ (Frantar et al. 2022) of one weight matrix w [rows, cols], in place. Each row keeps
-// RTN's grid (the step chosen by the clip search on the unquantized row); GPTQ chooses the
-// rounding column by column so as to keep ||W·X - Ŵ·X||² small, where h [cols, cols] =
-// 2·XᵀX (overwritten) comes from the matrix's inputs X [tokens, cols]. Steps:
-//   1. an input that is always 0 gets h_ii = 1 and its weights 0; then the diagonal is
-//      dampened by 1% of its mean, so that H is safely invertible;
-//   2. U, the upper Cholesky factor of H⁻¹ (H⁻¹ = Uᵀ·U);
-//   3. for each column i in order: ŵ_i = round(w_i), and the columns not yet quantized absorb
-//      the error: w_j -= (w_i - ŵ_i)·U[i][j] / U[i][i] for j > i (each row on its own).
-// A matrix with one column is plain RTN. Returns false if H is not positive definite.
-static bool gptq_quantize(float *w, int rows, int cols, double *h, int bits, bool clip_search) {
-    for (int i = 0; i < cols; i++)
-        if (h[(size_t)i * cols + i] == 0.0) {
-            h[(size_t)i * cols + i] = 1.0;
-            for (int r = 0; r < rows; r++) w[(size_t)r * cols + i] = 0.0f;
-        }
-    double mean_diag = 0.0;
-    for (int i = 0; i < cols; i++) mean_diag += h[(size_t)i * cols + i] / cols;
-    for (int i = 0; i < cols; i++) h[(size_t)i * cols + i] += 0.01 * mean_diag;
-    double *inv = xmalloc(sizeof(double) * (size_t)cols * cols);
-    bool ok = cholesky(h, cols);
-    if (ok) {
-        inverse_from_cholesky(inv, h, cols);
-        ok = cholesky(inv, cols);   // H⁻¹ = L·Lᵀ, so U = Lᵀ
-    }
-    if (!ok) { free(inv); return false; }
-    double *u = h;   // H is no longer needed: U[i][j] = L[j][i] for j >= i, rows contiguous for step 3
-    for (int i = 0; i < cols; i++)
-        for (int j = i; j < cols; j++) u[(size_t)i * cols + j] = inv[(size_t)j * cols + i];
-    free(inv);
-    float qmax = symmetric_qmax(bits);
-#pragma omp parallel
-    {
-        float *scratch = xmalloc(sizeof(float) * (size_t)cols);
-#pragma omp for schedule(dynamic)
-        for (int r = 0; r < rows; r++) {
-            float *row = w + (size_t)r * cols;
-            float p = clip_ratio(row, cols, bits, clip_search, scratch);
-            float scale = p * max_abs(row, cols) / qmax;   // RTN's step for this row
-            for (int i = 0; i < cols; i++) {
-                float q = round_to_grid(row[i], scale, qmax);
-                const double *u_i = u + (size_t)i * cols;
-                double err = (row[i] - q) / u_i[i];
-                row[i] = q;
-                for (int j = i + 1; j < cols; j++) row[j] -= (float)(err * u_i[j]);
-            }
-        }
-        free(scratch);
-    }
-    return true;
-}
-
-// Asymmetric RTN in place over each group of `group` consecutive values of x [n]:
-// xmax = max(max x, 0), xmin = min(min x, 0), s = (xmax - xmin) / (2^bits - 1),
-// z = round(-xmin / s), q = clamp(round(x/s) + z, 0, 2^bits - 1), x̂ = (q - z)·s.
-// Zero is always on the grid, so zeros stay exactly zero. At QUANT_OFF bits, x is left as it is.
-static void quantize_asymmetric(float *x, size_t n, int group, int bits) {
-    if (bits >= QUANT_OFF) return;
-    float levels = (float)((1 << bits) - 1);
-    size_t groups = n / (size_t)group;
-#pragma omp parallel for schedule(static)
-    for (size_t g = 0; g < groups; g++) {
-        float *v = x + g * (size_t)group;
-        float xmax = 0.0f, xmin = 0.0f;
-        for (int i = 0; i < group; i++) { xmax = max_float(xmax, v[i]); xmin = min_float(xmin, v[i]); }
-        float scale = (xmax - xmin) / levels;
-        if (scale == 0.0f) continue;   // all zeros
-        float zero = rintf(-xmin / scale);
-        for (int i = 0; i < group; i++)
-            v[i] = (min_float(levels, max_float(0.0f, rintf(v[i] / scale) + zero)) - zero) * scale;
-    }
-}
-
-// Normalised Walsh-Hadamard transform in place of each of the `rows` vectors x [rows, n]
-// (n a power of two): x = H·x with H = H_n / sqrt(n), H_n the Sylvester Hadamard matrix
-// (H_1 = [1], H_2k = [[H_k, H_k], [H_k, -H_k]]). H is symmetric and orthogonal: H·Hᵀ = I.
-// The fast butterfly takes n·log2(n) additions; hadamard_matrix below is the plain reference.
-static void hadamard_transform(float *x, size_t rows, int n) {
-    float norm = 1.0f / sqrtf((float)n);
-#pragma omp parallel for schedule(static)
-    for (size_t r = 0; r < rows; r++) {
-        float *v = x + r * (size_t)n;
-        for (int len = 1; len < n; len <<= 1)
-            for (int i = 0; i < n; i += 2 * len)
-                for (int j = i; j < i + len; j++) {
-                    float a = v[j], b = v[j + len];
-                    v[j] = a + b;
-                    v[j + len] = a - b;
-                }
-        for (int i = 0; i < n; i++) v[i] *= norm;
-    }
-}
-
-// The normalised Hadamard matrix h [n, n] written out: H[i][j] = (-1)^popcount(i & j) / sqrt(n).
-// The plain reference for hadamard_transform (test_osp.c compares the two); not static, so
-// that a build without the tests does not warn that nothing calls it.
-void hadamard_matrix(float *h, int n);
-void hadamard_matrix(float *h, int n) {
-    for (int i = 0; i < n; i++)
-        for (int j = 0; j < n; j++) {
-            int bits = i & j, parity = 0;
-            while (bits) { parity ^= bits & 1; bits >>= 1; }
-            h[(size_t)i * n + j] = (parity ? -1.0f : 1.0f) / sqrtf((float)n);
-        }
-}
-
-static bool is_power_of_two(int n) { return n > 0 && (n & (n - 1)) == 0; }
-
-// The fake quantization of the activations inside the forward pass (the weights are quantized
-// offline, before it). QUANT_OFF bits = full precision.
-typedef struct {
-    int abits;           // inputs of every block matrix, per token (the Wo input per head)
-    int kvbits;          // K after RoPE and V, per (token, head); Q and K get a head_dim Hadamard first
-    bool ffn_hadamard;   // rotate the W2 input online, h -> H·h (W2 was rotated to W2·Hᵀ)
-} FakeQuant;
-static const FakeQuant NO_FAKE_QUANT = {QUANT_OFF, QUANT_OFF, false};
-
-/* ============================================================================
- * Model: configuration, parameters and activations (each one contiguous block)
- * ========================================================================== */
-
-typedef struct {
-    int vocab_size;  // V
-    int dim;         // d, the residual stream width
-    int n_layers;    // L
-    int n_heads;     // H query heads
-    int n_kv_heads;  // KVH key/value heads (divides H)
-    int ffn_dim;     // f, SwiGLU hidden width
-    int seq_len;     // T_max, context length
-    int ssnorm;      // 1: Single-Scale RMSNorm, one scalar gain per norm (OSP); 0: a gain per channel
-    int embproj;     // 1: learnable d x d projections P_in after the embedding, P_out before the head (OSP)
-} Config;
-
-// Parameter tensors, in storage order. Per-layer tensors hold all L layers back to back.
-// Without EmbProj, embproj_in and embproj_out hold nothing (count 0).
-enum {
-    PARAM_EMBED,
-    PARAM_EMBPROJ_IN,
-    PARAM_ATTN_NORM,
-    PARAM_ATTN_Q,
-    PARAM_ATTN_K,
-    PARAM_ATTN_V,
-    PARAM_ATTN_OUT,
-    PARAM_FFN_NORM,
-    PARAM_FFN_GATE,
-    PARAM_FFN_UP,
-    PARAM_FFN_DOWN,
-    PARAM_FINAL_NORM,
-    PARAM_EMBPROJ_OUT,
-    PARAM_HEAD,
-    N_PARAM_TENSORS
-};
-static const char *param_names[N_PARAM_TENSORS] = {
-    "embed", "embproj_in", "attn_norm", "attn_q", "attn_k", "attn_v", "attn_out",
-    "ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "final_norm", "embproj_out", "head",
-};
-
-// One parameter tensor: `count` matrices of rows x cols (count = L for per-layer tensors;
-// a norm gain has rows = 1, and cols = 1 under SSNorm).
-typedef struct { int count, rows, cols; size_t offset; } ParamShape;
-
-// Activations of one forward pass, all views into one block. Per-layer tensors are [L, ...]
-// with a stride for the allocated batch; within a layer they are packed for the current B, T.
-typedef struct {
-    float *embed;       // [N, d]         embedding rows, input of P_in (EmbProj only)
-    float *x;           // [L+1, N, d] residual stream entering block l; x[L] leaves the last block
-    float *attn_norm;   // [L, N, d]
-    float *attn_rstd;   // [L, N]
-    float *q;           // [L, N, d]      after RoPE
-    float *k;           // [L, N, kv_dim] after RoPE
-    float *v;           // [L, N, kv_dim]
-    float *att;         // [L, B, H, T, T] attention probabilities
-    float *attn_out;    // [L, N, d]      attention output, input of Wo
-    float *attn_proj;   // [L, N, d]      Wo · attn_out
-    float *x_mid;       // [L, N, d]      residual stream after attention
-    float *ffn_norm;    // [L, N, d]
-    float *ffn_rstd;    // [L, N]
-    float *ffn_gate;    // [L, N, f]      W1 · n
-    float *ffn_up;      // [L, N, f]      W3 · n
-    float *ffn_hidden;  // [L, N, f]      silu(gate) * up, input of W2
-    float *ffn_proj;    // [L, N, d]      W2 · hidden
-    float *final_norm;  // [N, d]
-    float *final_rstd;  // [N]
-    float *final_proj;  // [N, d]         P_out · final_norm, input of the head (EmbProj only)
-    float *logits;      // [N, V]
-    float *probs;       // [N, V]
-    float *losses;      // [N]
-} Activations;
-#define N_ACTIVATION_TENSORS ((int)(sizeof(Activations) / sizeof(float *)))
-
-typedef struct {
-    Config cfg;
-    ParamShape shape[N_PARAM_TENSORS];
-    size_t n_params;
-    float *params;                       // all parameters, one block
-    float *grads;                        // same layout as params
-    int max_batch;                       // activations are allocated for [max_batch, seq_len]
-    size_t act_floats;
-    float *act_block, *dact_block;
-    Activations act, dact;               // values and their gradients, same layout
-    float *rope_cos, *rope_sin;          // [seq_len, head_dim/2]
-    int *inputs, *targets;               // [max_batch, seq_len]
-    int B, T;                            // shape of the last forward pass
-} Model;
-
-static int head_dim(const Config *c) { return c->dim / c->n_heads; }
-static int kv_dim(const Config *c) { return c->n_kv_heads * head_dim(c); }
-
-// Why a config is unusable, or NULL.
-static const char *config_problem(const Config *c) {
-    static char msg[256];
-    if (c->vocab_size < TOKEN_FIRST_PIECE || c->vocab_size > VOCAB_MAX)
-        snprintf(msg, sizeof msg, "vocab size %d out of range [%d, %d]", c->vocab_size, TOKEN_FIRST_PIECE,
-                 VOCAB_MAX);
-    else if (c->dim < 2 || c->n_layers < 1 || c->n_heads < 1 || c->n_kv_heads < 1 || c->ffn_dim < 1 ||
-             c->seq_len < 2)
-        snprintf(msg, sizeof msg,
-                 "dim, layers, heads, kv-heads, ffn-dim must be positive and seq-len at least 2");
-    else if (c->dim % c->n_heads != 0)
-        snprintf(msg, sizeof msg, "dim %d is not divisible by heads %d", c->dim, c->n_heads);
-    else if (c->n_heads % c->n_kv_heads != 0)
-        snprintf(msg, sizeof msg, "heads %d is not divisible by kv-heads %d", c->n_heads, c->n_kv_heads);
-    else if (head_dim(c) % 2 != 0)
-        snprintf(msg, sizeof msg, "head dim %d (dim / heads) must be even for RoPE", head_dim(c));
-    else if ((double)c->dim * c->ffn_dim * c->n_layers > 4e9 || (double)c->vocab_size * c->dim > 4e9 ||
-             c->seq_len > 65536)
-        snprintf(msg, sizeof msg, "model too large");
-    else return NULL;
-    return msg;
-}
-
-// Fills the parameter shapes and offsets for a config; returns the total parameter count.
-static size_t param_layout(ParamShape *shape, const Config *c) {
-    int L = c->n_layers, d = c->dim, f = c->ffn_dim, kvd = kv_dim(c);
-    int gain = c->ssnorm ? 1 : d, proj = c->embproj ? 1 : 0;   // OSP: one gain per norm; P_in, P_out
-    ParamShape s[N_PARAM_TENSORS] = {
-        [PARAM_EMBED] = {1, c->vocab_size, d, 0},
-        [PARAM_EMBPROJ_IN] = {proj, d, d, 0},
-        [PARAM_ATTN_NORM] = {L, 1, gain, 0},
-        [PARAM_ATTN_Q] = {L, d, d, 0},
-        [PARAM_ATTN_K] = {L, kvd, d, 0},
-        [PARAM_ATTN_V] = {L, kvd, d, 0},
-        [PARAM_ATTN_OUT] = {L, d, d, 0},
-        [PARAM_FFN_NORM] = {L, 1, gain, 0},
-        [PARAM_FFN_GATE] = {L, f, d, 0},
-        [PARAM_FFN_UP] = {L, f, d, 0},
-        [PARAM_FFN_DOWN] = {L, d, f, 0},
-        [PARAM_FINAL_NORM] = {1, 1, gain, 0},
-        [PARAM_EMBPROJ_OUT] = {proj, d, d, 0},
-        [PARAM_HEAD] = {1, c->vocab_size, d, 0},
-    };
-    size_t offset = 0;
-    for (int i = 0; i < N_PARAM_TENSORS; i++) {
-        s[i].offset = offset;
-        offset += (size_t)s[i].count * s[i].rows * s[i].cols;
-        shape[i] = s[i];
-    }
-    return offset;
-}
-
-static size_t param_size(const Model *m, int i) {
-    return (size_t)m->shape[i].count * m->shape[i].rows * m->shape[i].cols;
-}
-
-static bool is_norm_gain(int i) {
-    return i == PARAM_ATTN_NORM || i == PARAM_FFN_NORM || i == PARAM_FINAL_NORM;
-}
-
-// Pointer to layer `layer` of parameter tensor i inside block (params or grads).
-static float *param_at(const Model *m, float *block, int i, int layer) {
-    return block + m->shape[i].offset + (size_t)layer * m->shape[i].rows * m->shape[i].cols;
-}
-
-// Lays out the activation views over block for batch B and context T; returns the float count.
-static size_t activation_layout(Activations *a, float *block, const Config *c, int B, int T) {
-    size_t N = (size_t)B * T, L = (size_t)c->n_layers, d = (size_t)c->dim, f = (size_t)c->ffn_dim;
-    size_t kvd = (size_t)kv_dim(c), V = (size_t)c->vocab_size, H = (size_t)c->n_heads;
-    size_t proj = c->embproj ? N * d : 0;
-    size_t sizes[N_ACTIVATION_TENSORS] = {   // in the order of Activations
-        proj,                 // embed
-        (L + 1) * N * d,      // x
-        L * N * d,            // attn_norm
-        L * N,                // attn_rstd
-        L * N * d,            // q
-        L * N * kvd,          // k
-        L * N * kvd,          // v
-        L * B * H * T * T,    // att
-        L * N * d,            // attn_out
-        L * N * d,            // attn_proj
-        L * N * d,            // x_mid
-        L * N * d,            // ffn_norm
-        L * N,                // ffn_rstd
-        L * N * f,            // ffn_gate
-        L * N * f,            // ffn_up
-        L * N * f,            // ffn_hidden
-        L * N * d,            // ffn_proj
-        N * d,                // final_norm
-        N,                    // final_rstd
-        proj,                 // final_proj
-        N * V,                // logits
-        N * V,                // probs
-        N,                    // losses
-    };
-    float **views = (float **)a;
-    size_t total = 0;
-    for (int i = 0; i < N_ACTIVATION_TENSORS; i++) {
-        views[i] = block ? block + total : NULL;
-        total += sizes[i];
-    }
-    return total;
-}
-
-static void model_alloc(Model *m, const Config *c, int max_batch) {
-    memset(m, 0, sizeof *m);
-    m->cfg = *c;
-    m->n_params = param_layout(m->shape, c);
-    m->params = xcalloc(m->n_params, sizeof(float));
-    m->grads = xcalloc(m->n_params, sizeof(float));
-    m->max_batch = max_batch;
-    m->act_floats = activation_layout(&m->act, NULL, c, max_batch, c->seq_len);
-    m->act_block = xcalloc(m->act_floats, sizeof(float));
-    m->dact_block = xcalloc(m->act_floats, sizeof(float));
-    int half = head_dim(c) / 2;
-    m->rope_cos = xmalloc(sizeof(float) * (size_t)c->seq_len * half);
-    m->rope_sin = xmalloc(sizeof(float) * (size_t)c->seq_len * half);
-    rope_tables(m->rope_cos, m->rope_sin, c->seq_len, head_dim(c));
-    m->inputs = xcalloc((size_t)max_batch * c->seq_len, sizeof(int));
-    m->targets = xcalloc((size_t)max_batch * c->seq_len, sizeof(int));
-}
-
-static void model_free(Model *m) {
-    free(m->params); free(m->grads); free(m->act_block); free(m->dact_block);
-    free(m->rope_cos); free(m->rope_sin); free(m->inputs); free(m->targets);
-    memset(m, 0, sizeof *m);
-}
-
-// Random orthogonal d x d matrix: Gram-Schmidt (modified, in double) on the rows of a
-// Gaussian matrix.
-static void random_orthogonal(float *q, int d, uint64_t *rng) {
-    double *a = xmalloc(sizeof(double) * (size_t)d * d);
-    for (size_t i = 0; i < (size_t)d * d; i++) a[i] = rng_normal(rng);
-    for (int i = 0; i < d; i++) {
-        double *row = a + (size_t)i * d;
-        for (int j = 0; j < i; j++) {
-            const double *prev = a + (size_t)j * d;
-            double proj = 0.0;
-            for (int k = 0; k < d; k++) proj += row[k] * prev[k];
-            for (int k = 0; k < d; k++) row[k] -= proj * prev[k];
-        }
-        double norm = 0.0;
-        for (int k = 0; k < d; k++) norm += row[k] * row[k];
-        norm = sqrt(norm);
-        for (int k = 0; k < d; k++) row[k] /= norm;
-    }
-    for (size_t i = 0; i < (size_t)d * d; i++) q[i] = (float)a[i];
-    free(a);
-}
-
-// Initialization: N(0, 0.02) for all matrices, Wo and W2 further
-// scaled by 1/sqrt(2L) (their outputs add into the residual stream L times each); norm gains 1;
-// EmbProj's P_in and P_out random orthogonal.
-static void model_init(Model *m, uint64_t seed) {
-    uint64_t rng = seed ^ 0x5EEDBA5Eull;   // init and batch sampling draw from different streams
-    float out_scale = 1.0f / sqrtf(2.0f * (float)m->cfg.n_layers);
-    for (int i = 0; i < N_PARAM_TENSORS; i++) {
-        float *p = m->params + m->shape[i].offset;
-        size_t n = param_size(m, i);
-        if (n == 0) continue;
-        if (i == PARAM_EMBPROJ_IN || i == PARAM_EMBPROJ_OUT) {   // OSP: EmbProj starts orthogonal
-            random_orthogonal(p, m->cfg.dim, &rng);
-            continue;
-        }
-        float std = 0.02f * ((i == PARAM_ATTN_OUT || i == PARAM_FFN_DOWN) ? out_scale : 1.0f);
-        for (size_t j = 0; j < n; j++) p[j] = is_norm_gain(i) ? 1.0f : std * rng_normal(&rng);
-    }
-}
-
-// Layer l's slices of an activation block (the values, or their gradients): the per-layer
-// tensors of Activations for the current B x T tokens, and x_next, the stream leaving the layer.
-typedef struct {
-    float *x, *attn_norm, *attn_rstd, *q, *k, *v, *att, *attn_out, *attn_proj, *x_mid;
-    float *ffn_norm, *ffn_rstd, *ffn_gate, *ffn_up, *ffn_hidden, *ffn_proj, *x_next;
-} LayerActs;
-
-static LayerActs layer_acts(const Activations *a, const Config *c, int l, int B, int T) {
-    size_t N = (size_t)B * T, Nd = N * c->dim, Nkv = N * kv_dim(c), Nf = N * c->ffn_dim;
-    return (LayerActs){ a->x + l * Nd,
-                        a->attn_norm + l * Nd,
-                        a->attn_rstd + l * N,
-                        a->q + l * Nd,
-                        a->k + l * Nkv,
-                        a->v + l * Nkv,
-                        a->att + l * N * c->n_heads * T,
-                        a->attn_out + l * Nd,
-                        a->attn_proj + l * Nd,
-                        a->x_mid + l * Nd,
-                        a->ffn_norm + l * Nd,
-                        a->ffn_rstd + l * N,
-                        a->ffn_gate + l * Nf,
-                        a->ffn_up + l * Nf,
-                        a->ffn_hidden + l * Nf,
-                        a->ffn_proj + l * Nd,
-                        a->x + (l + 1) * Nd };
-}
-
-// Layer l's weights in a parameter block (the parameters, or their gradients).
-typedef struct { float *attn_norm, *wq, *wk, *wv, *wo, *ffn_norm, *w_gate, *w_up, *w_down; } LayerWeights;
-
-static LayerWeights layer_weights(const Model *m, float *block, int l) {
-    return (LayerWeights){param_at(m, block, PARAM_ATTN_NORM, l), param_at(m, block, PARAM_ATTN_Q, l),
-                          param_at(m, block, PARAM_ATTN_K, l), param_at(m, block, PARAM_ATTN_V, l),
-                          param_at(m, block, PARAM_ATTN_OUT, l), param_at(m, block, PARAM_FFN_NORM, l),
-                          param_at(m, block, PARAM_FFN_GATE, l), param_at(m, block, PARAM_FFN_UP, l),
-                          param_at(m, block, PARAM_FFN_DOWN, l)};
-}
-
-// Forward pass over inputs [B,T] (copied into m->inputs). With targets, returns the mean
-// cross-entropy loss; without, computes logits only and returns 0. Any B, T whose activations
-// fit the allocation may be used (T = 1 with B up to max_batch·seq_len, for example).
-// fq: the evaluation's fake quantization of the activations; NULL in training (none).
-static float model_forward(Model *m, const int *inputs, const int *targets, int B, int T,
-                           const FakeQuant *fq) {
-    const Config *c = &m->cfg;
-    int d = c->dim, f = c->ffn_dim, H = c->n_heads, KVH = c->n_kv_heads, hd = head_dim(c), kvd = kv_dim(c);
-    int N = B * T;
-    m->B = B; m->T = T;
-    if (activation_layout(&m->act, m->act_block, c, B, T) > m->act_floats || N > m->max_batch * c->seq_len)
-        die("internal: forward of %d x %d does not fit the activations allocated for %d x %d", B, T,
-            m->max_batch, c->seq_len);
-    memcpy(m->inputs, inputs, sizeof(int) * (size_t)N);
-    if (targets) memcpy(m->targets, targets, sizeof(int) * (size_t)N);
-    Activations *a = &m->act;
-    size_t Nd = (size_t)N * d, Nkv = (size_t)N * kvd, Nf = (size_t)N * f;
-    float *P = m->params;
-    int gs = c->ssnorm ? 0 : 1;   // OSP: SSNorm reads one gain for all channels (gain step 0)
-    if (!fq) fq = &NO_FAKE_QUANT;
-
-    // embedding rows, then (OSP: EmbProj) their projection P_in: the residual stream x[0]
-    if (c->embproj) {
-        embedding_forward(a->embed, m->inputs, param_at(m, P, PARAM_EMBED, 0), N, d);
-        TIMED(PART_MATMUL_FORWARD,
-              matmul_forward(a->x, a->embed, param_at(m, P, PARAM_EMBPROJ_IN, 0), N, d, d));
-    } else {
-        embedding_forward(a->x, m->inputs, param_at(m, P, PARAM_EMBED, 0), N, d);
-    }
-    for (int l = 0; l < c->n_layers; l++) {
-        LayerActs s = layer_acts(a, c, l, B, T);
-        LayerWeights w = layer_weights(m, P, l);
-        // attention: norm, Q K V projections, RoPE, causal softmax attention, output projection
-        rmsnorm_forward(s.attn_norm, s.attn_rstd, s.x, w.attn_norm, gs, N, d);
-        quantize_asymmetric(s.attn_norm, Nd, d, fq->abits);
-        TIMED(PART_MATMUL_FORWARD,
-              matmul_forward_n(3, (float *[]){ s.q, s.k, s.v }, s.attn_norm,
-                               (const float *[]){ w.wq, w.wk, w.wv }, N, d, (int[]){ d, kvd, kvd }));
-        rope_forward(s.q, s.k, m->rope_cos, m->rope_sin, B, T, H, KVH, hd);
-        if (fq->kvbits < QUANT_OFF) {   // rotating both q and k by H leaves every q·k unchanged
-            hadamard_transform(s.q, (size_t)N * H, hd);
-            hadamard_transform(s.k, (size_t)N * KVH, hd);
-            quantize_asymmetric(s.k, Nkv, hd, fq->kvbits);
-            quantize_asymmetric(s.v, Nkv, hd, fq->kvbits);
-        }
-        TIMED(PART_ATTENTION, attention_forward(s.attn_out, s.att, s.q, s.k, s.v, B, T, H, KVH, hd));
-        quantize_asymmetric(s.attn_out, Nd, hd, fq->abits);
-        TIMED(PART_MATMUL_FORWARD, matmul_forward(s.attn_proj, s.attn_out, w.wo, N, d, d));
-        residual_forward(s.x_mid, s.x, s.attn_proj, Nd);
-        // feed-forward: norm, gate and up projections, SwiGLU, down projection
-        rmsnorm_forward(s.ffn_norm, s.ffn_rstd, s.x_mid, w.ffn_norm, gs, N, d);
-        quantize_asymmetric(s.ffn_norm, Nd, d, fq->abits);
-        TIMED(PART_MATMUL_FORWARD,
-              matmul_forward_n(2, (float *[]){ s.ffn_gate, s.ffn_up }, s.ffn_norm,
-                               (const float *[]){ w.w_gate, w.w_up }, N, d, (int[]){ f, f }));
-        swiglu_forward(s.ffn_hidden, s.ffn_gate, s.ffn_up, Nf);
-        if (fq->ffn_hadamard) hadamard_transform(s.ffn_hidden, (size_t)N, f);
-        quantize_asymmetric(s.ffn_hidden, Nf, f, fq->abits);
-        TIMED(PART_MATMUL_FORWARD, matmul_forward(s.ffn_proj, s.ffn_hidden, w.w_down, N, f, d));
-        residual_forward(s.x_next, s.x_mid, s.ffn_proj, Nd);
-    }
-    // final norm, then (OSP: EmbProj) P_out, then the head: logits, and the loss
-    rmsnorm_forward(a->final_norm, a->final_rstd, a->x + c->n_layers * Nd,
-                    param_at(m, P, PARAM_FINAL_NORM, 0), gs, N, d);
-    float *head_in = a->final_norm;
-    if (c->embproj) {
-        TIMED(PART_MATMUL_FORWARD,
-              matmul_forward(a->final_proj, a->final_norm, param_at(m, P, PARAM_EMBPROJ_OUT, 0), N, d, d));
-        head_in = a->final_proj;
-    }
-    TIMED(PART_MATMUL_FORWARD, matmul_forward(a->logits, head_in, param_at(m, P, PARAM_HEAD, 0), N, d,
-                                              c->vocab_size));
-    if (!targets) return 0.0f;
-    crossentropy_forward(a->losses, a->probs, a->logits, m->targets, N, c->vocab_size);
-    double sum = 0.0;
-    for (int n = 0; n < N; n++) sum += a->losses[n];
-    return (float)(sum / N);
-}
-
-// Backward pass of the mean loss of the last forward (which must have had targets): fills
-// m->grads. The forward's steps in reverse, each with the gradients (g, dw) of the same
-// tensors (a, w); a tensor read by two steps (the residual stream) sums both gradients.
-static void model_backward(Model *m) {
-    const Config *c = &m->cfg;
-    int B = m->B, T = m->T, N = B * T;
-    int d = c->dim, f = c->ffn_dim, H = c->n_heads, KVH = c->n_kv_heads, hd = head_dim(c), kvd = kv_dim(c);
-    size_t Nd = (size_t)N * d, Nf = (size_t)N * f;
-    memset(m->grads, 0, sizeof(float) * m->n_params);
-    size_t used = activation_layout(&m->dact, m->dact_block, c, B, T);
-    memset(m->dact_block, 0, sizeof(float) * used);
-    Activations *a = &m->act, *g = &m->dact;
-    float *P = m->params, *G = m->grads;
-    int gs = c->ssnorm ? 0 : 1;
-
-    // loss -> logits -> head (-> P_out, OSP: EmbProj) -> final norm -> x[L]
-    for (int n = 0; n < N; n++) g->losses[n] = 1.0f / (float)N;
-    crossentropy_backward(g->logits, g->losses, a->probs, m->targets, N, c->vocab_size);
-    float *head_in = c->embproj ? a->final_proj : a->final_norm,
-          *dhead_in = c->embproj ? g->final_proj : g->final_norm;
-    TIMED(PART_MATMUL_BACKWARD, matmul_backward(dhead_in, param_at(m, G, PARAM_HEAD, 0), g->logits, head_in,
-                                                param_at(m, P, PARAM_HEAD, 0), N, d, c->vocab_size));
-    if (c->embproj)
-        TIMED(PART_MATMUL_BACKWARD,
-              matmul_backward(g->final_norm, param_at(m, G, PARAM_EMBPROJ_OUT, 0), g->final_proj,
-                              a->final_norm, param_at(m, P, PARAM_EMBPROJ_OUT, 0), N, d, d));
-    rmsnorm_backward(g->x + c->n_layers * Nd, param_at(m, G, PARAM_FINAL_NORM, 0), g->final_norm,
-                     a->x + c->n_layers * Nd, param_at(m, P, PARAM_FINAL_NORM, 0), gs, a->final_rstd, N, d);
-    for (int l = c->n_layers - 1; l >= 0; l--) {
-        LayerActs s = layer_acts(a, c, l, B, T), ds = layer_acts(g, c, l, B, T);
-        LayerWeights w = layer_weights(m, P, l), dw = layer_weights(m, G, l);
-        // feed-forward, from x_next = x_mid + ffn_proj back to x_mid
-        residual_backward(ds.x_mid, ds.ffn_proj, ds.x_next, Nd);
-        TIMED(PART_MATMUL_BACKWARD,
-              matmul_backward(ds.ffn_hidden, dw.w_down, ds.ffn_proj, s.ffn_hidden, w.w_down, N, f, d));
-        swiglu_backward(ds.ffn_gate, ds.ffn_up, ds.ffn_hidden, s.ffn_gate, s.ffn_up, Nf);
-        TIMED(PART_MATMUL_BACKWARD,
-              matmul_backward_n(2, ds.ffn_norm, (float *[]){ dw.w_gate, dw.w_up },
-                                (const float *[]){ ds.ffn_gate, ds.ffn_up }, s.ffn_norm,
-                                (const float *[]){ w.w_gate, w.w_up }, N, d, (int[]){ f, f }));
-        rmsnorm_backward(ds.x_mid, dw.ffn_norm, ds.ffn_norm, s.x_mid, w.ffn_norm, gs, s.ffn_rstd, N, d);
-        // attention, from x_mid = x + attn_proj back to x
-        residual_backward(ds.x, ds.attn_proj, ds.x_mid, Nd);
-        TIMED(PART_MATMUL_BACKWARD,
-              matmul_backward(ds.attn_out, dw.wo, ds.attn_proj, s.attn_out, w.wo, N, d, d));
-        TIMED(PART_ATTENTION,
-              attention_backward(ds.q, ds.k, ds.v, ds.attn_out, s.attn_out, s.att, s.q, s.k, s.v, B, T, H,
-                                 KVH, hd));
-        rope_backward(ds.q, ds.k, m->rope_cos, m->rope_sin, B, T, H, KVH, hd);
-        TIMED(PART_MATMUL_BACKWARD,
-              matmul_backward_n(3, ds.attn_norm, (float *[]){ dw.wq, dw.wk, dw.wv },
-                                (const float *[]){ ds.q, ds.k, ds.v }, s.attn_norm,
-                                (const float *[]){ w.wq, w.wk, w.wv }, N, d, (int[]){ d, kvd, kvd }));
-        rmsnorm_backward(ds.x, dw.attn_norm, ds.attn_norm, s.x, w.attn_norm, gs, s.attn_rstd, N, d);
-    }
-    // x[0] (-> P_in, OSP: EmbProj) -> the embedding rows
-    if (c->embproj) {
-        TIMED(PART_MATMUL_BACKWARD,
-              matmul_backward(g->embed, param_at(m, G, PARAM_EMBPROJ_IN, 0), g->x, a->embed,
-                              param_at(m, P, PARAM_EMBPROJ_IN, 0), N, d, d));
-        embedding_backward(param_at(m, G, PARAM_EMBED, 0), g->embed, m->inputs, N, d);
-    } else {
-        embedding_backward(param_at(m, G, PARAM_EMBED, 0), g->x, m->inputs, N, d);
-    }
-}
-
-// FLOPs of one training step on B x T tokens: 6 per matmul weight per token (forward 2,
-// backward 4; every parameter but the embedding table sits in a matmul) plus attention's
-// QKᵀ and PV products over the causal half (2 products x 2 FLOPs x 3 for fwd+bwd).
-static double model_flops_per_step(const Model *m, int B, int T) {
-    double matmul_params = (double)(m->n_params - param_size(m, PARAM_EMBED));
-    for (int i = 0; i < N_PARAM_TENSORS; i++) if (is_norm_gain(i)) matmul_params -= (double)param_size(m, i);
-    double attention = 12.0 * m->cfg.n_layers * m->cfg.n_heads * head_dim(&m->cfg) * (T * (T + 1) / 2.0);
-    return (double)B * (6.0 * matmul_params * T + attention);
-}
-
-/* ============================================================================
- * Optimizers: AdamW (the baseline) and Muon (OSP), global-norm clipping, the OSP schedule
- * ========================================================================== */
-
-enum { OPTIMIZER_ADAM, OPTIMIZER_MUON, OPTIMIZER_MUON_ONLY, N_OPTIMIZERS };
-static const char *optimizer_names[N_OPTIMIZERS] = {"adam", "muon", "muon-only"};
-
-typedef struct {
-    int optimizer;       // OPTIMIZER_*: which tensors Muon updates (see uses_muon)
-    float lr_adam;       // peak learning rate of the AdamW-updated tensors
-    float lr_muon;       // peak learning rate of the Muon-updated tensors
-    float weight_decay;  // decoupled: w -= lr * wd * w
-    float beta1, beta2, eps;  // AdamW
-    float muon_momentum; // mu, Nesterov momentum of Muon
-    int ns_steps;        // Newton-Schulz iterations of Muon
-    float grad_clip;     // clip the global gradient norm to this; 0 = off
-    int warmup;          // linear warmup steps
-    int steps;           // total steps (the schedule decays over the last 20%)
-} OptimConfig;
-
-// Muon updates every tensor under muon-only; under muon every tensor but the embedding and
-// the head, which keep AdamW ("decoupled embedding optimization"); under adam none.
-// OSP: Muon for the network, AdamW for the embedding and the head only.
-static bool uses_muon(int optimizer, int tensor) {
-    if (optimizer == OPTIMIZER_ADAM) return false;
-    if (optimizer == OPTIMIZER_MUON_ONLY) return true;
-    return tensor != PARAM_EMBED && tensor != PARAM_HEAD;
-}
-
-// Learning-rate multiplier at step s (0-based): linear warmup to 1, constant, then linear
-// decay to 0 over the last 20% of steps (the paper's schedule).
-static float lr_factor(const OptimConfig *o, int s) {
-    int decay_start = o->steps - o->steps / 5;
-    if (s < o->warmup) return (float)(s + 1) / (float)o->warmup;
-    if (s >= decay_start) return (float)(o->steps - s) / (float)(o->steps - decay_start);
-    return 1.0f;
-}
-
-// Scales grads so that their global L2 norm is at most max_norm; returns the norm before.
-static float clip_grad_norm(float *grads, size_t n, float max_norm) {
-    double sum = 0.0;
-    for (size_t i = 0; i < n; i++) sum += (double)grads[i] * grads[i];
-    float norm = (float)sqrt(sum);
-    if (max_norm > 0.0f && norm > max_norm) {
-        float scale = max_norm / norm;
-        for (size_t i = 0; i < n; i++) grads[i] *= scale;
-    }
-    return norm;
-}
-
-// One AdamW step (t = 1-based step count) on n parameters with moments m, v:
-// m = b1·m + (1-b1)·g;  v = b2·v + (1-b2)·g²;  w -= lr·(m̂ / (sqrt(v̂) + eps) + wd·w),
-// with bias-corrected m̂ = m / (1 - b1^t), v̂ = v / (1 - b2^t). Weight decay applies to every
-// parameter, norm gains included (one rule for every tensor). Called inside a parallel
-// region, the elements are split over its threads (an orphaned `omp for`); outside, one does all.
-static void adamw_update(float *params, const float *grads, float *m, float *v, size_t n,
-                         const OptimConfig *o, float lr, int t) {
-    float c1 = 1.0f - powf(o->beta1, (float)t), c2 = 1.0f - powf(o->beta2, (float)t);
-#pragma omp for schedule(dynamic, 8192) nowait
-    for (size_t i = 0; i < n; i++) {
-        float g = grads[i];
-        m[i] = o->beta1 * m[i] + (1.0f - o->beta1) * g;
-        v[i] = o->beta2 * v[i] + (1.0f - o->beta2) * g * g;
-        float mhat = m[i] / c1, vhat = v[i] / c2;
-        params[i] -= lr * (mhat / (sqrtf(vhat) + o->eps) + o->weight_decay * params[i]);
-    }
-}
-
-// out [cols, rows] = inᵀ, in [rows, cols].
-static void transpose(float *out, const float *in, int rows, int cols) {
-    for (int i = 0; i < rows; i++)
-        for (int j = 0; j < cols; j++) out[(size_t)j * rows + i] = in[(size_t)i * cols + j];
-}
-
-#define NS_A 3.4445f
-#define NS_B (-4.7750f)
-#define NS_C 2.0315f
-
-// Floats of work space newton_schulz needs for a rows x cols matrix.
-static size_t newton_schulz_scratch(int rows, int cols) {
-    size_t n = (size_t)rows * cols, r = (size_t)(rows < cols ? rows : cols);
-    return 2 * n + 2 * r * r;
-}
-
-// OSP: Newton-Schulz orthogonalization, the heart of Muon: out [rows, cols] has U's singular
-// vectors with its singular values pushed into about [0.5, 1.2]. X = U / (|U|_F + 1e-7), then
-// `steps` times X = a·X + (b·A + c·A²)·X with A = X·Xᵀ. It works on the wide orientation
-// (rows <= cols), so a tall U is transposed first and the result transposed back. The three
-// products use the model's gemm kernel: A = X·Xᵀ (Xᵀ through strides), A·A, and poly·X.
-static void newton_schulz(float *out, const float *u, int rows, int cols, int steps, float *scratch) {
-    bool tall = rows > cols;
-    int r = tall ? cols : rows, c = tall ? rows : cols;
-    size_t n = (size_t)r * c;
-    float *x = scratch, *x_next = x + n, *gram = x_next + n, *poly = gram + (size_t)r * r;
-    double sq = 0.0;
-    for (size_t i = 0; i < n; i++) sq += (double)u[i] * u[i];
-    float inv_norm = (float)(1.0 / (sqrt(sq) + 1e-7));
-    if (tall) transpose(x, u, rows, cols);
-    else memcpy(x, u, sizeof(float) * n);
-    for (size_t i = 0; i < n; i++) x[i] *= inv_norm;
-    for (int step = 0; step < steps; step++) {
-        // A = X·Xᵀ (Xᵀ through strides), then A·A, then (b·A + c·A²)·X
-        size_t rr = (size_t)r, cc = (size_t)c;
-        gemm_serial(&(Gemm){gram, rr, x, cc, 1, x, 1, cc, r, r, c, false, GEMM_FULL});
-        gemm_serial(&(Gemm){poly, rr, gram, rr, 1, gram, rr, 1, r, r, r, false, GEMM_FULL});
-        for (size_t i = 0; i < rr * rr; i++) poly[i] = NS_B * gram[i] + NS_C * poly[i];
-        gemm_serial(&(Gemm){x_next, cc, poly, rr, 1, x, cc, 1, r, c, r, false, GEMM_FULL});
-        for (size_t i = 0; i < n; i++) x[i] = NS_A * x[i] + x_next[i];
-    }
-    if (tall) transpose(out, x, r, c);
-    else memcpy(out, x, sizeof(float) * n);
-}
-
-// OSP: one Muon step on a rows x cols matrix w with gradient g and momentum buffer mom:
-// mom = g + mu·mom;  U = g + mu·mom (Nesterov);  O = NS(U) for a matrix, U / (|U|₂ + 1e-7) for
-// a vector or scalar (rows = 1: the norm gains);  w -= lr·(0.2·sqrt(max(rows, cols))·O + wd·w).
-// The 0.2·sqrt(max) factor gives a full-rank update an RMS of about 0.2·lr, like AdamW's.
-// scratch: 2·rows·cols + newton_schulz_scratch(rows, cols) floats.
-static void muon_update(float *w, const float *g, float *mom, int rows, int cols, const OptimConfig *o,
-                        float lr, float *scratch) {
-    size_t n = (size_t)rows * cols;
-    float *u = scratch, *orth = scratch + n;
-    float mu = o->muon_momentum;
-    for (size_t i = 0; i < n; i++) {
-        mom[i] = g[i] + mu * mom[i];
-        u[i] = g[i] + mu * mom[i];
-    }
-    if (rows == 1) {
-        double sq = 0.0;
-        for (size_t i = 0; i < n; i++) sq += (double)u[i] * u[i];
-        float inv_norm = (float)(1.0 / (sqrt(sq) + 1e-7));
-        for (size_t i = 0; i < n; i++) orth[i] = u[i] * inv_norm;
-    } else {
-        newton_schulz(orth, u, rows, cols, o->ns_steps, scratch + 2 * n);
-    }
-    float scale = 0.2f * sqrtf((float)(rows > cols ? rows : cols));
-    for (size_t i = 0; i < n; i++) w[i] -= lr * (scale * orth[i] + o->weight_decay * w[i]);
-}
-
-// Optimizer state, one block: for each tensor in order, AdamW's m then v (2 floats per
-// parameter) or Muon's momentum buffer (1 float per parameter). Fills offset[] (floats into
-// the block) and returns the block's size in floats.
-static size_t optimizer_layout(const Model *m, int optimizer, size_t *offset) {
-    size_t total = 0;
-    for (int i = 0; i < N_PARAM_TENSORS; i++) {
-        offset[i] = total;
-        total += param_size(m, i) * (uses_muon(optimizer, i) ? 1 : 2);
-    }
-    return total;
-}
-
-// The optimizer state's size in bytes (as saved in a checkpoint).
-static size_t optimizer_state_bytes(const Model *m, int optimizer) {
-    size_t offset[N_PARAM_TENSORS];
-    return sizeof(float) * optimizer_layout(m, optimizer, offset);
-}
-
-// Floats of scratch the Muon updates of this model need (0 under adam).
-static size_t optimizer_scratch(const Model *m, int optimizer) {
-    size_t most = 0;
-    for (int i = 0; i < N_PARAM_TENSORS; i++) {
-        if (!uses_muon(optimizer, i) || param_size(m, i) == 0) continue;
-        size_t n = (size_t)m->shape[i].rows * m->shape[i].cols;
-        size_t need = 2 * n + newton_schulz_scratch(m->shape[i].rows, m->shape[i].cols);
-        if (need > most) most = need;
-    }
-    return most;
-}
-
-// FLOPs of Muon's Newton-Schulz in one optimizer step: per matrix, with r its shorter and c its
-// longer side, every iteration does X·Xᵀ (2r²c), A·A (2r³) and poly·X (2r²c).
-static double newton_schulz_flops(const Model *m, const OptimConfig *o) {
-    double flops = 0.0;
-    for (int i = 0; i < N_PARAM_TENSORS; i++) {
-        if (!uses_muon(o->optimizer, i) || m->shape[i].rows == 1 || param_size(m, i) == 0) continue;
-        double r = fmin(m->shape[i].rows, m->shape[i].cols), c = fmax(m->shape[i].rows, m->shape[i].cols);
-        flops += (double)m->shape[i].count * o->ns_steps * (4.0 * r * r * c + 2.0 * r * r * r);
-    }
-    return flops;
-}
-
-// Applies one optimizer step (t = 1-based step count, factor = schedule multiplier) to every
-// tensor: AdamW on the whole tensor, or Muon on each of its matrices (each layer separately).
-// One parallel region: the AdamW tensors are split elementwise, then each Muon matrix goes whole
-// to one thread (its Newton-Schulz products are too small to split well), handed out one at a
-// time so a thread slowed by another program takes fewer.
-static void optimizer_step(Model *m, const OptimConfig *o, float *state, float factor, int t) {
-    size_t offset[N_PARAM_TENSORS];
-    optimizer_layout(m, o->optimizer, offset);
-    int first_matrix[N_PARAM_TENSORS + 1] = {0};   // Muon matrices numbered across tensors
-    for (int i = 0; i < N_PARAM_TENSORS; i++)
-        first_matrix[i + 1] = first_matrix[i] + (uses_muon(o->optimizer, i) ? m->shape[i].count : 0);
-    size_t scratch_floats = optimizer_scratch(m, o->optimizer);
-#pragma omp parallel
-    {
-        for (int i = 0; i < N_PARAM_TENSORS; i++) {
-            size_t n = param_size(m, i);
-            if (n == 0 || uses_muon(o->optimizer, i)) continue;
-            float *st = state + offset[i];
-            size_t at = m->shape[i].offset;
-            adamw_update(m->params + at, m->grads + at, st, st + n, n, o, factor * o->lr_adam, t);
-        }
-#pragma omp for schedule(dynamic)
-        for (int j = 0; j < first_matrix[N_PARAM_TENSORS]; j++) {
-            int i = 0;
-            while (j >= first_matrix[i + 1]) i++;
-            size_t within = (size_t)(j - first_matrix[i]) * m->shape[i].rows * m->shape[i].cols;
-            size_t at = m->shape[i].offset + within;
-            muon_update(m->params + at, m->grads + at, state + offset[i] + within, m->shape[i].rows,
-                        m->shape[i].cols, o, factor * o->lr_muon, workspace(WORKSPACE_MUON, scratch_floats));
-        }
-    }
-}
-
-/* ============================================================================
- * Presets: the six rows of the paper's ablation
- * ========================================================================== */
-
-// OSP: the recipe is the last row; the others take parts of it away (the paper's ablation).
-typedef struct { const char *name; int optimizer, ssnorm, embproj; const char *what; } Preset;
-static const Preset presets[] = {
-    {"adam", OPTIMIZER_ADAM, 0, 0, "AdamW on everything, RMSNorm (the baseline)"},
-    {"muon-only", OPTIMIZER_MUON_ONLY, 0, 0, "Muon on every matrix, embedding and head included"},
-    {"muon", OPTIMIZER_MUON, 0, 0, "Muon on the network, AdamW on embedding and head"},
-    {"muon-ssnorm", OPTIMIZER_MUON, 1, 0, "muon + Single-Scale RMSNorm"},
-    {"muon-embproj", OPTIMIZER_MUON, 0, 1, "muon + embedding projection"},
-    {"osp", OPTIMIZER_MUON, 1, 1, "muon + SSNorm + EmbProj: the paper's recipe"},
-};
-#define N_PRESETS ((int)(sizeof presets / sizeof presets[0]))
-
-// Index of the preset with these switches, or -1 (a custom combination).
-static int preset_of(int optimizer, int ssnorm, int embproj) {
-    for (int i = 0; i < N_PRESETS; i++)
-        if (presets[i].optimizer == optimizer && presets[i].ssnorm == ssnorm && presets[i].embproj == embproj)
-            return i;
-    return -1;
-}
-
-static const char *preset_name(int preset) {
-    return preset >= 0 && preset < N_PRESETS ? presets[preset].name : "custom";
-}
-
-// Sets the optimizer, SSNorm and EmbProj switches of a run to those of preset p.
-static void apply_preset(Config *cfg, OptimConfig *opt, int p) {
-    opt->optimizer = presets[p].optimizer;
-    cfg->ssnorm = presets[p].ssnorm;
-    cfg->embproj = presets[p].embproj;
-}
-
 /* ============================================================================
  * Checkpoints
  *
@@ -2209,16 +2572,6 @@ static void apply_preset(Config *cfg, OptimConfig *opt, int p) {
 #define CKPT_VERSION 2u
 #define CKPT_INTS 18
 #define CKPT_FLOATS 8
-
-typedef struct {
-    Config cfg;
-    OptimConfig opt;
-    int preset;           // presets[] index the run was trained as, -1 custom
-    int merged;           // 1: EmbProj and SSNorm folded away by ./osp merge
-    int batch;
-    int step;             // completed steps
-    uint64_t seed, rng;   // rng: the batch sampler's state
-} TrainState;
 
 // The accepted range of each setting, for the command line and for a checkpoint's header
 // alike (the model's own consistency is config_problem's).
@@ -2242,6 +2595,29 @@ static const Bound bounds[N_BOUNDS] = {
 };
 
 static bool in_bounds(double v, int b) { return v >= bounds[b].lo && v <= bounds[b].hi; }   // false for NaN
+
+// Why a config is unusable, or NULL.
+static const char *config_problem(const Config *c) {
+    static char msg[256];
+    if (c->vocab_size < TOKEN_FIRST_PIECE || c->vocab_size > VOCAB_MAX)
+        snprintf(msg, sizeof msg, "vocab size %d out of range [%d, %d]", c->vocab_size, TOKEN_FIRST_PIECE,
+                 VOCAB_MAX);
+    else if (c->dim < 2 || c->n_layers < 1 || c->n_heads < 1 || c->n_kv_heads < 1 || c->ffn_dim < 1 ||
+             c->seq_len < 2)
+        snprintf(msg, sizeof msg,
+                 "dim, layers, heads, kv-heads, ffn-dim must be positive and seq-len at least 2");
+    else if (c->dim % c->n_heads != 0)
+        snprintf(msg, sizeof msg, "dim %d is not divisible by heads %d", c->dim, c->n_heads);
+    else if (c->n_heads % c->n_kv_heads != 0)
+        snprintf(msg, sizeof msg, "heads %d is not divisible by kv-heads %d", c->n_heads, c->n_kv_heads);
+    else if (head_dim(c) % 2 != 0)
+        snprintf(msg, sizeof msg, "head dim %d (dim / heads) must be even for RoPE", head_dim(c));
+    else if ((double)c->dim * c->ffn_dim * c->n_layers > 4e9 || (double)c->vocab_size * c->dim > 4e9 ||
+             c->seq_len > 65536)
+        snprintf(msg, sizeof msg, "model too large");
+    else return NULL;
+    return msg;
+}
 
 // Why a checkpoint's training state cannot be right, naming the field, or NULL.
 static const char *train_state_problem(const TrainState *s) {
@@ -2293,6 +2669,12 @@ static const char *nonfinite_tensor(const Model *m, const float *params, const f
                 return name;
             }
     return NULL;
+}
+
+// The optimizer state's size in bytes (as saved in a checkpoint).
+static size_t optimizer_state_bytes(const Model *m, int optimizer) {
+    size_t offset[N_PARAM_TENSORS];
+    return sizeof(float) * optimizer_layout(m, optimizer, offset);
 }
 
 // Writes a checkpoint; state (optimizer buffers) may be NULL, as for a merged model.
@@ -2401,39 +2783,226 @@ static bool checkpoint_load(const char *path, TrainState *s, Model *m, int max_b
     return true;
 }
 
+// Continues a run from a checkpoint (which must hold optimizer state).
+static bool trainer_resume(Trainer *tr, const char *path) {
+    if (!checkpoint_load(path, &tr->state, &tr->model, 0, &tr->opt_state)) return false;
+    if (!tr->opt_state) {
+        model_free(&tr->model);
+        return fail("'%s' has no optimizer state to resume from", path);
+    }
+    trainer_alloc_buffers(tr);
+    return true;
+}
+
 /* ============================================================================
- * Merging for inference
- *
- * With x0 = P_in·e and logits = W_head·(P_out·h): E' = E·P_inᵀ (each row e becomes P_in·e)
- * and W_head' = W_head·P_out; an SSNorm scalar g becomes a per-channel vector filled with g.
- * The result is a plain Llama with the same outputs (up to float rounding).
+ * GPTQ and the rotation: the 4-bit evaluation's steps beyond round-to-nearest
  * ========================================================================== */
 
-// OSP: dst (allocated here, max_batch rows) = src with EmbProj and SSNorm folded away.
-static void model_merge(Model *dst, const Model *src, int max_batch) {
-    Config plain = src->cfg;
-    plain.ssnorm = 0;
-    plain.embproj = 0;
-    model_alloc(dst, &plain, max_batch);
-    int d = plain.dim, V = plain.vocab_size;
-    float *P = src->params;
-    for (int i = 0; i < N_PARAM_TENSORS; i++) {
-        size_t n = param_size(dst, i);
-        float *out = dst->params + dst->shape[i].offset;
-        const float *in = src->params + src->shape[i].offset;
-        if (n == 0) continue;
-        if (i == PARAM_EMBED && src->cfg.embproj) {
-            matmul_forward(out, in, param_at(src, P, PARAM_EMBPROJ_IN, 0), V, d, d);
-        } else if (i == PARAM_HEAD && src->cfg.embproj) {
-            const float *p_out = param_at(src, P, PARAM_EMBPROJ_OUT, 0);
-            size_t dd = (size_t)d;
-            gemm_parallel(&(Gemm){out, dd, in, dd, 1, p_out, dd, 1, V, d, d, false, GEMM_FULL}, 1);
-        } else if (is_norm_gain(i) && src->cfg.ssnorm) {
-            for (size_t j = 0; j < n; j++) out[j] = in[j / (size_t)d];
-        } else {
-            memcpy(out, in, sizeof(float) * n);
+// Cholesky factorisation in place of a symmetric positive definite a [n, n]: a = L·Lᵀ with L
+// lower triangular, written over the lower half (the upper half is not read or changed).
+// Returns false if a is not positive definite.
+static bool cholesky(double *a, int n) {
+    for (int j = 0; j < n; j++) {
+        double d = a[(size_t)j * n + j];
+        for (int k = 0; k < j; k++) d -= a[(size_t)j * n + k] * a[(size_t)j * n + k];
+        if (!(d > 0.0)) return false;
+        d = sqrt(d);
+        a[(size_t)j * n + j] = d;
+        for (int i = j + 1; i < n; i++) {
+            double v = a[(size_t)i * n + j];
+            for (int k = 0; k < j; k++) v -= a[(size_t)i * n + k] * a[(size_t)j * n + k];
+            a[(size_t)i * n + j] = v / d;
         }
     }
+    return true;
+}
+
+// inv [n, n] = H⁻¹ = L⁻ᵀ·L⁻¹ from the Cholesky factor L of H (the lower half of l).
+static void inverse_from_cholesky(double *inv, const double *l, int n) {
+    double *yt = xcalloc((size_t)n * n, sizeof(double)); // Yᵀ for Y = L⁻¹: row c of yt solves L·y = e_c
+#pragma omp parallel for schedule(dynamic)
+    for (int c = 0; c < n; c++) {
+        double *y = yt + (size_t)c * n;
+        for (int i = c; i < n; i++) {
+            double v = i == c ? 1.0 : 0.0;
+            for (int k = c; k < i; k++) v -= l[(size_t)i * n + k] * y[k];
+            y[i] = v / l[(size_t)i * n + i];
+        }
+    }
+#pragma omp parallel for schedule(dynamic)
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j <= i; j++) {   // (YᵀY)[i][j] = [j][i]: Y[k][i] = 0 for k < i
+            double v = 0.0;
+            for (int k = i; k < n; k++) v += yt[(size_t)i * n + k] * yt[(size_t)j * n + k];
+            inv[(size_t)i * n + j] = inv[(size_t)j * n + i] = v;
+        }
+    free(yt);
+}
+
+// GPTQ (Frantar et al. 2022) of one weight matrix w [rows, cols], in place. Each row keeps
+// RTN's grid (the step chosen by the clip search on the unquantized row); GPTQ chooses the
+// rounding column by column so as to keep ||W·X - Ŵ·X||² small, where h [cols, cols] =
+// 2·XᵀX (overwritten) comes from the matrix's inputs X [tokens, cols]. Steps:
+//   1. an input that is always 0 gets h_ii = 1 and its weights 0; then the diagonal is
+//      dampened by 1% of its mean, so that H is safely invertible;
+//   2. U, the upper Cholesky factor of H⁻¹ (H⁻¹ = Uᵀ·U);
+//   3. for each column i in order: ŵ_i = round(w_i), and the columns not yet quantized absorb
+//      the error: w_j -= (w_i - ŵ_i)·U[i][j] / U[i][i] for j > i (each row on its own).
+// A matrix with one column is plain RTN. Returns false if H is not positive definite.
+static bool gptq_quantize(float *w, int rows, int cols, double *h, int bits, bool clip_search) {
+    for (int i = 0; i < cols; i++)
+        if (h[(size_t)i * cols + i] == 0.0) {
+            h[(size_t)i * cols + i] = 1.0;
+            for (int r = 0; r < rows; r++) w[(size_t)r * cols + i] = 0.0f;
+        }
+    double mean_diag = 0.0;
+    for (int i = 0; i < cols; i++) mean_diag += h[(size_t)i * cols + i] / cols;
+    for (int i = 0; i < cols; i++) h[(size_t)i * cols + i] += 0.01 * mean_diag;
+    double *inv = xmalloc(sizeof(double) * (size_t)cols * cols);
+    bool ok = cholesky(h, cols);
+    if (ok) {
+        inverse_from_cholesky(inv, h, cols);
+        ok = cholesky(inv, cols);   // H⁻¹ = L·Lᵀ, so U = Lᵀ
+    }
+    if (!ok) { free(inv); return false; }
+    double *u = h;   // H is no longer needed: U[i][j] = L[j][i] for j >= i, rows contiguous for step 3
+    for (int i = 0; i < cols; i++)
+        for (int j = i; j < cols; j++) u[(size_t)i * cols + j] = inv[(size_t)j * cols + i];
+    free(inv);
+    float qmax = symmetric_qmax(bits);
+#pragma omp parallel
+    {
+        float *scratch = xmalloc(sizeof(float) * (size_t)cols);
+#pragma omp for schedule(dynamic)
+        for (int r = 0; r < rows; r++) {
+            float *row = w + (size_t)r * cols;
+            float p = clip_ratio(row, cols, bits, clip_search, scratch);
+            float scale = p * max_abs(row, cols) / qmax;   // RTN's step for this row
+            for (int i = 0; i < cols; i++) {
+                float q = round_to_grid(row[i], scale, qmax);
+                const double *u_i = u + (size_t)i * cols;
+                double err = (row[i] - q) / u_i[i];
+                row[i] = q;
+                for (int j = i + 1; j < cols; j++) row[j] -= (float)(err * u_i[j]);
+            }
+        }
+        free(scratch);
+    }
+    return true;
+}
+
+// H [n, n] += 2·XᵀX for one batch of a matrix's inputs x [tokens, n] (the product in float,
+// summed in double across batches). scratch holds n·n floats.
+static void hessian_accumulate(double *h, float *scratch, const float *x, int tokens, int n) {
+    Gemm g = {scratch, (size_t)n, x, 1, (size_t)n, x, (size_t)n, 1, n, n, tokens, false, GEMM_FULL};
+    gemm_parallel(&g, 1);
+    for (size_t i = 0; i < (size_t)n * n; i++) h[i] += 2.0 * scratch[i];
+}
+
+// GPTQ of every block matrix of m in place, layer by layer as the release does: the inputs of
+// layer l's matrices are collected on the calibration windows `calib` [windows, T] with layers
+// 0..l-1 already quantized and the activations in full precision (with the online FFN
+// Hadamard if ffn_hadamard: W2 is then already rotated), then its seven matrices are quantized,
+// each with the Hessian of its input: Q, K, V share attn_norm's, gate and up share ffn_norm's.
+static void gptq_quantize_model(Model *m, const int *calib, int windows, int bits, bool clip_search,
+                                bool ffn_hadamard) {
+    const FakeQuant calibration = {QUANT_OFF, QUANT_OFF, ffn_hadamard};
+    const Config *c = &m->cfg;
+    int T = c->seq_len, d = c->dim, f = c->ffn_dim;
+    const struct { int width, matrices[3]; } inputs[4] = {
+        {d, {PARAM_ATTN_Q, PARAM_ATTN_K, PARAM_ATTN_V}}, {d, {PARAM_ATTN_OUT, -1, -1}},
+        {d, {PARAM_FFN_GATE, PARAM_FFN_UP, -1}}, {f, {PARAM_FFN_DOWN, -1, -1}}};
+    double *h[4], *h_work = xmalloc(sizeof(double) * (size_t)f * f);
+    for (int i = 0; i < 4; i++) h[i] = xmalloc(sizeof(double) * (size_t)inputs[i].width * inputs[i].width);
+    float *scratch = xmalloc(sizeof(float) * (size_t)(f > d ? f : d) * (f > d ? f : d));
+    for (int l = 0; l < c->n_layers; l++) {
+        for (int i = 0; i < 4; i++)
+            memset(h[i], 0, sizeof(double) * (size_t)inputs[i].width * inputs[i].width);
+        for (int w0 = 0; w0 < windows; w0 += m->max_batch) {
+            int B = windows - w0 < m->max_batch ? windows - w0 : m->max_batch, N = B * T;
+            model_forward(m, calib + (size_t)w0 * T, NULL, B, T, &calibration);
+            const float *x[4] = {m->act.attn_norm + (size_t)l * N * d, m->act.attn_out + (size_t)l * N * d,
+                                 m->act.ffn_norm + (size_t)l * N * d, m->act.ffn_hidden + (size_t)l * N * f};
+            for (int i = 0; i < 4; i++) hessian_accumulate(h[i], scratch, x[i], N, inputs[i].width);
+        }
+        for (int i = 0; i < 4; i++) {
+            int n = inputs[i].width;
+            for (int j = 0; j < 3 && inputs[i].matrices[j] >= 0; j++) {
+                int t = inputs[i].matrices[j];
+                memcpy(h_work, h[i], sizeof(double) * (size_t)n * n);   // gptq_quantize overwrites it
+                if (!gptq_quantize(param_at(m, m->params, t, l), m->shape[t].rows, n, h_work, bits,
+                                   clip_search))
+                    die("GPTQ: the Hessian of %s in layer %d is not positive definite", param_names[t], l);
+            }
+        }
+    }
+    for (int i = 0; i < 4; i++) free(h[i]);
+    free(h_work); free(scratch);
+}
+
+// Folds every norm's per-channel gain into the matrices that read the normed vector
+// (W -> W·diag(g): column j of W scaled by g[j]) and sets the gains to 1, which leaves the
+// model's function unchanged and makes its norms commute with rotations.
+static void fold_norm_gains(Model *m) {
+    const int readers[3][4] = {{PARAM_ATTN_NORM, PARAM_ATTN_Q, PARAM_ATTN_K, PARAM_ATTN_V},
+                               {PARAM_FFN_NORM, PARAM_FFN_GATE, PARAM_FFN_UP, -1},
+                               {PARAM_FINAL_NORM, PARAM_HEAD, -1, -1}};
+    int d = m->cfg.dim;
+    for (int k = 0; k < 3; k++) {
+        int norm = readers[k][0];
+        for (int layer = 0; layer < m->shape[norm].count; layer++) {
+            float *g = param_at(m, m->params, norm, layer);
+            for (int j = 1; j < 4 && readers[k][j] >= 0; j++) {
+                int t = readers[k][j];
+                float *w = param_at(m, m->params, t, layer);
+                for (int r = 0; r < m->shape[t].rows; r++)
+                    for (int c = 0; c < d; c++) w[(size_t)r * d + c] *= g[c];
+            }
+            for (int c = 0; c < d; c++) g[c] = 1.0f;
+        }
+    }
+}
+
+// v -> R·v for each of the rows vectors v [rows, d], R = H·diag(signs) (orthogonal).
+static void apply_rotation(float *v, size_t rows, int d, const float *signs) {
+    for (size_t r = 0; r < rows; r++)
+        for (int i = 0; i < d; i++) v[r * d + i] *= signs[i];
+    hadamard_transform(v, rows, d);
+}
+
+// Full residual rotation (QuaRot-style; beyond the paper's RTN columns): the residual stream
+// x becomes R·x with R = H·diag(random signs). Gains are folded first so that RMSNorm(R·x) =
+// R·RMSNorm(x). Then every matrix reading the stream gets W -> W·Rᵀ (each row w -> R·w: the
+// embedding rows, Wq, Wk, Wv, W1, W3, the head), and every matrix writing it gets W -> R·W
+// (each column: Wo, W2). The function is unchanged; the weights and activations that get
+// quantized are rotated, which spreads outlier channels over all channels. Needs dim a
+// power of two.
+static void rotate_residual(Model *m, uint64_t seed) {
+    int d = m->cfg.dim;
+    fold_norm_gains(m);
+    float *signs = xmalloc(sizeof(float) * (size_t)d);
+    uint64_t rng = seed;
+    for (int i = 0; i < d; i++) signs[i] = (rng_next(&rng) & 1) ? 1.0f : -1.0f;
+    const int readers[] = { PARAM_EMBED,    PARAM_ATTN_Q, PARAM_ATTN_K, PARAM_ATTN_V,
+                            PARAM_FFN_GATE, PARAM_FFN_UP, PARAM_HEAD };
+    for (size_t k = 0; k < sizeof readers / sizeof readers[0]; k++) {
+        int t = readers[k];
+        apply_rotation(m->params + m->shape[t].offset, (size_t)m->shape[t].count * m->shape[t].rows, d,
+                       signs);
+    }
+    const int writers[] = {PARAM_ATTN_OUT, PARAM_FFN_DOWN};
+    for (size_t k = 0; k < 2; k++) {
+        int t = writers[k], rows = m->shape[t].rows, cols = m->shape[t].cols;
+        float *wt = xmalloc(sizeof(float) * (size_t)rows * cols);
+        for (int layer = 0; layer < m->shape[t].count; layer++) {
+            float *w = param_at(m, m->params, t, layer);
+            transpose(wt, w, rows, cols);                 // columns of W as rows
+            apply_rotation(wt, (size_t)cols, d, signs);
+            transpose(w, wt, cols, rows);
+        }
+        free(wt);
+    }
+    free(signs);
 }
 
 /* ============================================================================
@@ -2759,113 +3328,29 @@ static bool export_llama2c(const char *path, const Model *m) {
 }
 
 /* ============================================================================
- * Evaluation: perplexity, excess kurtosis, and perplexity under 4-bit fake quantization
- * as the paper measures them. Checkpoints are merged first (model_merge): a merged model computes
- * the same function, and P_in, P_out would stay full precision anyway.
+ * The training run: the loop around train_step, its log lines, the kurtosis CSV, FLOP counts
  * ========================================================================== */
 
-// OSP: the measure of outliers. Excess kurtosis of one token's hidden state x [d], as the
-// authors' release computes it: mean(x⁴) / std(x)⁴ - 3, the fourth moment not centred, the
-// standard deviation unbiased (divided by d - 1), negative values clamped to 0. Gaussian
-// channels give about 0; one channel carrying nearly all the energy gives about d (exactly
-// d - 3 for a one-hot vector).
-static double kurtosis_excess(const float *x, int d) {
-    double mean = 0.0, m4 = 0.0, var = 0.0;
-    for (int i = 0; i < d; i++) { mean += x[i]; m4 += (double)x[i] * x[i] * x[i] * x[i]; }
-    mean /= d;
-    m4 /= d;
-    for (int i = 0; i < d; i++) var += (x[i] - mean) * (x[i] - mean);
-    var /= d - 1;
-    if (var <= 0.0) return 0.0;
-    double k = m4 / (var * var) - 3.0;
-    return k > 0.0 ? k : 0.0;
+// FLOPs of one training step on B x T tokens: 6 per matmul weight per token (forward 2,
+// backward 4; every parameter but the embedding table sits in a matmul) plus attention's
+// QKᵀ and PV products over the causal half (2 products x 2 FLOPs x 3 for fwd+bwd).
+static double model_flops_per_step(const Model *m, int B, int T) {
+    double matmul_params = (double)(m->n_params - param_size(m, PARAM_EMBED));
+    for (int i = 0; i < N_PARAM_TENSORS; i++) if (is_norm_gain(i)) matmul_params -= (double)param_size(m, i);
+    double attention = 12.0 * m->cfg.n_layers * m->cfg.n_heads * head_dim(&m->cfg) * (T * (T + 1) / 2.0);
+    return (double)B * (6.0 * matmul_params * T + attention);
 }
 
-// What a KurtosisReport measures on the hidden states: the L + 2 states of our own figure, or
-// the L + 1 that the authors' release averages (its Hugging Face hidden_states: the raw output
-// of block L is not one of them; the final norm's output stands in its place).
-enum { STATES_ALL, STATES_PAPER };
-
-// Per hidden state (after the embedding and P_in, after each block, after the final norm):
-// excess kurtosis per token, largest |activation|, and the per-channel view: the share of the
-// state's energy (sum over tokens of x²) that its largest channel carries. A channel that is
-// large in every token (what breaks per-token 4-bit activations) gives a large share; Gaussian
-// channels give about 1/d; a few massive tokens raise the kurtosis but hardly the share.
-typedef struct {
-    int n_states, dim, which;   // which: STATES_ALL or STATES_PAPER, for the means
-    double *kurtosis;           // [n_states] sums over tokens, means after kurtosis_finish
-    double *max_abs;            // [n_states] largest |x|, after kurtosis_finish
-    double *channel_max;        // [n_states][dim] largest |x| per channel
-    double *energy;             // [n_states][dim] sum over tokens of x² per channel
-    double *top_channel;        // [n_states] largest channel's share of energy, after kurtosis_finish
-    double mean, top_channel_mean;   // means over the states counted by `which`
-    long tokens;
-} KurtosisReport;
-
-static void kurtosis_init(KurtosisReport *r, int n_layers, int dim, int which) {
-    r->n_states = n_layers + 2;
-    r->dim = dim;
-    r->which = which;
-    r->kurtosis = xcalloc((size_t)r->n_states, sizeof(double));
-    r->max_abs = xcalloc((size_t)r->n_states, sizeof(double));
-    r->channel_max = xcalloc((size_t)r->n_states * dim, sizeof(double));
-    r->energy = xcalloc((size_t)r->n_states * dim, sizeof(double));
-    r->top_channel = xcalloc((size_t)r->n_states, sizeof(double));
-    r->mean = r->top_channel_mean = 0.0;
-    r->tokens = 0;
-}
-
-static void kurtosis_free(KurtosisReport *r) {
-    free(r->kurtosis); free(r->max_abs); free(r->channel_max); free(r->energy); free(r->top_channel);
-}
-
-// Adds the hidden states of the model's last forward pass to the sums.
-static void kurtosis_accumulate(KurtosisReport *r, const Model *m) {
-    int N = m->B * m->T, d = m->cfg.dim;
-    size_t Nd = (size_t)N * d;
-    for (int s = 0; s < r->n_states; s++) {
-        const float *h = s < r->n_states - 1 ? m->act.x + s * Nd : m->act.final_norm;
-        double sum = 0.0, *energy = r->energy + (size_t)s * d, *channel_max = r->channel_max + (size_t)s * d;
-#pragma omp parallel for reduction(+ : sum) schedule(static)
-        for (int n = 0; n < N; n++) sum += kurtosis_excess(h + (size_t)n * d, d);
-#pragma omp parallel for schedule(static)
-        for (int i = 0; i < d; i++)
-            for (int n = 0; n < N; n++) {
-                double x = h[(size_t)n * d + i];
-                energy[i] += x * x;
-                channel_max[i] = fmax(channel_max[i], fabs(x));
-            }
-        r->kurtosis[s] += sum;
+// FLOPs of Muon's Newton-Schulz in one optimizer step: per matrix, with r its shorter and c its
+// longer side, every iteration does X·Xᵀ (2r²c), A·A (2r³) and poly·X (2r²c).
+static double newton_schulz_flops(const Model *m, const OptimConfig *o) {
+    double flops = 0.0;
+    for (int i = 0; i < N_PARAM_TENSORS; i++) {
+        if (!uses_muon(o->optimizer, i) || m->shape[i].rows == 1 || param_size(m, i) == 0) continue;
+        double r = fmin(m->shape[i].rows, m->shape[i].cols), c = fmax(m->shape[i].rows, m->shape[i].cols);
+        flops += (double)m->shape[i].count * o->ns_steps * (4.0 * r * r * c + 2.0 * r * r * r);
     }
-    r->tokens += N;
-}
-
-// Whether state s counts in the report's means: all of them, or all but block L's raw output.
-static bool kurtosis_counts(const KurtosisReport *r, int s) {
-    return r->which == STATES_ALL || s != r->n_states - 2;
-}
-
-static void kurtosis_finish(KurtosisReport *r) {
-    int counted = 0;
-    r->mean = r->top_channel_mean = 0.0;
-    for (int s = 0; s < r->n_states; s++) {
-        const double *energy = r->energy + (size_t)s * r->dim;
-        double total = 0.0, top = 0.0;
-        r->max_abs[s] = 0.0;
-        for (int i = 0; i < r->dim; i++) {
-            total += energy[i];
-            top = fmax(top, energy[i]);
-            r->max_abs[s] = fmax(r->max_abs[s], r->channel_max[(size_t)s * r->dim + i]);
-        }
-        r->kurtosis[s] /= (double)(r->tokens ? r->tokens : 1);
-        r->top_channel[s] = total > 0.0 ? top / total : 0.0;
-        if (!kurtosis_counts(r, s)) continue;
-        r->mean += r->kurtosis[s];
-        r->top_channel_mean += r->top_channel[s];
-        counted++;
-    }
-    r->mean /= counted;
-    r->top_channel_mean /= counted;
+    return flops;
 }
 
 // Name of hidden state s of a KurtosisReport: the embedding, a block's output, the final norm.
@@ -2874,387 +3359,6 @@ static const char *state_label(int s, int n_states, char *buf, size_t size) {
     else if (s == n_states - 1) snprintf(buf, size, "final norm");
     else snprintf(buf, size, "block %d", s);
     return buf;
-}
-
-static double kurtosis_max_abs(const KurtosisReport *r) {
-    double mx = 0.0;
-    for (int s = 0; s < r->n_states; s++) mx = fmax(mx, r->max_abs[s]);
-    return mx;
-}
-
-// Number of validation windows of seq_len tokens evaluated (max_windows 0 = all).
-static long validation_windows(const Model *m, const TokenData *val, int max_windows) {
-    long windows = (long)((val->n - 1) / (size_t)m->cfg.seq_len);
-    return max_windows > 0 && windows > max_windows ? max_windows : windows;
-}
-
-// Mean loss over the validation tokens in non-overlapping windows of seq_len (up to
-// max_windows windows; 0 = all), evaluated max_batch windows at a time. With kurt, also adds
-// every window's hidden states to the kurtosis sums (full context).
-static float evaluate_loss(Model *m, const TokenData *val, int max_windows, const FakeQuant *fq,
-                           KurtosisReport *kurt) {
-    int T = m->cfg.seq_len;
-    long windows = validation_windows(m, val, max_windows);
-    if (windows < 1) return NAN;
-    int *inputs = xmalloc(sizeof(int) * (size_t)m->max_batch * T);
-    int *targets = xmalloc(sizeof(int) * (size_t)m->max_batch * T);
-    double total = 0.0;
-    for (long w0 = 0; w0 < windows; w0 += m->max_batch) {
-        int B = (int)(windows - w0 < m->max_batch ? windows - w0 : m->max_batch);
-        for (int b = 0; b < B; b++)
-            for (int t = 0; t < T; t++) {
-                size_t pos = (size_t)(w0 + b) * T + (size_t)t;
-                inputs[b * T + t] = val->tokens[pos];
-                targets[b * T + t] = val->tokens[pos + 1];
-            }
-        total += (double)model_forward(m, inputs, targets, B, T, fq) * B;
-        if (kurt) kurtosis_accumulate(kurt, m);
-    }
-    free(inputs); free(targets);
-    return (float)(total / (double)windows);
-}
-
-// Kurtosis without context, as the authors' script measures it: every token of the same
-// windows is fed as its own sequence of length 1.
-static void kurtosis_without_context(Model *m, const TokenData *val, int max_windows, KurtosisReport *kurt) {
-    size_t n = (size_t)validation_windows(m, val, max_windows) * m->cfg.seq_len;
-    int chunk = m->max_batch * m->cfg.seq_len;
-    int *inputs = xmalloc(sizeof(int) * (size_t)chunk);
-    for (size_t start = 0; start < n; start += (size_t)chunk) {
-        int B = (int)(n - start < (size_t)chunk ? n - start : (size_t)chunk);
-        for (int b = 0; b < B; b++) inputs[b] = val->tokens[start + (size_t)b];
-        model_forward(m, inputs, NULL, B, 1, NULL);
-        kurtosis_accumulate(kurt, m);
-    }
-    free(inputs);
-}
-
-// Both kurtosis reports of the first `windows` validation windows (0 = all), started and
-// finished here: `paper` with each token alone over the release's L + 1 states, `context` with
-// the windows whole over all L + 2 (paper may be NULL). Returns the windows' mean loss.
-static float measure_hidden_states(Model *m, const TokenData *val, int windows, KurtosisReport *paper,
-                                   KurtosisReport *context) {
-    kurtosis_init(context, m->cfg.n_layers, m->cfg.dim, STATES_ALL);
-    float loss = evaluate_loss(m, val, windows, NULL, context);
-    kurtosis_finish(context);
-    if (paper) {   // NULL: the in-context report only
-        kurtosis_init(paper, m->cfg.n_layers, m->cfg.dim, STATES_PAPER);
-        kurtosis_without_context(m, val, windows, paper);
-        kurtosis_finish(paper);
-    }
-    return loss;
-}
-
-// The weight matrices quantized to 4 bits: those of the blocks. The embedding and the head
-// stay full precision.
-static bool is_block_matrix(int i) {
-    return i == PARAM_ATTN_Q || i == PARAM_ATTN_K || i == PARAM_ATTN_V || i == PARAM_ATTN_OUT ||
-           i == PARAM_FFN_GATE || i == PARAM_FFN_UP || i == PARAM_FFN_DOWN;
-}
-
-// RTN-quantizes every block matrix in place, one output row at a time (with the clip search
-// if asked).
-static void quantize_weights(Model *m, int bits, bool clip_search) {
-    for (int i = 0; i < N_PARAM_TENSORS; i++) {
-        if (!is_block_matrix(i)) continue;
-        int rows = m->shape[i].count * m->shape[i].rows, cols = m->shape[i].cols;
-        float *w = m->params + m->shape[i].offset;
-#pragma omp parallel
-        {
-            float *scratch = xmalloc(sizeof(float) * (size_t)cols);
-#pragma omp for schedule(static)
-            for (int r = 0; r < rows; r++)
-                quantize_weight_row(w + (size_t)r * cols, cols, bits, clip_search, scratch);
-            free(scratch);
-        }
-    }
-}
-
-// The offline half of the FFN rotation: W2 -> W2·Hᵀ, i.e. H applied to every row of W2
-// [d, f]. With the online half (h -> H·h in the forward pass) the product is unchanged:
-// W2·Hᵀ·H·h = W2·h. Needs ffn_dim a power of two.
-static void rotate_ffn_down(Model *m) {
-    hadamard_transform(m->params + m->shape[PARAM_FFN_DOWN].offset, (size_t)m->cfg.n_layers * m->cfg.dim,
-                       m->cfg.ffn_dim);
-}
-
-// Folds every norm's per-channel gain into the matrices that read the normed vector
-// (W -> W·diag(g): column j of W scaled by g[j]) and sets the gains to 1, which leaves the
-// model's function unchanged and makes its norms commute with rotations.
-static void fold_norm_gains(Model *m) {
-    const int readers[3][4] = {{PARAM_ATTN_NORM, PARAM_ATTN_Q, PARAM_ATTN_K, PARAM_ATTN_V},
-                               {PARAM_FFN_NORM, PARAM_FFN_GATE, PARAM_FFN_UP, -1},
-                               {PARAM_FINAL_NORM, PARAM_HEAD, -1, -1}};
-    int d = m->cfg.dim;
-    for (int k = 0; k < 3; k++) {
-        int norm = readers[k][0];
-        for (int layer = 0; layer < m->shape[norm].count; layer++) {
-            float *g = param_at(m, m->params, norm, layer);
-            for (int j = 1; j < 4 && readers[k][j] >= 0; j++) {
-                int t = readers[k][j];
-                float *w = param_at(m, m->params, t, layer);
-                for (int r = 0; r < m->shape[t].rows; r++)
-                    for (int c = 0; c < d; c++) w[(size_t)r * d + c] *= g[c];
-            }
-            for (int c = 0; c < d; c++) g[c] = 1.0f;
-        }
-    }
-}
-
-// v -> R·v for each of the rows vectors v [rows, d], R = H·diag(signs) (orthogonal).
-static void apply_rotation(float *v, size_t rows, int d, const float *signs) {
-    for (size_t r = 0; r < rows; r++)
-        for (int i = 0; i < d; i++) v[r * d + i] *= signs[i];
-    hadamard_transform(v, rows, d);
-}
-
-// Full residual rotation (QuaRot-style; beyond the paper's RTN columns): the residual stream
-// x becomes R·x with R = H·diag(random signs). Gains are folded first so that RMSNorm(R·x) =
-// R·RMSNorm(x). Then every matrix reading the stream gets W -> W·Rᵀ (each row w -> R·w: the
-// embedding rows, Wq, Wk, Wv, W1, W3, the head), and every matrix writing it gets W -> R·W
-// (each column: Wo, W2). The function is unchanged; the weights and activations that get
-// quantized are rotated, which spreads outlier channels over all channels. Needs dim a
-// power of two.
-static void rotate_residual(Model *m, uint64_t seed) {
-    int d = m->cfg.dim;
-    fold_norm_gains(m);
-    float *signs = xmalloc(sizeof(float) * (size_t)d);
-    uint64_t rng = seed;
-    for (int i = 0; i < d; i++) signs[i] = (rng_next(&rng) & 1) ? 1.0f : -1.0f;
-    const int readers[] = { PARAM_EMBED,    PARAM_ATTN_Q, PARAM_ATTN_K, PARAM_ATTN_V,
-                            PARAM_FFN_GATE, PARAM_FFN_UP, PARAM_HEAD };
-    for (size_t k = 0; k < sizeof readers / sizeof readers[0]; k++) {
-        int t = readers[k];
-        apply_rotation(m->params + m->shape[t].offset, (size_t)m->shape[t].count * m->shape[t].rows, d,
-                       signs);
-    }
-    const int writers[] = {PARAM_ATTN_OUT, PARAM_FFN_DOWN};
-    for (size_t k = 0; k < 2; k++) {
-        int t = writers[k], rows = m->shape[t].rows, cols = m->shape[t].cols;
-        float *wt = xmalloc(sizeof(float) * (size_t)rows * cols);
-        for (int layer = 0; layer < m->shape[t].count; layer++) {
-            float *w = param_at(m, m->params, t, layer);
-            transpose(wt, w, rows, cols);                 // columns of W as rows
-            apply_rotation(wt, (size_t)cols, d, signs);
-            transpose(w, wt, cols, rows);
-        }
-        free(wt);
-    }
-    free(signs);
-}
-
-// The rows of the 4-bit table: what is quantized, and whether the weights get GPTQ instead
-// of RTN (the GPTQ rows are evaluated only when asked, --gptq).
-// Each row's key in eval --json and its column in results.csv (+ "_ppl", and "_had").
-enum { QROW_W, QROW_A, QROW_KV, QROW_WAKV, QROW_W_GPTQ, QROW_WAKV_GPTQ, N_QUANT_ROWS };
-static const struct { const char *json, *csv;
-} quant_row_keys[N_QUANT_ROWS] = {
-    { "w", "w4" },         { "a", "a4" },           { "kv", "kv4" },
-    { "wakv", "w4a4kv4" }, { "w_gptq", "w4_gptq" }, { "wakv_gptq", "w4a4kv4_gptq" },
-};
-
-// One fake-quantization setting: one row of the table, without or with the FFN Hadamard.
-typedef struct {
-    int wbits;       // weight bits
-    bool gptq;       // weights quantized by GPTQ instead of RTN
-    FakeQuant act;   // activations, KV cache, FFN Hadamard
-} QuantSetting;
-
-typedef struct {
-    int wbits, abits, kvbits;   // the bits of the table's rows (16 = off)
-    bool clip_search;           // weight clip search (default on)
-    bool rotate;                // full residual rotation before quantizing
-    int max_windows;            // validation windows, 0 = all
-    bool gptq;                  // also the GPTQ rows
-    int calib_windows;          // GPTQ's calibration: windows of seq_len training tokens,
-    uint64_t calib_seed;        // drawn at random with this seed
-} EvalOptions;
-
-typedef struct {
-    long windows;
-    float fp_loss;
-    KurtosisReport paper;     // each token alone, the L + 1 states of the release: the paper's figure
-    KurtosisReport context;   // tokens in their windows, all L + 2 states
-    float quant_loss[N_QUANT_ROWS][2];   // [row][no Had., Had.]; NAN if not evaluated or not applicable
-    double seconds;
-} EvalResult;
-
-static void eval_result_free(EvalResult *r) { kurtosis_free(&r->paper); kurtosis_free(&r->context); }
-
-// H [n, n] += 2·XᵀX for one batch of a matrix's inputs x [tokens, n] (the product in float,
-// summed in double across batches). scratch holds n·n floats.
-static void hessian_accumulate(double *h, float *scratch, const float *x, int tokens, int n) {
-    Gemm g = {scratch, (size_t)n, x, 1, (size_t)n, x, (size_t)n, 1, n, n, tokens, false, GEMM_FULL};
-    gemm_parallel(&g, 1);
-    for (size_t i = 0; i < (size_t)n * n; i++) h[i] += 2.0 * scratch[i];
-}
-
-// GPTQ of every block matrix of m in place, layer by layer as the release does: the inputs of
-// layer l's matrices are collected on the calibration windows `calib` [windows, T] with layers
-// 0..l-1 already quantized and the activations in full precision (with the online FFN
-// Hadamard if ffn_hadamard: W2 is then already rotated), then its seven matrices are quantized,
-// each with the Hessian of its input: Q, K, V share attn_norm's, gate and up share ffn_norm's.
-static void gptq_quantize_model(Model *m, const int *calib, int windows, int bits, bool clip_search,
-                                bool ffn_hadamard) {
-    const FakeQuant calibration = {QUANT_OFF, QUANT_OFF, ffn_hadamard};
-    const Config *c = &m->cfg;
-    int T = c->seq_len, d = c->dim, f = c->ffn_dim;
-    const struct { int width, matrices[3]; } inputs[4] = {
-        {d, {PARAM_ATTN_Q, PARAM_ATTN_K, PARAM_ATTN_V}}, {d, {PARAM_ATTN_OUT, -1, -1}},
-        {d, {PARAM_FFN_GATE, PARAM_FFN_UP, -1}}, {f, {PARAM_FFN_DOWN, -1, -1}}};
-    double *h[4], *h_work = xmalloc(sizeof(double) * (size_t)f * f);
-    for (int i = 0; i < 4; i++) h[i] = xmalloc(sizeof(double) * (size_t)inputs[i].width * inputs[i].width);
-    float *scratch = xmalloc(sizeof(float) * (size_t)(f > d ? f : d) * (f > d ? f : d));
-    for (int l = 0; l < c->n_layers; l++) {
-        for (int i = 0; i < 4; i++)
-            memset(h[i], 0, sizeof(double) * (size_t)inputs[i].width * inputs[i].width);
-        for (int w0 = 0; w0 < windows; w0 += m->max_batch) {
-            int B = windows - w0 < m->max_batch ? windows - w0 : m->max_batch, N = B * T;
-            model_forward(m, calib + (size_t)w0 * T, NULL, B, T, &calibration);
-            const float *x[4] = {m->act.attn_norm + (size_t)l * N * d, m->act.attn_out + (size_t)l * N * d,
-                                 m->act.ffn_norm + (size_t)l * N * d, m->act.ffn_hidden + (size_t)l * N * f};
-            for (int i = 0; i < 4; i++) hessian_accumulate(h[i], scratch, x[i], N, inputs[i].width);
-        }
-        for (int i = 0; i < 4; i++) {
-            int n = inputs[i].width;
-            for (int j = 0; j < 3 && inputs[i].matrices[j] >= 0; j++) {
-                int t = inputs[i].matrices[j];
-                memcpy(h_work, h[i], sizeof(double) * (size_t)n * n);   // gptq_quantize overwrites it
-                if (!gptq_quantize(param_at(m, m->params, t, l), m->shape[t].rows, n, h_work, bits,
-                                   clip_search))
-                    die("GPTQ: the Hessian of %s in layer %d is not positive definite", param_names[t], l);
-            }
-        }
-    }
-    for (int i = 0; i < 4; i++) free(h[i]);
-    free(h_work); free(scratch);
-}
-
-// Validation loss of the plain model `base` under one quantization setting, evaluated on
-// `work` (same config), whose parameters are overwritten. calib: GPTQ's calibration windows.
-// The GPTQ weights of one Hadamard setting serve two rows: the first keeps them in *gptq_cache
-// (NULL until then), the second copies them from there.
-static float evaluate_quantized(Model *work, const Model *base, const QuantSetting *q, const EvalOptions *o,
-                                const TokenData *val, const int *calib, float **gptq_cache) {
-    size_t bytes = sizeof(float) * base->n_params;
-    if (q->gptq && *gptq_cache) {
-        memcpy(work->params, *gptq_cache, bytes);
-    } else {
-        memcpy(work->params, base->params, bytes);
-        if (q->act.ffn_hadamard) rotate_ffn_down(work);
-        if (q->wbits < QUANT_OFF && q->gptq)
-            gptq_quantize_model(work, calib, o->calib_windows, q->wbits, o->clip_search, q->act.ffn_hadamard);
-        else if (q->wbits < QUANT_OFF) quantize_weights(work, q->wbits, o->clip_search);
-        if (q->gptq) *gptq_cache = memcpy(xmalloc(bytes), work->params, bytes);
-    }
-    return evaluate_loss(work, val, o->max_windows, &q->act, NULL);
-}
-
-// Full evaluation of a model (merged here if it has EmbProj or SSNorm): full-precision loss,
-// the hidden states' kurtosis (each token alone, and in context), and the 4-bit table without
-// and with the FFN Hadamard. train: the calibration tokens of the GPTQ rows (with o->gptq).
-static void evaluate_model(EvalResult *r, const Model *m, const TokenData *val, const TokenData *train,
-                           const EvalOptions *o) {
-    double t0 = now_seconds();
-    Model base, work;
-    model_merge(&base, m, m->max_batch);
-    if (o->rotate) rotate_residual(&base, 0x0505ull);
-    model_alloc(&work, &base.cfg, m->max_batch);
-    memcpy(work.params, base.params, sizeof(float) * base.n_params);
-    r->windows = validation_windows(&work, val, o->max_windows);
-    r->fp_loss = measure_hidden_states(&work, val, o->max_windows, &r->paper, &r->context);
-    int *calib = NULL;
-    if (o->gptq) {
-        int T = base.cfg.seq_len, *targets = xmalloc(sizeof(int) * (size_t)o->calib_windows * T);
-        calib = xmalloc(sizeof(int) * (size_t)o->calib_windows * T);
-        uint64_t rng = o->calib_seed;
-        data_next_batch(train, &rng, o->calib_windows, T, calib, targets);
-        free(targets);
-    }
-    const QuantSetting rows[N_QUANT_ROWS] = {
-        [QROW_W] = {o->wbits, false, {QUANT_OFF, QUANT_OFF, false}},
-        [QROW_A] = {QUANT_OFF, false, {o->abits, QUANT_OFF, false}},
-        [QROW_KV] = {QUANT_OFF, false, {QUANT_OFF, o->kvbits, false}},
-        [QROW_WAKV] = {o->wbits, false, {o->abits, o->kvbits, false}},
-        [QROW_W_GPTQ] = {o->wbits, true, {QUANT_OFF, QUANT_OFF, false}},
-        [QROW_WAKV_GPTQ] = {o->wbits, true, {o->abits, o->kvbits, false}},
-    };
-    for (int had = 0; had < 2; had++) {
-        float *gptq_weights = NULL;
-        for (int i = 0; i < N_QUANT_ROWS; i++) {
-            QuantSetting q = rows[i];
-            q.act.ffn_hadamard = had;
-            bool skip = (had && !is_power_of_two(base.cfg.ffn_dim)) || (q.gptq && !o->gptq);
-            r->quant_loss[i][had] = skip ? NAN
-                                         : evaluate_quantized(&work, &base, &q, o, val, calib, &gptq_weights);
-        }
-        free(gptq_weights);
-    }
-    free(calib);
-    model_free(&base); model_free(&work);
-    r->seconds = now_seconds() - t0;
-}
-
-/* ============================================================================
- * Training
- * ========================================================================== */
-
-typedef struct {
-    TrainState state;
-    Model model;
-    float *opt_state;        // optimizer buffers (optimizer_layout)
-    const TokenData *train, *val;   // borrowed: the caller loads and frees the data
-    int *inputs, *targets;   // [batch, seq_len]
-} Trainer;
-
-// One optimizer step on the next training batch; returns the loss before the update (NaN or
-// Inf is returned as is, before any parameter changes).
-static float train_step(Trainer *tr, float *grad_norm) {
-    TrainState *s = &tr->state;
-    Model *m = &tr->model;
-    int B = s->batch, T = s->cfg.seq_len;
-    data_next_batch(tr->train, &s->rng, B, T, tr->inputs, tr->targets);
-    float loss = model_forward(m, tr->inputs, tr->targets, B, T, NULL);
-    if (!isfinite(loss)) return loss;
-    model_backward(m);
-    *grad_norm = clip_grad_norm(m->grads, m->n_params, s->opt.grad_clip);
-    optimizer_step(m, &s->opt, tr->opt_state, lr_factor(&s->opt, s->step), s->step + 1);
-    s->step++;
-    return loss;
-}
-
-static void trainer_alloc_buffers(Trainer *tr) {
-    tr->inputs = xmalloc(sizeof(int) * (size_t)tr->state.batch * tr->state.cfg.seq_len);
-    tr->targets = xmalloc(sizeof(int) * (size_t)tr->state.batch * tr->state.cfg.seq_len);
-}
-
-// Sets up a fresh run: model and batch sampler seeded from s->seed, zero optimizer state.
-static void trainer_init(Trainer *tr, const TrainState *s) {
-    tr->state = *s;
-    tr->state.step = 0;
-    tr->state.rng = s->seed;
-    model_alloc(&tr->model, &s->cfg, s->batch);
-    model_init(&tr->model, s->seed);
-    size_t offset[N_PARAM_TENSORS];
-    tr->opt_state = xcalloc(optimizer_layout(&tr->model, s->opt.optimizer, offset), sizeof(float));
-    trainer_alloc_buffers(tr);
-}
-
-// Continues a run from a checkpoint (which must hold optimizer state).
-static bool trainer_resume(Trainer *tr, const char *path) {
-    if (!checkpoint_load(path, &tr->state, &tr->model, 0, &tr->opt_state)) return false;
-    if (!tr->opt_state) {
-        model_free(&tr->model);
-        return fail("'%s' has no optimizer state to resume from", path);
-    }
-    trainer_alloc_buffers(tr);
-    return true;
-}
-
-static void trainer_free(Trainer *tr) {
-    model_free(&tr->model);
-    free(tr->opt_state); free(tr->inputs); free(tr->targets);
-    memset(tr, 0, sizeof *tr);
 }
 
 // Kurtosis over training, one row per measured step. Kept in memory and rewritten whole at
@@ -3548,6 +3652,14 @@ static void generate(Model *m, const Tokenizer *tok, const char *prompt, int n_n
     fputc('\n', out);
     free(scratch); free(tokens);
 }
+
+// Each row of the 4-bit table's key in eval --json and its column in results.csv (+ "_ppl", and
+// "_had").
+static const struct { const char *json, *csv;
+} quant_row_keys[N_QUANT_ROWS] = {
+    { "w", "w4" },         { "a", "a4" },           { "kv", "kv4" },
+    { "wakv", "w4a4kv4" }, { "w_gptq", "w4_gptq" }, { "wakv_gptq", "w4a4kv4_gptq" },
+};
 
 /* ============================================================================
  * Ablation results: results.csv, one row per run of ./osp ablation
@@ -5354,10 +5466,27 @@ static pid_t start_spinner(void) {
     return pid;
 }
 
+// The parts of a step that bench reports.
+enum { PART_MATMUL_FORWARD, PART_MATMUL_BACKWARD, PART_ATTENTION, PART_OPTIMIZER, N_PARTS };
+
 typedef struct {
     double ms_per_step, parts_ms[N_PARTS], forward_backward_ms;
     size_t allocated_bytes;
 } StepTiming;
+
+// Seconds of attention, forward and backward through every layer, on the activations of the
+// model's last step (its shapes and values); the gradients it adds are not used after.
+static double time_attention(Model *m) {
+    const Config *c = &m->cfg;
+    int B = m->B, T = m->T, H = c->n_heads, KVH = c->n_kv_heads, hd = head_dim(c);
+    double t0 = now_seconds();
+    for (int l = 0; l < c->n_layers; l++) {
+        LayerActs s = layer_acts(&m->act, c, l, B, T), ds = layer_acts(&m->dact, c, l, B, T);
+        attention_forward(s.attn_out, s.att, s.q, s.k, s.v, B, T, H, KVH, hd);
+        attention_backward(ds.q, ds.k, ds.v, ds.attn_out, s.attn_out, s.att, s.q, s.k, s.v, B, T, H, KVH, hd);
+    }
+    return now_seconds() - t0;
+}
 
 // Times `steps` training steps (after 2 warm-up steps) of a preset on synthetic tokens.
 static StepTiming time_training(const TrainState *proto, int preset, int steps, int threads) {
@@ -5379,9 +5508,9 @@ static StepTiming time_training(const TrainState *proto, int preset, int steps, 
     r.allocated_bytes = sizeof(float) * (2 * tr.model.n_params + 2 * tr.model.act_floats +
                                          optimizer_scratch(&tr.model, s.opt.optimizer) * (size_t)threads) +
                         optimizer_state_bytes(&tr.model, s.opt.optimizer);
-    memset(part_seconds, 0, sizeof part_seconds);
+    memset(matmul_seconds, 0, sizeof matmul_seconds);
     profiling = true;
-    double t0 = now_seconds(), fb = 0.0;
+    double t0 = now_seconds(), fb = 0.0, optimizer = 0.0, attention = 0.0;
     for (int i = 0; i < steps; i++) {
         data_next_batch(tr.train, &tr.state.rng, s.batch, s.cfg.seq_len, tr.inputs, tr.targets);
         double f0 = now_seconds();
@@ -5389,11 +5518,17 @@ static StepTiming time_training(const TrainState *proto, int preset, int steps, 
         model_backward(&tr.model);
         fb += now_seconds() - f0;
         clip_grad_norm(tr.model.grads, tr.model.n_params, s.opt.grad_clip);
-        TIMED(PART_OPTIMIZER, optimizer_step(&tr.model, &s.opt, tr.opt_state, 1.0f, i + 3));
+        double o0 = now_seconds();
+        optimizer_step(&tr.model, &s.opt, tr.opt_state, 1.0f, i + 3);
+        optimizer += now_seconds() - o0;
     }
     r.ms_per_step = 1e3 * (now_seconds() - t0) / steps;
     profiling = false;
-    for (int p = 0; p < N_PARTS; p++) r.parts_ms[p] = 1e3 * part_seconds[p] / steps;
+    for (int i = 0; i < steps; i++) attention += time_attention(&tr.model);   // apart: not in ms_per_step
+    r.parts_ms[PART_MATMUL_FORWARD] = 1e3 * matmul_seconds[0] / steps;
+    r.parts_ms[PART_MATMUL_BACKWARD] = 1e3 * matmul_seconds[1] / steps;
+    r.parts_ms[PART_ATTENTION] = 1e3 * attention / steps;
+    r.parts_ms[PART_OPTIMIZER] = 1e3 * optimizer / steps;
     r.forward_backward_ms = 1e3 * fb / steps;
     trainer_free(&tr);
     free(train.tokens);
@@ -5410,9 +5545,9 @@ static void time_matmul(int N, int C, int OC, int threads, double *forward, doub
     for (size_t i = 0; i < (size_t)N * C; i++) x[i] = rng_normal(&rng);
     for (size_t i = 0; i < (size_t)OC * C; i++) w[i] = rng_normal(&rng);
     double flops = 2.0 * N * C * OC;
-    matmul_forward(y, x, w, N, C, OC);
+    matmul(y, x, w, N, C, OC);
     double t0 = now_seconds();
-    for (int r = 0; r < 10; r++) matmul_forward(y, x, w, N, C, OC);
+    for (int r = 0; r < 10; r++) matmul(y, x, w, N, C, OC);
     *forward = 10 * flops / (now_seconds() - t0) / 1e9;
     t0 = now_seconds();
     for (int r = 0; r < 5; r++) matmul_backward(dx, dw, y, x, w, N, C, OC);
@@ -5468,7 +5603,8 @@ static int cmd_bench(int argc, char **argv) {
         double matmul = t.parts_ms[PART_MATMUL_FORWARD] + t.parts_ms[PART_MATMUL_BACKWARD];
         double rest = t.forward_backward_ms - matmul - t.parts_ms[PART_ATTENTION];
         double other = t.ms_per_step - t.forward_backward_ms - t.parts_ms[PART_OPTIMIZER];
-        const char *names[] = {"matmul forward", "matmul backward", "attention", "norms, elementwise, loss",
+        const char *names[] = {"matmul forward", "matmul backward", "attention (timed apart)",
+                               "norms, elementwise, loss",
                                p == osp_preset ? "optimizer (Muon, AdamW)" : "optimizer", "batch, clipping"};
         double ms[] = { t.parts_ms[PART_MATMUL_FORWARD], t.parts_ms[PART_MATMUL_BACKWARD],
                         t.parts_ms[PART_ATTENTION],      rest,

@@ -80,6 +80,11 @@ static double weighted_sum(const float *out, const float *weights, size_t n) {
     return s;
 }
 
+/* ############################################################################
+ * Part I: the method, in osp.c's order (layers, quantizers, the model, optimizers,
+ * merging, kurtosis and the 4-bit evaluation, the training step)
+ * ############################################################################ */
+
 /* ----------------------------------------------------------------------------
  * Gradient checks. Each op test defines a scalar loss L = Σ out ⊙ R (R random, so dout = R)
  * and compares the analytic gradient of every input with central differences
@@ -184,7 +189,7 @@ static void test_grad_rmsnorm(const char *name, int gain_step, uint64_t *rng) {
 typedef struct { float *inp, *w, *out, *R; int N, C, OC; } MatmulCase;
 static double matmul_loss(void *p) {
     MatmulCase *c = p;
-    matmul_forward(c->out, c->inp, c->w, c->N, c->C, c->OC);
+    matmul(c->out, c->inp, c->w, c->N, c->C, c->OC);
     return weighted_sum(c->out, c->R, (size_t)c->N * c->OC);
 }
 static void test_grad_matmul(uint64_t *rng) {
@@ -198,75 +203,6 @@ static void test_grad_matmul(uint64_t *rng) {
     grad_check_op("grad matmul", matmul_loss, &c, 2, (const char *[]){"x", "w"}, (float *[]){c.inp, c.w},
                   (float *[]){dinp, dw}, (size_t[]){(size_t)c.N * c.C, (size_t)c.OC * c.C}, rng);
     free(c.inp); free(c.w); free(c.out); free(c.R); free(dinp); free(dw);
-}
-
-// The tiled matmul kernel against the plain loops, on shapes that are not multiples of the
-// GEMM_MR x 16 tile, and on 1-row and 1-column cases. Both sum in float over k in order, but the
-// reference's dot product is vectorized with split accumulators, so they agree to rounding:
-// tolerance 1e-5 of the largest output.
-static void test_matmul_fast_vs_reference(uint64_t *rng) {
-    int shapes[][3] = { { 1, 1, 1 },    { 1, 7, 33 },     { 37, 1, 19 }, { 5, 13, 1 },
-                        { 70, 29, 45 }, { 64, 128, 512 }, { 3, 200, 17 } };
-    double worst = 0.0;
-    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
-        int N = shapes[s][0], C = shapes[s][1], OC = shapes[s][2];
-        float *x = random_floats((size_t)N * C, 1.0f, rng), *w = random_floats((size_t)OC * C, 1.0f, rng);
-        float *g = random_floats((size_t)N * OC, 1.0f, rng);
-        float *fast = xmalloc(sizeof(float) * N * OC), *ref = xmalloc(sizeof(float) * N * OC);
-        float *dx_fast = random_floats((size_t)N * C, 1.0f, rng),
-              *dw_fast = random_floats((size_t)OC * C, 1.0f, rng);
-        float *dx_ref = xmalloc(sizeof(float) * N * C), *dw_ref = xmalloc(sizeof(float) * OC * C);
-        memcpy(dx_ref, dx_fast, sizeof(float) * N * C);   // both add into the same starting values
-        memcpy(dw_ref, dw_fast, sizeof(float) * OC * C);
-        matmul_forward(fast, x, w, N, C, OC);
-        matmul_forward_reference(ref, x, w, N, C, OC);
-        matmul_backward(dx_fast, dw_fast, g, x, w, N, C, OC);
-        matmul_backward_reference(dx_ref, dw_ref, g, x, w, N, C, OC);
-        worst = fmax(worst, max_rel_diff(ref, fast, (size_t)N * OC));
-        worst = fmax(worst, max_rel_diff(dx_ref, dx_fast, (size_t)N * C));
-        worst = fmax(worst, max_rel_diff(dw_ref, dw_fast, (size_t)OC * C));
-        free(x);
-        free(w);
-        free(g);
-        free(fast);
-        free(ref);
-        free(dx_fast);
-        free(dw_fast);
-        free(dx_ref);
-        free(dw_ref);
-    }
-    report(worst < 1e-5, "matmul kernel = plain loops",
-           "7 shapes incl. 1x1x1, 1-row, 1-column, 70x29x45: max diff %.1e of the largest value", worst);
-}
-
-// The batched products (Q, K, V from one input; their input gradients as one ordered chain)
-// against the plain loops run one product at a time. Odd widths, so tiles and items are cut.
-static void test_matmul_batched_vs_reference(uint64_t *rng) {
-    int N = 101, C = 37, OC[3] = {37, 19, 21};
-    float *x = random_floats((size_t)N * C, 1.0f, rng), *w[3], *g[3], *out[3], *dw[3], *dw_ref[3];
-    float *dx = xcalloc((size_t)N * C, sizeof(float)), *dx_ref = xcalloc((size_t)N * C, sizeof(float));
-    double worst = 0.0;
-    for (int p = 0; p < 3; p++) {
-        w[p] = random_floats((size_t)OC[p] * C, 1.0f, rng);
-        g[p] = random_floats((size_t)N * OC[p], 1.0f, rng);
-        out[p] = xmalloc(sizeof(float) * N * OC[p]);
-        dw[p] = xcalloc((size_t)OC[p] * C, sizeof(float));
-        dw_ref[p] = xcalloc((size_t)OC[p] * C, sizeof(float));
-    }
-    matmul_forward_n(3, out, x, (const float *const *)w, N, C, OC);
-    matmul_backward_n(3, dx, dw, (const float *const *)g, x, (const float *const *)w, N, C, OC);
-    for (int p = 0; p < 3; p++) {
-        float *ref = xmalloc(sizeof(float) * N * OC[p]);
-        matmul_forward_reference(ref, x, w[p], N, C, OC[p]);
-        matmul_backward_reference(dx_ref, dw_ref[p], g[p], x, w[p], N, C, OC[p]);
-        worst = fmax(worst, max_rel_diff(ref, out[p], (size_t)N * OC[p]));
-        worst = fmax(worst, max_rel_diff(dw_ref[p], dw[p], (size_t)OC[p] * C));
-        free(ref); free(w[p]); free(g[p]); free(out[p]); free(dw[p]); free(dw_ref[p]);
-    }
-    worst = fmax(worst, max_rel_diff(dx_ref, dx, (size_t)N * C));
-    report(worst < 1e-5, "batched matmuls = plain loops",
-           "3 products of 101 x 37 (widths 37, 19, 21): max diff %.1e", worst);
-    free(x); free(dx); free(dx_ref);
 }
 
 // --- RoPE (in place, so the loss rotates a copy)
@@ -357,46 +293,6 @@ static void test_attention_causal(uint64_t *rng) {
     free(q); free(k); free(v); free(out1); free(out2); free(att);
 }
 
-// Attention on the tiled kernel against its plain loops, forward (outputs, probabilities on
-// and below the diagonal) and backward (dq, dk, dv, added onto random starting values). Shapes
-// with T = 1, T cut mid-tile, head dims below, between and above the 16-column panel, and
-// grouped KV heads. Tolerance as for the matmul kernel.
-static void test_attention_fast_vs_reference(uint64_t *rng) {
-    int shapes[][5] = {{1, 1, 1, 1, 2}, {2, 13, 4, 2, 6}, {1, 40, 2, 1, 34}, {1, 25, 3, 3, 16},
-                       {2, 128, 4, 4, 32}};   // B, T, H, KVH, hd
-    double worst = 0.0;
-    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
-        int B = shapes[s][0], T = shapes[s][1], H = shapes[s][2], KVH = shapes[s][3], hd = shapes[s][4];
-        size_t nq = (size_t)B * T * H * hd, nkv = (size_t)B * T * KVH * hd, natt = (size_t)B * H * T * T;
-        float *q = random_floats(nq, 1.0f, rng), *k = random_floats(nkv, 1.0f, rng);
-        float *v = random_floats(nkv, 1.0f, rng), *dout = random_floats(nq, 1.0f, rng);
-        float *dq0 = random_floats(nq, 1.0f, rng), *dk0 = random_floats(nkv, 1.0f, rng);
-        float *dv0 = random_floats(nkv, 1.0f, rng), *out[2], *att[2], *dq[2], *dk[2], *dv[2];
-        for (int r = 0; r < 2; r++) {
-            out[r] = xmalloc(sizeof(float) * nq);
-            att[r] = xcalloc(natt, sizeof(float));
-            dq[r] = xmalloc(sizeof(float) * nq); memcpy(dq[r], dq0, sizeof(float) * nq);
-            dk[r] = xmalloc(sizeof(float) * nkv); memcpy(dk[r], dk0, sizeof(float) * nkv);
-            dv[r] = xmalloc(sizeof(float) * nkv); memcpy(dv[r], dv0, sizeof(float) * nkv);
-        }
-        attention_forward(out[0], att[0], q, k, v, B, T, H, KVH, hd);
-        attention_forward_reference(out[1], att[1], q, k, v, B, T, H, KVH, hd);
-        attention_backward(dq[0], dk[0], dv[0], dout, out[0], att[0], q, k, v, B, T, H, KVH, hd);
-        attention_backward_reference(dq[1], dk[1], dv[1], dout, out[1], att[1], q, k, v, B, T, H, KVH, hd);
-        for (size_t i = 0; i < natt; i++)   // only the causal triangle is defined
-            if (i % T > i / T % T) att[0][i] = att[1][i] = 0.0f;
-        worst = fmax(worst, max_rel_diff(out[1], out[0], nq));
-        worst = fmax(worst, max_rel_diff(att[1], att[0], natt));
-        worst = fmax(worst, max_rel_diff(dq[1], dq[0], nq));
-        worst = fmax(worst, max_rel_diff(dk[1], dk[0], nkv));
-        worst = fmax(worst, max_rel_diff(dv[1], dv[0], nkv));
-        for (int r = 0; r < 2; r++) { free(out[r]); free(att[r]); free(dq[r]); free(dk[r]); free(dv[r]); }
-        free(q); free(k); free(v); free(dout); free(dq0); free(dk0); free(dv0);
-    }
-    report(worst < 1e-5, "attention kernel = plain loops",
-           "5 shapes incl. T = 1, T = 13 and 25 (tiles cut), hd 2..34, grouped kv: max diff %.1e", worst);
-}
-
 // --- SwiGLU
 typedef struct { float *gate, *up, *out, *R; size_t n; } SwigluCase;
 static double swiglu_loss(void *p) {
@@ -458,6 +354,118 @@ static void test_grad_crossentropy(uint64_t *rng) {
     grad_check_op("grad cross-entropy", crossentropy_loss, &c, 1, (const char *[]){ "logits" },
                   (float *[]){ c.logits }, (float *[]){ dlogits }, (size_t[]){ (size_t)c.N * c.V }, rng);
     free(c.logits); free(c.probs); free(c.losses); free(c.R); free(c.targets); free(dlogits);
+}
+
+// Distinct values in x [n].
+/* ----------------------------------------------------------------------------
+ * Quantizers
+ * ------------------------------------------------------------------------- */
+
+static int count_levels(const float *x, int n) {
+    int levels = 0;
+    for (int i = 0; i < n; i++) {
+        bool seen = false;
+        for (int j = 0; j < i && !seen; j++) seen = x[j] == x[i];
+        levels += !seen;
+    }
+    return levels;
+}
+
+static void test_quantizers(uint64_t *rng) {
+    enum { n = 256 };
+    float x[n], q[n], qq[n];
+    for (int i = 0; i < n; i++)
+        x[i] = -1.3f + 4.2f * (float)i / (n - 1) + 1e-3f * rng_normal(rng); // fills the range
+    x[5] = 0.0f;
+    memcpy(q, x, sizeof x);
+    quantize_asymmetric(q, n, n, 4);
+    float xmax = 0, xmin = 0;
+    for (int i = 0; i < n; i++) { xmax = fmaxf(xmax, x[i]); xmin = fminf(xmin, x[i]); }
+    float s = (xmax - xmin) / 15.0f, z = rintf(-xmin / s);
+    bool half_step = true;
+    for (int i = 0; i < n; i++) {
+        float level = rintf(x[i] / s) + z;
+        if (level >= 0 && level <= 15) half_step = half_step && fabsf(q[i] - x[i]) <= 0.5f * s * (1 + 1e-5f);
+    }
+    memcpy(qq, q, sizeof q);
+    quantize_asymmetric(qq, n, n, 4);
+    bool idempotent = memcmp(q, qq, sizeof q) == 0;
+    int levels = count_levels(q, n);
+    // Symmetric weights: error within half a step (p = 1 clips nothing), idempotent, at most 16
+    // levels and exactly 16 once clipping (p < 1) reaches -8.
+    float w[n], wq[n], wqq[n], wc[n];
+    for (int i = 0; i < n; i++) w[i] = -1.0f + 2.0f * (float)i / (n - 1);
+    quantize_row_symmetric(wq, w, n, 4, 1.0f);
+    float wmax = 0;
+    for (int i = 0; i < n; i++) wmax = fmaxf(wmax, fabsf(w[i]));
+    bool w_half = true;
+    for (int i = 0; i < n; i++) w_half = w_half && fabsf(wq[i] - w[i]) <= 0.5f * wmax / 7.0f * (1 + 1e-5f);
+    quantize_row_symmetric(wqq, wq, n, 4, 1.0f);
+    bool w_idem = memcmp(wq, wqq, sizeof wq) == 0;
+    quantize_row_symmetric(wc, w, n, 4, 0.5f);
+    int w_levels = count_levels(wq, n), clipped_levels = count_levels(wc, n);
+    bool ok = half_step && idempotent && levels == 16 && q[5] == 0.0f && w_half && w_idem && w_levels == 15 &&
+            clipped_levels == 16;
+    report(ok, "quantizers: half step, 16 levels, idempotent, 0->0",
+           "asym: err<=s/2 %s, %d levels, idempotent %s, zero->%g; sym: err<=s/2 %s, idempotent %s, %d "
+           "levels (clipped %d)",
+           half_step ? "yes" : "NO", levels, idempotent ? "yes" : "NO", q[5], w_half ? "yes" : "NO",
+           w_idem ? "yes" : "NO", w_levels, clipped_levels);
+}
+
+// The clip search picks the p in {1, 0.99, ..., 0.21} that a brute-force scan computed here,
+// in double and without osp's helpers, finds best for Σ|ŵ - w|^2.4.
+static void test_clip_search(uint64_t *rng) {
+    enum { n = 64 };
+    bool ok = true;
+    int agree = 0;
+    for (int trial = 0; trial < 20; trial++) {
+        float w[n], row[n], scratch[n];
+        for (int i = 0; i < n; i++)
+            w[i] = rng_normal(rng) * (i == 3 ? 6.0f : 1.0f); // an outlier makes clipping pay
+        double maxabs = 0;
+        for (int i = 0; i < n; i++) maxabs = fmax(maxabs, fabs(w[i]));
+        double best_err = INFINITY;
+        int best_i = 0;
+        for (int i = 0; i < 80; i++) {
+            double scale = (float)(1.0f - (float)i / 100.0f) * (float)maxabs / 7.0, err = 0.0;
+            for (int k = 0; k < n; k++) {
+                double qv = fmin(fmax(nearbyint(w[k] / scale), -8.0), 7.0) * scale;
+                err += pow(fabs(qv - w[k]), 2.4);
+            }
+            if (err < best_err * (1 - 1e-9)) { best_err = err; best_i = i; }
+        }
+        memcpy(row, w, sizeof w);
+        float p = quantize_weight_row(row, n, 4, true, scratch);
+        agree += fabsf(p - (1.0f - best_i / 100.0f)) < 1e-6f;
+    }
+    ok = agree == 20;
+    report(ok, "weight clip search = brute-force minimiser", "%d of 20 rows chose the brute-force p", agree);
+}
+
+static void test_hadamard(uint64_t *rng) {
+    int n = 64;
+    float *h = xmalloc(sizeof(float) * n * n), *x = random_floats((size_t)3 * n, 1.0f, rng),
+          *fast = xmalloc(sizeof(float) * 3 * n);
+    hadamard_matrix(h, n);
+    memcpy(fast, x, sizeof(float) * 3 * n);
+    hadamard_transform(fast, 3, n);
+    double worst = 0.0, orth = 0.0;
+    for (int r = 0; r < 3; r++)
+        for (int i = 0; i < n; i++) {
+            double plain = 0.0;
+            for (int j = 0; j < n; j++) plain += (double)h[i * n + j] * x[r * n + j];
+            worst = fmax(worst, fabs(plain - fast[r * n + i]));
+        }
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < n; j++) {
+            double dotp = 0.0;
+            for (int k = 0; k < n; k++) dotp += (double)h[i * n + k] * h[j * n + k];
+            orth = fmax(orth, fabs(dotp - (i == j)));
+        }
+    report(worst < 1e-5 && orth < 1e-6, "hadamard: fast = plain matrix, H·Hᵀ = I",
+           "max |fast - plain| %.1e, max |H·Hᵀ - I| %.1e (n = 64)", worst, orth);
+    free(h); free(x); free(fast);
 }
 
 /* ----------------------------------------------------------------------------
@@ -545,150 +553,6 @@ static void test_grad_model(const Preset *preset, uint64_t *rng) {
 }
 
 /* ----------------------------------------------------------------------------
- * Tokenizer
- * ------------------------------------------------------------------------- */
-
-static const char *sample_text =
-    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
-    "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n"
-    "First Citizen:\nFirst, you know Caius Marcius is chief enemy to the people.\n\n"
-    "All:\nWe know't, we know't.\n\nFirst Citizen:\nLet us kill him, and we'll have corn at our own price.\n"
-    "Is't a verdict?\n\nAll:\nNo more talking on't; let it be done: away, away!\n";
-
-static bool round_trip(const Tokenizer *t, const unsigned char *bytes, size_t n) {
-    int *ids = xmalloc(sizeof(int) * (n ? n : 1));
-    int count = tokenizer_encode(t, bytes, n, ids);
-    unsigned char *back = xmalloc(n + 1);
-    size_t pos = 0;
-    bool ok = true;
-    char byte_buf[1];
-    for (int i = 0; i < count && ok; i++) {
-        int len;
-        const char *piece = tokenizer_decode(t, ids[i], &len, byte_buf);
-        if (pos + (size_t)len > n) ok = false;
-        else { memcpy(back + pos, piece, (size_t)len); pos += (size_t)len; }
-    }
-    ok = ok && pos == n && memcmp(back, bytes, n) == 0;
-    free(ids); free(back);
-    return ok;
-}
-
-static void test_tokenizer_round_trip(uint64_t *rng) {
-    Tokenizer t;
-    tokenizer_train(&t, (const unsigned char *)sample_text, strlen(sample_text), 320);
-    bool ok = round_trip(&t, (const unsigned char *)"", 0) &&
-              round_trip(&t, (const unsigned char *)sample_text, strlen(sample_text));
-    const char *special[] = { "\xff\xfe invalid \x80\x80\x80\x80\x80 utf8 \xc3",
-                              "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80", "a\0b\0\0c" };
-    size_t special_len[] = {strlen(special[0]), strlen(special[1]), 6};
-    for (int i = 0; i < 3; i++) ok = ok && round_trip(&t, (const unsigned char *)special[i], special_len[i]);
-    unsigned char random_bytes[2000];
-    for (int trial = 0; trial < 20 && ok; trial++) {
-        size_t n = rng_next(rng) % sizeof random_bytes;
-        for (size_t i = 0; i < n; i++) random_bytes[i] = (unsigned char)rng_next(rng);
-        ok = round_trip(&t, random_bytes, n);
-    }
-    report(ok, "tokenizer round trip", "empty, text, invalid UTF-8, NUL bytes, 20 random byte strings");
-    tokenizer_free(&t);
-}
-
-// The piecewise encoder equals run.c's merge loop run over the whole text at once.
-static void test_tokenizer_matches_reference(uint64_t *rng) {
-    Tokenizer t;
-    tokenizer_train(&t, (const unsigned char *)sample_text, strlen(sample_text), 330);
-    size_t n = strlen(sample_text) + 200;
-    unsigned char *text = xmalloc(n);
-    memcpy(text, sample_text, strlen(sample_text));
-    for (size_t i = strlen(sample_text); i < n; i++)
-        text[i] = (unsigned char)(rng_next(rng) % 2 ? 'a' + (int)(rng_next(rng) % 5) : (int)rng_next(rng));
-    int *fast = xmalloc(sizeof(int) * n), *ref = xmalloc(sizeof(int) * n);
-    int n_fast = tokenizer_encode(&t, text, n, fast);
-    int n_ref = bpe_merge(&t, ref, tokenizer_split(&t, text, n, ref));
-    bool same = n_fast == n_ref && memcmp(fast, ref, sizeof(int) * (size_t)n_ref) == 0;
-    report(same && n_fast < (int)n, "tokenizer encode = run.c merge loop",
-           "%zu bytes -> %d tokens (reference %d)", n, n_fast, n_ref);
-    free(text); free(fast); free(ref);
-    tokenizer_free(&t);
-}
-
-// A hand-built vocabulary pins down the merge rule: highest score first, leftmost on ties.
-static void test_tokenizer_merge_order(void) {
-    Tokenizer t;
-    tokenizer_init_base(&t, TOKEN_FIRST_PIECE + 8);
-    tokenizer_add(&t, "a", 1, 0.0f);
-    tokenizer_add(&t, "b", 1, 0.0f);
-    tokenizer_add(&t, "c", 1, 0.0f);
-    tokenizer_add(&t, "bc", 2, -1.0f);    // best merge
-    tokenizer_add(&t, "ab", 2, -2.0f);
-    tokenizer_add(&t, "abc", 3, -3.0f);
-    tokenizer_index(&t);
-    int ids[8];
-    int n1 = tokenizer_encode(&t, (const unsigned char *)"abc", 3, ids);
-    bool ok1 = n1 == 1 && ids[0] == TOKEN_FIRST_PIECE + 5;          // b+c scores highest, then a+bc = abc
-    int n2 = tokenizer_encode(&t, (const unsigned char *)"abab", 4, ids);
-    bool ok2 = n2 == 2 && ids[0] == TOKEN_FIRST_PIECE + 4 && ids[1] == TOKEN_FIRST_PIECE + 4;
-    int n3 = tokenizer_encode(&t, (const unsigned char *)"a\xe2\x82\xac", 4,
-                              ids); // euro sign not in vocab: 3 byte tokens
-    bool ok3 = n3 == 4 && ids[1] == TOKEN_BYTE0 + 0xE2 && ids[2] == TOKEN_BYTE0 + 0x82 &&
-            ids[3] == TOKEN_BYTE0 + 0xAC;
-    report(ok1 && ok2 && ok3, "tokenizer merge order and byte fallback",
-           "abc->[abc] %s, abab->[ab ab] %s, a€->a+3 bytes %s", ok1 ? "ok" : "WRONG", ok2 ? "ok" : "WRONG",
-           ok3 ? "ok" : "WRONG");
-    tokenizer_free(&t);
-}
-
-static void test_tokenizer_file(void) {
-    Tokenizer t, back;
-    tokenizer_train(&t, (const unsigned char *)sample_text, strlen(sample_text), 320);
-    const char *path = temp_path("tokenizer.bin");
-    bool ok = tokenizer_save(&t, path) && tokenizer_load(&back, path);
-    ok = ok && back.vocab_size == t.vocab_size && back.max_token_length == t.max_token_length;
-    for (int i = 0; ok && i < t.vocab_size; i++)
-        ok = back.lengths[i] == t.lengths[i] && back.scores[i] == t.scores[i] &&
-                memcmp(back.pieces[i], t.pieces[i], (size_t)t.lengths[i]) == 0;
-    int layout_ok = ok && !strcmp(t.pieces[0], "<unk>") && !strcmp(t.pieces[1], "<s>") &&
-            !strcmp(t.pieces[2], "</s>") && !strcmp(t.pieces[3], "<0x00>") &&
-            !strcmp(t.pieces[258], "<0xFF>");
-    if (ok) tokenizer_free(&back);
-    // Truncate the file: the loader must refuse it with a message, not crash.
-    size_t size;
-    unsigned char *bytes = read_file(path, &size);
-    FILE *f = fopen(path, "wb");
-    fwrite(bytes, 1, size - 3, f);
-    fclose(f);
-    bool refused = !tokenizer_load(&back, path) && strstr(osp_error, "truncated");
-    report(ok && layout_ok && refused, "tokenizer file round trip and truncation",
-           "%d tokens; truncated file: \"%s\"", t.vocab_size, osp_error);
-    free(bytes);
-    remove(path);
-    tokenizer_free(&t);
-}
-
-// The committed tokenizer.bin is reproduced byte for byte from the corpus.
-static void test_tokenizer_reproducible(void) {
-    size_t n, committed_size;
-    unsigned char *text = read_file("data/tinyshakespeare.txt", &n);
-    unsigned char *committed = read_file("tokenizer.bin", &committed_size);
-    if (!text || !committed) {
-        report(false, "tokenizer.bin reproducible", "%s", osp_error);
-        free(text);
-        free(committed);
-        return;
-    }
-    Tokenizer t;
-    tokenizer_train(&t, text, n, 512);
-    const char *path = temp_path("tokenizer_repro.bin");
-    size_t size = 0;
-    unsigned char *made = tokenizer_save(&t, path) ? read_file(path, &size) : NULL;
-    bool same = made && size == committed_size && memcmp(made, committed, size) == 0;
-    report(same, "tokenizer.bin reproducible", "retrained on data/tinyshakespeare.txt: %zu bytes, %s", size,
-           same ? "identical" : "DIFFERENT");
-    remove(path);
-    free(text); free(committed); free(made);
-    tokenizer_free(&t);
-}
-
-/* ----------------------------------------------------------------------------
  * Optimizer
  * ------------------------------------------------------------------------- */
 
@@ -708,19 +572,6 @@ static void test_adamw(void) {
     bool ok2 = fabsf(w[0] - 0.871264058f) < 1e-6f && fabsf(w[1] + 2.186771200f) < 1e-6f;
     report(ok1 && ok2, "adamw two steps vs hand-computed", "w = (%.6f, %.6f), expected (0.871264, -2.186771)",
            w[0], w[1]);
-}
-
-static void test_schedule_and_clip(void) {
-    OptimConfig o = {.warmup = 10, .steps = 100};
-    bool ok = lr_factor(&o, 0) == 0.1f && lr_factor(&o, 9) == 1.0f && lr_factor(&o, 50) == 1.0f &&
-            lr_factor(&o, 79) == 1.0f && lr_factor(&o, 80) == 1.0f &&
-            fabsf(lr_factor(&o, 90) - 0.5f) < 1e-6f && fabsf(lr_factor(&o, 99) - 0.05f) < 1e-6f;
-    float g[2] = {3.0f, 4.0f};
-    float norm = clip_grad_norm(g, 2, 1.0f);
-    bool clip_ok = norm == 5.0f && fabsf(g[0] - 0.6f) < 1e-6f && fabsf(g[1] - 0.8f) < 1e-6f;
-    report(ok && clip_ok, "lr schedule and gradient clipping",
-           "lr(0, 9, 80, 90, 99) = %.2f %.2f %.2f %.2f %.2f; clip (3,4) -> (%.2f, %.2f)", lr_factor(&o, 0),
-           lr_factor(&o, 9), lr_factor(&o, 80), lr_factor(&o, 90), lr_factor(&o, 99), g[0], g[1]);
 }
 
 /* ----------------------------------------------------------------------------
@@ -931,10 +782,27 @@ static void test_optimizer_state_size(void) {
     model_free(&m);
 }
 
+static void test_schedule_and_clip(void) {
+    OptimConfig o = {.warmup = 10, .steps = 100};
+    bool ok = lr_factor(&o, 0) == 0.1f && lr_factor(&o, 9) == 1.0f && lr_factor(&o, 50) == 1.0f &&
+            lr_factor(&o, 79) == 1.0f && lr_factor(&o, 80) == 1.0f &&
+            fabsf(lr_factor(&o, 90) - 0.5f) < 1e-6f && fabsf(lr_factor(&o, 99) - 0.05f) < 1e-6f;
+    float g[2] = {3.0f, 4.0f};
+    float norm = clip_grad_norm(g, 2, 1.0f);
+    bool clip_ok = norm == 5.0f && fabsf(g[0] - 0.6f) < 1e-6f && fabsf(g[1] - 0.8f) < 1e-6f;
+    report(ok && clip_ok, "lr schedule and gradient clipping",
+           "lr(0, 9, 80, 90, 99) = %.2f %.2f %.2f %.2f %.2f; clip (3,4) -> (%.2f, %.2f)", lr_factor(&o, 0),
+           lr_factor(&o, 9), lr_factor(&o, 80), lr_factor(&o, 90), lr_factor(&o, 99), g[0], g[1]);
+}
+
 // Merging EmbProj and SSNorm into a plain Llama keeps the logits (within 1e-5 relative), also
 // through a checkpoint. P_in, P_out are perturbed off orthogonal and the gains off 1, as after
 // training.
 // Perturbs the norm gains (and EmbProj) away from their init so that merging has work to do.
+/* ----------------------------------------------------------------------------
+ * Merging
+ * ------------------------------------------------------------------------- */
+
 static void perturb_gains_and_projections(Model *m, uint64_t *rng) {
     for (int i = 0; i < N_PARAM_TENSORS; i++) {
         float *p = m->params + m->shape[i].offset;
@@ -992,7 +860,7 @@ static void test_merge_invariance(uint64_t *rng) {
 }
 
 /* ----------------------------------------------------------------------------
- * Measurements: kurtosis, quantizers, Hadamard, rotations
+ * Kurtosis and the 4-bit evaluation
  * ------------------------------------------------------------------------- */
 
 static void test_kurtosis(uint64_t *rng) {
@@ -1018,326 +886,6 @@ static void test_kurtosis(uint64_t *rng) {
            "gaussian %.4f (< %.3f), spike %.2f (d-3 = 125), (1,2,3,4) %.4f (28.86), (1,-1,1,-1) %.1f", gauss,
            tol, one_hot, k_hand, k_alt);
     free(x);
-}
-
-// Distinct values in x [n].
-static int count_levels(const float *x, int n) {
-    int levels = 0;
-    for (int i = 0; i < n; i++) {
-        bool seen = false;
-        for (int j = 0; j < i && !seen; j++) seen = x[j] == x[i];
-        levels += !seen;
-    }
-    return levels;
-}
-
-static void test_quantizers(uint64_t *rng) {
-    enum { n = 256 };
-    float x[n], q[n], qq[n];
-    for (int i = 0; i < n; i++)
-        x[i] = -1.3f + 4.2f * (float)i / (n - 1) + 1e-3f * rng_normal(rng); // fills the range
-    x[5] = 0.0f;
-    memcpy(q, x, sizeof x);
-    quantize_asymmetric(q, n, n, 4);
-    float xmax = 0, xmin = 0;
-    for (int i = 0; i < n; i++) { xmax = fmaxf(xmax, x[i]); xmin = fminf(xmin, x[i]); }
-    float s = (xmax - xmin) / 15.0f, z = rintf(-xmin / s);
-    bool half_step = true;
-    for (int i = 0; i < n; i++) {
-        float level = rintf(x[i] / s) + z;
-        if (level >= 0 && level <= 15) half_step = half_step && fabsf(q[i] - x[i]) <= 0.5f * s * (1 + 1e-5f);
-    }
-    memcpy(qq, q, sizeof q);
-    quantize_asymmetric(qq, n, n, 4);
-    bool idempotent = memcmp(q, qq, sizeof q) == 0;
-    int levels = count_levels(q, n);
-    // Symmetric weights: error within half a step (p = 1 clips nothing), idempotent, at most 16
-    // levels and exactly 16 once clipping (p < 1) reaches -8.
-    float w[n], wq[n], wqq[n], wc[n];
-    for (int i = 0; i < n; i++) w[i] = -1.0f + 2.0f * (float)i / (n - 1);
-    quantize_row_symmetric(wq, w, n, 4, 1.0f);
-    float wmax = 0;
-    for (int i = 0; i < n; i++) wmax = fmaxf(wmax, fabsf(w[i]));
-    bool w_half = true;
-    for (int i = 0; i < n; i++) w_half = w_half && fabsf(wq[i] - w[i]) <= 0.5f * wmax / 7.0f * (1 + 1e-5f);
-    quantize_row_symmetric(wqq, wq, n, 4, 1.0f);
-    bool w_idem = memcmp(wq, wqq, sizeof wq) == 0;
-    quantize_row_symmetric(wc, w, n, 4, 0.5f);
-    int w_levels = count_levels(wq, n), clipped_levels = count_levels(wc, n);
-    bool ok = half_step && idempotent && levels == 16 && q[5] == 0.0f && w_half && w_idem && w_levels == 15 &&
-            clipped_levels == 16;
-    report(ok, "quantizers: half step, 16 levels, idempotent, 0->0",
-           "asym: err<=s/2 %s, %d levels, idempotent %s, zero->%g; sym: err<=s/2 %s, idempotent %s, %d "
-           "levels (clipped %d)",
-           half_step ? "yes" : "NO", levels, idempotent ? "yes" : "NO", q[5], w_half ? "yes" : "NO",
-           w_idem ? "yes" : "NO", w_levels, clipped_levels);
-}
-
-// Cholesky route to H⁻¹ against Gauss-Jordan elimination on a random 7 x 7 H = BᵀB + I.
-static void test_cholesky_inverse(uint64_t *rng) {
-    enum { n = 7 };
-    double b[n * n], h[n * n], l[n * n], inv[n * n], gj[n][2 * n];
-    for (int i = 0; i < n * n; i++) b[i] = rng_normal(rng);
-    for (int i = 0; i < n; i++)
-        for (int j = 0; j < n; j++) {
-            double v = i == j ? 1.0 : 0.0;
-            for (int k = 0; k < n; k++) v += b[k * n + i] * b[k * n + j];
-            h[i * n + j] = l[i * n + j] = v;
-            gj[i][j] = v;
-            gj[i][n + j] = i == j ? 1.0 : 0.0;
-        }
-    bool factored = cholesky(l, n);
-    inverse_from_cholesky(inv, l, n);
-    for (int c = 0; c < n; c++) {   // Gauss-Jordan with partial pivoting
-        int piv = c;
-        for (int r = c + 1; r < n; r++) if (fabs(gj[r][c]) > fabs(gj[piv][c])) piv = r;
-        for (int k = 0; k < 2 * n; k++) { double t = gj[c][k]; gj[c][k] = gj[piv][k]; gj[piv][k] = t; }
-        double d = gj[c][c];
-        for (int k = 0; k < 2 * n; k++) gj[c][k] /= d;
-        for (int r = 0; r < n; r++) {
-            if (r == c) continue;
-            double f = gj[r][c];
-            for (int k = 0; k < 2 * n; k++) gj[r][k] -= f * gj[c][k];
-        }
-    }
-    double worst = 0.0;
-    for (int i = 0; i < n; i++)
-        for (int j = 0; j < n; j++) worst = fmax(worst, fabs(inv[i * n + j] - gj[i][n + j]));
-    h[0] = -1.0;   // not positive definite
-    bool refused = !cholesky(h, n);
-    report(factored && worst < 1e-10 && refused, "cholesky: H⁻¹ = plain inverse",
-           "7 x 7, max |diff| %.1e; "
-           "indefinite H %s",
-           worst, refused ? "refused" : "ACCEPTED");
-}
-
-// h [n, n] = 2·XᵀX for x [tokens, n], in double: the plain Hessian the GPTQ tests start from.
-static void hessian_reference(double *h, const float *x, int tokens, int n) {
-    for (int a = 0; a < n; a++)
-        for (int b = 0; b < n; b++) {
-            double v = 0.0;
-            for (int t = 0; t < tokens; t++) v += 2.0 * x[t * n + a] * x[t * n + b];
-            h[a * n + b] = v;
-        }
-}
-
-// ||W·Xᵀ - Ŵ·Xᵀ||² over the rows of w, wq [rows, cols] for inputs x [tokens, cols].
-static double output_error(const float *w, const float *wq, const float *x, int rows, int cols, int tokens) {
-    double err = 0.0;
-    for (int r = 0; r < rows; r++)
-        for (int t = 0; t < tokens; t++) {
-            double e = 0.0;
-            for (int c = 0; c < cols; c++)
-                e += ((double)w[r * cols + c] - wq[r * cols + c]) * x[t * cols + c];
-            err += e * e;
-        }
-    return err;
-}
-
-// GPTQ on a small random problem with correlated inputs: its output error is below RTN's,
-// every weight lies on its row's RTN grid, and one column is plain RTN exactly.
-static void test_gptq(uint64_t *rng) {
-    enum { rows = 12, cols = 24, tokens = 200 };
-    static float w[rows * cols], rtn[rows * cols], gptq[rows * cols], x[tokens * cols], scratch[cols];
-    static double h[cols * cols];
-    for (int i = 0; i < rows * cols; i++) w[i] = (float)rng_normal(rng);
-    for (int t = 0; t < tokens; t++) {   // each input mixes a shared factor with its own noise
-        double shared = rng_normal(rng);
-        for (int c = 0; c < cols; c++) x[t * cols + c] = (float)(shared + 0.5 * rng_normal(rng));
-    }
-    hessian_reference(h, x, tokens, cols);
-    memcpy(rtn, w, sizeof w);
-    memcpy(gptq, w, sizeof w);
-    for (int r = 0; r < rows; r++) quantize_weight_row(rtn + r * cols, cols, 4, true, scratch);
-    bool ok = gptq_quantize(gptq, rows, cols, h, 4, true);
-    double e_rtn = output_error(w, rtn, x, rows, cols, tokens);
-    double e_gptq = output_error(w, gptq, x, rows, cols, tokens);
-    bool on_grid = true;
-    for (int r = 0; r < rows; r++) {   // the grid step of the row: RTN's, from its clip search
-        float scale = clip_ratio(w + r * cols, cols, 4, true, scratch) * max_abs(w + r * cols, cols) / 7.0f;
-        for (int c = 0; c < cols; c++) {
-            float k = gptq[r * cols + c] / scale;
-            on_grid = on_grid && fabsf(k - rintf(k)) < 1e-4f && k >= -8.0f && k <= 7.0f;
-        }
-    }
-    float one_w[rows], one_rtn[rows];
-    double one_h = 3.0;
-    for (int r = 0; r < rows; r++) one_w[r] = one_rtn[r] = (float)rng_normal(rng);
-    bool one_ok = gptq_quantize(one_w, rows, 1, &one_h, 4, true), same = true;
-    for (int r = 0; r < rows; r++) {
-        quantize_weight_row(one_rtn + r, 1, 4, true, scratch);
-        same = same && one_w[r] == one_rtn[r];
-    }
-    report(ok && e_gptq < e_rtn && on_grid && one_ok && same,
-           "GPTQ: below RTN, on the grid, one column = RTN",
-           "||WX - ŴX||² GPTQ %.3f < RTN %.3f (%.0f%%); grid %s; one column %s", e_gptq, e_rtn,
-           100.0 * e_gptq / e_rtn, on_grid ? "yes" : "NO", same ? "identical" : "DIFFERENT");
-}
-
-// GPTQ of a whole model: each layer's matrices are quantized with the Hessians of the inputs
-// that the earlier, already-quantized layers produce, summed over batches. The test computes
-// those inputs itself (one batch, the Hessian in double) and quantizes each matrix on its own
-// with gptq_quantize: the weights must agree (up to roundings that the Hessian's float sums
-// flip), and over all matrices GPTQ's output error on those inputs must be below RTN's.
-// With the FFN Hadamard (W2 rotated, its input rotated online) the same holds.
-static void test_gptq_model(uint64_t *rng, int had) {
-    enum { windows = 5 };
-    Config cfg = test_config();
-    Model m, gptq, probe;
-    model_alloc(&m, &cfg, 2);   // 5 windows in batches of 2, 2 and 1
-    model_alloc(&gptq, &cfg, 2);
-    model_alloc(&probe, &cfg, windows);
-    model_init(&m, 11);
-    for (size_t i = 0; i < m.n_params; i++) m.params[i] += 0.05f * rng_normal(rng);
-    if (had) rotate_ffn_down(&m);
-    const FakeQuant online = {QUANT_OFF, QUANT_OFF, had};
-    int calib[windows * 8];
-    for (int i = 0; i < windows * cfg.seq_len; i++) calib[i] = (int)(rng_next(rng) % 300);
-    memcpy(gptq.params, m.params, sizeof(float) * m.n_params);
-    gptq_quantize_model(&gptq, calib, windows, 4, true, had);
-    memcpy(probe.params, m.params, sizeof(float) * m.n_params);
-    quantize_weights(&probe, 4, true);
-    float *rtn = memcpy(xmalloc(sizeof(float) * m.n_params), probe.params, sizeof(float) * m.n_params);
-    const int matrices[7] = {PARAM_ATTN_Q, PARAM_ATTN_K, PARAM_ATTN_V, PARAM_ATTN_OUT, PARAM_FFN_GATE,
-                             PARAM_FFN_UP, PARAM_FFN_DOWN};
-    int N = windows * cfg.seq_len, same = 0, weights = 0;
-    double e_gptq = 0.0, e_rtn = 0.0;
-    double *h = xmalloc(sizeof(double) * (size_t)cfg.ffn_dim * cfg.ffn_dim);
-    float *alone = xmalloc(sizeof(float) * (size_t)cfg.ffn_dim * cfg.ffn_dim);
-    for (int l = 0; l < cfg.n_layers; l++) {
-        memcpy(probe.params, m.params, sizeof(float) * m.n_params);   // layers < l as GPTQ left them
-        for (int j = 0; j < 7; j++)
-            for (int below = 0; below < l; below++)
-                memcpy(param_at(&probe, probe.params, matrices[j], below),
-                       param_at(&gptq, gptq.params, matrices[j], below),
-                       sizeof(float) * (size_t)probe.shape[matrices[j]].rows * probe.shape[matrices[j]].cols);
-        model_forward(&probe, calib, NULL, windows, cfg.seq_len, &online);
-        size_t Nd = (size_t)N * cfg.dim, Nf = (size_t)N * cfg.ffn_dim;
-        const float *inputs[7] = { probe.act.attn_norm + l * Nd, probe.act.attn_norm + l * Nd,
-                                   probe.act.attn_norm + l * Nd, probe.act.attn_out + l * Nd,
-                                   probe.act.ffn_norm + l * Nd,  probe.act.ffn_norm + l * Nd,
-                                   probe.act.ffn_hidden + l * Nf };
-        for (int j = 0; j < 7; j++) {
-            int t = matrices[j], rows = m.shape[t].rows, cols = m.shape[t].cols;
-            const float *w = param_at(&m, m.params, t, l), *x = inputs[j],
-                        *wg = param_at(&gptq, gptq.params, t, l);
-            hessian_reference(h, x, N, cols);
-            memcpy(alone, w, sizeof(float) * (size_t)rows * cols);
-            gptq_quantize(alone, rows, cols, h, 4, true);
-            for (int i = 0; i < rows * cols; i++) same += alone[i] == wg[i];
-            weights += rows * cols;
-            e_gptq += output_error(w, wg, x, rows, cols, N);
-            e_rtn += output_error(w, param_at(&m, rtn, t, l), x, rows, cols, N);
-        }
-    }
-    report(same >= 0.998 * weights && e_gptq < e_rtn,
-           had ? "GPTQ of a model, with the FFN Hadamard" : "GPTQ of a model, layer by layer",
-           "%d of %d weights as each matrix alone (%d layers, calibration in 3 batches); "
-           "output error GPTQ / RTN %.2f", same, weights, cfg.n_layers, e_gptq / e_rtn);
-    free(rtn); free(h); free(alone);
-    model_free(&m); model_free(&gptq); model_free(&probe);
-}
-
-// The clip search picks the p in {1, 0.99, ..., 0.21} that a brute-force scan computed here,
-// in double and without osp's helpers, finds best for Σ|ŵ - w|^2.4.
-static void test_clip_search(uint64_t *rng) {
-    enum { n = 64 };
-    bool ok = true;
-    int agree = 0;
-    for (int trial = 0; trial < 20; trial++) {
-        float w[n], row[n], scratch[n];
-        for (int i = 0; i < n; i++)
-            w[i] = rng_normal(rng) * (i == 3 ? 6.0f : 1.0f); // an outlier makes clipping pay
-        double maxabs = 0;
-        for (int i = 0; i < n; i++) maxabs = fmax(maxabs, fabs(w[i]));
-        double best_err = INFINITY;
-        int best_i = 0;
-        for (int i = 0; i < 80; i++) {
-            double scale = (float)(1.0f - (float)i / 100.0f) * (float)maxabs / 7.0, err = 0.0;
-            for (int k = 0; k < n; k++) {
-                double qv = fmin(fmax(nearbyint(w[k] / scale), -8.0), 7.0) * scale;
-                err += pow(fabs(qv - w[k]), 2.4);
-            }
-            if (err < best_err * (1 - 1e-9)) { best_err = err; best_i = i; }
-        }
-        memcpy(row, w, sizeof w);
-        float p = quantize_weight_row(row, n, 4, true, scratch);
-        agree += fabsf(p - (1.0f - best_i / 100.0f)) < 1e-6f;
-    }
-    ok = agree == 20;
-    report(ok, "weight clip search = brute-force minimiser", "%d of 20 rows chose the brute-force p", agree);
-}
-
-static void test_hadamard(uint64_t *rng) {
-    int n = 64;
-    float *h = xmalloc(sizeof(float) * n * n), *x = random_floats((size_t)3 * n, 1.0f, rng),
-          *fast = xmalloc(sizeof(float) * 3 * n);
-    hadamard_matrix(h, n);
-    memcpy(fast, x, sizeof(float) * 3 * n);
-    hadamard_transform(fast, 3, n);
-    double worst = 0.0, orth = 0.0;
-    for (int r = 0; r < 3; r++)
-        for (int i = 0; i < n; i++) {
-            double plain = 0.0;
-            for (int j = 0; j < n; j++) plain += (double)h[i * n + j] * x[r * n + j];
-            worst = fmax(worst, fabs(plain - fast[r * n + i]));
-        }
-    for (int i = 0; i < n; i++)
-        for (int j = 0; j < n; j++) {
-            double dotp = 0.0;
-            for (int k = 0; k < n; k++) dotp += (double)h[i * n + k] * h[j * n + k];
-            orth = fmax(orth, fabs(dotp - (i == j)));
-        }
-    report(worst < 1e-5 && orth < 1e-6, "hadamard: fast = plain matrix, H·Hᵀ = I",
-           "max |fast - plain| %.1e, max |H·Hᵀ - I| %.1e (n = 64)", worst, orth);
-    free(h); free(x); free(fast);
-}
-
-// Logits of a model for fixed inputs, copied out.
-static float *logits_of(Model *m, const int *inputs, int B, int T, const FakeQuant *fq) {
-    model_forward(m, inputs, NULL, B, T, fq);
-    size_t n = (size_t)B * T * m->cfg.vocab_size;
-    float *out = xmalloc(sizeof(float) * n);
-    memcpy(out, m->act.logits, sizeof(float) * n);
-    return out;
-}
-
-// The FFN rotation (W2·Hᵀ offline, H·h online) and the full residual rotation leave the
-// full-precision logits unchanged, for per-channel RMSNorm gains (folded first) and for SSNorm.
-static void test_rotations(uint64_t *rng) {
-    double worst_ffn = 0.0, worst_res = 0.0;
-    for (int ssnorm = 0; ssnorm < 2; ssnorm++) {
-        Config cfg = test_config();
-        cfg.ssnorm = ssnorm;
-        cfg.embproj = ssnorm;
-        Model trained, m;
-        model_alloc(&trained, &cfg, 2);
-        for (size_t i = 0; i < trained.n_params; i++) trained.params[i] = 0.2f * rng_normal(rng);
-        for (int i = 0; i < N_PARAM_TENSORS; i++)
-            if (is_norm_gain(i))
-                for (size_t j = 0; j < param_size(&trained, i); j++)
-                    trained.params[trained.shape[i].offset + j] += 1.0f;
-        model_merge(&m, &trained, 2);
-        int inputs[16];
-        for (int i = 0; i < 16; i++) inputs[i] = (int)(rng_next(rng) % 300);
-        size_t nl = 16 * 300;
-        float *base = logits_of(&m, inputs, 2, 8, NULL);
-        Model work;
-        model_alloc(&work, &m.cfg, 2);
-        memcpy(work.params, m.params, sizeof(float) * m.n_params);
-        rotate_ffn_down(&work);
-        const FakeQuant online = {QUANT_OFF, QUANT_OFF, true};
-        float *ffn = logits_of(&work, inputs, 2, 8, &online);
-        memcpy(work.params, m.params, sizeof(float) * m.n_params);
-        rotate_residual(&work, 77);
-        float *res = logits_of(&work, inputs, 2, 8, NULL);
-        worst_ffn = fmax(worst_ffn, max_rel_diff(base, ffn, nl));
-        worst_res = fmax(worst_res, max_rel_diff(base, res, nl));
-        free(base); free(ffn); free(res);
-        model_free(&trained); model_free(&m); model_free(&work);
-    }
-    report(worst_ffn < 1e-5 && worst_res < 1e-5, "rotations keep full-precision logits",
-           "FFN Hadamard %.1e, residual rotation %.1e (RMSNorm and SSNorm models)", worst_ffn, worst_res);
 }
 
 // The report over a forward pass: state 0 is the embedding output, the last the final norm;
@@ -1498,8 +1046,40 @@ static void test_sixteen_bits_exact(uint64_t *rng) {
     model_free(&m);
 }
 
+// Validation loss in batches equals the mean of per-window losses.
+static void test_evaluate_loss(uint64_t *rng) {
+    Config cfg = test_config();
+    Model m;
+    model_alloc(&m, &cfg, 2);
+    model_init(&m, 1);
+    TokenData val = {.vocab_size = 300, .n = 5 * 8 + 3};   // 5 full windows and a partial one
+    val.tokens = xmalloc(sizeof(uint16_t) * val.n);
+    for (size_t i = 0; i < val.n; i++) val.tokens[i] = (uint16_t)(rng_next(rng) % 300);
+    double sum = 0.0;
+    for (int w = 0; w < 5; w++) {
+        int inputs[8], targets[8];
+        for (int t = 0; t < 8; t++) {
+            inputs[t] = val.tokens[w * 8 + t];
+            targets[t] = val.tokens[w * 8 + t + 1];
+        }
+        sum += model_forward(&m, inputs, targets, 1, 8, NULL);
+    }
+    float batched = evaluate_loss(&m, &val, 0, NULL, NULL), limited = evaluate_loss(&m, &val, 2, NULL, NULL);
+    float first_two = 0.0f;
+    {
+        int inputs[16], targets[16];
+        for (int i = 0; i < 16; i++) { inputs[i] = val.tokens[i]; targets[i] = val.tokens[i + 1]; }
+        first_two = model_forward(&m, inputs, targets, 2, 8, NULL);
+    }
+    bool ok = fabs(batched - sum / 5) < 1e-5 && fabsf(limited - first_two) < 1e-6f;
+    report(ok, "validation loss over windows", "batched %.6f vs per-window mean %.6f; first 2 windows %.6f",
+           batched, sum / 5, limited);
+    free(val.tokens);
+    model_free(&m);
+}
+
 /* ----------------------------------------------------------------------------
- * Training, checkpoints, bad files
+ * The training step
  * ------------------------------------------------------------------------- */
 
 // A tiny training setup for a preset, on synthetic tokens (no corpus needed).
@@ -1567,6 +1147,346 @@ static void test_training_deterministic(int preset) {
            thread_same ? "bit-identical" : "DIFFER", la[0], la[7]);
     trainer_free(&a); trainer_free(&b);
 }
+
+// The seed sets both the initialization and the batch order.
+static void test_seed_sets_batches(void) {
+    Trainer a, b, c;
+    tiny_trainer(&a, 0, 21);
+    tiny_trainer(&b, 0, 21);
+    tiny_trainer(&c, 0, 22);
+    int in_a[24], in_b[24], in_c[24], targets[24];
+    data_next_batch(a.train, &a.state.rng, 3, 8, in_a, targets);
+    data_next_batch(b.train, &b.state.rng, 3, 8, in_b, targets);
+    data_next_batch(c.train, &c.state.rng, 3, 8, in_c, targets);
+    bool same = !memcmp(in_a, in_b, sizeof in_a), batches_differ = memcmp(in_a, in_c, sizeof in_a) != 0;
+    bool init_differs = memcmp(a.model.params, c.model.params, sizeof(float) * a.model.n_params) != 0;
+    report(same && batches_differ && init_differs, "seed sets the batch order and the init",
+           "seed 21 twice: batches %s; seed 22: batches %s, init %s", same ? "equal" : "DIFFER",
+           batches_differ ? "differ" : "EQUAL", init_differs ? "differs" : "EQUAL");
+    trainer_free(&a); trainer_free(&b); trainer_free(&c);
+}
+
+/* ############################################################################
+ * Part II: the machinery, in osp.c's order
+ * ############################################################################ */
+
+/* ----------------------------------------------------------------------------
+ * Fast kernels against their plain loops
+ * ------------------------------------------------------------------------- */
+
+// The tiled matmul kernel against the plain loops, on shapes that are not multiples of the
+// GEMM_MR x 16 tile, and on 1-row and 1-column cases. Both sum in float over k in order, but the
+// reference's dot product is vectorized with split accumulators, so they agree to rounding:
+// tolerance 1e-5 of the largest output.
+static void test_matmul_fast_vs_reference(uint64_t *rng) {
+    int shapes[][3] = { { 1, 1, 1 },    { 1, 7, 33 },     { 37, 1, 19 }, { 5, 13, 1 },
+                        { 70, 29, 45 }, { 64, 128, 512 }, { 3, 200, 17 } };
+    double worst = 0.0;
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        int N = shapes[s][0], C = shapes[s][1], OC = shapes[s][2];
+        float *x = random_floats((size_t)N * C, 1.0f, rng), *w = random_floats((size_t)OC * C, 1.0f, rng);
+        float *g = random_floats((size_t)N * OC, 1.0f, rng);
+        float *fast = xmalloc(sizeof(float) * N * OC), *ref = xmalloc(sizeof(float) * N * OC);
+        float *dx_fast = random_floats((size_t)N * C, 1.0f, rng),
+              *dw_fast = random_floats((size_t)OC * C, 1.0f, rng);
+        float *dx_ref = xmalloc(sizeof(float) * N * C), *dw_ref = xmalloc(sizeof(float) * OC * C);
+        memcpy(dx_ref, dx_fast, sizeof(float) * N * C);   // both add into the same starting values
+        memcpy(dw_ref, dw_fast, sizeof(float) * OC * C);
+        matmul(fast, x, w, N, C, OC);
+        matmul_reference(ref, x, w, N, C, OC);
+        matmul_backward(dx_fast, dw_fast, g, x, w, N, C, OC);
+        matmul_backward_reference(dx_ref, dw_ref, g, x, w, N, C, OC);
+        worst = fmax(worst, max_rel_diff(ref, fast, (size_t)N * OC));
+        worst = fmax(worst, max_rel_diff(dx_ref, dx_fast, (size_t)N * C));
+        worst = fmax(worst, max_rel_diff(dw_ref, dw_fast, (size_t)OC * C));
+        free(x);
+        free(w);
+        free(g);
+        free(fast);
+        free(ref);
+        free(dx_fast);
+        free(dw_fast);
+        free(dx_ref);
+        free(dw_ref);
+    }
+    report(worst < 1e-5, "matmul kernel = plain loops",
+           "7 shapes incl. 1x1x1, 1-row, 1-column, 70x29x45: max diff %.1e of the largest value", worst);
+}
+
+// The products on the calling thread against their plain loops: the causal ones on strided
+// slices (as attention uses them on heads) with T cutting the tiles, the Gram matrix and the
+// plain product on odd shapes. causal_mix reads the scores as causal_scores leaves them, so a
+// score right of the diagonal that is not zero shows up in its output.
+static void test_thread_products(uint64_t *rng) {
+    enum { T = 29, n = 11, a_row = 3 * n + 2, b_row = 2 * n + 1, r = 13, c = 37, m = 19 };
+    float *a = random_floats((size_t)T * a_row, 1.0f, rng), *b = random_floats((size_t)T * b_row, 1.0f, rng);
+    float *s = random_floats((size_t)T * T, 1.0f, rng);   // garbage where nothing is written
+    float *mix = random_floats((size_t)T * a_row, 1.0f, rng);
+    float *add = random_floats((size_t)T * a_row, 1.0f, rng);
+    float *tr = random_floats((size_t)T * b_row, 1.0f, rng);
+    double *ref_s = xcalloc((size_t)T * T, sizeof(double)), worst = 0.0;
+    float *add0 = xmalloc(sizeof(float) * T * a_row), *tr0 = xmalloc(sizeof(float) * T * b_row);
+    memcpy(add0, add, sizeof(float) * T * a_row);
+    memcpy(tr0, tr, sizeof(float) * T * b_row);
+    causal_scores(s, a, a_row, b, b_row, T, n);                // s = a·bᵀ, lower triangle
+    causal_mix(mix, a_row, s, b, b_row, T, n);                 // mix = s·b
+    causal_mix_add(add, a_row, s, b, b_row, T, n);             // add += s·b
+    causal_mix_transposed_add(tr, b_row, s, a, a_row, T, n);   // tr += sᵀ·a
+    for (int t = 0; t < T; t++)
+        for (int u = 0; u <= t; u++)
+            for (int i = 0; i < n; i++) ref_s[t * T + u] += (double)a[t * a_row + i] * b[u * b_row + i];
+    double scale = 0.0;
+    for (int i = 0; i < T * T; i++) scale = fmax(scale, fabs(ref_s[i]));
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < n; i++) {
+            double sum = 0.0, sum_t = 0.0;
+            for (int u = 0; u <= t; u++) sum += ref_s[t * T + u] * b[u * b_row + i];
+            for (int u = t; u < T; u++) sum_t += ref_s[u * T + t] * a[u * a_row + i];
+            for (int u = 0; u <= t; u++) worst = fmax(worst, fabs(s[t * T + u] - ref_s[t * T + u]) / scale);
+            worst = fmax(worst, fabs(mix[t * a_row + i] - sum) / (scale * T));
+            worst = fmax(worst, fabs(add[t * a_row + i] - add0[t * a_row + i] - sum) / (scale * T));
+            worst = fmax(worst, fabs(tr[t * b_row + i] - tr0[t * b_row + i] - sum_t) / (scale * T));
+        }
+    float *x = random_floats((size_t)r * c, 1.0f, rng), *y = random_floats((size_t)c * m, 1.0f, rng);
+    float *g = xmalloc(sizeof(float) * r * r), *p = xmalloc(sizeof(float) * r * m);
+    gram_matrix(g, x, r, c);
+    matrix_product(p, x, y, r, c, m);
+    for (int i = 0; i < r; i++) {
+        for (int j = 0; j < r; j++) {
+            double sum = 0.0;
+            for (int k = 0; k < c; k++) sum += (double)x[i * c + k] * x[j * c + k];
+            worst = fmax(worst, fabs(g[i * r + j] - sum) / c);
+        }
+        for (int j = 0; j < m; j++) {
+            double sum = 0.0;
+            for (int k = 0; k < c; k++) sum += (double)x[i * c + k] * y[k * m + j];
+            worst = fmax(worst, fabs(p[i * m + j] - sum) / c);
+        }
+    }
+    report(worst < 1e-5, "thread products = plain loops",
+           "causal scores, mix, mix-add, transposed mix-add (T 29, strided); Gram 13x37, product 13x37x19: "
+           "max diff %.1e", worst);
+    free(a); free(b); free(s); free(mix); free(add); free(tr); free(ref_s); free(add0); free(tr0);
+    free(x); free(y); free(g); free(p);
+}
+
+// The batched products (Q, K, V from one input; their input gradients as one ordered chain)
+// against the plain loops run one product at a time. Odd widths, so tiles and items are cut.
+static void test_matmul_batched_vs_reference(uint64_t *rng) {
+    int N = 101, C = 37, OC[3] = {37, 19, 21};
+    float *x = random_floats((size_t)N * C, 1.0f, rng), *w[3], *g[3], *out[3], *dw[3], *dw_ref[3];
+    float *dx = xcalloc((size_t)N * C, sizeof(float)), *dx_ref = xcalloc((size_t)N * C, sizeof(float));
+    double worst = 0.0;
+    for (int p = 0; p < 3; p++) {
+        w[p] = random_floats((size_t)OC[p] * C, 1.0f, rng);
+        g[p] = random_floats((size_t)N * OC[p], 1.0f, rng);
+        out[p] = xmalloc(sizeof(float) * N * OC[p]);
+        dw[p] = xcalloc((size_t)OC[p] * C, sizeof(float));
+        dw_ref[p] = xcalloc((size_t)OC[p] * C, sizeof(float));
+    }
+    matmuls_same_input(3, out, x, (const float *const *)w, N, C, OC);
+    matmuls_same_input_backward(3, dx, dw, (const float *const *)g, x, (const float *const *)w, N, C, OC);
+    for (int p = 0; p < 3; p++) {
+        float *ref = xmalloc(sizeof(float) * N * OC[p]);
+        matmul_reference(ref, x, w[p], N, C, OC[p]);
+        matmul_backward_reference(dx_ref, dw_ref[p], g[p], x, w[p], N, C, OC[p]);
+        worst = fmax(worst, max_rel_diff(ref, out[p], (size_t)N * OC[p]));
+        worst = fmax(worst, max_rel_diff(dw_ref[p], dw[p], (size_t)OC[p] * C));
+        free(ref); free(w[p]); free(g[p]); free(out[p]); free(dw[p]); free(dw_ref[p]);
+    }
+    worst = fmax(worst, max_rel_diff(dx_ref, dx, (size_t)N * C));
+    report(worst < 1e-5, "batched matmuls = plain loops",
+           "3 products of 101 x 37 (widths 37, 19, 21): max diff %.1e", worst);
+    free(x); free(dx); free(dx_ref);
+}
+
+// Attention on the tiled kernel against its plain loops, forward (outputs, probabilities on
+// and below the diagonal) and backward (dq, dk, dv, added onto random starting values). Shapes
+// with T = 1, T cut mid-tile, head dims below, between and above the 16-column panel, and
+// grouped KV heads. Tolerance as for the matmul kernel.
+static void test_attention_fast_vs_reference(uint64_t *rng) {
+    int shapes[][5] = {{1, 1, 1, 1, 2}, {2, 13, 4, 2, 6}, {1, 40, 2, 1, 34}, {1, 25, 3, 3, 16},
+                       {2, 128, 4, 4, 32}};   // B, T, H, KVH, hd
+    double worst = 0.0;
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        int B = shapes[s][0], T = shapes[s][1], H = shapes[s][2], KVH = shapes[s][3], hd = shapes[s][4];
+        size_t nq = (size_t)B * T * H * hd, nkv = (size_t)B * T * KVH * hd, natt = (size_t)B * H * T * T;
+        float *q = random_floats(nq, 1.0f, rng), *k = random_floats(nkv, 1.0f, rng);
+        float *v = random_floats(nkv, 1.0f, rng), *dout = random_floats(nq, 1.0f, rng);
+        float *dq0 = random_floats(nq, 1.0f, rng), *dk0 = random_floats(nkv, 1.0f, rng);
+        float *dv0 = random_floats(nkv, 1.0f, rng), *out[2], *att[2], *dq[2], *dk[2], *dv[2];
+        for (int r = 0; r < 2; r++) {
+            out[r] = xmalloc(sizeof(float) * nq);
+            att[r] = xcalloc(natt, sizeof(float));
+            dq[r] = xmalloc(sizeof(float) * nq); memcpy(dq[r], dq0, sizeof(float) * nq);
+            dk[r] = xmalloc(sizeof(float) * nkv); memcpy(dk[r], dk0, sizeof(float) * nkv);
+            dv[r] = xmalloc(sizeof(float) * nkv); memcpy(dv[r], dv0, sizeof(float) * nkv);
+        }
+        attention_forward(out[0], att[0], q, k, v, B, T, H, KVH, hd);
+        attention_forward_reference(out[1], att[1], q, k, v, B, T, H, KVH, hd);
+        attention_backward(dq[0], dk[0], dv[0], dout, out[0], att[0], q, k, v, B, T, H, KVH, hd);
+        attention_backward_reference(dq[1], dk[1], dv[1], dout, out[1], att[1], q, k, v, B, T, H, KVH, hd);
+        for (size_t i = 0; i < natt; i++)   // only the causal triangle is defined
+            if (i % T > i / T % T) att[0][i] = att[1][i] = 0.0f;
+        worst = fmax(worst, max_rel_diff(out[1], out[0], nq));
+        worst = fmax(worst, max_rel_diff(att[1], att[0], natt));
+        worst = fmax(worst, max_rel_diff(dq[1], dq[0], nq));
+        worst = fmax(worst, max_rel_diff(dk[1], dk[0], nkv));
+        worst = fmax(worst, max_rel_diff(dv[1], dv[0], nkv));
+        for (int r = 0; r < 2; r++) { free(out[r]); free(att[r]); free(dq[r]); free(dk[r]); free(dv[r]); }
+        free(q); free(k); free(v); free(dout); free(dq0); free(dk0); free(dv0);
+    }
+    report(worst < 1e-5, "attention kernel = plain loops",
+           "5 shapes incl. T = 1, T = 13 and 25 (tiles cut), hd 2..34, grouped kv: max diff %.1e", worst);
+}
+
+/* ----------------------------------------------------------------------------
+ * Tokenizer
+ * ------------------------------------------------------------------------- */
+
+static const char *sample_text =
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+    "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n"
+    "First Citizen:\nFirst, you know Caius Marcius is chief enemy to the people.\n\n"
+    "All:\nWe know't, we know't.\n\nFirst Citizen:\nLet us kill him, and we'll have corn at our own price.\n"
+    "Is't a verdict?\n\nAll:\nNo more talking on't; let it be done: away, away!\n";
+
+static bool round_trip(const Tokenizer *t, const unsigned char *bytes, size_t n) {
+    int *ids = xmalloc(sizeof(int) * (n ? n : 1));
+    int count = tokenizer_encode(t, bytes, n, ids);
+    unsigned char *back = xmalloc(n + 1);
+    size_t pos = 0;
+    bool ok = true;
+    char byte_buf[1];
+    for (int i = 0; i < count && ok; i++) {
+        int len;
+        const char *piece = tokenizer_decode(t, ids[i], &len, byte_buf);
+        if (pos + (size_t)len > n) ok = false;
+        else { memcpy(back + pos, piece, (size_t)len); pos += (size_t)len; }
+    }
+    ok = ok && pos == n && memcmp(back, bytes, n) == 0;
+    free(ids); free(back);
+    return ok;
+}
+
+static void test_tokenizer_round_trip(uint64_t *rng) {
+    Tokenizer t;
+    tokenizer_train(&t, (const unsigned char *)sample_text, strlen(sample_text), 320);
+    bool ok = round_trip(&t, (const unsigned char *)"", 0) &&
+              round_trip(&t, (const unsigned char *)sample_text, strlen(sample_text));
+    const char *special[] = { "\xff\xfe invalid \x80\x80\x80\x80\x80 utf8 \xc3",
+                              "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80", "a\0b\0\0c" };
+    size_t special_len[] = {strlen(special[0]), strlen(special[1]), 6};
+    for (int i = 0; i < 3; i++) ok = ok && round_trip(&t, (const unsigned char *)special[i], special_len[i]);
+    unsigned char random_bytes[2000];
+    for (int trial = 0; trial < 20 && ok; trial++) {
+        size_t n = rng_next(rng) % sizeof random_bytes;
+        for (size_t i = 0; i < n; i++) random_bytes[i] = (unsigned char)rng_next(rng);
+        ok = round_trip(&t, random_bytes, n);
+    }
+    report(ok, "tokenizer round trip", "empty, text, invalid UTF-8, NUL bytes, 20 random byte strings");
+    tokenizer_free(&t);
+}
+
+// The piecewise encoder equals run.c's merge loop run over the whole text at once.
+static void test_tokenizer_matches_reference(uint64_t *rng) {
+    Tokenizer t;
+    tokenizer_train(&t, (const unsigned char *)sample_text, strlen(sample_text), 330);
+    size_t n = strlen(sample_text) + 200;
+    unsigned char *text = xmalloc(n);
+    memcpy(text, sample_text, strlen(sample_text));
+    for (size_t i = strlen(sample_text); i < n; i++)
+        text[i] = (unsigned char)(rng_next(rng) % 2 ? 'a' + (int)(rng_next(rng) % 5) : (int)rng_next(rng));
+    int *fast = xmalloc(sizeof(int) * n), *ref = xmalloc(sizeof(int) * n);
+    int n_fast = tokenizer_encode(&t, text, n, fast);
+    int n_ref = bpe_merge(&t, ref, tokenizer_split(&t, text, n, ref));
+    bool same = n_fast == n_ref && memcmp(fast, ref, sizeof(int) * (size_t)n_ref) == 0;
+    report(same && n_fast < (int)n, "tokenizer encode = run.c merge loop",
+           "%zu bytes -> %d tokens (reference %d)", n, n_fast, n_ref);
+    free(text); free(fast); free(ref);
+    tokenizer_free(&t);
+}
+
+// A hand-built vocabulary pins down the merge rule: highest score first, leftmost on ties.
+static void test_tokenizer_merge_order(void) {
+    Tokenizer t;
+    tokenizer_init_base(&t, TOKEN_FIRST_PIECE + 8);
+    tokenizer_add(&t, "a", 1, 0.0f);
+    tokenizer_add(&t, "b", 1, 0.0f);
+    tokenizer_add(&t, "c", 1, 0.0f);
+    tokenizer_add(&t, "bc", 2, -1.0f);    // best merge
+    tokenizer_add(&t, "ab", 2, -2.0f);
+    tokenizer_add(&t, "abc", 3, -3.0f);
+    tokenizer_index(&t);
+    int ids[8];
+    int n1 = tokenizer_encode(&t, (const unsigned char *)"abc", 3, ids);
+    bool ok1 = n1 == 1 && ids[0] == TOKEN_FIRST_PIECE + 5;          // b+c scores highest, then a+bc = abc
+    int n2 = tokenizer_encode(&t, (const unsigned char *)"abab", 4, ids);
+    bool ok2 = n2 == 2 && ids[0] == TOKEN_FIRST_PIECE + 4 && ids[1] == TOKEN_FIRST_PIECE + 4;
+    int n3 = tokenizer_encode(&t, (const unsigned char *)"a\xe2\x82\xac", 4,
+                              ids); // euro sign not in vocab: 3 byte tokens
+    bool ok3 = n3 == 4 && ids[1] == TOKEN_BYTE0 + 0xE2 && ids[2] == TOKEN_BYTE0 + 0x82 &&
+            ids[3] == TOKEN_BYTE0 + 0xAC;
+    report(ok1 && ok2 && ok3, "tokenizer merge order and byte fallback",
+           "abc->[abc] %s, abab->[ab ab] %s, a€->a+3 bytes %s", ok1 ? "ok" : "WRONG", ok2 ? "ok" : "WRONG",
+           ok3 ? "ok" : "WRONG");
+    tokenizer_free(&t);
+}
+
+static void test_tokenizer_file(void) {
+    Tokenizer t, back;
+    tokenizer_train(&t, (const unsigned char *)sample_text, strlen(sample_text), 320);
+    const char *path = temp_path("tokenizer.bin");
+    bool ok = tokenizer_save(&t, path) && tokenizer_load(&back, path);
+    ok = ok && back.vocab_size == t.vocab_size && back.max_token_length == t.max_token_length;
+    for (int i = 0; ok && i < t.vocab_size; i++)
+        ok = back.lengths[i] == t.lengths[i] && back.scores[i] == t.scores[i] &&
+                memcmp(back.pieces[i], t.pieces[i], (size_t)t.lengths[i]) == 0;
+    int layout_ok = ok && !strcmp(t.pieces[0], "<unk>") && !strcmp(t.pieces[1], "<s>") &&
+            !strcmp(t.pieces[2], "</s>") && !strcmp(t.pieces[3], "<0x00>") &&
+            !strcmp(t.pieces[258], "<0xFF>");
+    if (ok) tokenizer_free(&back);
+    // Truncate the file: the loader must refuse it with a message, not crash.
+    size_t size;
+    unsigned char *bytes = read_file(path, &size);
+    FILE *f = fopen(path, "wb");
+    fwrite(bytes, 1, size - 3, f);
+    fclose(f);
+    bool refused = !tokenizer_load(&back, path) && strstr(osp_error, "truncated");
+    report(ok && layout_ok && refused, "tokenizer file round trip and truncation",
+           "%d tokens; truncated file: \"%s\"", t.vocab_size, osp_error);
+    free(bytes);
+    remove(path);
+    tokenizer_free(&t);
+}
+
+// The committed tokenizer.bin is reproduced byte for byte from the corpus.
+static void test_tokenizer_reproducible(void) {
+    size_t n, committed_size;
+    unsigned char *text = read_file("data/tinyshakespeare.txt", &n);
+    unsigned char *committed = read_file("tokenizer.bin", &committed_size);
+    if (!text || !committed) {
+        report(false, "tokenizer.bin reproducible", "%s", osp_error);
+        free(text);
+        free(committed);
+        return;
+    }
+    Tokenizer t;
+    tokenizer_train(&t, text, n, 512);
+    const char *path = temp_path("tokenizer_repro.bin");
+    size_t size = 0;
+    unsigned char *made = tokenizer_save(&t, path) ? read_file(path, &size) : NULL;
+    bool same = made && size == committed_size && memcmp(made, committed, size) == 0;
+    report(same, "tokenizer.bin reproducible", "retrained on data/tinyshakespeare.txt: %zu bytes, %s", size,
+           same ? "identical" : "DIFFERENT");
+    remove(path);
+    free(text); free(committed); free(made);
+    tokenizer_free(&t);
+}
+
+/* ----------------------------------------------------------------------------
+ * Checkpoints and bad files
+ * ------------------------------------------------------------------------- */
 
 static void test_checkpoint_resume(int preset) {
     const char *path = temp_path("resume.ckpt");
@@ -1869,472 +1789,220 @@ static void test_loader_corpus(uint64_t *rng) {
     trainer_free(&tr);
 }
 
-// Runs the command line `cmd` (through the shell, in the temporary directory) and returns its
-// exit status; its output goes to out [size].
-static int run_command(const char *cmd, char *out, size_t size) {
-    char line[PATH_MAX + 1200];
-    snprintf(line, sizeof line, "cd '%s' && %.900s 2>&1", temp_dir, cmd);
-    FILE *p = popen(line, "r");
-    size_t n = p ? fread(out, 1, size - 1, p) : 0;
-    out[n] = '\0';
-    int status = p ? pclose(p) : -1;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
+/* ----------------------------------------------------------------------------
+ * GPTQ and the rotation
+ * ------------------------------------------------------------------------- */
 
-// The commands, run as a user runs them (./osp, built by make test): each refuses an output
-// that is one of its inputs, however spelled, leaving the input as it was; a failed prepare
-// leaves no train split; a vocab mismatch names the file that does not match.
-static void test_commands(void) {
-    char osp[PATH_MAX], out[4096];
-    if (!realpath("osp", osp)) {
-        report(false, "commands: bad outputs refused", "no ./osp (make builds it)");
-        return;
-    }
-    Trainer tr;
-    tiny_trainer(&tr, 0, 3);
-    checkpoint_save(temp_path("cmd.ckpt"), &tr.state, &tr.model, tr.opt_state);
-    trainer_free(&tr);
-    Tokenizer tok;
-    tokenizer_load(&tok, "tokenizer.bin");
-    tokenizer_save(&tok, temp_path("cmd_tok.bin"));
-    int ids[400];
-    for (int i = 0; i < 400; i++) ids[i] = i % 300;
-    tokens_save(temp_path("cmd_train.bin"), ids, 400, tok.vocab_size);
-    tokens_save(temp_path("cmd_val300.bin"), ids, 400, 300);
-    FILE *f = fopen(temp_path("cmd.txt"), "wb");
-    fputs("some text to read, some text to read, some text to read\n", f);
-    fclose(f);
-    tokenizer_free(&tok);
-    const struct { const char *args, *expect, *kept;
-    } cases[] = {
-        { "merge cmd.ckpt ./cmd.ckpt", "same file", "cmd.ckpt" },
-        { "export cmd.ckpt --gguf ../%s/cmd.ckpt", "same file", "cmd.ckpt" },
-        { "prepare --input cmd.txt --tokenizer cmd_tok.bin --train cmd.txt", "same file", "cmd.txt" },
-        { "tokenizer --input cmd.txt --out ./cmd.txt", "same file", "cmd.txt" },
-        { "train --out cmd_train.bin --train cmd_train.bin", "same file", "cmd_train.bin" },
-        { "train --out cmd_tok.bin --tokenizer cmd_tok.bin", "same file", "cmd_tok.bin" },
-        { "train --kurtosis-every 1 --kurtosis-csv k.ckpt --out ./k.ckpt", "same file", NULL },
-        { "prepare --input cmd.txt --tokenizer cmd_tok.bin --train split_train.bin --val no/dir/v.bin",
-          "cannot create", NULL },
-        { "train --tokenizer cmd_tok.bin --train cmd_train.bin --val cmd_val300.bin --steps 1",
-          "cmd_val300.bin", NULL },
-    };
-    int passed = 0, n = (int)(sizeof cases / sizeof cases[0]);
-    char detail[400] = "";
-    for (int i = 0; i < n; i++) {
-        char args[512], cmd[PATH_MAX + 600];
-        snprintf(args, sizeof args, cases[i].args, strrchr(temp_dir, '/') + 1);
-        snprintf(cmd, sizeof cmd, "'%s' %s", osp, args);
-        size_t before_size = 0, after_size = 0;
-        unsigned char *before = cases[i].kept ? read_file(temp_path(cases[i].kept), &before_size) : NULL;
-        int status = run_command(cmd, out, sizeof out);
-        unsigned char *after = cases[i].kept ? read_file(temp_path(cases[i].kept), &after_size) : NULL;
-        bool kept = !cases[i].kept || (before && after && before_size == after_size && before_size > 0 &&
-                                       !memcmp(before, after, before_size));
-        free(before); free(after);
-        bool split_left = i == 7 && file_exists(temp_path("split_train.bin"));
-        if (status != 0 && status != -1 && strstr(out, cases[i].expect) && kept && !split_left) passed++;
-        else if (!detail[0]) snprintf(detail, sizeof detail, "'%.120s': exit %d, %.150s", args, status, out);
-    }
-    report(passed == n, "commands: bad outputs refused", "%d of %d cases%s%s", passed, n,
-           detail[0] ? "; " : "", detail);
-}
-
-// results.csv's diverged_step and a kurtosis CSV's step are integers in range.
-static void test_results_integers(void) {
-    const char *path = temp_path("ints_results.csv");
-    AblationRun runs[1] = {{.preset = 0, .seed = 1}};
-    ablation_save_results(path, runs, 1);
-    size_t size;
-    unsigned char *bytes = read_file(path, &size);
-    char *text = xrealloc(bytes, size + 1);
-    text[size] = '\0';
-    char *row = strchr(text, '\n') + 1, *field = strchr(strchr(row, ',') + 1, ',') + 1;   // diverged_step
-    const char *values[3] = {"1e300", "nan", "-3"};
-    int refused = 0;
-    for (int k = 0; k < 3; k++) {
-        FILE *f = fopen(path, "wb");
-        fwrite(text, 1, (size_t)(field - text), f);
-        fputs(values[k], f);
-        fputs(strchr(field, ','), f);
-        fclose(f);
-        AblationRun back[1] = {{.preset = 0, .seed = 1}};
-        refused += !ablation_load_results(path, back, 1) && strstr(osp_error, "not a results row");
-    }
-    // and a kurtosis CSV's step: a negative one or one beyond int
-    const char *kpath = temp_path("ints_kurtosis.csv");
-    const char *rows[2] = {"-3,0,1,1,1,1,1,1,1\n", "99999999999,0,1,1,1,1,1,1,1\n"};
-    int krefused = 0;
-    for (int k = 0; k < 2; k++) {
-        FILE *f = fopen(kpath, "wb");
-        fprintf(f, "step,tokens,kurtosis_paper,kurtosis,max_abs,s0,s1,s2,s3\n%s", rows[k]);
-        fclose(f);
-        KurtosisLog l = {.n_states = 4};
-        krefused += !kurtosis_log_load(&l, kpath, 1000);
-        kurtosis_log_free(&l);
-    }
-    report(refused == 3 && krefused == 2, "CSV integers: range-checked integers",
-           "results.csv diverged_step: %d of 3 refused (1e300, nan, -3); kurtosis step: %d of 2 (-3, 1e11)",
-           refused, krefused);
-    free(text);
-}
-
-
-// A NaN loss is reported by train_step before any parameter changes.
-static void test_nan_stops(void) {
-    Trainer tr;
-    tiny_trainer(&tr, 0, 5);
-    tr.model.params[tr.model.shape[PARAM_HEAD].offset] = NAN;
-    float *before = xmalloc(sizeof(float) * tr.model.n_params);
-    memcpy(before, tr.model.params, sizeof(float) * tr.model.n_params);
-    float norm, loss = train_step(&tr, &norm);
-    bool unchanged = memcmp(before, tr.model.params, sizeof(float) * tr.model.n_params) == 0 &&
-            tr.state.step == 0;
-    report(isnan(loss) && unchanged, "NaN loss stops the step", "loss %f, parameters %s", loss,
-           unchanged ? "untouched" : "CHANGED");
-    free(before);
-    trainer_free(&tr);
-}
-
-static void test_sampling(uint64_t *rng) {
-    float logits[6] = {0.1f, 2.0f, -1.0f, 1.9f, 0.0f, -3.0f};
-    ProbId scratch[6];
-    bool greedy = sample_token(logits, 6, 0.0f, 1.0f, rng, scratch) == 1;
-    bool nucleus = true;
-    int counts[6] = {0};
-    for (int i = 0; i < 2000; i++) {
-        int id = sample_token(logits, 6, 1.0f, 0.5f, rng, scratch);   // top two hold > 50%
-        counts[id]++;
-        nucleus = nucleus && (id == 1 || id == 3);
-    }
-    report(greedy && nucleus && counts[1] > counts[3], "sampling: greedy and top-p",
-           "top-p 0.5 drew tokens 1 and 3 only (%d, %d)", counts[1], counts[3]);
-}
-
-// Validation loss in batches equals the mean of per-window losses.
-static void test_evaluate_loss(uint64_t *rng) {
-    Config cfg = test_config();
-    Model m;
-    model_alloc(&m, &cfg, 2);
-    model_init(&m, 1);
-    TokenData val = {.vocab_size = 300, .n = 5 * 8 + 3};   // 5 full windows and a partial one
-    val.tokens = xmalloc(sizeof(uint16_t) * val.n);
-    for (size_t i = 0; i < val.n; i++) val.tokens[i] = (uint16_t)(rng_next(rng) % 300);
-    double sum = 0.0;
-    for (int w = 0; w < 5; w++) {
-        int inputs[8], targets[8];
-        for (int t = 0; t < 8; t++) {
-            inputs[t] = val.tokens[w * 8 + t];
-            targets[t] = val.tokens[w * 8 + t + 1];
+// Cholesky route to H⁻¹ against Gauss-Jordan elimination on a random 7 x 7 H = BᵀB + I.
+static void test_cholesky_inverse(uint64_t *rng) {
+    enum { n = 7 };
+    double b[n * n], h[n * n], l[n * n], inv[n * n], gj[n][2 * n];
+    for (int i = 0; i < n * n; i++) b[i] = rng_normal(rng);
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < n; j++) {
+            double v = i == j ? 1.0 : 0.0;
+            for (int k = 0; k < n; k++) v += b[k * n + i] * b[k * n + j];
+            h[i * n + j] = l[i * n + j] = v;
+            gj[i][j] = v;
+            gj[i][n + j] = i == j ? 1.0 : 0.0;
         }
-        sum += model_forward(&m, inputs, targets, 1, 8, NULL);
-    }
-    float batched = evaluate_loss(&m, &val, 0, NULL, NULL), limited = evaluate_loss(&m, &val, 2, NULL, NULL);
-    float first_two = 0.0f;
-    {
-        int inputs[16], targets[16];
-        for (int i = 0; i < 16; i++) { inputs[i] = val.tokens[i]; targets[i] = val.tokens[i + 1]; }
-        first_two = model_forward(&m, inputs, targets, 2, 8, NULL);
-    }
-    bool ok = fabs(batched - sum / 5) < 1e-5 && fabsf(limited - first_two) < 1e-6f;
-    report(ok, "validation loss over windows", "batched %.6f vs per-window mean %.6f; first 2 windows %.6f",
-           batched, sum / 5, limited);
-    free(val.tokens);
-    model_free(&m);
-}
-
-// FLOP count for the test config worked out by hand: matmul weights per layer
-// 256 (q) + 128 (k) + 128 (v) + 256 (o) + 3 x 512 (ffn) = 2304, x 2 layers + 300 x 16 (head)
-// = 9408; 6 x 9408 x 8 tokens = 451584; attention 12 x 2 layers x 4 heads x 4 x 36 pairs = 13824.
-// Newton-Schulz under muon, per iteration 4r²c + 2r³ (r short side, c long side), 5 iterations:
-// q, o (16x16) 24576 each; k, v (8x16) 5120 each; gate, up, down (16 by 32) 40960 each; so
-// 5 x (2 x 24576 + 2 x 5120 + 3 x 40960) = 911360 per layer, 1822720 for 2 layers.
-static void test_flops_and_format(void) {
-    Config cfg = test_config();
-    Model m;
-    model_alloc(&m, &cfg, 1);
-    double flops = model_flops_per_step(&m, 1, 8);
-    OptimConfig o = {.optimizer = OPTIMIZER_MUON, .ns_steps = 5};
-    double ns = newton_schulz_flops(&m, &o);
-    char a[32], b[32];
-    format_duration(245.0, a, sizeof a);
-    format_duration(3725.0, b, sizeof b);
-    bool ok = flops == 465408.0 && ns == 1822720.0 && !strcmp(a, "4m05s") && !strcmp(b, "1h02m");
-    report(ok, "flop counts and duration format",
-           "%.0f FLOP/step (465408), Newton-Schulz %.0f (1822720); 245 s = %s, 3725 s = %s", flops, ns, a, b);
-    model_free(&m);
-}
-
-// Generation writes the prompt then n tokens' text, and the same seed gives the same text.
-static void test_generate(void) {
-    Tokenizer t;
-    tokenizer_train(&t, (const unsigned char *)sample_text, strlen(sample_text), 320);
-    Config cfg = test_config();
-    cfg.vocab_size = t.vocab_size;
-    Model m;
-    model_alloc(&m, &cfg, 1);
-    model_init(&m, 4);
-    char out[2][4096];
-    for (int run = 0; run < 2; run++) {
-        FILE *f = tmpfile();
-        generate(&m, &t, "First", 20, 1.0f, 0.9f, 42, f);   // 20 > seq_len 8: the window slides
-        rewind(f);
-        size_t n = fread(out[run], 1, sizeof out[run] - 1, f);
-        out[run][n] = 0;
-        fclose(f);
-    }
-    bool ok = !strncmp(out[0], "First", 5) && !strcmp(out[0], out[1]) && strlen(out[0]) > 6;
-    report(ok, "generate: prompt, sliding window, seeded", "%zu bytes, identical for the same seed",
-           strlen(out[0]));
-    model_free(&m);
-    tokenizer_free(&t);
-}
-
-// The seed sets both the initialization and the batch order.
-static void test_seed_sets_batches(void) {
-    Trainer a, b, c;
-    tiny_trainer(&a, 0, 21);
-    tiny_trainer(&b, 0, 21);
-    tiny_trainer(&c, 0, 22);
-    int in_a[24], in_b[24], in_c[24], targets[24];
-    data_next_batch(a.train, &a.state.rng, 3, 8, in_a, targets);
-    data_next_batch(b.train, &b.state.rng, 3, 8, in_b, targets);
-    data_next_batch(c.train, &c.state.rng, 3, 8, in_c, targets);
-    bool same = !memcmp(in_a, in_b, sizeof in_a), batches_differ = memcmp(in_a, in_c, sizeof in_a) != 0;
-    bool init_differs = memcmp(a.model.params, c.model.params, sizeof(float) * a.model.n_params) != 0;
-    report(same && batches_differ && init_differs, "seed sets the batch order and the init",
-           "seed 21 twice: batches %s; seed 22: batches %s, init %s", same ? "equal" : "DIFFER",
-           batches_differ ? "differ" : "EQUAL", init_differs ? "differs" : "EQUAL");
-    trainer_free(&a); trainer_free(&b); trainer_free(&c);
-}
-
-// results.csv: an evaluated run and one not yet trained (NaN values) come back as written, with
-// kurtosis_paper and top_channel_share in their columns; a file with other columns is refused.
-static void test_ablation_results_file(void) {
-    const char *path = temp_path("results.csv");
-    AblationRun runs[2], back[2];
-    double *v[ABLATION_VALUES], *w[ABLATION_VALUES];
-    for (int i = 0; i < 2; i++) {
-        runs[i] = (AblationRun){.preset = 5 * i, .seed = 1337};
-        back[i] = (AblationRun){.preset = 5 * i, .seed = 1337};
-        ablation_values(&runs[i], v);
-        for (int k = 0; k < ABLATION_VALUES; k++) *v[k] = i == 0 ? 1.5 + k : NAN;
-    }
-    runs[0].evaluated = true;
-    bool saved = ablation_save_results(path, runs, 2), loaded = ablation_load_results(path, back, 2);
-    bool same = loaded && back[0].evaluated && !back[1].evaluated &&
-                back[0].kurtosis_paper == runs[0].kurtosis_paper &&
-                back[0].top_channel == runs[0].top_channel;
-    ablation_values(&back[0], w);
-    ablation_values(&runs[0], v);
-    for (int k = 0; same && k < ABLATION_VALUES; k++) same = *w[k] == *v[k];
-    char *text, **lines;
-    int n_lines;
-    bool header = read_lines(path, &text, &lines, &n_lines) && n_lines == 3 &&
-                  strstr(lines[0], ",kurtosis,kurtosis_paper,top_channel_share,") != NULL;
-    if (header) { free(lines); free(text); }
-    FILE *f = fopen(path, "w");
-    if (f) { fputs("preset,seed,diverged_step,tokens_per_s,kurtosis\nadam,1337,0,1,2\n", f); fclose(f); }
-    bool refused = !ablation_load_results(path, back, 2) && strstr(osp_error, "other columns");
-    report(saved && same && header && refused, "results.csv: round trip, columns, old file",
-           "evaluated run back %s, unknown run stays unknown; header %s; old columns %s",
-           same ? "equal" : "DIFFERENT", header ? "has kurtosis_paper" : "WRONG",
-           refused ? "refused" : "ACCEPTED");
-    remove(path);
-}
-
-// The kurtosis CSV: rows written then read back; a resumed run keeps the rows up to its step;
-// a damaged file is refused.
-static void test_kurtosis_log_file(void) {
-    const char *path = temp_path("kurtosis.csv");
-    KurtosisLog log = { .n_states = 3 }, back = { .n_states = 3 }, head = { .n_states = 3 },
-                broken = { .n_states = 3 };
-    double states[3][3] = {{0.1, 0.2, 0.3}, {1.5, 2.5, 3.5}, {10.0, 20.0, 30.0}};
-    for (int r = 0; r < 3; r++) kurtosis_log_add(&log, 50 * r, 2.0 + r, 1.0 + r, 100.0 * r, states[r]);
-    bool saved = kurtosis_log_save(&log, path, 2048);
-    bool loaded = kurtosis_log_load(&back, path, INT_MAX) && kurtosis_log_load(&head, path, 99);
-    bool same = loaded && back.n == 3 && head.n == 2 && head.step[1] == 50;
-    for (int i = 0; same && i < 3 * kurtosis_log_cols(&log); i++)
-        same = fabs(back.values[i] - log.values[i]) <= 1e-5 * fabs(log.values[i]);
-    size_t size;
-    unsigned char *bytes = read_file(path, &size);
-    FILE *f = fopen(path, "wb");
-    fwrite(bytes, 1, size - 4, f);   // cut the last row short
-    fclose(f);
-    bool refused = !kurtosis_log_load(&broken, path, INT_MAX) && strstr(osp_error, "line 4");
-    report(saved && same && refused, "kurtosis CSV: round trip, resume, damage",
-           "3 rows back %s, 2 kept up to step 99; cut file %s", same ? "equal" : "DIFFER",
-           refused ? osp_error : "ACCEPTED");
-    free(bytes);
-    remove(path);
-    kurtosis_log_free(&log); kurtosis_log_free(&back); kurtosis_log_free(&head); kurtosis_log_free(&broken);
-}
-
-// An interruption of train_run, simulated by copying its files as they were at step 8 (the
-// checkpoint is from step 4, the CSV already has step 6): resuming from those copies writes
-// the same kurtosis CSV and ends in the same parameters as the uninterrupted run.
-typedef struct { const char *files[2], *copies[2]; int at_step; } Snapshot;
-
-static void snapshot_files(void *ctx, const TrainState *s, float loss, double seconds_per_step) {
-    (void)loss; (void)seconds_per_step;
-    Snapshot *snap = ctx;
-    if (s->step != snap->at_step) return;
-    for (int i = 0; i < 2; i++) {
-        size_t size;
-        unsigned char *bytes = read_file(snap->files[i], &size);
-        FILE *f = fopen(snap->copies[i], "wb");
-        fwrite(bytes, 1, size, f);
-        fclose(f);
-        free(bytes);
-    }
-}
-
-static void test_train_run_resume(void) {
-    const char *ckpt = temp_path("run.ckpt"), *csv = temp_path("run.csv"),
-               *ckpt_copy = temp_path("run_copy.ckpt"), *csv_copy = temp_path("run_copy.csv");
-    Snapshot snap = {{ckpt, csv}, {ckpt_copy, csv_copy}, 8};
-    Trainer full, resumed = {0};
-    tiny_trainer(&full, 5, 17);
-    full.state.opt.steps = 10;
-    full.val = full.train;
-    FILE *log = tmpfile();
-    RunOptions ro = { .out = ckpt,
-                      .eval_every = 4,
-                      .val_windows = 2,
-                      .log_every = 2,
-                      .kurtosis_every = 2,
-                      .kurtosis_csv = csv,
-                      .log = log,
-                      .on_log = snapshot_files,
-                      .ctx = &snap };
-    RunResult res;
-    bool ran = train_run(&full, &ro, &res);
-    bool loaded = trainer_resume(&resumed, ckpt_copy);
-    int resumed_at = loaded ? resumed.state.step : -1;
-    bool from_4 = resumed_at == 4;
-    RunOptions ro2 = ro;
-    ro2.out = ckpt_copy;
-    ro2.kurtosis_csv = csv_copy;
-    ro2.on_log = NULL;
-    bool reran = false;
-    if (loaded) {
-        resumed.train = resumed.val = full.train;
-        reran = train_run(&resumed, &ro2, &res);
-    }
-    size_t n1 = 0, n2 = 0;
-    unsigned char *a = read_file(csv, &n1), *b = read_file(csv_copy, &n2);
-    bool csv_same = a && b && n1 == n2 && !memcmp(a, b, n1);
-    bool params_same = reran &&
-            !memcmp(full.model.params, resumed.model.params, sizeof(float) * full.model.n_params);
-    int rows = 0;
-    for (size_t i = 0; a && i < n1; i++) rows += a[i] == '\n';
-    report(ran && from_4 && csv_same && params_same && rows == 7, "train_run: resume keeps the kurtosis CSV",
-           "resumed at step %d; CSV %s (%d rows: steps 0-10 by 2); parameters %s", resumed_at,
-           csv_same ? "identical" : "DIFFERS", rows - 1, params_same ? "bit-identical" : "DIFFER");
-    free(a); free(b);
-    fclose(log);
-    remove(ckpt); remove(csv); remove(ckpt_copy); remove(csv_copy);
-    trainer_free(&full);
-    if (loaded) trainer_free(&resumed);
-}
-
-// The SVG plot: one polyline per line, every point inside the frame, y on a log scale whose
-// decades fall on the gridlines (data from 0.01 to 100: 4 decades over the 370-pixel frame).
-static void test_svg_plot(void) {
-    const char *path = temp_path("plot.svg");
-    double x[4] = {0.0, 1.0, 2.0, 3.0}, y1[4] = {0.01, 0.1, 1.0, 100.0}, y2[4] = {0.0, 0.05, 0.05, 0.05};
-    PlotLine lines[2] = {{"rising", 4, x, y1}, {"flat", 4, x, y2}};
-    bool written = write_svg_plot(path, "t", "x", "y", lines, 2, 0.01);
-    size_t size = 0;
-    char *svg = written ? (char *)read_file(path, &size) : NULL;
-    bool ok = svg != NULL;
-    int polylines = 0, points = 0;
-    bool inside = true, decade = false, floor_ok = false;
-    if (ok) {
-        svg = realloc(svg, size + 1);
-        svg[size] = '\0';
-        ok = !strncmp(svg, "<svg", 4) && strstr(svg, "</svg>\n") == svg + size - 7 &&
-                strstr(svg, ">rising<") && strstr(svg, ">flat<");
-        for (char *p = strstr(svg, "points=\""); p; p = strstr(p, "points=\"")) {
-            polylines++;
-            p += 8;
-            for (int i = 0; i < 4; i++) {
-                double px = strtod(p, &p), py = strtod(p + 1, &p);
-                points++;
-                inside = inside && px >= 80.0 && px <= 570.0 && py >= 50.0 && py <= 420.0;
-                if (polylines == 1 && i == 2) decade = fabs(py - 235.0) < 0.06;   // y = 1: halfway up
-                if (polylines == 2 && i == 0) floor_ok = fabs(py - 420.0) < 0.06; // 0 drawn at the floor 0.01
-            }
+    bool factored = cholesky(l, n);
+    inverse_from_cholesky(inv, l, n);
+    for (int c = 0; c < n; c++) {   // Gauss-Jordan with partial pivoting
+        int piv = c;
+        for (int r = c + 1; r < n; r++) if (fabs(gj[r][c]) > fabs(gj[piv][c])) piv = r;
+        for (int k = 0; k < 2 * n; k++) { double t = gj[c][k]; gj[c][k] = gj[piv][k]; gj[piv][k] = t; }
+        double d = gj[c][c];
+        for (int k = 0; k < 2 * n; k++) gj[c][k] /= d;
+        for (int r = 0; r < n; r++) {
+            if (r == c) continue;
+            double f = gj[r][c];
+            for (int k = 0; k < 2 * n; k++) gj[r][k] -= f * gj[c][k];
         }
     }
-    report(ok && polylines == 2 && points == 8 && inside && decade && floor_ok,
-           "SVG plot: lines, frame, log scale",
-           "%d polylines, %d points %s; y = 1 on its gridline: %s; y = 0 at the floor: %s", polylines, points,
-           inside ? "inside the frame" : "OUTSIDE", decade ? "yes" : "NO", floor_ok ? "yes" : "NO");
-    free(svg);
-    remove(path);
+    double worst = 0.0;
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < n; j++) worst = fmax(worst, fabs(inv[i * n + j] - gj[i][n + j]));
+    h[0] = -1.0;   // not positive definite
+    bool refused = !cholesky(h, n);
+    report(factored && worst < 1e-10 && refused, "cholesky: H⁻¹ = plain inverse",
+           "7 x 7, max |diff| %.1e; "
+           "indefinite H %s",
+           worst, refused ? "refused" : "ACCEPTED");
 }
 
-// The activation picture: a bar per channel at the chosen state and a cell per channel and
-// state, in each panel's frame, on one scale for all panels. Linear: the largest bar (100)
-// fills the frame and 50 fills half; log (decades 1..100): 10 is halfway. Cells: the largest
-// value darkest, the smallest lightest.
-static void test_svg_channels(void) {
-    enum { states = 3, dim = 8 };
-    const char *path = temp_path("channels.svg");
-    double a[states * dim], b[states * dim];
-    for (int i = 0; i < states * dim; i++) a[i] = b[i] = 1.0 + i % 3;
-    a[1 * dim + 5] = 100.0;   // an outlier channel at state 1 of the first panel
-    b[1 * dim + 2] = 50.0;
-    b[1 * dim + 3] = 10.0;
-    a[2 * dim + 7] = 1000.0;   // at another state: sets the strips' scale, not the bars'
-    ChannelPanel panels[2] = {{"a", states, dim, a}, {"b", states, dim, b}};
-    bool ok = true, inside = true, linear = false, half = false, log_half = false, dark = false,
-         light = false;
-    int bars = 0, cells = 0;
-    for (int log_scale = 0; log_scale < 2; log_scale++) {
-        ok = ok && write_svg_channels(path, "t", panels, 2, 1, log_scale);
-        size_t size = 0;
-        char *svg = ok ? (char *)read_file(path, &size) : NULL;
-        if (!svg) { ok = false; break; }
-        svg = realloc(svg, size + 1);
-        svg[size] = '\0';
-        ok = ok && !strncmp(svg, "<svg", 4) && strstr(svg, "</svg>\n") == svg + size - 7;
-        for (char *p = strstr(svg, "class=\""); p; p = strstr(p + 1, "class=\"")) {
-            bool bar = !strncmp(p, "class=\"bar\"", 11);
-            double x, y, w, h;
-            char *q = strstr(p, "x=\"");
-            x = strtod(q + 3, NULL);
-            y = strtod(strstr(q, "y=\"") + 3, NULL);
-            w = strtod(strstr(q, "width=\"") + 7, NULL);
-            h = strtod(strstr(q, "height=\"") + 8, NULL);
-            int panel = x >= CH_LEFT + CH_PANEL_W ? 1 : 0,
-                channel = (int)((x - CH_LEFT - panel * CH_PANEL_W) / w + 0.5);
-            double left = CH_LEFT + panel * CH_PANEL_W;
-            inside = inside && x >= left - 1e-6 && x + w <= left + CH_FRAME_W + 0.01;
-            if (bar) {
-                bars++;
-                inside = inside && y >= CH_TOP - 0.01 && y + h <= CH_TOP + CH_FRAME_H + 0.01;
-                if (!log_scale && panel == 0 && channel == 5) linear = fabs(h - CH_FRAME_H) < 0.01;
-                if (!log_scale && panel == 1 && channel == 2) half = fabs(h - CH_FRAME_H / 2.0) < 0.01;
-                if (log_scale && panel == 1 && channel == 3) log_half = fabs(h - CH_FRAME_H / 2.0) < 0.01;
-            } else {
-                cells++;
-                if (panel == 0 && channel == 7 && y > CH_TOP + CH_FRAME_H + 2 * CH_STRIP_H)
-                    dark = strstr(p, "fill=\"#800026\"") && strstr(p, "fill=\"#800026\"") < strstr(p, "/>");
-                if (panel == 0 && channel == 0 && y < CH_TOP + CH_FRAME_H + 62 + CH_STRIP_H)
-                    light = strstr(p, "fill=\"#ffffcc\"") && strstr(p, "fill=\"#ffffcc\"") < strstr(p, "/>");
-            }
+// h [n, n] = 2·XᵀX for x [tokens, n], in double: the plain Hessian the GPTQ tests start from.
+static void hessian_reference(double *h, const float *x, int tokens, int n) {
+    for (int a = 0; a < n; a++)
+        for (int b = 0; b < n; b++) {
+            double v = 0.0;
+            for (int t = 0; t < tokens; t++) v += 2.0 * x[t * n + a] * x[t * n + b];
+            h[a * n + b] = v;
         }
-        free(svg);
+}
+
+// ||W·Xᵀ - Ŵ·Xᵀ||² over the rows of w, wq [rows, cols] for inputs x [tokens, cols].
+static double output_error(const float *w, const float *wq, const float *x, int rows, int cols, int tokens) {
+    double err = 0.0;
+    for (int r = 0; r < rows; r++)
+        for (int t = 0; t < tokens; t++) {
+            double e = 0.0;
+            for (int c = 0; c < cols; c++)
+                e += ((double)w[r * cols + c] - wq[r * cols + c]) * x[t * cols + c];
+            err += e * e;
+        }
+    return err;
+}
+
+// GPTQ on a small random problem with correlated inputs: its output error is below RTN's,
+// every weight lies on its row's RTN grid, and one column is plain RTN exactly.
+static void test_gptq(uint64_t *rng) {
+    enum { rows = 12, cols = 24, tokens = 200 };
+    static float w[rows * cols], rtn[rows * cols], gptq[rows * cols], x[tokens * cols], scratch[cols];
+    static double h[cols * cols];
+    for (int i = 0; i < rows * cols; i++) w[i] = (float)rng_normal(rng);
+    for (int t = 0; t < tokens; t++) {   // each input mixes a shared factor with its own noise
+        double shared = rng_normal(rng);
+        for (int c = 0; c < cols; c++) x[t * cols + c] = (float)(shared + 0.5 * rng_normal(rng));
     }
-    report(ok && bars == 2 * 2 * dim && cells == 2 * 2 * states * dim && inside && linear && half &&
-                   log_half && dark && light,
-           "SVG activations: bars, strips, one scale",
-           "%d bars, %d cells %s; largest bar fills the frame %s, 50 half %s, log 10 half %s; colours %s",
-           bars, cells, inside ? "inside the frames" : "OUTSIDE", linear ? "yes" : "NO", half ? "yes" : "NO",
-           log_half ? "yes" : "NO", dark && light ? "dark..light" : "WRONG");
-    remove(path);
+    hessian_reference(h, x, tokens, cols);
+    memcpy(rtn, w, sizeof w);
+    memcpy(gptq, w, sizeof w);
+    for (int r = 0; r < rows; r++) quantize_weight_row(rtn + r * cols, cols, 4, true, scratch);
+    bool ok = gptq_quantize(gptq, rows, cols, h, 4, true);
+    double e_rtn = output_error(w, rtn, x, rows, cols, tokens);
+    double e_gptq = output_error(w, gptq, x, rows, cols, tokens);
+    bool on_grid = true;
+    for (int r = 0; r < rows; r++) {   // the grid step of the row: RTN's, from its clip search
+        float scale = clip_ratio(w + r * cols, cols, 4, true, scratch) * max_abs(w + r * cols, cols) / 7.0f;
+        for (int c = 0; c < cols; c++) {
+            float k = gptq[r * cols + c] / scale;   // an integer, up to the rounding of k·scale / scale
+            on_grid = on_grid && fabsf(k - rintf(k)) < 1e-4f && rintf(k) >= -8.0f && rintf(k) <= 7.0f;
+        }
+    }
+    float one_w[rows], one_rtn[rows];
+    double one_h = 3.0;
+    for (int r = 0; r < rows; r++) one_w[r] = one_rtn[r] = (float)rng_normal(rng);
+    bool one_ok = gptq_quantize(one_w, rows, 1, &one_h, 4, true), same = true;
+    for (int r = 0; r < rows; r++) {
+        quantize_weight_row(one_rtn + r, 1, 4, true, scratch);
+        same = same && one_w[r] == one_rtn[r];
+    }
+    report(ok && e_gptq < e_rtn && on_grid && one_ok && same,
+           "GPTQ: below RTN, on the grid, one column = RTN",
+           "||WX - ŴX||² GPTQ %.3f < RTN %.3f (%.0f%%); grid %s; one column %s", e_gptq, e_rtn,
+           100.0 * e_gptq / e_rtn, on_grid ? "yes" : "NO", same ? "identical" : "DIFFERENT");
+}
+
+// GPTQ of a whole model: each layer's matrices are quantized with the Hessians of the inputs
+// that the earlier, already-quantized layers produce, summed over batches. The test computes
+// those inputs itself (one batch, the Hessian in double) and quantizes each matrix on its own
+// with gptq_quantize: the weights must agree (up to roundings that the Hessian's float sums
+// flip), and over all matrices GPTQ's output error on those inputs must be below RTN's.
+// With the FFN Hadamard (W2 rotated, its input rotated online) the same holds.
+static void test_gptq_model(uint64_t *rng, int had) {
+    enum { windows = 5 };
+    Config cfg = test_config();
+    Model m, gptq, probe;
+    model_alloc(&m, &cfg, 2);   // 5 windows in batches of 2, 2 and 1
+    model_alloc(&gptq, &cfg, 2);
+    model_alloc(&probe, &cfg, windows);
+    model_init(&m, 11);
+    for (size_t i = 0; i < m.n_params; i++) m.params[i] += 0.05f * rng_normal(rng);
+    if (had) rotate_ffn_down(&m);
+    const FakeQuant online = {QUANT_OFF, QUANT_OFF, had};
+    int calib[windows * 8];
+    for (int i = 0; i < windows * cfg.seq_len; i++) calib[i] = (int)(rng_next(rng) % 300);
+    memcpy(gptq.params, m.params, sizeof(float) * m.n_params);
+    gptq_quantize_model(&gptq, calib, windows, 4, true, had);
+    memcpy(probe.params, m.params, sizeof(float) * m.n_params);
+    quantize_weights(&probe, 4, true);
+    float *rtn = memcpy(xmalloc(sizeof(float) * m.n_params), probe.params, sizeof(float) * m.n_params);
+    const int matrices[7] = {PARAM_ATTN_Q, PARAM_ATTN_K, PARAM_ATTN_V, PARAM_ATTN_OUT, PARAM_FFN_GATE,
+                             PARAM_FFN_UP, PARAM_FFN_DOWN};
+    int N = windows * cfg.seq_len, same = 0, weights = 0;
+    double e_gptq = 0.0, e_rtn = 0.0;
+    double *h = xmalloc(sizeof(double) * (size_t)cfg.ffn_dim * cfg.ffn_dim);
+    float *alone = xmalloc(sizeof(float) * (size_t)cfg.ffn_dim * cfg.ffn_dim);
+    for (int l = 0; l < cfg.n_layers; l++) {
+        memcpy(probe.params, m.params, sizeof(float) * m.n_params);   // layers < l as GPTQ left them
+        for (int j = 0; j < 7; j++)
+            for (int below = 0; below < l; below++)
+                memcpy(param_at(&probe, probe.params, matrices[j], below),
+                       param_at(&gptq, gptq.params, matrices[j], below),
+                       sizeof(float) * (size_t)probe.shape[matrices[j]].rows * probe.shape[matrices[j]].cols);
+        model_forward(&probe, calib, NULL, windows, cfg.seq_len, &online);
+        size_t Nd = (size_t)N * cfg.dim, Nf = (size_t)N * cfg.ffn_dim;
+        const float *inputs[7] = { probe.act.attn_norm + l * Nd, probe.act.attn_norm + l * Nd,
+                                   probe.act.attn_norm + l * Nd, probe.act.attn_out + l * Nd,
+                                   probe.act.ffn_norm + l * Nd,  probe.act.ffn_norm + l * Nd,
+                                   probe.act.ffn_hidden + l * Nf };
+        for (int j = 0; j < 7; j++) {
+            int t = matrices[j], rows = m.shape[t].rows, cols = m.shape[t].cols;
+            const float *w = param_at(&m, m.params, t, l), *x = inputs[j],
+                        *wg = param_at(&gptq, gptq.params, t, l);
+            hessian_reference(h, x, N, cols);
+            memcpy(alone, w, sizeof(float) * (size_t)rows * cols);
+            gptq_quantize(alone, rows, cols, h, 4, true);
+            for (int i = 0; i < rows * cols; i++) same += alone[i] == wg[i];
+            weights += rows * cols;
+            e_gptq += output_error(w, wg, x, rows, cols, N);
+            e_rtn += output_error(w, param_at(&m, rtn, t, l), x, rows, cols, N);
+        }
+    }
+    report(same >= 0.998 * weights && e_gptq < e_rtn,
+           had ? "GPTQ of a model, with the FFN Hadamard" : "GPTQ of a model, layer by layer",
+           "%d of %d weights as each matrix alone (%d layers, calibration in 3 batches); "
+           "output error GPTQ / RTN %.2f", same, weights, cfg.n_layers, e_gptq / e_rtn);
+    free(rtn); free(h); free(alone);
+    model_free(&m); model_free(&gptq); model_free(&probe);
+}
+
+// Logits of a model for fixed inputs, copied out.
+static float *logits_of(Model *m, const int *inputs, int B, int T, const FakeQuant *fq) {
+    model_forward(m, inputs, NULL, B, T, fq);
+    size_t n = (size_t)B * T * m->cfg.vocab_size;
+    float *out = xmalloc(sizeof(float) * n);
+    memcpy(out, m->act.logits, sizeof(float) * n);
+    return out;
+}
+
+// The FFN rotation (W2·Hᵀ offline, H·h online) and the full residual rotation leave the
+// full-precision logits unchanged, for per-channel RMSNorm gains (folded first) and for SSNorm.
+static void test_rotations(uint64_t *rng) {
+    double worst_ffn = 0.0, worst_res = 0.0;
+    for (int ssnorm = 0; ssnorm < 2; ssnorm++) {
+        Config cfg = test_config();
+        cfg.ssnorm = ssnorm;
+        cfg.embproj = ssnorm;
+        Model trained, m;
+        model_alloc(&trained, &cfg, 2);
+        for (size_t i = 0; i < trained.n_params; i++) trained.params[i] = 0.2f * rng_normal(rng);
+        for (int i = 0; i < N_PARAM_TENSORS; i++)
+            if (is_norm_gain(i))
+                for (size_t j = 0; j < param_size(&trained, i); j++)
+                    trained.params[trained.shape[i].offset + j] += 1.0f;
+        model_merge(&m, &trained, 2);
+        int inputs[16];
+        for (int i = 0; i < 16; i++) inputs[i] = (int)(rng_next(rng) % 300);
+        size_t nl = 16 * 300;
+        float *base = logits_of(&m, inputs, 2, 8, NULL);
+        Model work;
+        model_alloc(&work, &m.cfg, 2);
+        memcpy(work.params, m.params, sizeof(float) * m.n_params);
+        rotate_ffn_down(&work);
+        const FakeQuant online = {QUANT_OFF, QUANT_OFF, true};
+        float *ffn = logits_of(&work, inputs, 2, 8, &online);
+        memcpy(work.params, m.params, sizeof(float) * m.n_params);
+        rotate_residual(&work, 77);
+        float *res = logits_of(&work, inputs, 2, 8, NULL);
+        worst_ffn = fmax(worst_ffn, max_rel_diff(base, ffn, nl));
+        worst_res = fmax(worst_res, max_rel_diff(base, res, nl));
+        free(base); free(ffn); free(res);
+        model_free(&trained); model_free(&m); model_free(&work);
+    }
+    report(worst_ffn < 1e-5 && worst_res < 1e-5, "rotations keep full-precision logits",
+           "FFN Hadamard %.1e, residual rotation %.1e (RMSNorm and SSNorm models)", worst_ffn, worst_res);
 }
 
 /* ----------------------------------------------------------------------------
@@ -2904,6 +2572,443 @@ static void test_export_checkpoints(int n, char **paths, uint64_t *rng) {
     tokenizer_free(&tok);
 }
 
+/* ----------------------------------------------------------------------------
+ * The training run and its logs
+ * ------------------------------------------------------------------------- */
+
+// A NaN loss is reported by train_step before any parameter changes.
+static void test_nan_stops(void) {
+    Trainer tr;
+    tiny_trainer(&tr, 0, 5);
+    tr.model.params[tr.model.shape[PARAM_HEAD].offset] = NAN;
+    float *before = xmalloc(sizeof(float) * tr.model.n_params);
+    memcpy(before, tr.model.params, sizeof(float) * tr.model.n_params);
+    float norm, loss = train_step(&tr, &norm);
+    bool unchanged = memcmp(before, tr.model.params, sizeof(float) * tr.model.n_params) == 0 &&
+            tr.state.step == 0;
+    report(isnan(loss) && unchanged, "NaN loss stops the step", "loss %f, parameters %s", loss,
+           unchanged ? "untouched" : "CHANGED");
+    free(before);
+    trainer_free(&tr);
+}
+
+// FLOP count for the test config worked out by hand: matmul weights per layer
+// 256 (q) + 128 (k) + 128 (v) + 256 (o) + 3 x 512 (ffn) = 2304, x 2 layers + 300 x 16 (head)
+// = 9408; 6 x 9408 x 8 tokens = 451584; attention 12 x 2 layers x 4 heads x 4 x 36 pairs = 13824.
+// Newton-Schulz under muon, per iteration 4r²c + 2r³ (r short side, c long side), 5 iterations:
+// q, o (16x16) 24576 each; k, v (8x16) 5120 each; gate, up, down (16 by 32) 40960 each; so
+// 5 x (2 x 24576 + 2 x 5120 + 3 x 40960) = 911360 per layer, 1822720 for 2 layers.
+static void test_flops_and_format(void) {
+    Config cfg = test_config();
+    Model m;
+    model_alloc(&m, &cfg, 1);
+    double flops = model_flops_per_step(&m, 1, 8);
+    OptimConfig o = {.optimizer = OPTIMIZER_MUON, .ns_steps = 5};
+    double ns = newton_schulz_flops(&m, &o);
+    char a[32], b[32];
+    format_duration(245.0, a, sizeof a);
+    format_duration(3725.0, b, sizeof b);
+    bool ok = flops == 465408.0 && ns == 1822720.0 && !strcmp(a, "4m05s") && !strcmp(b, "1h02m");
+    report(ok, "flop counts and duration format",
+           "%.0f FLOP/step (465408), Newton-Schulz %.0f (1822720); 245 s = %s, 3725 s = %s", flops, ns, a, b);
+    model_free(&m);
+}
+
+// The kurtosis CSV: rows written then read back; a resumed run keeps the rows up to its step;
+// a damaged file is refused.
+static void test_kurtosis_log_file(void) {
+    const char *path = temp_path("kurtosis.csv");
+    KurtosisLog log = { .n_states = 3 }, back = { .n_states = 3 }, head = { .n_states = 3 },
+                broken = { .n_states = 3 };
+    double states[3][3] = {{0.1, 0.2, 0.3}, {1.5, 2.5, 3.5}, {10.0, 20.0, 30.0}};
+    for (int r = 0; r < 3; r++) kurtosis_log_add(&log, 50 * r, 2.0 + r, 1.0 + r, 100.0 * r, states[r]);
+    bool saved = kurtosis_log_save(&log, path, 2048);
+    bool loaded = kurtosis_log_load(&back, path, INT_MAX) && kurtosis_log_load(&head, path, 99);
+    bool same = loaded && back.n == 3 && head.n == 2 && head.step[1] == 50;
+    for (int i = 0; same && i < 3 * kurtosis_log_cols(&log); i++)
+        same = fabs(back.values[i] - log.values[i]) <= 1e-5 * fabs(log.values[i]);
+    size_t size;
+    unsigned char *bytes = read_file(path, &size);
+    FILE *f = fopen(path, "wb");
+    fwrite(bytes, 1, size - 4, f);   // cut the last row short
+    fclose(f);
+    bool refused = !kurtosis_log_load(&broken, path, INT_MAX) && strstr(osp_error, "line 4");
+    report(saved && same && refused, "kurtosis CSV: round trip, resume, damage",
+           "3 rows back %s, 2 kept up to step 99; cut file %s", same ? "equal" : "DIFFER",
+           refused ? osp_error : "ACCEPTED");
+    free(bytes);
+    remove(path);
+    kurtosis_log_free(&log); kurtosis_log_free(&back); kurtosis_log_free(&head); kurtosis_log_free(&broken);
+}
+
+// An interruption of train_run, simulated by copying its files as they were at step 8 (the
+// checkpoint is from step 4, the CSV already has step 6): resuming from those copies writes
+// the same kurtosis CSV and ends in the same parameters as the uninterrupted run.
+typedef struct { const char *files[2], *copies[2]; int at_step; } Snapshot;
+
+static void snapshot_files(void *ctx, const TrainState *s, float loss, double seconds_per_step) {
+    (void)loss; (void)seconds_per_step;
+    Snapshot *snap = ctx;
+    if (s->step != snap->at_step) return;
+    for (int i = 0; i < 2; i++) {
+        size_t size;
+        unsigned char *bytes = read_file(snap->files[i], &size);
+        FILE *f = fopen(snap->copies[i], "wb");
+        fwrite(bytes, 1, size, f);
+        fclose(f);
+        free(bytes);
+    }
+}
+
+static void test_train_run_resume(void) {
+    const char *ckpt = temp_path("run.ckpt"), *csv = temp_path("run.csv"),
+               *ckpt_copy = temp_path("run_copy.ckpt"), *csv_copy = temp_path("run_copy.csv");
+    Snapshot snap = {{ckpt, csv}, {ckpt_copy, csv_copy}, 8};
+    Trainer full, resumed = {0};
+    tiny_trainer(&full, 5, 17);
+    full.state.opt.steps = 10;
+    full.val = full.train;
+    FILE *log = tmpfile();
+    RunOptions ro = { .out = ckpt,
+                      .eval_every = 4,
+                      .val_windows = 2,
+                      .log_every = 2,
+                      .kurtosis_every = 2,
+                      .kurtosis_csv = csv,
+                      .log = log,
+                      .on_log = snapshot_files,
+                      .ctx = &snap };
+    RunResult res;
+    bool ran = train_run(&full, &ro, &res);
+    bool loaded = trainer_resume(&resumed, ckpt_copy);
+    int resumed_at = loaded ? resumed.state.step : -1;
+    bool from_4 = resumed_at == 4;
+    RunOptions ro2 = ro;
+    ro2.out = ckpt_copy;
+    ro2.kurtosis_csv = csv_copy;
+    ro2.on_log = NULL;
+    bool reran = false;
+    if (loaded) {
+        resumed.train = resumed.val = full.train;
+        reran = train_run(&resumed, &ro2, &res);
+    }
+    size_t n1 = 0, n2 = 0;
+    unsigned char *a = read_file(csv, &n1), *b = read_file(csv_copy, &n2);
+    bool csv_same = a && b && n1 == n2 && !memcmp(a, b, n1);
+    bool params_same = reran &&
+            !memcmp(full.model.params, resumed.model.params, sizeof(float) * full.model.n_params);
+    int rows = 0;
+    for (size_t i = 0; a && i < n1; i++) rows += a[i] == '\n';
+    report(ran && from_4 && csv_same && params_same && rows == 7, "train_run: resume keeps the kurtosis CSV",
+           "resumed at step %d; CSV %s (%d rows: steps 0-10 by 2); parameters %s", resumed_at,
+           csv_same ? "identical" : "DIFFERS", rows - 1, params_same ? "bit-identical" : "DIFFER");
+    free(a); free(b);
+    fclose(log);
+    remove(ckpt); remove(csv); remove(ckpt_copy); remove(csv_copy);
+    trainer_free(&full);
+    if (loaded) trainer_free(&resumed);
+}
+
+/* ----------------------------------------------------------------------------
+ * Sampling
+ * ------------------------------------------------------------------------- */
+
+static void test_sampling(uint64_t *rng) {
+    float logits[6] = {0.1f, 2.0f, -1.0f, 1.9f, 0.0f, -3.0f};
+    ProbId scratch[6];
+    bool greedy = sample_token(logits, 6, 0.0f, 1.0f, rng, scratch) == 1;
+    bool nucleus = true;
+    int counts[6] = {0};
+    for (int i = 0; i < 2000; i++) {
+        int id = sample_token(logits, 6, 1.0f, 0.5f, rng, scratch);   // top two hold > 50%
+        counts[id]++;
+        nucleus = nucleus && (id == 1 || id == 3);
+    }
+    report(greedy && nucleus && counts[1] > counts[3], "sampling: greedy and top-p",
+           "top-p 0.5 drew tokens 1 and 3 only (%d, %d)", counts[1], counts[3]);
+}
+
+// Generation writes the prompt then n tokens' text, and the same seed gives the same text.
+static void test_generate(void) {
+    Tokenizer t;
+    tokenizer_train(&t, (const unsigned char *)sample_text, strlen(sample_text), 320);
+    Config cfg = test_config();
+    cfg.vocab_size = t.vocab_size;
+    Model m;
+    model_alloc(&m, &cfg, 1);
+    model_init(&m, 4);
+    char out[2][4096];
+    for (int run = 0; run < 2; run++) {
+        FILE *f = tmpfile();
+        generate(&m, &t, "First", 20, 1.0f, 0.9f, 42, f);   // 20 > seq_len 8: the window slides
+        rewind(f);
+        size_t n = fread(out[run], 1, sizeof out[run] - 1, f);
+        out[run][n] = 0;
+        fclose(f);
+    }
+    bool ok = !strncmp(out[0], "First", 5) && !strcmp(out[0], out[1]) && strlen(out[0]) > 6;
+    report(ok, "generate: prompt, sliding window, seeded", "%zu bytes, identical for the same seed",
+           strlen(out[0]));
+    model_free(&m);
+    tokenizer_free(&t);
+}
+
+/* ----------------------------------------------------------------------------
+ * Ablation results (CSV)
+ * ------------------------------------------------------------------------- */
+
+// results.csv: an evaluated run and one not yet trained (NaN values) come back as written, with
+// kurtosis_paper and top_channel_share in their columns; a file with other columns is refused.
+static void test_ablation_results_file(void) {
+    const char *path = temp_path("results.csv");
+    AblationRun runs[2], back[2];
+    double *v[ABLATION_VALUES], *w[ABLATION_VALUES];
+    for (int i = 0; i < 2; i++) {
+        runs[i] = (AblationRun){.preset = 5 * i, .seed = 1337};
+        back[i] = (AblationRun){.preset = 5 * i, .seed = 1337};
+        ablation_values(&runs[i], v);
+        for (int k = 0; k < ABLATION_VALUES; k++) *v[k] = i == 0 ? 1.5 + k : NAN;
+    }
+    runs[0].evaluated = true;
+    bool saved = ablation_save_results(path, runs, 2), loaded = ablation_load_results(path, back, 2);
+    bool same = loaded && back[0].evaluated && !back[1].evaluated &&
+                back[0].kurtosis_paper == runs[0].kurtosis_paper &&
+                back[0].top_channel == runs[0].top_channel;
+    ablation_values(&back[0], w);
+    ablation_values(&runs[0], v);
+    for (int k = 0; same && k < ABLATION_VALUES; k++) same = *w[k] == *v[k];
+    char *text, **lines;
+    int n_lines;
+    bool header = read_lines(path, &text, &lines, &n_lines) && n_lines == 3 &&
+                  strstr(lines[0], ",kurtosis,kurtosis_paper,top_channel_share,") != NULL;
+    if (header) { free(lines); free(text); }
+    FILE *f = fopen(path, "w");
+    if (f) { fputs("preset,seed,diverged_step,tokens_per_s,kurtosis\nadam,1337,0,1,2\n", f); fclose(f); }
+    bool refused = !ablation_load_results(path, back, 2) && strstr(osp_error, "other columns");
+    report(saved && same && header && refused, "results.csv: round trip, columns, old file",
+           "evaluated run back %s, unknown run stays unknown; header %s; old columns %s",
+           same ? "equal" : "DIFFERENT", header ? "has kurtosis_paper" : "WRONG",
+           refused ? "refused" : "ACCEPTED");
+    remove(path);
+}
+
+// results.csv's diverged_step and a kurtosis CSV's step are integers in range.
+static void test_results_integers(void) {
+    const char *path = temp_path("ints_results.csv");
+    AblationRun runs[1] = {{.preset = 0, .seed = 1}};
+    ablation_save_results(path, runs, 1);
+    size_t size;
+    unsigned char *bytes = read_file(path, &size);
+    char *text = xrealloc(bytes, size + 1);
+    text[size] = '\0';
+    char *row = strchr(text, '\n') + 1, *field = strchr(strchr(row, ',') + 1, ',') + 1;   // diverged_step
+    const char *values[3] = {"1e300", "nan", "-3"};
+    int refused = 0;
+    for (int k = 0; k < 3; k++) {
+        FILE *f = fopen(path, "wb");
+        fwrite(text, 1, (size_t)(field - text), f);
+        fputs(values[k], f);
+        fputs(strchr(field, ','), f);
+        fclose(f);
+        AblationRun back[1] = {{.preset = 0, .seed = 1}};
+        refused += !ablation_load_results(path, back, 1) && strstr(osp_error, "not a results row");
+    }
+    // and a kurtosis CSV's step: a negative one or one beyond int
+    const char *kpath = temp_path("ints_kurtosis.csv");
+    const char *rows[2] = {"-3,0,1,1,1,1,1,1,1\n", "99999999999,0,1,1,1,1,1,1,1\n"};
+    int krefused = 0;
+    for (int k = 0; k < 2; k++) {
+        FILE *f = fopen(kpath, "wb");
+        fprintf(f, "step,tokens,kurtosis_paper,kurtosis,max_abs,s0,s1,s2,s3\n%s", rows[k]);
+        fclose(f);
+        KurtosisLog l = {.n_states = 4};
+        krefused += !kurtosis_log_load(&l, kpath, 1000);
+        kurtosis_log_free(&l);
+    }
+    report(refused == 3 && krefused == 2, "CSV integers: range-checked integers",
+           "results.csv diverged_step: %d of 3 refused (1e300, nan, -3); kurtosis step: %d of 2 (-3, 1e11)",
+           refused, krefused);
+    free(text);
+}
+
+/* ----------------------------------------------------------------------------
+ * Plots (SVG)
+ * ------------------------------------------------------------------------- */
+
+// The SVG plot: one polyline per line, every point inside the frame, y on a log scale whose
+// decades fall on the gridlines (data from 0.01 to 100: 4 decades over the 370-pixel frame).
+static void test_svg_plot(void) {
+    const char *path = temp_path("plot.svg");
+    double x[4] = {0.0, 1.0, 2.0, 3.0}, y1[4] = {0.01, 0.1, 1.0, 100.0}, y2[4] = {0.0, 0.05, 0.05, 0.05};
+    PlotLine lines[2] = {{"rising", 4, x, y1}, {"flat", 4, x, y2}};
+    bool written = write_svg_plot(path, "t", "x", "y", lines, 2, 0.01);
+    size_t size = 0;
+    char *svg = written ? (char *)read_file(path, &size) : NULL;
+    bool ok = svg != NULL;
+    int polylines = 0, points = 0;
+    bool inside = true, decade = false, floor_ok = false;
+    if (ok) {
+        svg = realloc(svg, size + 1);
+        svg[size] = '\0';
+        ok = !strncmp(svg, "<svg", 4) && strstr(svg, "</svg>\n") == svg + size - 7 &&
+                strstr(svg, ">rising<") && strstr(svg, ">flat<");
+        for (char *p = strstr(svg, "points=\""); p; p = strstr(p, "points=\"")) {
+            polylines++;
+            p += 8;
+            for (int i = 0; i < 4; i++) {
+                double px = strtod(p, &p), py = strtod(p + 1, &p);
+                points++;
+                inside = inside && px >= 80.0 && px <= 570.0 && py >= 50.0 && py <= 420.0;
+                if (polylines == 1 && i == 2) decade = fabs(py - 235.0) < 0.06;   // y = 1: halfway up
+                if (polylines == 2 && i == 0) floor_ok = fabs(py - 420.0) < 0.06; // 0 drawn at the floor 0.01
+            }
+        }
+    }
+    report(ok && polylines == 2 && points == 8 && inside && decade && floor_ok,
+           "SVG plot: lines, frame, log scale",
+           "%d polylines, %d points %s; y = 1 on its gridline: %s; y = 0 at the floor: %s", polylines, points,
+           inside ? "inside the frame" : "OUTSIDE", decade ? "yes" : "NO", floor_ok ? "yes" : "NO");
+    free(svg);
+    remove(path);
+}
+
+// The activation picture: a bar per channel at the chosen state and a cell per channel and
+// state, in each panel's frame, on one scale for all panels. Linear: the largest bar (100)
+// fills the frame and 50 fills half; log (decades 1..100): 10 is halfway. Cells: the largest
+// value darkest, the smallest lightest.
+static void test_svg_channels(void) {
+    enum { states = 3, dim = 8 };
+    const char *path = temp_path("channels.svg");
+    double a[states * dim], b[states * dim];
+    for (int i = 0; i < states * dim; i++) a[i] = b[i] = 1.0 + i % 3;
+    a[1 * dim + 5] = 100.0;   // an outlier channel at state 1 of the first panel
+    b[1 * dim + 2] = 50.0;
+    b[1 * dim + 3] = 10.0;
+    a[2 * dim + 7] = 1000.0;   // at another state: sets the strips' scale, not the bars'
+    ChannelPanel panels[2] = {{"a", states, dim, a}, {"b", states, dim, b}};
+    bool ok = true, inside = true, linear = false, half = false, log_half = false, dark = false,
+         light = false;
+    int bars = 0, cells = 0;
+    for (int log_scale = 0; log_scale < 2; log_scale++) {
+        ok = ok && write_svg_channels(path, "t", panels, 2, 1, log_scale);
+        size_t size = 0;
+        char *svg = ok ? (char *)read_file(path, &size) : NULL;
+        if (!svg) { ok = false; break; }
+        svg = realloc(svg, size + 1);
+        svg[size] = '\0';
+        ok = ok && !strncmp(svg, "<svg", 4) && strstr(svg, "</svg>\n") == svg + size - 7;
+        for (char *p = strstr(svg, "class=\""); p; p = strstr(p + 1, "class=\"")) {
+            bool bar = !strncmp(p, "class=\"bar\"", 11);
+            double x, y, w, h;
+            char *q = strstr(p, "x=\"");
+            x = strtod(q + 3, NULL);
+            y = strtod(strstr(q, "y=\"") + 3, NULL);
+            w = strtod(strstr(q, "width=\"") + 7, NULL);
+            h = strtod(strstr(q, "height=\"") + 8, NULL);
+            int panel = x >= CH_LEFT + CH_PANEL_W ? 1 : 0,
+                channel = (int)((x - CH_LEFT - panel * CH_PANEL_W) / w + 0.5);
+            double left = CH_LEFT + panel * CH_PANEL_W;
+            inside = inside && x >= left - 1e-6 && x + w <= left + CH_FRAME_W + 0.01;
+            if (bar) {
+                bars++;
+                inside = inside && y >= CH_TOP - 0.01 && y + h <= CH_TOP + CH_FRAME_H + 0.01;
+                if (!log_scale && panel == 0 && channel == 5) linear = fabs(h - CH_FRAME_H) < 0.01;
+                if (!log_scale && panel == 1 && channel == 2) half = fabs(h - CH_FRAME_H / 2.0) < 0.01;
+                if (log_scale && panel == 1 && channel == 3) log_half = fabs(h - CH_FRAME_H / 2.0) < 0.01;
+            } else {
+                cells++;
+                if (panel == 0 && channel == 7 && y > CH_TOP + CH_FRAME_H + 2 * CH_STRIP_H)
+                    dark = strstr(p, "fill=\"#800026\"") && strstr(p, "fill=\"#800026\"") < strstr(p, "/>");
+                if (panel == 0 && channel == 0 && y < CH_TOP + CH_FRAME_H + 62 + CH_STRIP_H)
+                    light = strstr(p, "fill=\"#ffffcc\"") && strstr(p, "fill=\"#ffffcc\"") < strstr(p, "/>");
+            }
+        }
+        free(svg);
+    }
+    report(ok && bars == 2 * 2 * dim && cells == 2 * 2 * states * dim && inside && linear && half &&
+                   log_half && dark && light,
+           "SVG activations: bars, strips, one scale",
+           "%d bars, %d cells %s; largest bar fills the frame %s, 50 half %s, log 10 half %s; colours %s",
+           bars, cells, inside ? "inside the frames" : "OUTSIDE", linear ? "yes" : "NO", half ? "yes" : "NO",
+           log_half ? "yes" : "NO", dark && light ? "dark..light" : "WRONG");
+    remove(path);
+}
+
+/* ----------------------------------------------------------------------------
+ * Commands, run as a user runs them
+ * ------------------------------------------------------------------------- */
+
+// Runs the command line `cmd` (through the shell, in the temporary directory) and returns its
+// exit status; its output goes to out [size].
+static int run_command(const char *cmd, char *out, size_t size) {
+    char line[PATH_MAX + 1200];
+    snprintf(line, sizeof line, "cd '%s' && %.900s 2>&1", temp_dir, cmd);
+    FILE *p = popen(line, "r");
+    size_t n = p ? fread(out, 1, size - 1, p) : 0;
+    out[n] = '\0';
+    int status = p ? pclose(p) : -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+// The commands, run as a user runs them (./osp, built by make test): each refuses an output
+// that is one of its inputs, however spelled, leaving the input as it was; a failed prepare
+// leaves no train split; a vocab mismatch names the file that does not match.
+static void test_commands(void) {
+    char osp[PATH_MAX], out[4096];
+    if (!realpath("osp", osp)) {
+        report(false, "commands: bad outputs refused", "no ./osp (make builds it)");
+        return;
+    }
+    Trainer tr;
+    tiny_trainer(&tr, 0, 3);
+    checkpoint_save(temp_path("cmd.ckpt"), &tr.state, &tr.model, tr.opt_state);
+    trainer_free(&tr);
+    Tokenizer tok;
+    tokenizer_load(&tok, "tokenizer.bin");
+    tokenizer_save(&tok, temp_path("cmd_tok.bin"));
+    int ids[400];
+    for (int i = 0; i < 400; i++) ids[i] = i % 300;
+    tokens_save(temp_path("cmd_train.bin"), ids, 400, tok.vocab_size);
+    tokens_save(temp_path("cmd_val300.bin"), ids, 400, 300);
+    FILE *f = fopen(temp_path("cmd.txt"), "wb");
+    fputs("some text to read, some text to read, some text to read\n", f);
+    fclose(f);
+    tokenizer_free(&tok);
+    const struct { const char *args, *expect, *kept;
+    } cases[] = {
+        { "merge cmd.ckpt ./cmd.ckpt", "same file", "cmd.ckpt" },
+        { "export cmd.ckpt --gguf ../%s/cmd.ckpt", "same file", "cmd.ckpt" },
+        { "prepare --input cmd.txt --tokenizer cmd_tok.bin --train cmd.txt", "same file", "cmd.txt" },
+        { "tokenizer --input cmd.txt --out ./cmd.txt", "same file", "cmd.txt" },
+        { "train --out cmd_train.bin --train cmd_train.bin", "same file", "cmd_train.bin" },
+        { "train --out cmd_tok.bin --tokenizer cmd_tok.bin", "same file", "cmd_tok.bin" },
+        { "train --kurtosis-every 1 --kurtosis-csv k.ckpt --out ./k.ckpt", "same file", NULL },
+        { "prepare --input cmd.txt --tokenizer cmd_tok.bin --train split_train.bin --val no/dir/v.bin",
+          "cannot create", NULL },
+        { "train --tokenizer cmd_tok.bin --train cmd_train.bin --val cmd_val300.bin --steps 1",
+          "cmd_val300.bin", NULL },
+    };
+    int passed = 0, n = (int)(sizeof cases / sizeof cases[0]);
+    char detail[400] = "";
+    for (int i = 0; i < n; i++) {
+        char args[512], cmd[PATH_MAX + 600];
+        snprintf(args, sizeof args, cases[i].args, strrchr(temp_dir, '/') + 1);
+        snprintf(cmd, sizeof cmd, "'%s' %s", osp, args);
+        size_t before_size = 0, after_size = 0;
+        unsigned char *before = cases[i].kept ? read_file(temp_path(cases[i].kept), &before_size) : NULL;
+        int status = run_command(cmd, out, sizeof out);
+        unsigned char *after = cases[i].kept ? read_file(temp_path(cases[i].kept), &after_size) : NULL;
+        bool kept = !cases[i].kept || (before && after && before_size == after_size && before_size > 0 &&
+                                       !memcmp(before, after, before_size));
+        free(before); free(after);
+        bool split_left = i == 7 && file_exists(temp_path("split_train.bin"));
+        if (status != 0 && status != -1 && strstr(out, cases[i].expect) && kept && !split_left) passed++;
+        else if (!detail[0]) snprintf(detail, sizeof detail, "'%.120s': exit %d, %.150s", args, status, out);
+    }
+    report(passed == n, "commands: bad outputs refused", "%d of %d cases%s%s", passed, n,
+           detail[0] ? "; " : "", detail);
+}
+
 // Every test, in the order of this file.
 static void run_all(uint64_t *rng) {
     double t0 = now_seconds();
@@ -2911,64 +3016,65 @@ static void run_all(uint64_t *rng) {
     test_grad_rmsnorm("grad rmsnorm", 1, rng);
     test_grad_rmsnorm("grad ssnorm (single scale)", 0, rng);
     test_grad_matmul(rng);
-    test_matmul_fast_vs_reference(rng);
-    test_matmul_batched_vs_reference(rng);
     test_grad_rope(rng);
     test_rope_layout();
     test_grad_attention(rng);
     test_attention_causal(rng);
-    test_attention_fast_vs_reference(rng);
     test_grad_swiglu(rng);
     test_grad_residual(rng);
     test_grad_crossentropy(rng);
+    test_quantizers(rng);
+    test_clip_search(rng);
+    test_hadamard(rng);
     for (int p = 0; p < N_PRESETS; p++) test_grad_model(&presets[p], rng);
+    test_adamw();
+    test_newton_schulz_band(rng);
+    test_newton_schulz_tall(rng);
+    test_muon_step(rng);
+    test_optimizer_state_size();
+    test_schedule_and_clip();
+    test_merge_invariance(rng);
+    test_kurtosis(rng);
+    test_kurtosis_report(rng);
+    test_kurtosis_paper_states();
+    test_kurtosis_each_token_alone(rng);
+    test_sixteen_bits_exact(rng);
+    test_evaluate_loss(rng);
+    test_data_batches();
+    for (int p = 0; p < N_PRESETS; p++) test_training_deterministic(p);
+    test_seed_sets_batches();
+    test_matmul_fast_vs_reference(rng);
+    test_thread_products(rng);
+    test_matmul_batched_vs_reference(rng);
+    test_attention_fast_vs_reference(rng);
     test_tokenizer_round_trip(rng);
     test_tokenizer_matches_reference(rng);
     test_tokenizer_merge_order();
     test_tokenizer_file();
     if (!quick) test_tokenizer_reproducible();
-    test_adamw();
-    test_schedule_and_clip();
-    test_newton_schulz_band(rng);
-    test_newton_schulz_tall(rng);
-    test_muon_step(rng);
-    test_optimizer_state_size();
-    test_merge_invariance(rng);
-    test_kurtosis(rng);
-    test_quantizers(rng);
-    test_cholesky_inverse(rng);
-    test_gptq(rng);
-    test_gptq_model(rng, 0);
-    test_gptq_model(rng, 1);
-    test_clip_search(rng);
-    test_hadamard(rng);
-    test_rotations(rng);
-    test_kurtosis_report(rng);
-    test_kurtosis_paper_states();
-    test_kurtosis_each_token_alone(rng);
-    test_sixteen_bits_exact(rng);
-    test_data_batches();
-    for (int p = 0; p < N_PRESETS; p++) test_training_deterministic(p);
     for (int p = 0; p < N_PRESETS; p++) test_checkpoint_resume(p);
     test_bad_files();
     test_checkpoint_header_checks();
     test_same_files();
     test_loader_corpus(rng);
-    test_commands();
-    test_results_integers();
-    test_nan_stops();
-    test_sampling(rng);
-    test_evaluate_loss(rng);
-    test_flops_and_format();
-    test_generate();
-    test_seed_sets_batches();
-    test_ablation_results_file();
-    test_kurtosis_log_file();
-    test_train_run_resume();
-    test_svg_plot();
-    test_svg_channels();
+    test_cholesky_inverse(rng);
+    test_gptq(rng);
+    test_gptq_model(rng, 0);
+    test_gptq_model(rng, 1);
+    test_rotations(rng);
     test_float_to_half(rng);
     test_export(rng);
+    test_nan_stops();
+    test_flops_and_format();
+    test_kurtosis_log_file();
+    test_train_run_resume();
+    test_sampling(rng);
+    test_generate();
+    test_ablation_results_file();
+    test_results_integers();
+    test_svg_plot();
+    test_svg_channels();
+    test_commands();
     printf("(%.1f s)\n", now_seconds() - t0);
 }
 
