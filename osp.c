@@ -543,40 +543,92 @@ static void quantize_asymmetric(float *x, size_t n, int group, int bits) {
     }
 }
 
-// Normalised Walsh-Hadamard transform in place of each of the `rows` vectors x [rows, n]
-// (n a power of two): x = H·x with H = H_n / sqrt(n), H_n the Sylvester Hadamard matrix
-// (H_1 = [1], H_2k = [[H_k, H_k], [H_k, -H_k]]). H is symmetric and orthogonal: H·Hᵀ = I.
-// The fast butterfly takes n·log2(n) additions; hadamard_matrix below is the plain reference.
+static bool is_power_of_two(int n) { return n > 0 && (n & (n - 1)) == 0; }
+
+// For a Hadamard matrix of order n = m·2^k: m = 1 when n is a power of two, else the smallest
+// m = q + 1 with q a prime ≡ 3 (mod 4), for which Paley's construction gives one (as QuaRot
+// uses orders 12·2^k, 20·2^k, ...: 12 = 11 + 1, 20 = 19 + 1), up to 64; 0 if there is none.
+#define HADAMARD_FACTOR_MAX 64
+static int hadamard_factor(int n) {
+    if (is_power_of_two(n)) return 1;
+    for (int m = 4; m <= n && m <= HADAMARD_FACTOR_MAX; m += 4) {
+        int q = m - 1, prime = 1;
+        for (int f = 3; f * f <= q && prime; f += 2) prime = q % f != 0;
+        if (prime && n % m == 0 && is_power_of_two(n / m)) return m;
+    }
+    return 0;
+}
+
+// Paley's Hadamard matrix h [m, m] of ±1 (m = q + 1, q a prime ≡ 3 mod 4): I + S with
+// S = [[0, 1ᵀ], [-1, Q]] and Q[i][j] = χ(j - i), χ the quadratic character mod q (1 for a
+// nonzero square, -1 for a non-square, 0 for 0). Then H·Hᵀ = m·I.
+static void paley_matrix(float *h, int m) {
+    int q = m - 1;
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < m; j++) {
+            float v = i == j || i == 0 ? 1.0f : -1.0f;   // I + S on the diagonal, row 0, column 0
+            if (i > 0 && j > 0 && i != j) {
+                int r = ((j - i) % q + q) % q;
+                bool square = false;
+                for (int x = 1; x < q && !square; x++) square = x * x % q == r;
+                v = square ? 1.0f : -1.0f;
+            }
+            h[i * m + j] = v;
+        }
+}
+
+// Normalised Hadamard transform in place of each of the `rows` vectors x [rows, n]: x = H·x
+// with H = (P_m ⊗ W_p) / sqrt(n), n = m·p, m = hadamard_factor(n) (which must not be 0), P_m
+// Paley's matrix (P_1 = [1]) and W_p the Sylvester matrix of order p = 2^k (W_1 = [1],
+// W_2k = [[W_k, W_k], [W_k, -W_k]]). H is orthogonal, H·Hᵀ = I, and symmetric when n is a power
+// of two. Seeing x as [m][p]: the butterfly on each row of p (p·log2(p) additions), then P_m
+// on each column. hadamard_matrix below is the plain reference.
 static void hadamard_transform(float *x, size_t rows, int n) {
-    float norm = 1.0f / sqrtf((float)n);
+    int m = hadamard_factor(n), p = n / m;
+    float norm = 1.0f / sqrtf((float)n), paley[HADAMARD_FACTOR_MAX * HADAMARD_FACTOR_MAX];
+    if (m == 0) die("internal: no Hadamard transform of order %d", n);
+    if (m > 1) paley_matrix(paley, m);
 #pragma omp parallel for schedule(static)
     for (size_t r = 0; r < rows; r++) {
         float *v = x + r * (size_t)n;
-        for (int len = 1; len < n; len <<= 1)
-            for (int i = 0; i < n; i += 2 * len)
-                for (int j = i; j < i + len; j++) {
-                    float a = v[j], b = v[j + len];
-                    v[j] = a + b;
-                    v[j + len] = a - b;
-                }
+        for (int seg = 0; seg < m; seg++)
+            for (int len = 1; len < p; len <<= 1)
+                for (int i = seg * p; i < (seg + 1) * p; i += 2 * len)
+                    for (int j = i; j < i + len; j++) {
+                        float a = v[j], b = v[j + len];
+                        v[j] = a + b;
+                        v[j + len] = a - b;
+                    }
+        for (int b = 0; m > 1 && b < p; b++) {
+            float col[HADAMARD_FACTOR_MAX];
+            for (int a = 0; a < m; a++) col[a] = v[a * p + b];
+            for (int a = 0; a < m; a++) {
+                float sum = 0.0f;
+                for (int c = 0; c < m; c++) sum += paley[a * m + c] * col[c];
+                v[a * p + b] = sum;
+            }
+        }
         for (int i = 0; i < n; i++) v[i] *= norm;
     }
 }
 
-// The normalised Hadamard matrix h [n, n] written out: H[i][j] = (-1)^popcount(i & j) / sqrt(n).
-// The plain reference for hadamard_transform (test_osp.c compares the two); not static, so
-// that a build without the tests does not warn that nothing calls it.
+// The normalised Hadamard matrix h [n, n] written out: H[i][j] = P_m[i/p][j/p]·W_p[i%p][j%p] /
+// sqrt(n), with W_p[i][j] = (-1)^popcount(i & j). The plain reference for hadamard_transform
+// (test_osp.c compares the two); not static, so that a build without the tests does not warn
+// that nothing calls it.
 void hadamard_matrix(float *h, int n);
 void hadamard_matrix(float *h, int n) {
+    int m = hadamard_factor(n), p = n / m;
+    float *paley = xmalloc(sizeof(float) * (size_t)m * m);
+    paley_matrix(paley, m);
     for (int i = 0; i < n; i++)
         for (int j = 0; j < n; j++) {
-            int bits = i & j, parity = 0;
+            int bits = (i % p) & (j % p), parity = 0;
             while (bits) { parity ^= bits & 1; bits >>= 1; }
-            h[(size_t)i * n + j] = (parity ? -1.0f : 1.0f) / sqrtf((float)n);
+            h[(size_t)i * n + j] = paley[i / p * m + j / p] * (parity ? -1.0f : 1.0f) / sqrtf((float)n);
         }
+    free(paley);
 }
-
-static bool is_power_of_two(int n) { return n > 0 && (n & (n - 1)) == 0; }
 
 // The fake quantization of the activations inside the forward pass (the weights are quantized
 // offline, before it). QUANT_OFF bits = full precision.
@@ -1297,6 +1349,10 @@ enum { STATES_ALL, STATES_PAPER };
 // state's energy (sum over tokens of x²) that its largest channel carries. A channel that is
 // large in every token (what breaks per-token 4-bit activations) gives a large share; Gaussian
 // channels give about 1/d; a few massive tokens raise the kurtosis but hardly the share.
+// In context, two views of the attention sink (a first token that every later one attends to,
+// carrying massive activations): the first token's peak |x| against the median token's peak,
+// per state, and per layer the attention that positions 1..T-1 pay to position 0 (uniform
+// attention pays it 1/(t+1) at position t: about 0.04 at T = 128).
 typedef struct {
     int n_states, dim, which;   // which: STATES_ALL or STATES_PAPER, for the means
     double *kurtosis;           // [n_states] sums over tokens, means after kurtosis_finish
@@ -1304,6 +1360,11 @@ typedef struct {
     double *channel_max;        // [n_states][dim] largest |x| per channel
     double *energy;             // [n_states][dim] sum over tokens of x² per channel
     double *top_channel;        // [n_states] largest channel's share of energy, after kurtosis_finish
+    double *first_peak;         // [n_states] largest |x| at position 0
+    float *peaks;               // [tokens][n_states] each token's largest |x|
+    double *median_peak;        // [n_states] the median of peaks, after kurtosis_finish
+    double *sink;               // [n_states - 2 = L] attention on position 0 from later positions:
+    long sink_rows;             //   sums over sink_rows (batch, head, position) rows, then means
     double mean, top_channel_mean;   // means over the states counted by `which`
     long tokens;
 } KurtosisReport;
@@ -1317,18 +1378,25 @@ static void kurtosis_init(KurtosisReport *r, int n_layers, int dim, int which) {
     r->channel_max = xcalloc((size_t)r->n_states * dim, sizeof(double));
     r->energy = xcalloc((size_t)r->n_states * dim, sizeof(double));
     r->top_channel = xcalloc((size_t)r->n_states, sizeof(double));
+    r->first_peak = xcalloc((size_t)r->n_states, sizeof(double));
+    r->peaks = NULL;
+    r->median_peak = xcalloc((size_t)r->n_states, sizeof(double));
+    r->sink = xcalloc((size_t)n_layers, sizeof(double));
+    r->sink_rows = 0;
     r->mean = r->top_channel_mean = 0.0;
     r->tokens = 0;
 }
 
 static void kurtosis_free(KurtosisReport *r) {
     free(r->kurtosis); free(r->max_abs); free(r->channel_max); free(r->energy); free(r->top_channel);
+    free(r->first_peak); free(r->peaks); free(r->median_peak); free(r->sink);
 }
 
-// Adds the hidden states of the model's last forward pass to the sums.
+// Adds the hidden states of the model's last forward pass, and its attention, to the sums.
 static void kurtosis_accumulate(KurtosisReport *r, const Model *m) {
-    int N = m->B * m->T, d = m->cfg.dim;
+    int N = m->B * m->T, T = m->T, d = m->cfg.dim, H = m->cfg.n_heads, L = m->cfg.n_layers;
     size_t Nd = (size_t)N * d;
+    r->peaks = xrealloc(r->peaks, sizeof(float) * (size_t)(r->tokens + N) * r->n_states);
     for (int s = 0; s < r->n_states; s++) {
         const float *h = s < r->n_states - 1 ? m->act.x + s * Nd : m->act.final_norm;
         double sum = 0.0, *energy = r->energy + (size_t)s * d, *channel_max = r->channel_max + (size_t)s * d;
@@ -1341,9 +1409,24 @@ static void kurtosis_accumulate(KurtosisReport *r, const Model *m) {
                 energy[i] += x * x;
                 channel_max[i] = fmax(channel_max[i], fabs(x));
             }
+        for (int n = 0; n < N; n++) {
+            float peak = 0.0f;
+            for (int i = 0; i < d; i++) peak = max_float(peak, fabsf(h[(size_t)n * d + i]));
+            r->peaks[(size_t)(r->tokens + n) * r->n_states + s] = peak;
+            if (n % T == 0) r->first_peak[s] = fmax(r->first_peak[s], peak);
+        }
         r->kurtosis[s] += sum;
     }
+    for (int l = 0; l < L; l++)   // att [L, B, H, T, T]: row t of one head is att[((l·B + b)·H + h)·T + t]
+        for (size_t row = (size_t)l * m->B * H; row < (size_t)(l + 1) * m->B * H; row++)
+            for (int t = 1; t < T; t++) r->sink[l] += m->act.att[(row * T + t) * T];
+    r->sink_rows += (long)m->B * H * (T - 1);
     r->tokens += N;
+}
+
+static int compare_floats(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
 }
 
 // Whether state s counts in the report's means: all of them, or all but block L's raw output.
@@ -1365,6 +1448,13 @@ static void kurtosis_finish(KurtosisReport *r) {
         }
         r->kurtosis[s] /= (double)(r->tokens ? r->tokens : 1);
         r->top_channel[s] = total > 0.0 ? top / total : 0.0;
+        float *column = xmalloc(sizeof(float) * (size_t)(r->tokens ? r->tokens : 1));
+        for (long n = 0; n < r->tokens; n++) column[n] = r->peaks[(size_t)n * r->n_states + s];
+        qsort(column, (size_t)r->tokens, sizeof(float), compare_floats);
+        long half = r->tokens / 2;
+        r->median_peak[s] = r->tokens == 0 ? 0.0 : r->tokens % 2 ? column[half]
+                                                 : 0.5 * ((double)column[half - 1] + column[half]);
+        free(column);
         if (!kurtosis_counts(r, s)) continue;
         r->mean += r->kurtosis[s];
         r->top_channel_mean += r->top_channel[s];
@@ -1372,11 +1462,27 @@ static void kurtosis_finish(KurtosisReport *r) {
     }
     r->mean /= counted;
     r->top_channel_mean /= counted;
+    for (int l = 0; l < r->n_states - 2; l++) r->sink[l] /= (double)(r->sink_rows ? r->sink_rows : 1);
 }
 
 static double kurtosis_max_abs(const KurtosisReport *r) {
     double mx = 0.0;
     for (int s = 0; s < r->n_states; s++) mx = fmax(mx, r->max_abs[s]);
+    return mx;
+}
+
+// The sink's two views, each at its strongest: the largest first-token peak / median peak over
+// the states, and the most attention any layer pays position 0.
+static double kurtosis_first_peak_ratio(const KurtosisReport *r) {
+    double mx = 0.0;
+    for (int s = 0; s < r->n_states; s++)
+        if (r->median_peak[s] > 0.0) mx = fmax(mx, r->first_peak[s] / r->median_peak[s]);
+    return mx;
+}
+
+static double kurtosis_sink(const KurtosisReport *r) {
+    double mx = 0.0;
+    for (int l = 0; l < r->n_states - 2; l++) mx = fmax(mx, r->sink[l]);
     return mx;
 }
 
@@ -1495,6 +1601,24 @@ static void rotate_ffn_down(Model *m) {
                        m->cfg.ffn_dim);
 }
 
+// Why the 4-bit evaluation cannot run on a model of config c, or NULL: the KV rows rotate each
+// head (head_dim), the Had. rows the FFN's hidden state (ffn_dim) and `rotate` the residual
+// stream (dim), each by a Hadamard matrix, which must exist (hadamard_factor).
+static const char *hadamard_problem(const Config *c, bool rotate) {
+    static char msg[160];
+    const struct { const char *what; int n; } sizes[3] = {
+        {"head dim", head_dim(c)}, {"ffn-dim", c->ffn_dim}, {"dim (for --rotate)", rotate ? c->dim : 1}};
+    for (int i = 0; i < 3; i++)
+        if (hadamard_factor(sizes[i].n) == 0) {
+            snprintf(msg, sizeof msg,
+                     "%s %d has no Hadamard matrix for the 4-bit evaluation: use a power of two, or "
+                     "12, 20, 44 or 60 times one",
+                     sizes[i].what, sizes[i].n);
+            return msg;
+        }
+    return NULL;
+}
+
 // The rows of the 4-bit table: what is quantized, and whether the weights get GPTQ instead
 // of RTN (the GPTQ rows are evaluated only when asked, --gptq).
 enum { QROW_W, QROW_A, QROW_KV, QROW_WAKV, QROW_W_GPTQ, QROW_WAKV_GPTQ, N_QUANT_ROWS };
@@ -1546,6 +1670,23 @@ static float evaluate_quantized(Model *work, const Model *base, const QuantSetti
     return evaluate_loss(work, val, o->max_windows, &q->act, NULL);
 }
 
+// The 4-bit damage as a curve over training: the W4A4KV4 RTN row of the table on the first
+// `windows` validation windows, as the perplexity's relative increase over full precision,
+// without [0] and with [1] the FFN Hadamard.
+static void w4a4kv4_increase(const Model *m, const TokenData *val, int windows, double increase[2]) {
+    const EvalOptions o = {.wbits = 4, .abits = 4, .kvbits = 4, .clip_search = true, .max_windows = windows};
+    Model base, work;
+    model_merge(&base, m, m->max_batch);
+    model_alloc(&work, &base.cfg, m->max_batch);
+    memcpy(work.params, base.params, sizeof(float) * base.n_params);
+    float fp_loss = evaluate_loss(&work, val, windows, NULL, NULL);
+    for (int had = 0; had < 2; had++) {
+        const QuantSetting q = {o.wbits, false, {o.abits, o.kvbits, had}};
+        increase[had] = exp(evaluate_quantized(&work, &base, &q, &o, val, NULL, NULL) - fp_loss) - 1.0;
+    }
+    model_free(&base); model_free(&work);
+}
+
 // Full evaluation of a model (merged here if it has EmbProj or SSNorm): full-precision loss,
 // the hidden states' kurtosis (each token alone, and in context), and the 4-bit table without
 // and with the FFN Hadamard. train: the calibration tokens of the GPTQ rows (with o->gptq).
@@ -1553,6 +1694,8 @@ static float evaluate_quantized(Model *work, const Model *base, const QuantSetti
 static void evaluate_model(EvalResult *r, const Model *m, const TokenData *val, const TokenData *train,
                            const EvalOptions *o) {
     double t0 = now_seconds();
+    const char *problem = hadamard_problem(&m->cfg, o->rotate);
+    if (problem) die("internal: %s", problem);   // the commands refuse such a model before any work
     Model base, work;
     model_merge(&base, m, m->max_batch);
     if (o->rotate) rotate_residual(&base, 0x0505ull);
@@ -1581,7 +1724,7 @@ static void evaluate_model(EvalResult *r, const Model *m, const TokenData *val, 
         for (int i = 0; i < N_QUANT_ROWS; i++) {
             QuantSetting q = rows[i];
             q.act.ffn_hadamard = had;
-            bool skip = (had && !is_power_of_two(base.cfg.ffn_dim)) || (q.gptq && !o->gptq);
+            bool skip = q.gptq && !o->gptq;
             r->quant_loss[i][had] = skip ? NAN
                                          : evaluate_quantized(&work, &base, &q, o, val, calib, &gptq_weights);
         }
@@ -2912,9 +3055,10 @@ static void gptq_quantize_model(Model *m, const int *calib, int windows, int bit
     const struct { int width, matrices[3]; } inputs[4] = {
         {d, {PARAM_ATTN_Q, PARAM_ATTN_K, PARAM_ATTN_V}}, {d, {PARAM_ATTN_OUT, -1, -1}},
         {d, {PARAM_FFN_GATE, PARAM_FFN_UP, -1}}, {f, {PARAM_FFN_DOWN, -1, -1}}};
-    double *h[4], *h_work = xmalloc(sizeof(double) * (size_t)f * f);
+    size_t widest = (size_t)(f > d ? f : d);
+    double *h[4], *h_work = xmalloc(sizeof(double) * widest * widest);
     for (int i = 0; i < 4; i++) h[i] = xmalloc(sizeof(double) * (size_t)inputs[i].width * inputs[i].width);
-    float *scratch = xmalloc(sizeof(float) * (size_t)(f > d ? f : d) * (f > d ? f : d));
+    float *scratch = xmalloc(sizeof(float) * widest * widest);
     for (int l = 0; l < c->n_layers; l++) {
         for (int i = 0; i < 4; i++)
             memset(h[i], 0, sizeof(double) * (size_t)inputs[i].width * inputs[i].width);
@@ -3361,19 +3505,28 @@ static const char *state_label(int s, int n_states, char *buf, size_t size) {
     return buf;
 }
 
-// Kurtosis over training, one row per measured step. Kept in memory and rewritten whole at
-// every row (through a temporary file), so an interrupted run never leaves half a CSV.
+// What a run measures on its fixed held-out batch, one row per measured step: the paper's
+// kurtosis (each token alone); in context the mean kurtosis, the largest |x|, the top channel's
+// share, the first token's peak against the median token's, the sink's attention (the largest
+// of each over states or layers); the W4A4KV4 RTN perplexity increase without and with the FFN
+// Hadamard; then each hidden state's kurtosis in context. Kept in memory and rewritten whole
+// at every row (through a temporary file), so an interrupted run never leaves half a CSV.
+enum { LOG_KURTOSIS_PAPER, LOG_KURTOSIS, LOG_MAX_ABS, LOG_TOP_CHANNEL, LOG_FIRST_PEAK, LOG_SINK, LOG_W4A4KV4,
+       LOG_W4A4KV4_HAD, N_LOG_SCALARS };
+static const char *log_columns[N_LOG_SCALARS] = {
+    "kurtosis_paper", "kurtosis", "max_abs", "top_channel", "first_peak_ratio", "sink", "w4a4kv4_increase",
+    "w4a4kv4_had_increase"};
+
 typedef struct {
     int n_states, n, cap;
     int *step;
-    double *values;   // [n][3 + n_states]: the paper's kurtosis (each token alone), then in
-                      // context: the mean kurtosis, max |act|, each hidden state's kurtosis
+    double *values;   // [n][N_LOG_SCALARS + n_states]
 } KurtosisLog;
 
-static int kurtosis_log_cols(const KurtosisLog *l) { return 3 + l->n_states; }
+static int kurtosis_log_cols(const KurtosisLog *l) { return N_LOG_SCALARS + l->n_states; }
 
-static void kurtosis_log_add(KurtosisLog *l, int step, double paper, double mean, double max_abs,
-                             const double *per_state) {
+// Appends a row: scalars [N_LOG_SCALARS], per_state [n_states].
+static void kurtosis_log_add(KurtosisLog *l, int step, const double *scalars, const double *per_state) {
     int cols = kurtosis_log_cols(l);
     if (l->n == l->cap) {
         l->cap = l->cap ? 2 * l->cap : 64;
@@ -3381,24 +3534,23 @@ static void kurtosis_log_add(KurtosisLog *l, int step, double paper, double mean
         l->values = xrealloc(l->values, sizeof(double) * (size_t)l->cap * cols);
     }
     double *v = l->values + (size_t)l->n * cols;
-    v[0] = paper;
-    v[1] = mean;
-    v[2] = max_abs;
-    memcpy(v + 3, per_state, sizeof(double) * (size_t)l->n_states);
+    memcpy(v, scalars, sizeof(double) * N_LOG_SCALARS);
+    memcpy(v + N_LOG_SCALARS, per_state, sizeof(double) * (size_t)l->n_states);
     l->step[l->n++] = step;
 }
 
 static void kurtosis_log_free(KurtosisLog *l) { free(l->step); free(l->values); memset(l, 0, sizeof *l); }
 
 // CSV of the log: `columns` (leading columns, e.g. "preset,seed," or ""), then step, tokens,
-// kurtosis_paper, then in context: kurtosis (mean over states), max_abs, one column per state.
+// log_columns, one column per state.
 // The header is written when `header` is set; each row starts with `prefix`, the values of the
 // leading columns.
 static void kurtosis_log_write(FILE *f, const KurtosisLog *l, bool header, const char *columns,
                                const char *prefix, size_t tokens_per_step) {
     char label[32];
     if (header) {
-        fprintf(f, "%sstep,tokens,kurtosis_paper,kurtosis,max_abs", columns);
+        fprintf(f, "%sstep,tokens", columns);
+        for (int c = 0; c < N_LOG_SCALARS; c++) fprintf(f, ",%s", log_columns[c]);
         for (int s = 0; s < l->n_states; s++)
             fprintf(f, ",%s", state_label(s, l->n_states, label, sizeof label));
         fprintf(f, "\n");
@@ -3430,8 +3582,8 @@ static bool kurtosis_log_load(KurtosisLog *l, const char *path, int max_step) {
         long step;
         if (!parse_int_at(&p, 0, INT_MAX, &step) || !parse_csv_numbers(&p, v, 1 + kurtosis_log_cols(l)) ||
             *p != '\0')
-            ok = fail("'%s' line %d is not a row of %d kurtosis values", path, i + 1, l->n_states);
-        else if (step <= max_step) kurtosis_log_add(l, (int)step, v[1], v[2], v[3], v + 4);
+            ok = fail("'%s' line %d is not a row of %d values", path, i + 1, kurtosis_log_cols(l));
+        else if (step <= max_step) kurtosis_log_add(l, (int)step, v + 1, v + 1 + N_LOG_SCALARS);
     }
     free(v); free(lines); free(text);
     return ok;
@@ -3492,17 +3644,26 @@ static void print_run_header(FILE *log, const Trainer *tr) {
     fprintf(log, "data: %zu train tokens, %zu val tokens\n", tr->train->n, tr->val->n);
 }
 
-// Measures the kurtosis of the hidden states on a fixed batch (the first `batch` validation
-// windows), each token alone and in context, logs it, and adds it to klog.
+// Measures the outliers on a fixed batch (the first `batch` validation windows): both kurtosis
+// reports, the sink, and the W4A4KV4 perplexity increase; logs them, and adds them to klog.
 static void log_kurtosis(Trainer *tr, const RunOptions *ro, KurtosisLog *klog) {
     const TrainState *st = &tr->state;
     KurtosisReport paper, kr;
     measure_hidden_states(&tr->model, tr->val, st->batch, &paper, &kr);
-    fprintf(ro->log, "step %6d/%d | kurtosis %.4f (paper's) | in context %.4f, max |act| %.3f, per state",
-            st->step, st->opt.steps, paper.mean, kr.mean, kurtosis_max_abs(&kr));
+    double v[N_LOG_SCALARS] = {
+        [LOG_KURTOSIS_PAPER] = paper.mean, [LOG_KURTOSIS] = kr.mean, [LOG_MAX_ABS] = kurtosis_max_abs(&kr),
+        [LOG_TOP_CHANNEL] = kr.top_channel_mean, [LOG_FIRST_PEAK] = kurtosis_first_peak_ratio(&kr),
+        [LOG_SINK] = kurtosis_sink(&kr)};
+    w4a4kv4_increase(&tr->model, tr->val, st->batch, v + LOG_W4A4KV4);
+    fprintf(ro->log,
+            "step %6d/%d | kurtosis %.4f (paper's) | in context %.4f, max |act| %.3f, top channel %.1f%%, "
+            "first token %.1fx the median peak, sink %.3f | W4A4KV4 %+.1f%%, Had. %+.1f%% | per state",
+            st->step, st->opt.steps, v[LOG_KURTOSIS_PAPER], v[LOG_KURTOSIS], v[LOG_MAX_ABS],
+            100 * v[LOG_TOP_CHANNEL], v[LOG_FIRST_PEAK], v[LOG_SINK], 100 * v[LOG_W4A4KV4],
+            100 * v[LOG_W4A4KV4_HAD]);
     for (int i = 0; i < kr.n_states; i++) fprintf(ro->log, " %.3f", kr.kurtosis[i]);
     fprintf(ro->log, "\n");
-    kurtosis_log_add(klog, st->step, paper.mean, kr.mean, kurtosis_max_abs(&kr), kr.kurtosis);
+    kurtosis_log_add(klog, st->step, v, kr.kurtosis);
     kurtosis_free(&paper); kurtosis_free(&kr);
 }
 
@@ -4267,10 +4428,12 @@ static void load_training_data(TokenData *train, TokenData *val, const char *tra
 }
 
 // Checks the settings of a new run (steps set) and the data against its context length.
+// quantized: the run measures 4-bit perplexity (the ablation, train's --kurtosis-every).
 static void check_run(const TrainState *s, const TokenData *train, const TokenData *val,
-                      const char *train_path, const char *val_path) {
+                      const char *train_path, const char *val_path, bool quantized) {
     if (s->opt.warmup > s->opt.steps) die("--warmup %d exceeds --steps %d", s->opt.warmup, s->opt.steps);
     const char *problem = config_problem(&s->cfg);
+    if (!problem && quantized) problem = hadamard_problem(&s->cfg, false);
     if (problem) die("%s", problem);
     if (train->n < (size_t)s->cfg.seq_len + 1)
         die("'%s' has %zu tokens, fewer than seq-len + 1 = %d", train_path, train->n, s->cfg.seq_len + 1);
@@ -4347,13 +4510,13 @@ static int cmd_train(int argc, char **argv) {
         s.preset = preset_of(s.opt.optimizer, s.cfg.ssnorm, s.cfg.embproj);
         if (steps > 0) s.opt.steps = steps;
         if (s.opt.warmup < 0) s.opt.warmup = default_warmup(s.opt.steps);
-        check_run(&s, &train, &val, train_path, val_path);
+        check_run(&s, &train, &val, train_path, val_path, kurtosis_every > 0);
         trainer_init(&tr, &s);
     } else if (tr.state.cfg.vocab_size != tok.vocab_size) {
         die("vocab mismatch: checkpoint '%s' has vocab %d but %s has %d", resume, tr.state.cfg.vocab_size,
             tok_path, tok.vocab_size);
     } else {
-        check_run(&tr.state, &train, &val, train_path, val_path);
+        check_run(&tr.state, &train, &val, train_path, val_path, kurtosis_every > 0);
     }
     tr.train = &train;
     tr.val = &val;
@@ -4594,8 +4757,8 @@ static void load_for_eval(const char *path, TrainState *s, Model *m, const Token
         if (data[i]->n < (size_t)s->cfg.seq_len + 1)
             die("'%s' has fewer than seq-len + 1 = %d tokens", names[i], s->cfg.seq_len + 1);
     }
-    if (e->opt.rotate && !is_power_of_two(s->cfg.dim))
-        die("--rotate needs dim a power of two ('%s' has %d)", path, s->cfg.dim);
+    const char *problem = hadamard_problem(&s->cfg, e->opt.rotate);
+    if (problem) die("'%s': %s", path, problem);
 }
 
 // A row's name in the tables: "W4 only", "A4 only", "KV4 only", "W4A4KV4", and those with GPTQ.
@@ -4640,8 +4803,11 @@ static void print_eval_text(const char *path, const TrainState *s, const EvalRes
                    mean ? kurtosis_max_abs(k[j]) : k[j]->max_abs[i], j ? "\n" : " |");
     }
     printf("  (*) not in the paper's mean, which follows the release: the embedding, blocks 1..%d and the\n"
-           "      final norm's output (%d states); the in-context mean is over all %d\n\n",
+           "      final norm's output (%d states); the in-context mean is over all %d\n",
            s->cfg.n_layers - 1, s->cfg.n_layers + 1, s->cfg.n_layers + 2);
+    printf("attention sink, in context: the first token's largest |activation| %.1fx the median token's;\n"
+           "position 0 receives %.3f of the attention of later positions (the most of any layer)\n\n",
+           kurtosis_first_peak_ratio(&r->context), kurtosis_sink(&r->context));
     printf("perplexity under RTN fake quantization (weights per row, symmetric%s; activations per token\n"
            "and KV per head, asymmetric; Had. = online Hadamard on the W2 input)\n",
            o->clip_search ? ", clip search" : ", no clip search");
@@ -4679,6 +4845,10 @@ static void print_eval_json(const char *path, const TrainState *s, const EvalRes
         printf(",\n \"kurtosis%s\": ", suffix); print_json_number(k[j]->mean);
         printf(", \"top_channel_share%s\": ", suffix); print_json_number(k[j]->top_channel_mean);
         printf(", \"max_abs_activation%s\": ", suffix); print_json_number(kurtosis_max_abs(k[j]));
+        if (j) {
+            printf(", \"first_peak_ratio_context\": "); print_json_number(kurtosis_first_peak_ratio(k[j]));
+            printf(", \"sink_context\": "); print_json_number(kurtosis_sink(k[j]));
+        }
         const double *per_state[3] = {k[j]->kurtosis, k[j]->top_channel, k[j]->max_abs};
         const char *names[3] = {"kurtosis", "top_channel_share", "max_abs"};
         for (int q = 0; q < 3; q++) {
@@ -4745,15 +4915,18 @@ static int cmd_compare(int argc, char **argv) {
     EvalResult *results = xmalloc(sizeof(EvalResult) * (size_t)n);
     size_t *state_bytes = xmalloc(sizeof(size_t) * (size_t)n);
     double total = 0.0;
-    for (int i = 0; i < n; i++) {
-        Model m;
-        load_for_eval(ckpts[i], &states[i], &m, &val, &train, &e);
-        state_bytes[i] = states[i].merged ? 0 : optimizer_state_bytes(&m, states[i].opt.optimizer);
-        fprintf(stderr, "evaluating %s (%d of %d)...\n", ckpts[i], i + 1, n);
-        evaluate_model(&results[i], &m, &val, &train, &e.opt);
-        total += results[i].seconds;
-        model_free(&m);
+    Model *models = xmalloc(sizeof(Model) * (size_t)n);
+    for (int i = 0; i < n; i++) {   // every checkpoint checked before any is evaluated
+        load_for_eval(ckpts[i], &states[i], &models[i], &val, &train, &e);
+        state_bytes[i] = states[i].merged ? 0 : optimizer_state_bytes(&models[i], states[i].opt.optimizer);
     }
+    for (int i = 0; i < n; i++) {
+        fprintf(stderr, "evaluating %s (%d of %d)...\n", ckpts[i], i + 1, n);
+        evaluate_model(&results[i], &models[i], &val, &train, &e.opt);
+        total += results[i].seconds;
+        model_free(&models[i]);
+    }
+    free(models);
     char label[64], cell[96];
     printf("%-26s", "");
     for (int i = 0; i < n; i++) {   // the file name without its directory, as much as fits
@@ -5183,7 +5356,7 @@ static void ablation_write_curves(const char *dir, const AblationRun *runs, int 
                 if (runs[i].preset != p) continue;
                 for (int k = 0; k < logs[i].n; k++)
                     if (logs[i].step[k] == step) {
-                        sum += logs[i].values[(size_t)k * kurtosis_log_cols(&logs[i])];
+                        sum += logs[i].values[(size_t)k * kurtosis_log_cols(&logs[i]) + LOG_KURTOSIS_PAPER];
                         seeds++;
                         break;
                     }
@@ -5251,7 +5424,7 @@ static int cmd_ablation(int argc, char **argv) {
     load_training_data(&train, &val, train_path, val_path, &tok, tok_path);
     proto.cfg.vocab_size = tok.vocab_size;
     if (proto.opt.warmup < 0) proto.opt.warmup = default_warmup(proto.opt.steps);
-    check_run(&proto, &train, &val, train_path, val_path);
+    check_run(&proto, &train, &val, train_path, val_path, true);
     make_directories(dir);
 
     int n_runs = n_seeds * N_PRESETS;

@@ -443,29 +443,44 @@ static void test_clip_search(uint64_t *rng) {
     report(ok, "weight clip search = brute-force minimiser", "%d of 20 rows chose the brute-force p", agree);
 }
 
+// The fast transform against the matrix written out, and H·Hᵀ = I, for each size class: powers
+// of two (Sylvester), 12·2^k and 20·2^k (Paley ⊗ Sylvester), Paley alone (44); sizes with no
+// Hadamard matrix here are refused, by name, before the 4-bit evaluation.
 static void test_hadamard(uint64_t *rng) {
-    int n = 64;
-    float *h = xmalloc(sizeof(float) * n * n), *x = random_floats((size_t)3 * n, 1.0f, rng),
-          *fast = xmalloc(sizeof(float) * 3 * n);
-    hadamard_matrix(h, n);
-    memcpy(fast, x, sizeof(float) * 3 * n);
-    hadamard_transform(fast, 3, n);
+    const int sizes[] = {64, 1, 24, 96, 40, 44};
     double worst = 0.0, orth = 0.0;
-    for (int r = 0; r < 3; r++)
-        for (int i = 0; i < n; i++) {
-            double plain = 0.0;
-            for (int j = 0; j < n; j++) plain += (double)h[i * n + j] * x[r * n + j];
-            worst = fmax(worst, fabs(plain - fast[r * n + i]));
-        }
-    for (int i = 0; i < n; i++)
-        for (int j = 0; j < n; j++) {
-            double dotp = 0.0;
-            for (int k = 0; k < n; k++) dotp += (double)h[i * n + k] * h[j * n + k];
-            orth = fmax(orth, fabs(dotp - (i == j)));
-        }
-    report(worst < 1e-5 && orth < 1e-6, "hadamard: fast = plain matrix, H·Hᵀ = I",
-           "max |fast - plain| %.1e, max |H·Hᵀ - I| %.1e (n = 64)", worst, orth);
-    free(h); free(x); free(fast);
+    for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
+        int n = sizes[k];
+        float *h = xmalloc(sizeof(float) * n * n), *x = random_floats((size_t)3 * n, 1.0f, rng),
+              *fast = xmalloc(sizeof(float) * 3 * n);
+        hadamard_matrix(h, n);
+        memcpy(fast, x, sizeof(float) * 3 * n);
+        hadamard_transform(fast, 3, n);
+        for (int r = 0; r < 3; r++)
+            for (int i = 0; i < n; i++) {
+                double plain = 0.0;
+                for (int j = 0; j < n; j++) plain += (double)h[i * n + j] * x[r * n + j];
+                worst = fmax(worst, fabs(plain - fast[r * n + i]));
+            }
+        for (int i = 0; i < n; i++)
+            for (int j = 0; j < n; j++) {
+                double dotp = 0.0;
+                for (int c = 0; c < n; c++) dotp += (double)h[i * n + c] * h[j * n + c];
+                orth = fmax(orth, fabs(dotp - (i == j)));
+            }
+        free(h); free(x); free(fast);
+    }
+    const Config head6 = {.dim = 24, .n_heads = 4, .ffn_dim = 32};   // head dim 6
+    const Config ffn100 = {.dim = 16, .n_heads = 4, .ffn_dim = 100};
+    const char *why = hadamard_problem(&head6, false);   // one static message: checked one at a time
+    bool refused = why && strstr(why, "head dim 6");
+    why = hadamard_problem(&ffn100, false);
+    refused = refused && why && strstr(why, "ffn-dim 100") &&
+              !hadamard_problem(&(Config){.dim = 48, .n_heads = 2, .ffn_dim = 40}, true);
+    report(worst < 1e-5 && orth < 1e-6 && refused, "hadamard: fast = plain matrix, H·Hᵀ = I",
+           "n = 64, 1, 24, 96, 40, 44: max |fast - plain| %.1e, max |H·Hᵀ - I| %.1e; head dim 6 and "
+           "ffn-dim 100 %s",
+           worst, orth, refused ? "refused by name" : "NOT REFUSED");
 }
 
 /* ----------------------------------------------------------------------------
@@ -499,6 +514,12 @@ static OptimConfig test_optim(void) {
                           .grad_clip = 1.0f,
                           .warmup = 2,
                           .steps = 8 };
+}
+
+// A model whose head dim (24 = 12·2) and ffn-dim (40 = 20·2) are not powers of two.
+static Config odd_hadamard_config(void) {
+    return (Config){.vocab_size = 300, .dim = 48, .n_layers = 2, .n_heads = 2, .n_kv_heads = 1, .ffn_dim = 40,
+                    .seq_len = 8};
 }
 
 static Config test_config(void) {
@@ -666,9 +687,13 @@ static void test_newton_schulz_band(uint64_t *rng) {
             for (int i = 0; i < R; i++)
                 for (int z = 0; z < R; z++) left[i * R + z] *= powf(10.0f, -2.0f * (float)z / (float)(R - 1));
         }
-        for (int i = 0; i < R; i++)            // u = left · right has rank `rank`
-            for (int j = 0; j < C; j++)
-                for (int z = 0; z < rank; z++) u[i * C + j] += left[i * rank + z] * right[z * C + j];
+        if (R != C && rank == (R < C ? R : C)) {   // full rank: a Gaussian matrix (condition about 3;
+            free(u);                                // a product of two can be far worse conditioned)
+            u = random_floats((size_t)R * C, 1.0f, rng);
+        } else
+            for (int i = 0; i < R; i++)        // u = left · right has rank `rank`
+                for (int j = 0; j < C; j++)
+                    for (int z = 0; z < rank; z++) u[i * C + j] += left[i * rank + z] * right[z * C + j];
         float *scratch = xmalloc(sizeof(float) * newton_schulz_scratch(R, C));
         newton_schulz(out, u, R, C, 5, scratch);
         int r = R < C ? R : C;
@@ -973,6 +998,44 @@ static void test_kurtosis_paper_states(void) {
     model_free(&m);
 }
 
+// The sink's two views on hidden states and attention written by hand (one layer, one head,
+// dim 4, two windows of 3 tokens). Each token's peak |x|:
+//   embedding   10, 1, 2 | 4, 3, 1: first tokens' peak 10, median (2 + 3) / 2 = 2.5, ratio 4
+//   block 1     all 1: ratio 1;   final norm  1, 5, 1 | 1, 1, 1: first peak 1, ratio 1
+// Attention of positions 1 and 2 on position 0: 0.5, 0.2 | 0.9, 0.4: mean 0.5.
+static void test_kurtosis_sink(void) {
+    Config cfg = test_config();
+    cfg.n_layers = 1;
+    cfg.dim = 4;
+    cfg.n_heads = cfg.n_kv_heads = 1;
+    Model m;
+    model_alloc(&m, &cfg, 2);
+    m.B = 2;
+    m.T = 3;
+    activation_layout(&m.act, m.act_block, &cfg, 2, 3);
+    const float embedding[24] = {10, 0, 0, 0, 0, -1, 0, 0, 1, 2, 0, 0, 0, 0, -4, 1, 3, 0, 0, 0, 0, 0, 0, 1};
+    const float final_norm[24] = {1, 0, 0, 0, 0, 5, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1};
+    for (int i = 0; i < 24; i++) m.act.x[24 + i] = i % 2 ? -1.0f : 1.0f;   // block 1
+    memcpy(m.act.x, embedding, sizeof embedding);
+    memcpy(m.act.final_norm, final_norm, sizeof final_norm);
+    memset(m.act.att, 0, sizeof(float) * 18);
+    const float to_first[4] = {0.5f, 0.2f, 0.9f, 0.4f};   // [b][t - 1]
+    for (int b = 0; b < 2; b++)
+        for (int t = 1; t < 3; t++) m.act.att[(b * 3 + t) * 3] = to_first[b * 2 + t - 1];
+    KurtosisReport r;
+    kurtosis_init(&r, 1, 4, STATES_ALL);
+    kurtosis_accumulate(&r, &m);
+    kurtosis_finish(&r);
+    bool ok = r.first_peak[0] == 10 && r.median_peak[0] == 2.5 && r.first_peak[1] == 1 &&
+              r.median_peak[1] == 1 && r.first_peak[2] == 1 && r.median_peak[2] == 1 &&
+              kurtosis_first_peak_ratio(&r) == 4.0 && fabs(kurtosis_sink(&r) - 0.5) < 1e-7;
+    report(ok, "sink: first token's peak / median, attention on 0",
+           "embedding peak %.1f / median %.2f, ratio %.2f (4); sink %.4f (0.5)", r.first_peak[0],
+           r.median_peak[0], kurtosis_first_peak_ratio(&r), kurtosis_sink(&r));
+    kurtosis_free(&r);
+    model_free(&m);
+}
+
 // Each token alone: the evaluation's context-free report equals one built by feeding the
 // tokens one by one as sequences of length 1, and differs from the in-context one. 37 windows
 // of 8 tokens (296 tokens) cross the 2 x 8 = 16-token chunks with a partial last one.
@@ -1014,7 +1077,8 @@ static void test_kurtosis_each_token_alone(uint64_t *rng) {
 // 16-bit settings are full precision: the no-Had. column equals the full-precision loss
 // exactly; the Had. column only rotates (equal within float rounding).
 static void test_sixteen_bits_exact(uint64_t *rng) {
-    Config cfg = test_config();
+  for (int odd = 0; odd < 2; odd++) {
+    Config cfg = odd ? odd_hadamard_config() : test_config();
     Model m;
     model_alloc(&m, &cfg, 2);
     model_init(&m, 3);
@@ -1036,12 +1100,41 @@ static void test_sixteen_bits_exact(uint64_t *rng) {
     EvalResult r4;
     evaluate_model(&r4, &m, &val, &val, &o);
     bool four_differs = r4.fp_loss == r.fp_loss;
-    for (int i = 0; i < N_QUANT_ROWS; i++) four_differs = four_differs && r4.quant_loss[i][0] != r4.fp_loss;
-    report(exact && had < 1e-5 && four_differs, "16-bit settings reproduce full precision",
-           "loss %.6f: all %d rows (RTN, GPTQ), no Had. %s, Had. within %.1e; 4-bit rows differ, W4A4KV4 "
-           "%.6f",
+    for (int i = 0; i < N_QUANT_ROWS; i++)
+        for (int h = 0; h < 2; h++)
+            four_differs = four_differs && isfinite(r4.quant_loss[i][h]) && r4.quant_loss[i][h] != r4.fp_loss;
+    report(exact && had < 1e-5 && four_differs,
+           odd ? "16-bit reproduces fp: head dim 24, ffn 40" : "16-bit settings reproduce full precision",
+           "loss %.6f: all %d rows (RTN, GPTQ), no Had. %s, Had. within %.1e; 4-bit rows finite and differ, "
+           "W4A4KV4 %.6f",
            r.fp_loss, N_QUANT_ROWS, exact ? "identical" : "DIFFERENT", had, r4.quant_loss[QROW_WAKV][0]);
     eval_result_free(&r); eval_result_free(&r4);
+    free(val.tokens);
+    model_free(&m);
+  }
+}
+
+// The in-training 4-bit curve's point equals the table's W4A4KV4 row on the same windows,
+// without and with the FFN Hadamard (an OSP model: merged first, as evaluate_model does).
+static void test_w4a4kv4_increase(uint64_t *rng) {
+    Config cfg = test_config();
+    cfg.ssnorm = cfg.embproj = 1;
+    Model m;
+    model_alloc(&m, &cfg, 2);
+    model_init(&m, 5);
+    TokenData val = {.vocab_size = 300, .n = 5 * 8 + 1};
+    val.tokens = xmalloc(sizeof(uint16_t) * val.n);
+    for (size_t i = 0; i < val.n; i++) val.tokens[i] = (uint16_t)(rng_next(rng) % 300);
+    EvalOptions o = {.wbits = 4, .abits = 4, .kvbits = 4, .clip_search = true, .max_windows = 3};
+    EvalResult r;
+    evaluate_model(&r, &m, &val, NULL, &o);
+    double increase[2], table[2];
+    w4a4kv4_increase(&m, &val, 3, increase);
+    for (int h = 0; h < 2; h++) table[h] = exp(r.quant_loss[QROW_WAKV][h] - r.fp_loss) - 1.0;
+    bool ok = increase[0] == table[0] && increase[1] == table[1] && increase[0] != 0.0;
+    report(ok, "W4A4KV4 increase = the table's row", "%+.4f%% and Had. %+.4f%% (table %+.4f%%, %+.4f%%)",
+           100 * increase[0], 100 * increase[1], 100 * table[0], 100 * table[1]);
+    eval_result_free(&r);
     free(val.tokens);
     model_free(&m);
 }
@@ -1726,7 +1819,8 @@ static void test_loader_corpus(uint64_t *rng) {
     tokens_save(files[2], ids, 40, 300);
     KurtosisLog klog = {.n_states = 4};
     double states[4] = {0.1, 0.2, 0.3, 0.4};
-    for (int s = 1; s <= 3; s++) kurtosis_log_add(&klog, s, 0.5, 0.4, 3.0, states);
+    double scalars[N_LOG_SCALARS] = {0.5, 0.4, 3.0, 0.1, 2.0, 0.05, 0.1, 0.03};
+    for (int s = 1; s <= 3; s++) kurtosis_log_add(&klog, s, scalars, states);
     kurtosis_log_save(&klog, files[3], 100);
     AblationRun runs[2] = { { .preset = 0, .seed = 1, .evaluated = true },
                             { .preset = 5, .seed = 1, .diverged_step = 7 } };
@@ -1971,10 +2065,10 @@ static float *logits_of(Model *m, const int *inputs, int B, int T, const FakeQua
 // full-precision logits unchanged, for per-channel RMSNorm gains (folded first) and for SSNorm.
 static void test_rotations(uint64_t *rng) {
     double worst_ffn = 0.0, worst_res = 0.0;
-    for (int ssnorm = 0; ssnorm < 2; ssnorm++) {
+    for (int variant = 0; variant < 3; variant++) {   // RMSNorm, SSNorm + EmbProj, sizes 12·4 and 20·2
         Config cfg = test_config();
-        cfg.ssnorm = ssnorm;
-        cfg.embproj = ssnorm;
+        cfg.ssnorm = cfg.embproj = variant == 1;
+        if (variant == 2) cfg = odd_hadamard_config();
         Model trained, m;
         model_alloc(&trained, &cfg, 2);
         for (size_t i = 0; i < trained.n_params; i++) trained.params[i] = 0.2f * rng_normal(rng);
@@ -2002,7 +2096,8 @@ static void test_rotations(uint64_t *rng) {
         model_free(&trained); model_free(&m); model_free(&work);
     }
     report(worst_ffn < 1e-5 && worst_res < 1e-5, "rotations keep full-precision logits",
-           "FFN Hadamard %.1e, residual rotation %.1e (RMSNorm and SSNorm models)", worst_ffn, worst_res);
+           "FFN Hadamard %.1e, residual rotation %.1e (RMSNorm and SSNorm models; dim 48, ffn 40)", worst_ffn,
+           worst_res);
 }
 
 /* ----------------------------------------------------------------------------
@@ -2620,8 +2715,11 @@ static void test_kurtosis_log_file(void) {
     const char *path = temp_path("kurtosis.csv");
     KurtosisLog log = { .n_states = 3 }, back = { .n_states = 3 }, head = { .n_states = 3 },
                 broken = { .n_states = 3 };
-    double states[3][3] = {{0.1, 0.2, 0.3}, {1.5, 2.5, 3.5}, {10.0, 20.0, 30.0}};
-    for (int r = 0; r < 3; r++) kurtosis_log_add(&log, 50 * r, 2.0 + r, 1.0 + r, 100.0 * r, states[r]);
+    double states[3][3] = {{0.1, 0.2, 0.3}, {1.5, 2.5, 3.5}, {10.0, 20.0, 30.0}}, scalars[N_LOG_SCALARS];
+    for (int r = 0; r < 3; r++) {
+        for (int c = 0; c < N_LOG_SCALARS; c++) scalars[c] = (c + 1) * (r + 0.5);
+        kurtosis_log_add(&log, 50 * r, scalars, states[r]);
+    }
     bool saved = kurtosis_log_save(&log, path, 2048);
     bool loaded = kurtosis_log_load(&back, path, INT_MAX) && kurtosis_log_load(&head, path, 99);
     bool same = loaded && back.n == 3 && head.n == 2 && head.step[1] == 50;
@@ -3037,8 +3135,10 @@ static void run_all(uint64_t *rng) {
     test_kurtosis(rng);
     test_kurtosis_report(rng);
     test_kurtosis_paper_states();
+    test_kurtosis_sink();
     test_kurtosis_each_token_alone(rng);
     test_sixteen_bits_exact(rng);
+    test_w4a4kv4_increase(rng);
     test_evaluate_loss(rng);
     test_data_batches();
     for (int p = 0; p < N_PRESETS; p++) test_training_deterministic(p);
