@@ -24,7 +24,7 @@ CORPUS_URL = https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tin
 CORPUS_SHA = 86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed
 SHARED_CORPUS = ../shared/data/tinyshakespeare.txt
 
-.PHONY: all test test-run data run ablation ablation-long clean
+.PHONY: all test test-run data run ablation ablation-long corpus reproduce clean
 
 all: osp
 
@@ -76,6 +76,22 @@ ablation: osp data
 # The same for 4x the tokens (8.2M per run): about 3.5 hours on 2 cores; resumable like ablation.
 ablation-long: osp data
 	./osp ablation --dir runs/ablation-long --steps 4000 --kurtosis-every 200
+
+# A corpus that does not repeat: English prose from Debian's and npm's packages, cleaned, held out
+# by whole documents and sha256-checked (data/corpus.sh; data/README.md has the sources and
+# licences), with a tokenizer trained on it.
+CORPUS = data/corpus
+corpus: $(CORPUS)/train.bin $(CORPUS)/val.bin
+
+$(CORPUS)/train.txt $(CORPUS)/val.txt &:
+	sh data/corpus.sh
+
+$(CORPUS)/tokenizer.bin: $(CORPUS)/train.txt osp
+	./osp tokenizer --input $(CORPUS)/train.txt --vocab 1024 --out $@
+
+$(CORPUS)/train.bin $(CORPUS)/val.bin &: $(CORPUS)/train.txt $(CORPUS)/val.txt $(CORPUS)/tokenizer.bin osp
+	./osp prepare --input $(CORPUS)/train.txt --val-input $(CORPUS)/val.txt --tokenizer $(CORPUS)/tokenizer.bin \
+	  --train $(CORPUS)/train.bin --val $(CORPUS)/val.bin
 
 clean:
 	rm -f osp test_osp test_osp_asan *.tmp

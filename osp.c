@@ -4299,42 +4299,61 @@ static int cmd_tokenizer(int argc, char **argv) {
 
 // ---------------------------------------------------------------- osp prepare
 static const char *prepare_help =
-    "usage: ./osp prepare --input TEXT [--tokenizer FILE] [--train FILE] [--val FILE]\n"
+    "usage: ./osp prepare --input TEXT [--val-input TEXT] [--tokenizer FILE] [--train FILE]\n"
+    "                     [--val FILE]\n"
     "Encodes a text file and writes the first 90%% of its tokens as the training split and\n"
-    "the last 10%% as the validation split.\n"
+    "the last 10%% as the validation split; with --val-input, all of TEXT is the training split\n"
+    "and the second text the validation split (a corpus held out by documents).\n"
     "  --input FILE      text (required)\n"
+    "  --val-input FILE  held-out text\n"
     "  --tokenizer FILE  default " DEFAULT_TOKENIZER "\n"
     "  --train FILE      default " DEFAULT_TRAIN "\n"
     "  --val FILE        default " DEFAULT_VAL "\n";
 
 static int cmd_prepare(int argc, char **argv) {
     Args a = {argc, 0, argv, "prepare"};
-    const char *input = NULL, *tok_path = DEFAULT_TOKENIZER, *train = DEFAULT_TRAIN, *val = DEFAULT_VAL;
+    const char *input = NULL, *val_input = NULL, *tok_path = DEFAULT_TOKENIZER, *train = DEFAULT_TRAIN,
+               *val = DEFAULT_VAL;
     for (a.i = 0; a.i < argc; a.i++) {
         const char *f = argv[a.i];
         if (!strcmp(f, "--input")) input = flag_value(&a);
+        else if (!strcmp(f, "--val-input")) val_input = flag_value(&a);
         else if (!strcmp(f, "--tokenizer")) tok_path = flag_value(&a);
         else if (!strcmp(f, "--train")) train = flag_value(&a);
         else if (!strcmp(f, "--val")) val = flag_value(&a);
         else unknown_flag(&a);
     }
     if (!input) die("--input is required (see ./osp prepare --help)");
-    refuse_same_files(2, 4, (const char *[]){train, val, input, tok_path},
-                      (const char *[]){"--train", "--val", "--input", "--tokenizer"});
+    refuse_same_files(2, 5, (const char *[]){train, val, input, tok_path, val_input},
+                      (const char *[]){"--train", "--val", "--input", "--tokenizer", "--val-input"});
     Tokenizer t;
     load_tokenizer_or_die(&t, tok_path);
-    size_t n;
-    int count;
-    int *ids = encode_text_file(&t, input, &n, &count);
-    int n_train = (int)((long long)count * 9 / 10);
-    if (n_train < 2 || count - n_train < 2) die("'%s' is too short to split (%d tokens)", input, count);
+    size_t n, n_val = 0;
+    int count, count_val = 0;
+    int *ids = encode_text_file(&t, input, &n, &count), *val_ids = ids, n_train = count;
+    if (val_input) val_ids = encode_text_file(&t, val_input, &n_val, &count_val);
+    else {
+        n_train = (int)((long long)count * 9 / 10);
+        val_ids = ids + n_train;
+        count_val = count - n_train;
+    }
+    if (!val_input && (n_train < 2 || count_val < 2))
+        die("'%s' is too short to split (%d tokens)", input, count);
+    if (n_train < 2 || count_val < 2)
+        die("'%s' is too short (%d tokens)", n_train < 2 ? input : val_input,
+            n_train < 2 ? count : count_val);
     if (!tokens_save(train, ids, (size_t)n_train, t.vocab_size)) die("%s", osp_error);
-    if (!tokens_save(val, ids + n_train, (size_t)(count - n_train), t.vocab_size)) {
+    if (!tokens_save(val, val_ids, (size_t)count_val, t.vocab_size)) {
         remove(train);   // no half-made pair of splits
         die("%s", osp_error);
     }
-    printf("%s: %zu bytes -> %d tokens; wrote %s (%d tokens) and %s (%d tokens)\n",
-           input, n, count, train, n_train, val, count - n_train);
+    if (val_input)
+        printf("%s: %zu bytes -> %d tokens (%s); %s: %zu bytes -> %d tokens (%s)\n", input, n, count, train,
+               val_input, n_val, count_val, val);
+    else
+        printf("%s: %zu bytes -> %d tokens; wrote %s (%d tokens) and %s (%d tokens)\n", input, n, count,
+               train, n_train, val, count_val);
+    if (val_input) free(val_ids);
     free(ids);
     tokenizer_free(&t);
     return 0;
@@ -4366,6 +4385,7 @@ static const char *train_help =
     "  --muon-momentum F  Muon's Nesterov momentum (default 0.95)\n"
     "  --ns-steps N     Muon's Newton-Schulz iterations (default 5)\n"
     "  --warmup N       linear warmup steps (default 50, or steps / 10 if that is fewer)\n"
+    "  --beta1 F, --beta2 F, --adam-eps F   AdamW's betas and epsilon (default 0.9, 0.95, 1e-8)\n"
     "  --wd F           decoupled weight decay (default 0.01)\n"
     "  --grad-clip F    global gradient-norm clip, 0 = off (default 1.0)\n"
     "  --seed N         initialization and batch-sampling seed (default 1337)\n"
@@ -4408,6 +4428,9 @@ static bool parse_optim_flag(Args *a, TrainState *s) {
         s->opt.muon_momentum = parse_bounded_float(f, flag_value(a), B_MOMENTUM);
     else if (!strcmp(f, "--ns-steps")) s->opt.ns_steps = (int)parse_bounded_int(f, flag_value(a), B_NS_STEPS);
     else if (!strcmp(f, "--warmup")) s->opt.warmup = (int)parse_int(f, flag_value(a), 0, 100000000);
+    else if (!strcmp(f, "--beta1")) s->opt.beta1 = parse_float(f, flag_value(a), 0.0, 0.9999);
+    else if (!strcmp(f, "--beta2")) s->opt.beta2 = parse_float(f, flag_value(a), 0.0, 0.9999);
+    else if (!strcmp(f, "--adam-eps")) s->opt.eps = parse_float(f, flag_value(a), 1e-12, 1.0);
     else if (!strcmp(f, "--wd")) s->opt.weight_decay = parse_bounded_float(f, flag_value(a), B_WD);
     else if (!strcmp(f, "--grad-clip")) s->opt.grad_clip = parse_bounded_float(f, flag_value(a), B_GRAD_CLIP);
     else if (!strcmp(f, "--seed")) s->seed = parse_u64(f, flag_value(a));
@@ -5079,6 +5102,8 @@ static const char *ablation_help =
     "  results.csv     one row per run: tokens/s, optimizer state, kurtosis, fp and 4-bit ppl\n"
     "  kurtosis.csv    kurtosis over training of every run, in one file\n"
     "  kurtosis.svg    the paper's kurtosis over training, log scale, one line per preset (seed mean)\n"
+    "  w4a4kv4.svg, w4a4kv4-had.svg   the W4A4KV4 RTN perplexity increase over training, without\n"
+    "                  and with the FFN Hadamard, likewise\n"
     "  activations.svg the largest |activation| per channel, adam and osp of the first seed, as\n"
     "                  ./osp plot-activations draws it\n"
     "  table.txt       the printed table\n"
@@ -5099,7 +5124,7 @@ static const char *ablation_help =
     "  --train, --val, --tokenizer FILE   as for ./osp train\n"
     "  other model, batch and optimization flags as for ./osp train (same defaults):\n"
     "  --dim --ffn-dim --layers --heads --kv-heads --seq-len --batch --warmup --wd --grad-clip\n"
-    "  --muon-momentum --ns-steps\n";
+    "  --beta1 --beta2 --adam-eps --muon-momentum --ns-steps\n";
 
 // The paper's ablation table, in presets[] order: excess kurtosis and 4-4-4
 // perplexity without and with the FFN Hadamard, 1.4B parameters after 100B tokens.
@@ -5339,41 +5364,50 @@ static void ablation_write_curves(const char *dir, const AblationRun *runs, int 
         kurtosis_log_write(af.f, &logs[i], i == 0, "preset,seed,", prefix, tokens_per_step);
     }
     if (!atomic_close(&af)) die("%s", osp_error);
-    // One line per preset: at each step every seed has measured, the mean of their kurtosis (the
-    // paper's measurement).
+    // Three pictures of column `column` of the logs over training, one line per preset: at each
+    // step every seed has measured, the mean of the seeds (y scaled by `scale`).
+    const struct { const char *file, *title, *y_label; int column; double scale, floor; } plots[3] = {
+        {"kurtosis.svg", "Excess kurtosis of the residual stream during training (each token alone",
+         "excess kurtosis (log scale)", LOG_KURTOSIS_PAPER, 1.0, 1e-3},
+        {"w4a4kv4.svg", "W4A4KV4 RTN perplexity increase during training (no Hadamard",
+         "perplexity increase, % (log scale)", LOG_W4A4KV4, 100.0, 0.1},
+        {"w4a4kv4-had.svg", "W4A4KV4 RTN perplexity increase during training (FFN Hadamard",
+         "perplexity increase, % (log scale)", LOG_W4A4KV4_HAD, 100.0, 0.1}};
     PlotLine lines[N_PRESETS];
     double *xy = xcalloc((size_t)2 * N_PRESETS * (proto->opt.steps + 2), sizeof(double));
-    int n_lines = 0;
-    for (int p = 0; p < N_PRESETS; p++) {
-        double *x = xy + (size_t)2 * n_lines * (proto->opt.steps + 2), *y = x + proto->opt.steps + 2;
-        int n = 0, first = -1, n_seeds = 0;
-        for (int i = 0; i < n_runs; i++)
-            if (runs[i].preset == p) { n_seeds++; if (first < 0) first = i; }
-        for (int r = 0; first >= 0 && r < logs[first].n && n < proto->opt.steps + 2; r++) {
-            int step = logs[first].step[r], seeds = 0;
-            double sum = 0.0;
-            for (int i = 0; i < n_runs; i++) {
-                if (runs[i].preset != p) continue;
-                for (int k = 0; k < logs[i].n; k++)
-                    if (logs[i].step[k] == step) {
-                        sum += logs[i].values[(size_t)k * kurtosis_log_cols(&logs[i]) + LOG_KURTOSIS_PAPER];
-                        seeds++;
-                        break;
-                    }
+    for (int k = 0; k < 3; k++) {
+        int n_lines = 0;
+        for (int p = 0; p < N_PRESETS; p++) {
+            double *x = xy + (size_t)2 * n_lines * (proto->opt.steps + 2), *y = x + proto->opt.steps + 2;
+            int n = 0, first = -1, n_seeds = 0;
+            for (int i = 0; i < n_runs; i++)
+                if (runs[i].preset == p) { n_seeds++; if (first < 0) first = i; }
+            for (int r = 0; first >= 0 && r < logs[first].n && n < proto->opt.steps + 2; r++) {
+                int step = logs[first].step[r], seeds = 0;
+                double sum = 0.0;
+                for (int i = 0; i < n_runs; i++) {
+                    if (runs[i].preset != p) continue;
+                    for (int j = 0; j < logs[i].n; j++)
+                        if (logs[i].step[j] == step) {
+                            sum += logs[i].values[(size_t)j * kurtosis_log_cols(&logs[i]) + plots[k].column];
+                            seeds++;
+                            break;
+                        }
+                }
+                if (seeds < n_seeds) continue;
+                x[n] = step * (double)tokens_per_step / 1e6;
+                y[n++] = plots[k].scale * sum / seeds;
             }
-            if (seeds < n_seeds) continue;
-            x[n] = step * (double)tokens_per_step / 1e6;
-            y[n++] = sum / seeds;
+            if (n > 0) lines[n_lines++] = (PlotLine){presets[p].name, n, x, y};
         }
-        if (n > 0) lines[n_lines++] = (PlotLine){presets[p].name, n, x, y};
+        char title[160];
+        int seeds = n_runs / N_PRESETS;
+        snprintf(path, sizeof path, "%s/%s", dir, plots[k].file);
+        snprintf(title, sizeof title, "%s, mean of %d seed%s)", plots[k].title, seeds, seeds == 1 ? "" : "s");
+        if (!write_svg_plot(path, title, "training tokens (millions)", plots[k].y_label, lines, n_lines,
+                            plots[k].floor))
+            die("%s", osp_error);
     }
-    snprintf(path, sizeof path, "%s/kurtosis.svg", dir);
-    char title[160];
-    snprintf(title, sizeof title, "Excess kurtosis of the residual stream during training (each token alone, "
-             "mean of %d seed%s)", n_runs / N_PRESETS, n_runs / N_PRESETS == 1 ? "" : "s");
-    if (!write_svg_plot(path, title, "training tokens (millions)", "excess kurtosis (log scale)", lines,
-                        n_lines, 1e-3))
-        die("%s", osp_error);
     free(xy);
     for (int i = 0; i < n_runs; i++) kurtosis_log_free(&logs[i]);
     free(logs);

@@ -49,6 +49,18 @@ static void temp_dir_remove(void) {
     if (rmdir(temp_dir) != 0) fprintf(stderr, "test_osp: %s not removed: %s\n", temp_dir, strerror(errno));
 }
 
+// Runs cmd by the shell in the temporary directory; its output (stdout and stderr) to out.
+// Returns the exit status.
+static int run_command(const char *cmd, char *out, size_t size) {
+    char line[PATH_MAX + 1200];
+    snprintf(line, sizeof line, "cd '%s' && %.900s 2>&1", temp_dir, cmd);
+    FILE *p = popen(line, "r");
+    size_t n = p ? fread(out, 1, size - 1, p) : 0;
+    out[n] = '\0';
+    int status = p ? pclose(p) : -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
 // Records one test result and prints its line.
 static void report(bool ok, const char *name, const char *fmt, ...) {
     char detail[400];
@@ -1578,6 +1590,150 @@ static void test_tokenizer_reproducible(void) {
 }
 
 /* ----------------------------------------------------------------------------
+ * The prose corpus: data/corpus.sh's cleaners and its split, on hand-made snippets of each
+ * source's raw format (no network: the download is not tested here)
+ * ------------------------------------------------------------------------- */
+
+// { SOURCE, raw input, expected output of `sh data/corpus.sh clean SOURCE` }
+static const struct { const char *source, *input, *expected; } clean_cases[] = {
+{ "sotu",
+  "Fellow-Citizens of the Senate: I thank you. (Applause.) Our Union is strong [Laughter]"
+  " and our work\342\200\224(applause)\342\200\224is not done. It\342\200\231s true [p.3]"
+  " that we owe nobody [sic]. [1]",
+  "Fellow-Citizens of the Senate: I thank you. Our Union is strong and our work--is not done."
+  " It's true that we owe nobody.\n" },
+{ "brown",
+  "\n\nHarbor/nn-hl opens/vbz-hl \n"
+  "\tThe/at mayor/nn said/vbd ``/`` we/ppss won't/md* stop/vb ''/'' ./.\n"
+  "He/pps met/vbd John/np Smith/np Jr./np ./.\n\n\n"
+  "\tA/at note/nn (/( small/jj )/) ,/, marked/vbn '/' done/vbn '/' ;/. ok/uh ?/.\n\n",
+  "Harbor opens\n\n"
+  "The mayor said \"we won't stop\". He met John Smith Jr.\n\n"
+  "A note (small), marked 'done'; ok?\n" },
+{ "moby",
+  "CHAPTER 7. The Harbour.\n\n"
+  "The boats lay still\342\200\224three of them\342\200\224in the grey water.\n\n\n"
+  "  Sing, sailors, sing,   The wind is on the wing.\n",
+  "The boats lay still--three of them--in the grey water.\n\n"
+  "Sing, sailors, sing, The wind is on the wing.\n" },
+{ "austen",
+  "A SHORT TALE\n\nBy Somebody\n\n\n\nVOLUME I\n\n\n\nCHAPTER I\n\n\n"
+  "Miss Price was _very_ glad.\n\n\n\nCHAPTER II\n\n"
+  "She walked out.\n\n* * * * *\n\nIt rained.\n\n\n\nFINIS\n",
+  "Miss Price was very glad.\n\n\n"
+  "She walked out.\n\nIt rained.\n" },
+{ "kjv",
+  "Holy Bible, a test text.\n"
+  "Ge1:1 In the first verse.\n"
+  "Ge1:2 And the second; it ends.\n"
+  "Ge2:1 A new chapter begins.\n"
+  "1Jn1:1 That which was from the beginning.\n",
+  "In the first verse. And the second; it ends.\n\n\n"
+  "A new chapter begins.\n\n\n"
+  "That which was from the beginning.\n" },
+{ "fortunes",
+  "A penny saved is\ta penny earned.\n\t\t-- Somebody Frugal\n%\n"
+  "  /\\_/\\\n ( o.o )\n  > ^ <\n%\n"
+  "This is _\b_\b_\bnot a drill.\r\n%\n"
+  "Broken \303\242\302\200\302\231quote.\n%\n"
+  "\342\200\234Quoted,\342\200\235 she said.\n\n\n\nTwice.\n%\n",
+  "A penny saved is a penny earned.\n-- Somebody Frugal\n\n\n"
+  "This is not a drill.\n\n\n"
+  "\"Quoted,\" she said.\n\nTwice.\n" },
+{ "devil",
+  "\n00-database-short\n     A Test Dictionary\n\n"
+  "            THE TEST DICTIONARY\n\n"
+  "                              PREFACE\n\n"
+  "This little book was _begun_ on a Tuesday\nand finished on a Monday.\n\n"
+  "APPLE, n.  A fruit that\nkeeps the doctor away.\n\n"
+  "    An apple a day,\n    So people say.\n                        A.B.\n\n"
+  "BOOK, n.  A thing to read.\n\n"
+  " abcdefghijklmnopqrstuvwxyz\n",
+  "This little book was begun on a Tuesday\nand finished on a Monday.\n\n\n"
+  "APPLE, n. A fruit that\nkeeps the doctor away.\n\nAn apple a day,\nSo people say.\nA.B.\n\n\n"
+  "BOOK, n. A thing to read.\n" },
+{ "jargon",
+  "\n\n00-database-dictfmt-1.13.0\nhttp://example.org/lexicon\n00-database-short\n"
+  "     Test Lexicon\nNotice: this text is free.\n\n"
+  "foo\n /foo/, n.\n\n"
+  "    A {metasyntactic} word; see also {\n    bar}.\n\n"
+  "       +---+---+---+\n       |###|###|###|\n       +---+---+---+\n\n"
+  "    B\n\n"
+  "bar\n n.\n\n"
+  "    The usual second word.\n"
+  "    \342\226\241 first item\n\n"
+  " !$&'()*+,-./0123456789>?@[]abcdefghijklmnopqrstuvwxyz|~\n",
+  "foo\n\nA metasyntactic word; see also\nbar.\n\n\n"
+  "bar\n\nThe usual second word.\n- first item\n" },
+};
+
+// Runs `sh data/corpus.sh ARGS` in the temporary directory (from the repository, where make test
+// runs); its stdout to out. Returns the exit status.
+static int corpus_script(const char *args, char *out, size_t size) {
+    char script[PATH_MAX], cmd[PATH_MAX + 600];
+    if (!realpath("data/corpus.sh", script)) { snprintf(out, size, "no data/corpus.sh"); return -1; }
+    snprintf(cmd, sizeof cmd, "sh '%s' %s", script, args);
+    return run_command(cmd, out, size);
+}
+
+static void test_corpus_cleaning(void) {
+    int n = (int)(sizeof clean_cases / sizeof clean_cases[0]), good = 0;
+    char bad[200] = "", args[200];
+    static char out[4096];
+    const char *input = temp_path("corpus_raw.txt");
+    for (int i = 0; i < n; i++) {
+        FILE *f = fopen(input, "wb");
+        fputs(clean_cases[i].input, f);
+        fclose(f);
+        snprintf(args, sizeof args, "clean %s < corpus_raw.txt", clean_cases[i].source);
+        if (corpus_script(args, out, sizeof out) == 0 && !strcmp(out, clean_cases[i].expected)) good++;
+        else snprintf(bad + strlen(bad), sizeof bad - strlen(bad), " %s", clean_cases[i].source);
+    }
+    bool refused = corpus_script("clean nosuch < corpus_raw.txt", out, sizeof out) != 0 && strstr(out, "nosuch");
+    report(good == n && refused, "corpus: each source's cleaner on its format",
+           "%d of %d sources as expected%s%s; an unknown source %s", good, n, *bad ? ", WRONG:" : "", bad,
+           refused ? "refused" : "NOT REFUSED");
+}
+
+// Two sources of documents separated by two blank lines: a (21 documents, one of two paragraphs)
+// and b (a duplicate, then 2 documents).
+static const char split_a_docs[] =
+  "a1\n\n\na2\n\n\na3 first paragraph\n\na3 second paragraph\n\n\n"
+  "a4\n\n\na5\n\n\na6\n\n\na7\n\n\na8\n\n\na9\n\n\na10\n\n\n"
+  "a11\n\n\na12\n\n\na13\n\n\na14\n\n\na15\n\n\na16\n\n\na17\n\n\na18\n\n\na19\n\n\n"
+  "a20\n\n\na21\n";
+static const char split_b_docs[] =
+  "\nb1\n\n\n\n\nb1\n\n\nb2\n\n";
+
+// The expected splits: every 20th document of a source held out (a source of fewer gives its
+// last), duplicates dropped, documents in the order of their sha256, two blank lines between.
+static const char split_train_txt[] =
+  "a1\n\n\na5\n\n\na15\n\n\na2\n\n\na21\n\n\na11\n\n\na6\n\n\na14\n\n\na13\n\n\na4\n\n\na3 first paragraph\n\na3 second paragraph\n\n\na9\n\n\na12\n\n\na7\n\n\na8\n\n\na16\n\n\na19\n\n\nb1\n\n\na10\n\n\na17\n\n\na18\n";
+static const char split_val_txt[] =
+  "a20\n\n\nb2\n";
+
+static void test_corpus_split(void) {
+    const char *a = temp_path("a.docs"), *b = temp_path("b.docs"), *train = temp_path("train.txt"),
+               *val = temp_path("val.txt");
+    FILE *f = fopen(a, "wb");
+    fputs(split_a_docs, f);
+    fclose(f);
+    f = fopen(b, "wb");
+    fputs(split_b_docs, f);
+    fclose(f);
+    static char out[4096];
+    int status = corpus_script("split . a.docs b.docs", out, sizeof out);
+    size_t n_train = 0, n_val = 0;
+    unsigned char *t = read_file(train, &n_train), *v = read_file(val, &n_val);
+    bool train_ok = t && n_train == strlen(split_train_txt) && !memcmp(t, split_train_txt, n_train);
+    bool val_ok = v && n_val == strlen(split_val_txt) && !memcmp(v, split_val_txt, n_val);
+    report(status == 0 && train_ok && val_ok, "corpus: documents kept whole, held out per source",
+           "train %s, val %s (a: 21 documents, a20 held out; b: duplicate dropped, its last held out)",
+           train_ok ? "as expected" : "WRONG", val_ok ? "as expected" : "WRONG");
+    free(t); free(v);
+}
+
+/* ----------------------------------------------------------------------------
  * Checkpoints and bad files
  * ------------------------------------------------------------------------- */
 
@@ -3036,18 +3192,6 @@ static void test_svg_channels(void) {
  * Commands, run as a user runs them
  * ------------------------------------------------------------------------- */
 
-// Runs the command line `cmd` (through the shell, in the temporary directory) and returns its
-// exit status; its output goes to out [size].
-static int run_command(const char *cmd, char *out, size_t size) {
-    char line[PATH_MAX + 1200];
-    snprintf(line, sizeof line, "cd '%s' && %.900s 2>&1", temp_dir, cmd);
-    FILE *p = popen(line, "r");
-    size_t n = p ? fread(out, 1, size - 1, p) : 0;
-    out[n] = '\0';
-    int status = p ? pclose(p) : -1;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
-
 // The commands, run as a user runs them (./osp, built by make test): each refuses an output
 // that is one of its inputs, however spelled, leaving the input as it was; a failed prepare
 // leaves no train split; a vocab mismatch names the file that does not match.
@@ -3152,6 +3296,8 @@ static void run_all(uint64_t *rng) {
     test_tokenizer_merge_order();
     test_tokenizer_file();
     if (!quick) test_tokenizer_reproducible();
+    test_corpus_cleaning();
+    test_corpus_split();
     for (int p = 0; p < N_PRESETS; p++) test_checkpoint_resume(p);
     test_bad_files();
     test_checkpoint_header_checks();
