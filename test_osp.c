@@ -1689,7 +1689,8 @@ static void test_corpus_cleaning(void) {
         if (corpus_script(args, out, sizeof out) == 0 && !strcmp(out, clean_cases[i].expected)) good++;
         else snprintf(bad + strlen(bad), sizeof bad - strlen(bad), " %s", clean_cases[i].source);
     }
-    bool refused = corpus_script("clean nosuch < corpus_raw.txt", out, sizeof out) != 0 && strstr(out, "nosuch");
+    bool refused = corpus_script("clean nosuch < corpus_raw.txt", out, sizeof out) != 0
+                   && strstr(out, "nosuch");
     report(good == n && refused, "corpus: each source's cleaner on its format",
            "%d of %d sources as expected%s%s; an unknown source %s", good, n, *bad ? ", WRONG:" : "", bad,
            refused ? "refused" : "NOT REFUSED");
@@ -1708,7 +1709,9 @@ static const char split_b_docs[] =
 // The expected splits: every 20th document of a source held out (a source of fewer gives its
 // last), duplicates dropped, documents in the order of their sha256, two blank lines between.
 static const char split_train_txt[] =
-  "a1\n\n\na5\n\n\na15\n\n\na2\n\n\na21\n\n\na11\n\n\na6\n\n\na14\n\n\na13\n\n\na4\n\n\na3 first paragraph\n\na3 second paragraph\n\n\na9\n\n\na12\n\n\na7\n\n\na8\n\n\na16\n\n\na19\n\n\nb1\n\n\na10\n\n\na17\n\n\na18\n";
+  "a1\n\n\na5\n\n\na15\n\n\na2\n\n\na21\n\n\na11\n\n\na6\n\n\na14\n\n\na13\n\n\na4\n\n\n"
+  "a3 first paragraph\n\na3 second paragraph\n\n\na9\n\n\na12\n\n\na7\n\n\na8\n\n\na16\n\n\n"
+  "a19\n\n\nb1\n\n\na10\n\n\na17\n\n\na18\n";
 static const char split_val_txt[] =
   "a20\n\n\nb2\n";
 
@@ -3046,6 +3049,41 @@ static void test_ablation_results_file(void) {
     remove(path);
 }
 
+// The paper's effect checked: each claim met on a hand-made case that meets them all, and
+// missed when one figure crosses its threshold (dim 96: the kurtosis ceiling 93).
+static void test_paper_claims(void) {
+    const ClaimFigures adam = {24.0, 10.0, 20.0, 14.0}, osp = {0.2, 10.5, 12.0, 11.0};
+    // field: 0 kurtosis, 1 fp ppl, 2 4-4-4 ppl, 3 + Had.
+    const struct { bool of_osp; int field; double set; const char *line; } misses[] = {
+        {false, 0, 23.0, "  kurtosis     missed"},   // 25% of 93 is 23.25
+        {true, 0, 0.25, "  kurtosis     missed"},    // 96x osp's
+        {false, 2, 19.9, "  4-4-4 RTN    missed"},   // adam +99%
+        {true, 2, 12.7, "  4-4-4 RTN    missed"},    // osp +21%
+        {true, 3, 14.0, "  4-4-4 +Had.  missed"},    // not below adam's
+        {true, 1, 10.6, "  fp ppl       missed"},    // 6% above adam's
+    };
+    int n_cases = (int)(sizeof misses / sizeof misses[0]), good = 0;
+    for (int c = -1; c < n_cases; c++) {
+        ClaimFigures fig[2] = {adam, osp};
+        ClaimFigures *g = &fig[c >= 0 && misses[c].of_osp];
+        double *field[4] = {&g->kurtosis_paper, &g->fp_ppl, &g->ppl_444, &g->ppl_444_had};
+        if (c >= 0) *field[misses[c].field] = misses[c].set;
+        char out[2048];
+        FILE *f = tmpfile();
+        if (!f) break;
+        print_paper_claims(f, fig[0], fig[1], 96);
+        rewind(f);
+        out[fread(out, 1, sizeof out - 1, f)] = '\0';
+        fclose(f);
+        int missed = 0;
+        for (char *p = out; (p = strstr(p, "missed")); p++) missed++;
+        good += c < 0 ? missed == 0 && strstr(out, "  kurtosis     met") != NULL
+                      : missed == 1 && strstr(out, misses[c].line) != NULL;
+    }
+    report(good == n_cases + 1, "the paper's effect: each claim met and missed",
+           "%d of %d cases as expected", good, n_cases + 1);
+}
+
 // results.csv's diverged_step and a kurtosis CSV's step are integers in range.
 static void test_results_integers(void) {
     const char *path = temp_path("ints_results.csv");
@@ -3317,6 +3355,7 @@ static void run_all(uint64_t *rng) {
     test_sampling(rng);
     test_generate();
     test_ablation_results_file();
+    test_paper_claims();
     test_results_integers();
     test_svg_plot();
     test_svg_channels();
