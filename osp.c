@@ -5547,9 +5547,9 @@ static int cmd_ablation(int argc, char **argv) {
     int n_chosen = 0;
     for (int p = 0; p < N_PRESETS; p++) n_chosen += chosen[p];
     if (n_chosen == 0) die("--presets names no preset");
-    printf("ablation: %d runs (%d preset%s x %d seed%s), %d steps each, in %s; progress every 25 steps, "
-           "details in the logs\n", n_chosen * n_seeds, n_chosen, n_chosen == 1 ? "" : "s", n_seeds,
-           n_seeds == 1 ? "" : "s", proto.opt.steps, dir);
+    printf("ablation: %d run%s (%d preset%s x %d seed%s), %d steps each, in %s; progress every 25 steps, "
+           "details in the logs\n", n_chosen * n_seeds, n_chosen * n_seeds == 1 ? "" : "s", n_chosen,
+           n_chosen == 1 ? "" : "s", n_seeds, n_seeds == 1 ? "" : "s", proto.opt.steps, dir);
     for (int i = 0; i < n_runs; i++) {
         AblationRun *r = &runs[i];
         if (!r->chosen) continue;
