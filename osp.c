@@ -948,7 +948,8 @@ static float model_forward(Model *m, const int *inputs, const int *targets, int 
         // attention: norm, Q K V projections, RoPE, causal softmax attention, output projection
         rmsnorm_forward(s.attn_norm, s.attn_rstd, s.x, w.attn_norm, gs, N, d);
         quantize_asymmetric(s.attn_norm, Nd, d, fq->abits);
-        matmuls_same_input(3, (float *[]){ s.q, s.k, s.v }, s.attn_norm,   // q, k, v = n·Wqᵀ, n·Wkᵀ, n·Wvᵀ
+        // q, k, v = n·Wqᵀ, n·Wkᵀ, n·Wvᵀ
+        matmuls_same_input(3, (float *[]){ s.q, s.k, s.v }, s.attn_norm,
                            (const float *[]){ w.wq, w.wk, w.wv }, N, d, (int[]){ d, kvd, kvd });
         rope_forward(s.q, s.k, m->rope_cos, m->rope_sin, B, T, H, KVH, hd);
         if (fq->kvbits < QUANT_OFF) {   // rotating both q and k by H leaves every q·k unchanged
@@ -3855,9 +3856,10 @@ static void print_paper_claims(FILE *f, ClaimFigures adam, ClaimFigures osp, int
     fprintf(f, "\nthe paper's effect, adam against osp, as this project states it:\n");
     fprintf(f, "  kurtosis     %-6s adam %.2f: %.0fx osp's, %.0f%% of its ceiling %.0f "
                "(claim: >= 100x and >= 25%%)\n",
-            verdict[adam.kurtosis_paper >= 100 * osp.kurtosis_paper && adam.kurtosis_paper >= 0.25 * ceiling],
-            adam.kurtosis_paper, adam.kurtosis_paper / osp.kurtosis_paper, 100 * adam.kurtosis_paper / ceiling,
-            ceiling);
+            verdict[adam.kurtosis_paper >= 100 * osp.kurtosis_paper
+                    && adam.kurtosis_paper >= 0.25 * ceiling],
+            adam.kurtosis_paper, adam.kurtosis_paper / osp.kurtosis_paper,
+            100 * adam.kurtosis_paper / ceiling, ceiling);
     fprintf(f, "  4-4-4 RTN    %-6s adam %+.1f%%, osp %+.1f%% (claim: adam's perplexity at least doubles, "
                "osp's rises <= 20%%)\n", verdict[rtn[0] >= 100 && rtn[1] <= 20], rtn[0], rtn[1]);
     fprintf(f, "  4-4-4 +Had.  %-6s osp %.2f, adam %.2f (claim: osp's perplexity below adam's)\n",
@@ -5166,7 +5168,8 @@ static void ablation_path(char *buf, size_t size, const char *dir, const Ablatio
         die("path too long in '%s'", dir);
 }
 
-// Starts a progress line about run i, numbered among the chosen runs: "run  3/12 muon         seed 1337  | ".
+// Starts a progress line about run i, numbered among the chosen runs:
+// "run  3/12 muon         seed 1337  | ".
 static void print_run_prefix(const AblationRun *runs, int n_runs, int i) {
     int k = 0, n = 0;
     for (int j = 0; j < n_runs; j++) {
@@ -5275,34 +5278,40 @@ static double ablation_value(const AblationRun *r, int col, bool increase) {
     }
 }
 
-// Prints "mean ±half-range" of one column over a preset's evaluated runs (one seed: the value).
-static void print_spread(FILE *f, const AblationRun *runs, int n_runs, int preset, int col, bool increase,
-                         int width, int decimals) {
-    double lo = INFINITY, hi = -INFINITY, sum = 0.0;
+// Mean, lowest and highest of one column over a preset's evaluated runs with a finite value;
+// returns how many there are (the mean is NAN if none).
+static int preset_stats(const AblationRun *runs, int n_runs, int preset, int col, bool increase,
+                        double *mean, double *lo, double *hi) {
+    double sum = 0.0;
     int n = 0;
+    *lo = INFINITY; *hi = -INFINITY;
     for (int i = 0; i < n_runs; i++) {
         if (runs[i].preset != preset || !runs[i].evaluated) continue;
         double v = ablation_value(&runs[i], col, increase);
         if (!isfinite(v)) continue;
-        lo = fmin(lo, v); hi = fmax(hi, v); sum += v; n++;
+        *lo = fmin(*lo, v); *hi = fmax(*hi, v); sum += v; n++;
     }
+    *mean = n ? sum / n : NAN;
+    return n;
+}
+
+// Prints "mean ±half-range" of one column over a preset's evaluated runs (one seed: the value).
+static void print_spread(FILE *f, const AblationRun *runs, int n_runs, int preset, int col, bool increase,
+                         int width, int decimals) {
+    double mean, lo, hi;
+    int n = preset_stats(runs, n_runs, preset, col, increase, &mean, &lo, &hi);
     char cell[64];
     if (n == 0) snprintf(cell, sizeof cell, "-");
-    else if (n == 1) snprintf(cell, sizeof cell, "%.*f", decimals, sum);
-    else snprintf(cell, sizeof cell, "%.*f ±%.*f", decimals, sum / n, decimals, (hi - lo) / 2);
+    else if (n == 1) snprintf(cell, sizeof cell, "%.*f", decimals, mean);
+    else snprintf(cell, sizeof cell, "%.*f ±%.*f", decimals, mean, decimals, (hi - lo) / 2);
     fprintf(f, " %*s", width + (n > 1 ? 1 : 0), cell);   // "±" is two bytes in UTF-8, one column
 }
 
 // The mean of one column over a preset's evaluated runs (NAN if none).
 static double preset_mean(const AblationRun *runs, int n_runs, int preset, int col, bool increase) {
-    double sum = 0.0;
-    int n = 0;
-    for (int i = 0; i < n_runs; i++)
-        if (runs[i].preset == preset && runs[i].evaluated) {
-            sum += ablation_value(&runs[i], col, increase);
-            n++;
-        }
-    return n ? sum / n : NAN;
+    double mean, lo, hi;
+    preset_stats(runs, n_runs, preset, col, increase, &mean, &lo, &hi);
+    return mean;
 }
 
 // Whether any run of preset p has been evaluated or has diverged (its row has something to show).
@@ -5647,8 +5656,8 @@ static int cmd_ablation(int argc, char **argv) {
     if (!atomic_close(&af)) die("%s", osp_error);
     printf("\n");
     print_ablation_table(stdout, runs, n_runs, &proto, n_seeds);
-    printf("\nwrote %s/{results.csv, kurtosis.csv, kurtosis.svg, w4a4kv4.svg, w4a4kv4-had.svg, activations.svg, "
-           "table.txt}\n", dir);
+    printf("\nwrote %s/{results.csv, kurtosis.csv, kurtosis.svg, w4a4kv4.svg, w4a4kv4-had.svg, "
+           "activations.svg, table.txt}\n", dir);
     free(runs); free(steps_left); free(eval_left);
     free(train.tokens); free(val.tokens);
     tokenizer_free(&tok);
