@@ -4003,8 +4003,7 @@ static bool write_svg_plot(const char *path, const char *title, const char *x_la
     AtomicFile af;
     if (!svg_open(&af, path, W, H)) return false;
     FILE *f = af.f;
-    fprintf(f, "<text x=\"%.1f\" y=\"28\" text-anchor=\"middle\" font-size=\"16\">%s</text>\n",
-            left + fr.width / 2, title);
+    fprintf(f, "<text x=\"%.1f\" y=\"28\" text-anchor=\"middle\" font-size=\"16\">%s</text>\n", W / 2, title);
     // y: a grid line and label per decade, minor ticks at 2..9.
     for (int d = fr.dec_lo; d <= fr.dec_hi; d++) {
         double py = plot_y(&fr, d);
@@ -5428,11 +5427,11 @@ static void ablation_write_curves(const char *dir, const AblationRun *runs, int 
     // Three pictures of column `column` of the logs over training, one line per preset: at each
     // step every seed has measured, the mean of the seeds (y scaled by `scale`).
     const struct { const char *file, *title, *y_label; int column; double scale, floor; } plots[3] = {
-        {"kurtosis.svg", "Excess kurtosis of the residual stream during training (each token alone",
+        {"kurtosis.svg", "Excess kurtosis of the residual stream (each token alone",
          "excess kurtosis (log scale)", LOG_KURTOSIS_PAPER, 1.0, 1e-3},
-        {"w4a4kv4.svg", "W4A4KV4 RTN perplexity increase during training (no Hadamard",
+        {"w4a4kv4.svg", "W4A4KV4 RTN perplexity increase (no Hadamard",
          "perplexity increase, % (log scale)", LOG_W4A4KV4, 100.0, 0.1},
-        {"w4a4kv4-had.svg", "W4A4KV4 RTN perplexity increase during training (FFN Hadamard",
+        {"w4a4kv4-had.svg", "W4A4KV4 RTN perplexity increase (FFN Hadamard",
          "perplexity increase, % (log scale)", LOG_W4A4KV4_HAD, 100.0, 0.1}};
     PlotLine lines[N_PRESETS];
     double *xy = xcalloc((size_t)2 * N_PRESETS * (proto->opt.steps + 2), sizeof(double));
