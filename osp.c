@@ -184,7 +184,8 @@ static void gram_matrix(float *g, const float *x, int r, int c);
 static void matrix_product(float *out, const float *a, const float *b, int M, int K, int N);
 
 // A scratch buffer of `floats` floats for the calling thread, one per use, kept for the next call.
-enum { WORKSPACE_SCORES, WORKSPACE_MUON, WORKSPACE_PANEL, N_WORKSPACES };   // attention, Muon, the kernel
+// Uses: attention's scores, Muon, the kernel's panel, gemm_parallel's packed B.
+enum { WORKSPACE_SCORES, WORKSPACE_MUON, WORKSPACE_PANEL, WORKSPACE_PACKED, N_WORKSPACES };
 static float *workspace(int which, size_t floats);
 
 // The 4-bit evaluation's two steps beyond round-to-nearest (Part II: GPTQ and the rotation).
@@ -2058,6 +2059,7 @@ typedef struct {
     int M, N, K;
     bool accumulate;                   // C += A·B instead of C = A·B
     int shape;                         // GEMM_FULL or a triangle
+    const float *packed;               // B already packed, panel after panel (gemm_parallel), or NULL
 } Gemm;
 
 // Per-thread work space, grown as needed and never freed, so that allocation stays out of the
@@ -2102,6 +2104,17 @@ static inline void gemm_tile(float *restrict c, size_t ldc, const float *a, size
     }
 }
 
+static bool gemm_needs_packing(const Gemm *g) { return g->b_col != 1 || g->N % GEMM_NR != 0; }
+
+// Packs column panel `panel` of B: buf[k][j] = B[k][16·panel + j] for k < K, j < 16, zero beyond N.
+static void gemm_pack_panel(float *buf, const Gemm *g, int panel) {
+    int j0 = panel * GEMM_NR, nr = g->N - j0 < GEMM_NR ? g->N - j0 : GEMM_NR;
+    const float *p = g->b + (size_t)j0 * g->b_col;
+    for (int k = 0; k < g->K; k++)
+        for (int j = 0; j < GEMM_NR; j++)
+            buf[(size_t)k * GEMM_NR + j] = j < nr ? p[(size_t)k * g->b_row + (size_t)j * g->b_col] : 0.0f;
+}
+
 // Rows [i_begin, i_end) of column panel `panel` (columns 16·panel ...) of a product, on the
 // calling thread. i_begin is a multiple of GEMM_MR, so tiles sit at the same rows however the
 // rows are split (the triangles rely on that).
@@ -2110,11 +2123,12 @@ static void gemm_block(const Gemm *g, int panel, int i_begin, int i_end) {
     if (g->shape == GEMM_LOWER && j0 > i_end - 1) return;
     const float *p = g->b + (size_t)j0 * g->b_col;
     size_t p_row = g->b_row;
-    if (g->b_col != 1 || nr < GEMM_NR) {   // pack: buf[k][j] = B[k][j0 + j], zero beyond N
+    if (g->packed) {
+        p = g->packed + (size_t)panel * g->K * GEMM_NR;
+        p_row = GEMM_NR;
+    } else if (gemm_needs_packing(g)) {
         float *buf = workspace(WORKSPACE_PANEL, (size_t)g->K * GEMM_NR);
-        for (int k = 0; k < g->K; k++)
-            for (int j = 0; j < GEMM_NR; j++)
-                buf[k * GEMM_NR + j] = j < nr ? p[(size_t)k * g->b_row + (size_t)j * g->b_col] : 0.0f;
+        gemm_pack_panel(buf, g, panel);
         p = buf;
         p_row = GEMM_NR;
     }
@@ -2140,9 +2154,23 @@ static void gemm_serial(const Gemm *g) {
 // program simply takes fewer. Products that write the same C must be consecutive in g (a
 // "chain", same M and N): each item runs the chain in order, so every element of C still
 // receives the products' sums in a fixed order.
-static void gemm_parallel(const Gemm *g, int n) {
+static void gemm_parallel(const Gemm *products, int n) {
     int chain[GEMM_MAX_BATCH], first_item[GEMM_MAX_BATCH + 1] = {0}, chains = 0;
     if (n > GEMM_MAX_BATCH) die("internal: gemm_parallel of %d products", n);
+    // A B that needs packing is packed once here, all its panels, not once per work item.
+    Gemm g[GEMM_MAX_BATCH];
+    size_t packed_floats = 0;
+    for (int p = 0; p < n; p++)
+        if (gemm_needs_packing(&products[p]))
+            packed_floats += (size_t)products[p].K * ((products[p].N + GEMM_NR - 1) / GEMM_NR * GEMM_NR);
+    float *packed = packed_floats ? workspace(WORKSPACE_PACKED, packed_floats) : NULL;
+    for (int p = 0; p < n; p++) {
+        g[p] = products[p];
+        if (!gemm_needs_packing(&g[p])) continue;
+        g[p].packed = packed;
+        for (int panel = 0; panel * GEMM_NR < g[p].N; panel++, packed += (size_t)g[p].K * GEMM_NR)
+            gemm_pack_panel(packed, &g[p], panel);
+    }
     for (int p = 0; p < n; p++) {
         if (p > 0 && g[p].c == g[p - 1].c) continue;
         int panels = (g[p].N + GEMM_NR - 1) / GEMM_NR;
@@ -2174,7 +2202,7 @@ static void matmuls_same_input(int n, float *const *out, const float *x, const f
     Gemm g[GEMM_MAX_BATCH];   // B[k][j] = w[j][k]
     for (int p = 0; p < n; p++)
         g[p] = (Gemm){out[p], (size_t)OC[p], x, (size_t)C, 1, w[p], 1, (size_t)C, N, OC[p], C, false,
-                      GEMM_FULL};
+                      GEMM_FULL, NULL};
     gemm_parallel(g, n);
     if (profiling) matmul_seconds[0] += now_seconds() - t0;
 }
@@ -2191,9 +2219,9 @@ static void matmuls_same_input_backward(int n, float *dx, float *const *dw, cons
     Gemm g[GEMM_MAX_BATCH];
     for (int p = 0; p < n; p++) {
         g[p] = (Gemm){dw[p], (size_t)C, dout[p], 1, (size_t)OC[p], x, (size_t)C, 1, OC[p], C, N, true,
-                      GEMM_FULL};
+                      GEMM_FULL, NULL};
         g[n + p] = (Gemm){dx, (size_t)C, dout[p], (size_t)OC[p], 1, w[p], (size_t)C, 1, N, C, OC[p], true,
-                          GEMM_FULL};
+                          GEMM_FULL, NULL};
     }
     gemm_parallel(g, 2 * n);
     if (profiling) matmul_seconds[1] += now_seconds() - t0;
@@ -2207,7 +2235,7 @@ static void matmul_backward(float *dx, float *dw, const float *dout, const float
 // The causal products: only the triangle on and below the diagonal is computed or read.
 static void causal_scores(float *s, const float *a, size_t a_row, const float *b, size_t b_row, int T,
                           int n) {
-    gemm_serial(&(Gemm){s, (size_t)T, a, a_row, 1, b, 1, b_row, T, T, n, false, GEMM_LOWER});
+    gemm_serial(&(Gemm){s, (size_t)T, a, a_row, 1, b, 1, b_row, T, T, n, false, GEMM_LOWER, NULL});
     for (int t = 0; t < T; t++) {   // zeros right of the diagonal up to the end of row t's tile,
         int tile_end = (t / GEMM_MR + 1) * GEMM_MR;   // as far as GEMM_A_LOWER and _UPPER read
         for (int u = t + 1; u < tile_end && u < T; u++) s[(size_t)t * T + u] = 0.0f;
@@ -2216,25 +2244,25 @@ static void causal_scores(float *s, const float *a, size_t a_row, const float *b
 
 static void causal_mix(float *out, size_t out_row, const float *p, const float *v, size_t v_row, int T,
                        int n) {
-    gemm_serial(&(Gemm){out, out_row, p, (size_t)T, 1, v, v_row, 1, T, n, T, false, GEMM_A_LOWER});
+    gemm_serial(&(Gemm){out, out_row, p, (size_t)T, 1, v, v_row, 1, T, n, T, false, GEMM_A_LOWER, NULL});
 }
 
 static void causal_mix_add(float *out, size_t out_row, const float *p, const float *v, size_t v_row, int T,
                            int n) {
-    gemm_serial(&(Gemm){out, out_row, p, (size_t)T, 1, v, v_row, 1, T, n, T, true, GEMM_A_LOWER});
+    gemm_serial(&(Gemm){out, out_row, p, (size_t)T, 1, v, v_row, 1, T, n, T, true, GEMM_A_LOWER, NULL});
 }
 
 static void causal_mix_transposed_add(float *out, size_t out_row, const float *p, const float *v,
                                       size_t v_row, int T, int n) {   // A[i][k] = p[k][i]
-    gemm_serial(&(Gemm){out, out_row, p, 1, (size_t)T, v, v_row, 1, T, n, T, true, GEMM_A_UPPER});
+    gemm_serial(&(Gemm){out, out_row, p, 1, (size_t)T, v, v_row, 1, T, n, T, true, GEMM_A_UPPER, NULL});
 }
 
 static void gram_matrix(float *g, const float *x, int r, int c) {   // B[k][j] = x[j][k]
-    gemm_serial(&(Gemm){g, (size_t)r, x, (size_t)c, 1, x, 1, (size_t)c, r, r, c, false, GEMM_FULL});
+    gemm_serial(&(Gemm){g, (size_t)r, x, (size_t)c, 1, x, 1, (size_t)c, r, r, c, false, GEMM_FULL, NULL});
 }
 
 static void matrix_product(float *out, const float *a, const float *b, int M, int K, int N) {
-    gemm_serial(&(Gemm){out, (size_t)N, a, (size_t)K, 1, b, (size_t)N, 1, M, N, K, false, GEMM_FULL});
+    gemm_serial(&(Gemm){out, (size_t)N, a, (size_t)K, 1, b, (size_t)N, 1, M, N, K, false, GEMM_FULL, NULL});
 }
 
 // The plain loops of attention, forward and backward: the reference for attention_forward and
@@ -3038,7 +3066,7 @@ static bool gptq_quantize(float *w, int rows, int cols, double *h, int bits, boo
 // H [n, n] += 2·XᵀX for one batch of a matrix's inputs x [tokens, n] (the product in float,
 // summed in double across batches). scratch holds n·n floats.
 static void hessian_accumulate(double *h, float *scratch, const float *x, int tokens, int n) {
-    Gemm g = {scratch, (size_t)n, x, 1, (size_t)n, x, (size_t)n, 1, n, n, tokens, false, GEMM_FULL};
+    Gemm g = {scratch, (size_t)n, x, 1, (size_t)n, x, (size_t)n, 1, n, n, tokens, false, GEMM_FULL, NULL};
     gemm_parallel(&g, 1);
     for (size_t i = 0; i < (size_t)n * n; i++) h[i] += 2.0 * scratch[i];
 }
