@@ -1,6 +1,6 @@
 # osp.c build. `make` builds ./osp; `make test` runs the test suite; `make run` trains and samples;
 # `make ablation` reproduces the paper's ablation (about 50 minutes on 2 cores).
-# `make reproduce` trains adam and osp longer on a prose corpus (`make corpus`): about 2 hours.
+# `make reproduce` trains adam and osp longer on a prose corpus (`make corpus`).
 CC ?= cc
 CFLAGS ?= -O3 -std=c11 -Wall -Wextra
 # Strict -std=c11 turns off fusing a*b+c into one FMA instruction; the kernels need it.

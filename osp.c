@@ -2104,6 +2104,7 @@ static inline void gemm_tile(float *restrict c, size_t ldc, const float *a, size
     }
 }
 
+static int gemm_panels(const Gemm *g) { return (g->N + GEMM_NR - 1) / GEMM_NR; }   // column panels of C
 static bool gemm_needs_packing(const Gemm *g) { return g->b_col != 1 || g->N % GEMM_NR != 0; }
 
 // Packs column panel `panel` of B: buf[k][j] = B[k][16·panel + j] for k < K, j < 16, zero beyond N.
@@ -2144,7 +2145,7 @@ static void gemm_block(const Gemm *g, int panel, int i_begin, int i_end) {
 
 // A whole product on the calling thread (for callers that are themselves split over threads).
 static void gemm_serial(const Gemm *g) {
-    for (int panel = 0; panel * GEMM_NR < g->N; panel++) gemm_block(g, panel, 0, g->M);
+    for (int panel = 0; panel < gemm_panels(g); panel++) gemm_block(g, panel, 0, g->M);
 }
 
 #define GEMM_MAX_BATCH 8
@@ -2162,18 +2163,18 @@ static void gemm_parallel(const Gemm *products, int n) {
     size_t packed_floats = 0;
     for (int p = 0; p < n; p++)
         if (gemm_needs_packing(&products[p]))
-            packed_floats += (size_t)products[p].K * ((products[p].N + GEMM_NR - 1) / GEMM_NR * GEMM_NR);
+            packed_floats += (size_t)products[p].K * GEMM_NR * gemm_panels(&products[p]);
     float *packed = packed_floats ? workspace(WORKSPACE_PACKED, packed_floats) : NULL;
     for (int p = 0; p < n; p++) {
         g[p] = products[p];
         if (!gemm_needs_packing(&g[p])) continue;
         g[p].packed = packed;
-        for (int panel = 0; panel * GEMM_NR < g[p].N; panel++, packed += (size_t)g[p].K * GEMM_NR)
+        for (int panel = 0; panel < gemm_panels(&g[p]); panel++, packed += (size_t)g[p].K * GEMM_NR)
             gemm_pack_panel(packed, &g[p], panel);
     }
     for (int p = 0; p < n; p++) {
         if (p > 0 && g[p].c == g[p - 1].c) continue;
-        int panels = (g[p].N + GEMM_NR - 1) / GEMM_NR;
+        int panels = gemm_panels(&g[p]);
         int blocks = (g[p].M + GEMM_ITEM_ROWS - 1) / GEMM_ITEM_ROWS;
         chain[chains] = p;
         first_item[chains + 1] = first_item[chains] + panels * blocks;
