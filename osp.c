@@ -2344,6 +2344,7 @@ void attention_backward_reference(float *dq, float *dk, float *dv, const float *
 #define TOKEN_BYTE0 3            // id of the byte token <0x00>
 #define TOKEN_FIRST_PIECE 259    // first id after the byte tokens
 #define VOCAB_MAX 4096           // token files store uint16 ids; training uses a V*V pair table
+static const char *special_pieces[TOKEN_BYTE0] = {"<unk>", "<s>", "</s>"};
 
 typedef struct {
     int vocab_size;
@@ -2417,9 +2418,8 @@ static void tokenizer_alloc(Tokenizer *t, int capacity) {
 // Allocates a tokenizer and adds the three specials and the 256 byte tokens.
 static void tokenizer_init_base(Tokenizer *t, int capacity) {
     tokenizer_alloc(t, capacity);
-    tokenizer_add(t, "<unk>", 5, 0.0f);
-    tokenizer_add(t, "<s>", 3, 0.0f);
-    tokenizer_add(t, "</s>", 4, 0.0f);
+    for (int i = 0; i < TOKEN_BYTE0; i++)
+        tokenizer_add(t, special_pieces[i], (int)strlen(special_pieces[i]), 0.0f);
     for (int b = 0; b < 256; b++) {
         char name[8];
         snprintf(name, sizeof name, "<0x%02X>", b);
@@ -3180,9 +3180,9 @@ static void rotate_residual(Model *m, uint64_t seed) {
 }
 
 /* ============================================================================
- * Export: the merged model in the files of two inference runtimes
+ * Export: the merged model in the files of three inference runtimes
  *
- * Both writers take a merged model (model_merge: no EmbProj, a gain per channel), which is a
+ * The writers take a merged model (model_merge: no EmbProj, a gain per channel), which is a
  * plain Llama, and the tokenizer it was trained with. Little-endian, as the checkpoints.
  *
  * GGUF version 3, read by llama.cpp. A string is a uint64 byte count and the bytes (UTF-8, no
@@ -3208,6 +3208,12 @@ static void rotate_residual(Model *m, uint64_t seed) {
  * [seq_len, head_dim/2] each (cos and sin of the RoPE angles; current run.c skips them and
  * computes its own), wcls [V,d]. run.c's constants are ours: RMSNorm eps 1e-5, RoPE theta
  * 10000. Its tokenizer file is tokenizer.bin as it is.
+ *
+ * The Hugging Face layout, read by transformers' LlamaForCausalLM and LlamaTokenizer (and so by
+ * vLLM), is a directory: config.json (the sizes and constants), model.safetensors (the tensors
+ * under transformers' names, q_proj and k_proj with their rows permuted for rotate_half RoPE),
+ * tokenizer.model (a sentencepiece BPE model in protobuf), tokenizer_config.json and
+ * special_tokens_map.json.
  * ========================================================================== */
 
 #define GGUF_VERSION 3u
@@ -3303,10 +3309,11 @@ static bool is_utf8_text(const unsigned char *s, int len) {
     return true;
 }
 
-// llama.cpp's text of token `id`: SentencePiece style, every space written as U+2581. Its
-// "llama" tokenizer turns each space of the input into U+2581 before looking pieces up, and
-// back when printing. out needs room for 3 * length bytes; returns the byte count.
-static int gguf_token_text(const Tokenizer *t, int id, char *out) {
+// SentencePiece's text of token `id`, every space written as U+2581: sentencepiece, and
+// llama.cpp's "llama" tokenizer after it, turn each space of the input into U+2581 before
+// looking pieces up, and back when printing. out needs room for 3 * length bytes; returns the
+// byte count.
+static int spiece_text(const Tokenizer *t, int id, char *out) {
     int n = 0;
     for (int k = 0; k < t->lengths[id]; k++) {
         if (t->pieces[id][k] == ' ') { memcpy(out + n, SPIECE_SPACE, 3); n += 3; }
@@ -3315,12 +3322,55 @@ static int gguf_token_text(const Tokenizer *t, int id, char *out) {
     return n;
 }
 
-static int gguf_token_type(int id) {
+// The type of token `id` as sentencepiece numbers them, and GGUF after it.
+static int token_type(int id) {
     return id == TOKEN_UNK ? TOKEN_TYPE_UNKNOWN : id < TOKEN_BYTE0 ? TOKEN_TYPE_CONTROL
          : id < TOKEN_FIRST_PIECE ? TOKEN_TYPE_BYTE : TOKEN_TYPE_NORMAL;
 }
 
-typedef enum { EXPORT_GGUF, EXPORT_GGUF_F16, EXPORT_LLAMA2C } ExportFormat;
+typedef enum { EXPORT_GGUF, EXPORT_GGUF_F16, EXPORT_LLAMA2C, EXPORT_HF, EXPORT_HF_F16 } ExportFormat;
+
+// Why sentencepiece would not load tokenizer t, or would encode some text differently from
+// osp.c's encoder (which merges like it, the highest-scored pair first), or NULL; msg holds
+// the reason. Two tokens of one text stop sentencepiece from loading the model. A character
+// that is not a token takes osp.c's byte fallback at once, but sentencepiece only after its
+// merges, so no token may contain one. osp.c merges a byte token by its name ("<0xE9>"),
+// sentencepiece never, so no token may begin or end with one.
+static const char *sentencepiece_problem(const Tokenizer *t, char *msg, size_t size) {
+    for (int i = 0; i < TOKEN_BYTE0; i++)
+        if (strcmp(t->pieces[i], special_pieces[i])) {
+            snprintf(msg, size, "token %d is not %s, which sentencepiece expects there", i,
+                     special_pieces[i]);
+            return msg;
+        }
+    for (int k = 0; k + 1 < t->vocab_size; k++) {
+        int a = t->sorted_ids[k], b = t->sorted_ids[k + 1];
+        if (!compare_bytes(t->pieces[a], t->lengths[a], t->pieces[b], t->lengths[b])) {
+            snprintf(msg, size, "tokens %d and %d have the same text", a, b);
+            return msg;
+        }
+    }
+    for (int id = TOKEN_FIRST_PIECE; id < t->vocab_size; id++) {
+        const unsigned char *s = (const unsigned char *)t->pieces[id];
+        int len = t->lengths[id];
+        for (int end = 0; end < 2 && len > 6; end++) {
+            int at = tokenizer_lookup(t, (const char *)s + (end ? len - 6 : 0), 6);
+            if (at >= TOKEN_BYTE0 && at < TOKEN_FIRST_PIECE) {
+                snprintf(msg, size, "token %d %s with the byte token %s", id, end ? "ends" : "begins",
+                         t->pieces[at]);
+                return msg;
+            }
+        }
+        for (int i = 0, n; i < len && len > 1; i += n) {
+            n = utf8_unit_length(s, (size_t)len, (size_t)i);
+            if (tokenizer_lookup(t, (const char *)s + i, n) < TOKEN_FIRST_PIECE) {
+                snprintf(msg, size, "token %d contains a character that is not a token", id);
+                return msg;
+            }
+        }
+    }
+    return NULL;
+}
 
 // Why the merged model m with tokenizer t cannot be written in `format`, or NULL.
 static const char *export_problem(const Model *m, const Tokenizer *t, ExportFormat format) {
@@ -3339,7 +3389,8 @@ static const char *export_problem(const Model *m, const Tokenizer *t, ExportForm
     for (int i = 0; i < N_PARAM_TENSORS; i++) {
         const float *p = m->params + m->shape[i].offset;
         for (size_t j = 0; j < param_size(m, i); j++) {
-            if (format == EXPORT_GGUF_F16 && !is_norm_gain(i) && fabsf(p[j]) > F16_MAX) {
+            bool half = (format == EXPORT_GGUF_F16 && !is_norm_gain(i)) || format == EXPORT_HF_F16;
+            if (half && fabsf(p[j]) > F16_MAX) {
                 snprintf(msg, sizeof msg,
                          "%s holds %g, beyond float16's largest value %g: export without --f16",
                          param_names[i], p[j], F16_MAX);
@@ -3359,10 +3410,11 @@ static const char *export_problem(const Model *m, const Tokenizer *t, ExportForm
             }
             if (strstr(t->pieces[id], SPIECE_SPACE)) {
                 snprintf(msg, sizeof msg,
-                         "token %d contains U+2581, which llama.cpp's tokenizer reads as a space", id);
+                         "token %d contains U+2581, which a SentencePiece tokenizer reads as a space", id);
                 return msg;
             }
         }
+    if (format == EXPORT_HF || format == EXPORT_HF_F16) return sentencepiece_problem(t, msg, sizeof msg);
     return NULL;
 }
 
@@ -3372,7 +3424,7 @@ static bool is_block_tensor(int i) { return i >= PARAM_ATTN_NORM && i <= PARAM_F
 
 // The GGUF tensors in file order: token_embd, each block's nine tensors, output_norm, output.
 // Returns the list (the caller frees it) and its length in *count.
-static ExportTensor *gguf_tensors(const Model *m, int *count) {
+static ExportTensor *export_tensors(const Model *m, int *count) {
     ExportTensor *list = xmalloc(sizeof(ExportTensor) * (size_t)N_PARAM_TENSORS * (size_t)m->cfg.n_layers);
     int n = 0;
     list[n++] = (ExportTensor){PARAM_EMBED, 0};
@@ -3383,6 +3435,15 @@ static ExportTensor *gguf_tensors(const Model *m, int *count) {
     list[n++] = (ExportTensor){PARAM_HEAD, 0};
     *count = n;
     return list;
+}
+
+// The name of tensor e in a format whose per-layer names are "<block_prefix>N.<name>.weight"
+// and the others "<name>.weight".
+static void export_tensor_name(char *out, size_t size, ExportTensor e, const char *const *names,
+                               const char *block_prefix) {
+    if (is_block_tensor(e.param))
+        snprintf(out, size, "%s%d.%s.weight", block_prefix, e.layer, names[e.param]);
+    else snprintf(out, size, "%s.weight", names[e.param]);
 }
 
 static size_t align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
@@ -3411,12 +3472,12 @@ static bool export_gguf(const char *path, const Model *m, const Tokenizer *t, bo
     gguf_kv_string(&kv, "tokenizer.ggml.model", "llama");
     gguf_array(&kv, "tokenizer.ggml.tokens", GGUF_TYPE_STRING, (uint64_t)t->vocab_size);
     char *text = xmalloc(3 * (size_t)t->max_token_length + 1);
-    for (int id = 0; id < t->vocab_size; id++) put_string(&kv, text, (size_t)gguf_token_text(t, id, text));
+    for (int id = 0; id < t->vocab_size; id++) put_string(&kv, text, (size_t)spiece_text(t, id, text));
     free(text);
     gguf_array(&kv, "tokenizer.ggml.scores", GGUF_TYPE_FLOAT32, (uint64_t)t->vocab_size);
     put_bytes(&kv, t->scores, sizeof(float) * (size_t)t->vocab_size);
     gguf_array(&kv, "tokenizer.ggml.token_type", GGUF_TYPE_INT32, (uint64_t)t->vocab_size);
-    for (int id = 0; id < t->vocab_size; id++) put_u32(&kv, (uint32_t)gguf_token_type(id));
+    for (int id = 0; id < t->vocab_size; id++) put_u32(&kv, (uint32_t)token_type(id));
     gguf_kv_u32(&kv, "tokenizer.ggml.bos_token_id", TOKEN_BOS);
     gguf_kv_u32(&kv, "tokenizer.ggml.eos_token_id", TOKEN_EOS);
     gguf_kv_u32(&kv, "tokenizer.ggml.unknown_token_id", TOKEN_UNK);
@@ -3425,17 +3486,14 @@ static bool export_gguf(const char *path, const Model *m, const Tokenizer *t, bo
     gguf_kv_bool(&kv, "tokenizer.ggml.add_eos_token", false);
     gguf_kv_bool(&kv, "tokenizer.ggml.add_space_prefix", false);
 
-    ExportTensor *list = gguf_tensors(m, n_tensors);
+    ExportTensor *list = export_tensors(m, n_tensors);
     uint64_t offset = 0;
     size_t largest = 0;
     for (int k = 0; k < *n_tensors; k++) {
         const ParamShape *s = &m->shape[list[k].param];
         bool half = f16 && !is_norm_gain(list[k].param);
         char name[64];
-        if (is_block_tensor(list[k].param))
-            snprintf(name, sizeof name, "blk.%d.%s.weight", list[k].layer, gguf_names[list[k].param]);
-        else
-            snprintf(name, sizeof name, "%s.weight", gguf_names[list[k].param]);
+        export_tensor_name(name, sizeof name, list[k], gguf_names, "blk.");
         put_string(&info, name, strlen(name));
         bool vector = s->rows == 1;
         put_u32(&info, vector ? 1 : 2);
@@ -3499,6 +3557,232 @@ static bool export_llama2c(const char *path, const Model *m) {
     atomic_write(&af, m->rope_sin, table);
     atomic_write(&af, m->params + m->shape[PARAM_HEAD].offset, sizeof(float) * param_size(m, PARAM_HEAD));
     return atomic_close(&af);
+}
+
+// transformers' name of each parameter tensor in LlamaForCausalLM: per-layer tensors get the
+// prefix "model.layers.N.", all get the suffix ".weight".
+static const char *hf_names[N_PARAM_TENSORS] = {
+    [PARAM_EMBED] = "model.embed_tokens",      [PARAM_ATTN_NORM] = "input_layernorm",
+    [PARAM_ATTN_Q] = "self_attn.q_proj",       [PARAM_ATTN_K] = "self_attn.k_proj",
+    [PARAM_ATTN_V] = "self_attn.v_proj",       [PARAM_ATTN_OUT] = "self_attn.o_proj",
+    [PARAM_FFN_NORM] = "post_attention_layernorm", [PARAM_FFN_GATE] = "mlp.gate_proj",
+    [PARAM_FFN_UP] = "mlp.up_proj",            [PARAM_FFN_DOWN] = "mlp.down_proj",
+    [PARAM_FINAL_NORM] = "model.norm",         [PARAM_HEAD] = "lm_head",
+};
+
+// The files of a Hugging Face model directory, the largest (most likely to fail) first.
+enum { HF_WEIGHTS, HF_CONFIG, HF_TOKENIZER, HF_TOKENIZER_CONFIG, HF_SPECIAL_TOKENS, N_HF_FILES };
+static const char *hf_files[N_HF_FILES] = {
+    "model.safetensors", "config.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+};
+
+// Row of Wq or Wk (per head of hd rows) that goes to row r of q_proj or k_proj. transformers'
+// Llama rotates the two halves of each head (rotate_half: pairs (i, i + hd/2)), osp.c adjacent
+// pairs (2i, 2i+1), both by t * theta^(-2i/hd). Row 2i going to row i and row 2i+1 to row
+// i + hd/2 puts each pair where rotate_half looks for it; q and k are permuted alike, so q.k,
+// and with it the whole function, is unchanged.
+static int hf_rope_source_row(int r, int hd) {
+    int j = r % hd, half = hd / 2;
+    return r - j + (j < half ? 2 * j : 2 * (j - half) + 1);
+}
+
+// Appends printf-style text (one short entry of a JSON file) to b.
+static void put_format(ByteList *b, const char *fmt, ...) {
+    char text[512];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(text, sizeof text, fmt, ap);
+    va_end(ap);
+    put_bytes(b, text, n < (int)sizeof text ? (size_t)n : sizeof text - 1);
+}
+
+// Writes the merged model m as safetensors: a uint64 header length, a JSON header naming each
+// tensor's dtype, shape and [begin, end) byte offsets in the data that follows (contiguous, no
+// gaps), padded with spaces so the data starts at a multiple of 8. float32, or float16 for every
+// tensor with f16 (a transformers checkpoint holds one dtype, its config's torch_dtype).
+static bool export_safetensors(const char *path, const Model *m, bool f16) {
+    int n_tensors, hd = head_dim(&m->cfg);
+    ExportTensor *list = export_tensors(m, &n_tensors);
+    ByteList header = {0};
+    put_format(&header, "{\"__metadata__\":{\"format\":\"pt\"}");
+    size_t offset = 0, width = f16 ? 2 : 4;
+    for (int k = 0; k < n_tensors; k++) {
+        const ParamShape *s = &m->shape[list[k].param];
+        char name[96], shape[48];
+        export_tensor_name(name, sizeof name, list[k], hf_names, "model.layers.");
+        if (s->rows == 1) snprintf(shape, sizeof shape, "%d", s->cols);
+        else snprintf(shape, sizeof shape, "%d,%d", s->rows, s->cols);
+        size_t bytes = (size_t)s->rows * s->cols * width;
+        put_format(&header, ",\"%s\":{\"dtype\":\"%s\",\"shape\":[%s],\"data_offsets\":[%zu,%zu]}", name,
+                   f16 ? "F16" : "F32", shape, offset, offset + bytes);
+        offset += bytes;
+    }
+    put_format(&header, "}");
+    while (header.len % 8) put_format(&header, " ");
+    AtomicFile af;
+    bool ok = atomic_open(&af, path);
+    if (ok) {
+        uint64_t header_len = header.len;
+        atomic_write(&af, &header_len, 8);
+        atomic_write(&af, header.data, header.len);
+        uint16_t *halves = xmalloc(sizeof(uint16_t) * (size_t)(m->cfg.dim > m->cfg.ffn_dim ? m->cfg.dim
+                                                                                           : m->cfg.ffn_dim));
+        for (int k = 0; k < n_tensors; k++) {
+            const ParamShape *s = &m->shape[list[k].param];
+            const float *p = param_at(m, m->params, list[k].param, list[k].layer);
+            bool permute = list[k].param == PARAM_ATTN_Q || list[k].param == PARAM_ATTN_K;
+            for (int r = 0; r < s->rows; r++) {
+                const float *row = p + (size_t)(permute ? hf_rope_source_row(r, hd) : r) * s->cols;
+                if (!f16) { atomic_write(&af, row, sizeof(float) * (size_t)s->cols); continue; }
+                for (int j = 0; j < s->cols; j++) halves[j] = float_to_half(row[j]);
+                atomic_write(&af, halves, sizeof(uint16_t) * (size_t)s->cols);
+            }
+        }
+        free(halves);
+        ok = atomic_close(&af);
+    }
+    free(header.data); free(list);
+    return ok;
+}
+
+// Protobuf's wire format, as much as tokenizer.model needs: a key is (field << 3 | wire type),
+// then a varint (type 0: 7 bits a byte, low first; a negative int32 as its 64-bit two's
+// complement), 4 little-endian bytes (type 5: float) or a varint length and the bytes (type 2:
+// strings and nested messages).
+static void pb_varint(ByteList *b, uint64_t v) {
+    do {
+        uint8_t byte = (uint8_t)(v & 0x7F);
+        v >>= 7;
+        if (v) byte |= 0x80;
+        put_bytes(b, &byte, 1);
+    } while (v);
+}
+static void pb_int(ByteList *b, int field, int64_t v) {
+    pb_varint(b, (uint64_t)field << 3);
+    pb_varint(b, (uint64_t)v);
+}
+static void pb_float(ByteList *b, int field, float v) {
+    pb_varint(b, (uint64_t)field << 3 | 5);
+    put_bytes(b, &v, 4);
+}
+static void pb_bytes(ByteList *b, int field, const void *p, size_t n) {
+    pb_varint(b, (uint64_t)field << 3 | 2);
+    pb_varint(b, n);
+    put_bytes(b, p, n);
+}
+
+// sentencepiece's ModelProto for tokenizer t (sentencepiece_model.proto): pieces (1) of piece
+// text (1), score (2) and type (3, the numbering GGUF shares); trainer_spec (2): model_type
+// BPE, vocab_size, byte_fallback (unknown characters become byte pieces), the special ids;
+// normalizer_spec (3): no normalization, no dummy prefix, spaces kept, a space read as U+2581.
+// sentencepiece's BPE then merges as osp.c's encoder does: the highest-scored pair first,
+// the leftmost on ties.
+static void sentencepiece_model(ByteList *out, const Tokenizer *t) {
+    enum { SP_BPE = 2 };
+    ByteList msg = {0};
+    char *text = xmalloc(3 * (size_t)t->max_token_length + 1);
+    for (int id = 0; id < t->vocab_size; id++) {
+        msg.len = 0;
+        pb_bytes(&msg, 1, text, (size_t)spiece_text(t, id, text));
+        pb_float(&msg, 2, t->scores[id]);
+        pb_int(&msg, 3, token_type(id));
+        pb_bytes(out, 1, msg.data, msg.len);
+    }
+    free(text);
+    msg.len = 0;
+    pb_int(&msg, 3, SP_BPE);
+    pb_int(&msg, 4, t->vocab_size);
+    pb_int(&msg, 35, 1);            // byte_fallback
+    pb_int(&msg, 40, TOKEN_UNK);
+    pb_int(&msg, 41, TOKEN_BOS);
+    pb_int(&msg, 42, TOKEN_EOS);
+    pb_int(&msg, 43, -1);           // no pad piece
+    pb_bytes(out, 2, msg.data, msg.len);
+    msg.len = 0;
+    pb_bytes(&msg, 1, "identity", 8);
+    pb_int(&msg, 3, 0);             // add_dummy_prefix
+    pb_int(&msg, 4, 0);             // remove_extra_whitespaces
+    pb_int(&msg, 5, 1);             // escape_whitespaces
+    pb_bytes(out, 3, msg.data, msg.len);
+    free(msg.data);
+}
+
+// config.json: the Llama configuration transformers builds LlamaForCausalLM from.
+static void hf_config(ByteList *b, const Config *c, bool f16) {
+    put_format(b, "{\n  \"architectures\": [\"LlamaForCausalLM\"],\n  \"model_type\": \"llama\",\n");
+    put_format(b, "  \"vocab_size\": %d,\n  \"hidden_size\": %d,\n  \"intermediate_size\": %d,\n",
+               c->vocab_size, c->dim, c->ffn_dim);
+    put_format(b, "  \"num_hidden_layers\": %d,\n  \"num_attention_heads\": %d,\n", c->n_layers, c->n_heads);
+    put_format(b, "  \"num_key_value_heads\": %d,\n  \"head_dim\": %d,\n", c->n_kv_heads, head_dim(c));
+    put_format(b, "  \"hidden_act\": \"silu\",\n  \"rms_norm_eps\": %g,\n  \"rope_theta\": %.1f,\n",
+               RMSNORM_EPS, ROPE_THETA);
+    put_format(b, "  \"max_position_embeddings\": %d,\n  \"tie_word_embeddings\": false,\n", c->seq_len);
+    put_format(b, "  \"attention_bias\": false,\n  \"mlp_bias\": false,\n");
+    put_format(b, "  \"bos_token_id\": %d,\n  \"eos_token_id\": %d,\n  \"torch_dtype\": \"%s\"\n}\n",
+               TOKEN_BOS, TOKEN_EOS, f16 ? "float16" : "float32");
+}
+
+// tokenizer_config.json (legacy: transformers hands the text to sentencepiece as it is) and
+// special_tokens_map.json. osp.c trains without BOS, and without the "▁" prefix that
+// transformers' Llama tokenizers would otherwise add.
+static void hf_tokenizer_config(ByteList *b, int seq_len) {
+    put_format(b, "{\n  \"tokenizer_class\": \"LlamaTokenizer\",\n  \"add_bos_token\": false,\n");
+    put_format(b, "  \"add_eos_token\": false,\n  \"add_prefix_space\": false,\n  \"legacy\": true,\n");
+    put_format(b, "  \"bos_token\": \"%s\",\n  \"eos_token\": \"%s\",\n  \"unk_token\": \"%s\",\n",
+               special_pieces[TOKEN_BOS], special_pieces[TOKEN_EOS], special_pieces[TOKEN_UNK]);
+    put_format(b, "  \"model_max_length\": %d,\n  \"clean_up_tokenization_spaces\": false\n}\n", seq_len);
+}
+static void hf_special_tokens(ByteList *b) {
+    put_format(b, "{\n  \"bos_token\": \"%s\",\n  \"eos_token\": \"%s\",\n  \"unk_token\": \"%s\"\n}\n",
+               special_pieces[TOKEN_BOS], special_pieces[TOKEN_EOS], special_pieces[TOKEN_UNK]);
+}
+
+static bool write_bytes_file(const char *path, const ByteList *b) {
+    AtomicFile af;
+    if (!atomic_open(&af, path)) return false;
+    atomic_write(&af, b->data, b->len);
+    return atomic_close(&af);
+}
+
+// Path of Hugging Face file k in directory dir.
+static void hf_path(char *out, size_t size, const char *dir, int k) {
+    snprintf(out, size, "%s/%s", dir, hf_files[k]);
+}
+
+// Makes directory path unless it exists; *made says whether it was made here.
+static bool make_directory(const char *path, bool *made) {
+    struct stat st;
+    *made = false;
+    if (stat(path, &st) == 0) return S_ISDIR(st.st_mode) || fail("'%s' exists and is not a directory", path);
+    if (mkdir(path, 0777) != 0) return fail("cannot make directory '%s': %s", path, strerror(errno));
+    *made = true;
+    return true;
+}
+
+// Writes the merged model m and tokenizer t into directory dir (which exists) in the Hugging
+// Face layout, each file whole or not at all; on a failure the files already written are
+// removed again.
+static bool export_hf(const char *dir, const Model *m, const Tokenizer *t, bool f16) {
+    bool ok = true;
+    int k;
+    for (k = 0; ok && k < N_HF_FILES; k++) {
+        char path[PATH_MAX];
+        hf_path(path, sizeof path, dir, k);
+        if (k == HF_WEIGHTS) { ok = export_safetensors(path, m, f16); continue; }
+        ByteList b = {0};
+        if (k == HF_CONFIG) hf_config(&b, &m->cfg, f16);
+        else if (k == HF_TOKENIZER) sentencepiece_model(&b, t);
+        else if (k == HF_TOKENIZER_CONFIG) hf_tokenizer_config(&b, m->cfg.seq_len);
+        else hf_special_tokens(&b);
+        ok = write_bytes_file(path, &b);
+        free(b.data);
+    }
+    for (int j = 0; !ok && j < k - 1; j++) {
+        char path[PATH_MAX];
+        hf_path(path, sizeof path, dir, j);
+        remove(path);
+    }
+    return ok;
 }
 
 /* ============================================================================
@@ -4692,64 +4976,93 @@ static int cmd_merge(int argc, char **argv) {
 
 // ---------------------------------------------------------------- osp export
 static const char *export_help =
-    "usage: ./osp export CKPT [--gguf OUT.gguf [--f16]] [--llama2c OUT.bin] [--tokenizer FILE]\n"
+    "usage: ./osp export CKPT [--gguf OUT.gguf] [--llama2c OUT.bin] [--hf DIR] [--f16] [--tokenizer FILE]\n"
     "Merges the checkpoint (EmbProj folded into the embedding and head, SSNorm scalars expanded to\n"
-    "per-channel gains) and writes the resulting plain Llama for an inference runtime.\n"
+    "per-channel gains) and writes the resulting plain Llama for inference runtimes.\n"
     "  --gguf FILE             GGUF v3 for llama.cpp (architecture llama, tokenizer included)\n"
-    "  --f16                   GGUF matrices in float16 (norm gains stay float32); default float32\n"
     "  --llama2c FILE          llama2.c's legacy format for run.c (float32; run.c reads the\n"
     "                          tokenizer from tokenizer.bin: ./run FILE -z tokenizer.bin)\n"
+    "  --hf DIR                the Hugging Face layout (transformers' LlamaForCausalLM and\n"
+    "                          LlamaTokenizer, vLLM): config.json, model.safetensors,\n"
+    "                          tokenizer.model (sentencepiece), tokenizer_config.json,\n"
+    "                          special_tokens_map.json; DIR is made if missing\n"
+    "  --f16                   float16: GGUF's matrices (its norm gains stay float32) and every\n"
+    "                          tensor of --hf; default float32\n"
     "  --tokenizer FILE        the tokenizer the model was trained with (default " DEFAULT_TOKENIZER ")\n";
 
 static int cmd_export(int argc, char **argv) {
     Args a = {argc, 0, argv, "export"};
-    const char *ckpt = NULL, *gguf_path = NULL, *llama2c_path = NULL, *tok_path = DEFAULT_TOKENIZER;
+    const char *ckpt = NULL, *gguf_path = NULL, *llama2c_path = NULL, *hf_dir = NULL;
+    const char *tok_path = DEFAULT_TOKENIZER;
     bool f16 = false;
     for (a.i = 0; a.i < argc; a.i++) {
         const char *f = argv[a.i];
         if (!strcmp(f, "--gguf")) gguf_path = flag_value(&a);
         else if (!strcmp(f, "--llama2c")) llama2c_path = flag_value(&a);
+        else if (!strcmp(f, "--hf")) hf_dir = flag_value(&a);
         else if (!strcmp(f, "--f16")) f16 = true;
         else if (!strcmp(f, "--tokenizer")) tok_path = flag_value(&a);
         else if (f[0] == '-' || ckpt) unknown_flag(&a);
         else ckpt = f;
     }
     if (!ckpt) die("no checkpoint given (see ./osp export --help)");
-    if (!gguf_path && !llama2c_path) die("nothing to write: give --gguf FILE and/or --llama2c FILE");
-    if (f16 && !gguf_path) die("--f16 applies to --gguf; the llama2.c format holds float32 only");
-    refuse_same_files(2, 4, (const char *[]){gguf_path, llama2c_path, ckpt, tok_path},
-                      (const char *[]){"--gguf", "--llama2c", "the checkpoint", "--tokenizer"});
-    const char *outs[2] = {gguf_path, llama2c_path};
+    if (!gguf_path && !llama2c_path && !hf_dir)
+        die("nothing to write: give --gguf FILE, --llama2c FILE or --hf DIR");
+    if (f16 && !gguf_path && !hf_dir)
+        die("--f16 applies to --gguf and --hf; the llama2.c format holds float32 only");
+    // The outputs (the two files, the directory's files), then the inputs.
+    enum { N_OUT = 2 + N_HF_FILES };
+    char hf_paths[N_HF_FILES][PATH_MAX];
+    const char *paths[N_OUT + 2] = {gguf_path, llama2c_path}, *roles[N_OUT + 2] = {"--gguf", "--llama2c"};
+    for (int k = 0; k < N_HF_FILES; k++) {
+        if (hf_dir) hf_path(hf_paths[k], sizeof hf_paths[k], hf_dir, k);
+        paths[2 + k] = hf_dir ? hf_paths[k] : NULL;
+        roles[2 + k] = "--hf";
+    }
+    paths[N_OUT] = ckpt; roles[N_OUT] = "the checkpoint";
+    paths[N_OUT + 1] = tok_path; roles[N_OUT + 1] = "--tokenizer";
+    refuse_same_files(N_OUT, N_OUT + 2, paths, roles);
     Tokenizer tok;
     load_tokenizer_or_die(&tok, tok_path);
     TrainState s;
     Model in, m;
     if (!checkpoint_load(ckpt, &s, &in, 1, NULL)) die("%s", osp_error);
     model_merge(&m, &in, 1);
-    ExportFormat formats[2] = {f16 ? EXPORT_GGUF_F16 : EXPORT_GGUF, EXPORT_LLAMA2C};
-    for (int k = 0; k < 2; k++) {
+    const char *outs[3] = {gguf_path, llama2c_path, hf_dir};
+    ExportFormat formats[3] = {f16 ? EXPORT_GGUF_F16 : EXPORT_GGUF, EXPORT_LLAMA2C,
+                               f16 ? EXPORT_HF_F16 : EXPORT_HF};
+    for (int k = 0; k < 3; k++) {
         const char *problem = outs[k] ? export_problem(&m, &tok, formats[k]) : NULL;
         if (problem) die("cannot export '%s' to %s: %s", ckpt, outs[k], problem);
     }
     printf("%s: preset %s, merged%s%s: a plain Llama, %zu parameters\n", ckpt, preset_name(s.preset),
            in.cfg.embproj ? ", EmbProj folded into the embedding and head" : "",
            in.cfg.ssnorm ? ", SSNorm scalars expanded to per-channel gains" : "", m.n_params);
-    if (gguf_path) {
-        char name[64];
-        snprintf(name, sizeof name, "osp.c %s", preset_name(s.preset));
-        int n_tensors;
-        if (!export_gguf(gguf_path, &m, &tok, f16, name, &n_tensors)) die("%s", osp_error);
+    // Each writer leaves its files whole or absent, and a failure removes what the others
+    // wrote, so an export is written entirely or not at all.
+    char name[64];
+    snprintf(name, sizeof name, "osp.c %s", preset_name(s.preset));
+    int n_tensors = 0;
+    bool made_dir = false, wrote_gguf = false, wrote_llama2c = false;
+    bool ok = !hf_dir || make_directory(hf_dir, &made_dir);
+    if (ok && gguf_path) ok = wrote_gguf = export_gguf(gguf_path, &m, &tok, f16, name, &n_tensors);
+    if (ok && llama2c_path) ok = wrote_llama2c = export_llama2c(llama2c_path, &m);
+    if (ok && hf_dir) ok = export_hf(hf_dir, &m, &tok, f16);
+    if (!ok) {
+        if (wrote_gguf) remove(gguf_path);
+        if (wrote_llama2c) remove(llama2c_path);
+        if (made_dir) rmdir(hf_dir);
+        die("%s", osp_error);
+    }
+    if (gguf_path)
         printf("wrote %s: GGUF v3, llama, %s, %d tensors, vocab %d\n", gguf_path,
                f16 ? "F16 matrices" : "F32", n_tensors, tok.vocab_size);
-    }
-    if (llama2c_path) {
-        if (!export_llama2c(llama2c_path, &m)) {
-            if (gguf_path) remove(gguf_path);   // no half of a two-file export left behind
-            die("%s", osp_error);
-        }
+    if (llama2c_path)
         printf("wrote %s: llama2.c legacy (version 0), float32; run it with tokenizer %s\n", llama2c_path,
                tok_path);
-    }
+    if (hf_dir)
+        printf("wrote %s/: Hugging Face Llama, %s safetensors, sentencepiece BPE tokenizer, vocab %d\n",
+               hf_dir, f16 ? "float16" : "float32", tok.vocab_size);
     model_free(&in); model_free(&m);
     tokenizer_free(&tok);
     return 0;

@@ -2614,6 +2614,438 @@ static double f16_rounding_error(const Model *rebuilt, const Model *merged) {
     return worst;
 }
 
+/* ----------------------------------------------------------------------------
+ * The Hugging Face export, read back by that layout's conventions alone: config.json's keys,
+ * safetensors' header, transformers' tensor names, a Llama forward with rotate_half RoPE, and
+ * sentencepiece's protobuf. Nothing here calls osp.c's readers or undoes the q/k permutation.
+ * ------------------------------------------------------------------------- */
+
+// The value after "key": in JSON text (whitespace skipped), or NULL.
+static const char *json_value(const char *json, const char *key) {
+    char quoted[96];
+    snprintf(quoted, sizeof quoted, "\"%s\"", key);
+    for (const char *p = strstr(json, quoted); p; p = strstr(p + 1, quoted)) {
+        const char *q = p + strlen(quoted);
+        while (isspace((unsigned char)*q)) q++;
+        if (*q != ':') continue;
+        q++;
+        while (isspace((unsigned char)*q)) q++;
+        return q;
+    }
+    return NULL;
+}
+
+static bool json_is(const char *json, const char *key, const char *literal) {
+    const char *v = json_value(json, key);
+    return v && !strncmp(v, literal, strlen(literal));
+}
+
+static double json_number(const char *json, const char *key) {
+    const char *v = json_value(json, key);
+    return v ? strtod(v, NULL) : NAN;
+}
+
+// Reads up to n integers of the JSON list after "key": into out; returns how many.
+static int json_ints(const char *json, const char *key, long long *out, int n) {
+    const char *v = json_value(json, key);
+    if (!v || *v != '[') return 0;
+    int count = 0;
+    for (char *p = (char *)v + 1; count < n && *p != ']';) {
+        char *end;
+        out[count++] = strtoll(p, &end, 10);
+        if (end == p) return 0;
+        p = end + (*end == ',');
+    }
+    return count;
+}
+
+// transformers' LlamaForCausalLM as loaded from the directory: the config's sizes and the
+// tensors by name, float32 (float16 files widened).
+#define HF_MAX_LAYERS 64
+typedef struct {
+    Config c;
+    int head_dim;
+    double eps, theta;
+    float *w[N_PARAM_TENSORS][HF_MAX_LAYERS];   // [tensor][layer]
+    size_t size[N_PARAM_TENSORS];   // values per layer
+    unsigned char *file;
+} HfModel;
+
+static void hf_model_free(HfModel *h) {
+    for (int i = 0; i < N_PARAM_TENSORS; i++)
+        for (int l = 0; l < HF_MAX_LAYERS; l++) free(h->w[i][l]);
+    free(h->file);
+}
+
+// A text file of dir, NUL-terminated (the caller frees it), or NULL.
+static char *read_text(const char *dir, const char *name) {
+    char path[400];
+    size_t size;
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    char *text = (char *)read_file(path, &size);
+    if (!text) return NULL;
+    text = xrealloc(text, size + 1);
+    text[size] = '\0';
+    return text;
+}
+
+// config.json: the sizes and constants, and the keys transformers picks the model by.
+static bool hf_read_config(HfModel *h, const char *dir, bool f16) {
+    char *json = read_text(dir, "config.json");
+    if (!json) return false;
+    h->c = (Config){ .vocab_size = (int)json_number(json, "vocab_size"),
+                     .dim = (int)json_number(json, "hidden_size"),
+                     .n_layers = (int)json_number(json, "num_hidden_layers"),
+                     .n_heads = (int)json_number(json, "num_attention_heads"),
+                     .n_kv_heads = (int)json_number(json, "num_key_value_heads"),
+                     .ffn_dim = (int)json_number(json, "intermediate_size"),
+                     .seq_len = (int)json_number(json, "max_position_embeddings") };
+    h->head_dim = (int)json_number(json, "head_dim");
+    h->eps = json_number(json, "rms_norm_eps");
+    h->theta = json_number(json, "rope_theta");
+    bool ok = json_is(json, "architectures", "[\"LlamaForCausalLM\"]")
+            && json_is(json, "model_type", "\"llama\"") && json_is(json, "hidden_act", "\"silu\"")
+            && json_is(json, "tie_word_embeddings", "false")
+            && json_is(json, "torch_dtype", f16 ? "\"float16\"" : "\"float32\"")
+            && json_number(json, "bos_token_id") == 1 && json_number(json, "eos_token_id") == 2;
+    free(json);
+    return ok && h->c.n_layers >= 1 && h->c.n_layers <= HF_MAX_LAYERS && !config_problem(&h->c)
+           && h->head_dim * h->c.n_heads == h->c.dim;
+}
+
+// Reads the directory as transformers would: config.json, then each tensor of model.safetensors
+// by its name, checking dtype, shape and that the tensors cover the data exactly.
+static bool hf_read(HfModel *h, const char *dir, bool f16, char *why, size_t why_size) {
+    memset(h, 0, sizeof *h);
+    if (!hf_read_config(h, dir, f16)) {
+        snprintf(why, why_size, "config.json missing, or its keys wrong");
+        return false;
+    }
+    char path[400];
+    size_t size;
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    h->file = read_file(path, &size);
+    uint64_t header_len = 0;
+    if (h->file && size >= 8) memcpy(&header_len, h->file, 8);
+    if (!h->file || header_len > size - 8 || (8 + header_len) % 8) {
+        snprintf(why, why_size, "model.safetensors: no header, or data not 8-aligned");
+        return false;
+    }
+    char *header = xmalloc(header_len + 1);
+    memcpy(header, h->file + 8, header_len);
+    header[header_len] = '\0';
+    const unsigned char *data = h->file + 8 + header_len;
+    size_t data_size = size - 8 - header_len, covered = 0, width = f16 ? 2 : 4;
+    // transformers' names, spelled out here from its Llama.
+    static const char *names[N_PARAM_TENSORS] = {
+        [PARAM_EMBED] = "model.embed_tokens",       [PARAM_ATTN_NORM] = "input_layernorm",
+        [PARAM_ATTN_Q] = "self_attn.q_proj",        [PARAM_ATTN_K] = "self_attn.k_proj",
+        [PARAM_ATTN_V] = "self_attn.v_proj",        [PARAM_ATTN_OUT] = "self_attn.o_proj",
+        [PARAM_FFN_NORM] = "post_attention_layernorm", [PARAM_FFN_GATE] = "mlp.gate_proj",
+        [PARAM_FFN_UP] = "mlp.up_proj",             [PARAM_FFN_DOWN] = "mlp.down_proj",
+        [PARAM_FINAL_NORM] = "model.norm",          [PARAM_HEAD] = "lm_head" };
+    const Config *c = &h->c;
+    int kvd = c->n_kv_heads * h->head_dim;
+    int rows[N_PARAM_TENSORS] = {   // 0: a vector
+        [PARAM_EMBED] = c->vocab_size, [PARAM_ATTN_Q] = c->dim,       [PARAM_ATTN_K] = kvd,
+        [PARAM_ATTN_V] = kvd,          [PARAM_ATTN_OUT] = c->dim,     [PARAM_FFN_GATE] = c->ffn_dim,
+        [PARAM_FFN_UP] = c->ffn_dim,   [PARAM_FFN_DOWN] = c->dim,     [PARAM_HEAD] = c->vocab_size };
+    int n_tensors = 0;
+    bool ok = true;
+    for (int i = 0; ok && i < N_PARAM_TENSORS; i++) {
+        if (!names[i]) continue;
+        bool block = i >= PARAM_ATTN_NORM && i <= PARAM_FFN_DOWN;
+        int cols = i == PARAM_FFN_DOWN ? c->ffn_dim : c->dim;
+        size_t n = (size_t)(rows[i] ? rows[i] : 1) * cols;
+        for (int l = 0; ok && l < (block ? c->n_layers : 1); l++, n_tensors++) {
+            char name[128], entry[160];
+            if (block) snprintf(name, sizeof name, "model.layers.%d.%s.weight", l, names[i]);
+            else snprintf(name, sizeof name, "%s.weight", names[i]);
+            const char *v = json_value(header, name), *end = v ? strchr(v, '}') : NULL;
+            long long shape[3], at[3];
+            ok = end && *v == '{' && (size_t)(end - v) < sizeof entry;
+            if (ok) {
+                memcpy(entry, v, (size_t)(end - v));
+                entry[end - v] = '\0';
+                int dims = json_ints(entry, "shape", shape, 3);
+                ok = json_is(entry, "dtype", f16 ? "\"F16\"" : "\"F32\"")
+                     && (rows[i] ? dims == 2 && shape[0] == rows[i] && shape[1] == cols
+                                 : dims == 1 && shape[0] == cols)
+                     && json_ints(entry, "data_offsets", at, 3) == 2 && at[0] >= 0
+                     && at[1] - at[0] == (long long)(n * width) && (size_t)at[1] <= data_size;
+            }
+            if (!ok) {
+                snprintf(why, why_size, "model.safetensors: %s missing, or wrong dtype, shape or offsets",
+                         name);
+                break;
+            }
+            covered += n * width;
+            h->size[i] = n;
+            float *w = h->w[i][l] = xmalloc(sizeof(float) * n);
+            for (size_t j = 0; j < n; j++) {
+                if (f16) { uint16_t x; memcpy(&x, data + at[0] + 2 * j, 2); w[j] = half_to_float(x); }
+                else memcpy(w + j, data + at[0] + 4 * j, 4);
+            }
+        }
+    }
+    // Every byte of the data belongs to exactly one tensor: no gaps, no overlaps, no extra.
+    int entries = 0;
+    for (const char *p = strstr(header, "\"data_offsets\""); p; p = strstr(p + 1, "\"data_offsets\""))
+        entries++;
+    free(header);
+    if (ok && (entries != n_tensors || covered != data_size)) {
+        snprintf(why, why_size, "model.safetensors: %d entries for %d tensors, %zu of %zu data bytes",
+                 entries, n_tensors, covered, data_size);
+        ok = false;
+    }
+    return ok;
+}
+
+// y[i] = g[i] * x[i] / sqrt(mean(x^2) + eps), in double.
+static void hf_rmsnorm(double *y, const double *x, const float *g, int d, double eps) {
+    double ss = 0.0;
+    for (int i = 0; i < d; i++) ss += x[i] * x[i];
+    double r = 1.0 / sqrt(ss / d + eps);
+    for (int i = 0; i < d; i++) y[i] = g[i] * x[i] * r;
+}
+
+// y[r] = sum_c W[r][c] x[c] for W [rows, cols].
+static void hf_matvec(double *y, const float *W, const double *x, int rows, int cols) {
+    for (int r = 0; r < rows; r++) {
+        double s = 0.0;
+        for (int c = 0; c < cols; c++) s += (double)W[(size_t)r * cols + c] * x[c];
+        y[r] = s;
+    }
+}
+
+// transformers' rotate_half RoPE on one head in place: x*cos + rotate_half(x)*sin, where
+// rotate_half(x) = (-x[hd/2:], x[:hd/2]) and entries i and i + hd/2 turn by t * theta^(-2i/hd).
+static void hf_rope(double *x, int t, int hd, double theta) {
+    for (int i = 0; i < hd / 2; i++) {
+        double angle = t * pow(theta, -2.0 * i / hd), a = x[i], b = x[i + hd / 2];
+        x[i] = a * cos(angle) - b * sin(angle);
+        x[i + hd / 2] = b * cos(angle) + a * sin(angle);
+    }
+}
+
+// Logits [T, V] of one sequence under LlamaForCausalLM's forward, in double.
+static void hf_forward(const HfModel *h, const int *tokens, int T, float *logits) {
+    const Config *c = &h->c;
+    int d = c->dim, f = c->ffn_dim, H = c->n_heads, KVH = c->n_kv_heads, hd = h->head_dim, kvd = KVH * hd;
+    double *x = xcalloc((size_t)T * d, sizeof(double)), *n = xmalloc(sizeof(double) * (size_t)d);
+    double *q = xmalloc(sizeof(double) * (size_t)d), *k = xmalloc(sizeof(double) * (size_t)T * kvd);
+    double *v = xmalloc(sizeof(double) * (size_t)T * kvd), *o = xmalloc(sizeof(double) * (size_t)d);
+    double *g = xmalloc(sizeof(double) * (size_t)f), *u = xmalloc(sizeof(double) * (size_t)f);
+    double *p = xmalloc(sizeof(double) * (size_t)T), *y = xmalloc(sizeof(double) * (size_t)d);
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < d; i++) x[(size_t)t * d + i] = h->w[PARAM_EMBED][0][(size_t)tokens[t] * d + i];
+    for (int l = 0; l < c->n_layers; l++) {
+        for (int t = 0; t < T; t++) {   // keys and values first; causal order needs only 0..t
+            hf_rmsnorm(n, x + (size_t)t * d, h->w[PARAM_ATTN_NORM][l], d, h->eps);
+            hf_matvec(k + (size_t)t * kvd, h->w[PARAM_ATTN_K][l], n, kvd, d);
+            hf_matvec(v + (size_t)t * kvd, h->w[PARAM_ATTN_V][l], n, kvd, d);
+            for (int j = 0; j < KVH; j++) hf_rope(k + (size_t)t * kvd + j * hd, t, hd, h->theta);
+        }
+        for (int t = T - 1; t >= 0; t--) {   // from the last row, so x[0..t] is still this layer's input
+            hf_rmsnorm(n, x + (size_t)t * d, h->w[PARAM_ATTN_NORM][l], d, h->eps);
+            hf_matvec(q, h->w[PARAM_ATTN_Q][l], n, d, d);
+            for (int head = 0; head < H; head++) {
+                double *qh = q + head * hd, top = -INFINITY, sum = 0.0;
+                int kv = head / (H / KVH);   // repeat_kv: query head h reads KV head h / (H / KVH)
+                hf_rope(qh, t, hd, h->theta);
+                for (int s = 0; s <= t; s++) {
+                    double dot = 0.0;
+                    for (int i = 0; i < hd; i++) dot += qh[i] * k[(size_t)s * kvd + kv * hd + i];
+                    p[s] = dot / sqrt((double)hd);
+                    top = fmax(top, p[s]);
+                }
+                for (int s = 0; s <= t; s++) sum += p[s] = exp(p[s] - top);
+                for (int i = 0; i < hd; i++) {
+                    double acc = 0.0;
+                    for (int s = 0; s <= t; s++) acc += p[s] * v[(size_t)s * kvd + kv * hd + i];
+                    o[head * hd + i] = acc / sum;
+                }
+            }
+            hf_matvec(y, h->w[PARAM_ATTN_OUT][l], o, d, d);
+            for (int i = 0; i < d; i++) x[(size_t)t * d + i] += y[i];
+        }
+        for (int t = 0; t < T; t++) {
+            hf_rmsnorm(n, x + (size_t)t * d, h->w[PARAM_FFN_NORM][l], d, h->eps);
+            hf_matvec(g, h->w[PARAM_FFN_GATE][l], n, f, d);
+            hf_matvec(u, h->w[PARAM_FFN_UP][l], n, f, d);
+            for (int i = 0; i < f; i++) g[i] = g[i] / (1.0 + exp(-g[i])) * u[i];
+            hf_matvec(y, h->w[PARAM_FFN_DOWN][l], g, d, f);
+            for (int i = 0; i < d; i++) x[(size_t)t * d + i] += y[i];
+        }
+    }
+    double *out = xmalloc(sizeof(double) * (size_t)c->vocab_size);
+    for (int t = 0; t < T; t++) {
+        hf_rmsnorm(n, x + (size_t)t * d, h->w[PARAM_FINAL_NORM][0], d, h->eps);
+        hf_matvec(out, h->w[PARAM_HEAD][0], n, c->vocab_size, d);
+        for (int i = 0; i < c->vocab_size; i++) logits[(size_t)t * c->vocab_size + i] = (float)out[i];
+    }
+    free(out); free(x); free(n); free(q); free(k); free(v); free(o); free(g); free(u); free(p); free(y);
+}
+
+// Half a float16 step at w: the largest error of rounding w to float16.
+static double half_step(double w) {
+    return fabs(w) < 0x1p-14 ? 0x1p-25 : ldexp(1.0, ilogb(w) - 11);
+}
+
+// The directory the Hugging Face tests export into, made once; its files are registered
+// before it so the cleanup removes them first.
+static const char *hf_temp_dir(void) {
+    for (int k = 0; k < N_HF_FILES; k++) {
+        char name[64];
+        snprintf(name, sizeof name, "hf/%s", hf_files[k]);
+        temp_path(name);
+    }
+    const char *dir = temp_path("hf");
+    bool made;
+    if (!make_directory(dir, &made)) die("test_osp: %s", osp_error);
+    return dir;
+}
+
+// Exports the merged model in the Hugging Face layout, float32 then float16, reads each back
+// with hf_read and compares hf_forward's logits with osp.c's on one full-context sequence.
+static void test_export_hf(const char *label, Model *merged, const Tokenizer *tok, const int *inputs) {
+    const char *dir = hf_temp_dir();
+    int T = merged->cfg.seq_len;
+    size_t n_logits = (size_t)T * merged->cfg.vocab_size;
+    float *want = logits_of(merged, inputs, 1, T, NULL), *got = xmalloc(sizeof(float) * n_logits);
+    HfModel f32 = {0};
+    for (int half = 0; half < 2; half++) {
+        char why[640] = "", name[96];
+        HfModel h = {0};
+        const char *problem = export_problem(merged, tok, half ? EXPORT_HF_F16 : EXPORT_HF);
+        bool built = false;
+        if (problem) snprintf(why, sizeof why, "refused: %s", problem);
+        else if (!export_hf(dir, merged, tok, half)) snprintf(why, sizeof why, "%s", osp_error);
+        else built = hf_read(&h, dir, half, why, sizeof why);
+        double rel = INFINITY, worst = 0.0;
+        if (built) {
+            hf_forward(&h, inputs, T, got);
+            rel = max_rel_diff(want, got, n_logits);
+        }
+        // float16: each weight is the float32 file's rounded, to within half a float16 step.
+        for (int i = 0; built && half && i < N_PARAM_TENSORS; i++)
+            for (int l = 0; l < HF_MAX_LAYERS && h.w[i][l]; l++)
+                for (size_t j = 0; j < h.size[i]; j++)
+                    worst = !f32.w[i][l] ? INFINITY
+                            : fmax(worst, fabs(h.w[i][l][j] - f32.w[i][l][j]) / half_step(f32.w[i][l][j]));
+        snprintf(name, sizeof name, "export HF %s: %s", half ? "F16" : "F32", label);
+        if (!built) report(false, name, "%s", why);
+        // float32: what is left is osp.c's float32 forward against hf_forward's double, up to about 1e-6.
+        else if (!half) report(rel < 2e-6, name, "config, safetensors ok; rotate_half logits rel diff %.1e",
+                               rel);
+        else report(rel < 1e-2 && worst <= 1.0, name,
+                    "each weight within %.2f half-steps; logits rel diff %.1e", worst, rel);
+        if (half) hf_model_free(&h);
+        else f32 = h;
+    }
+    hf_model_free(&f32);
+    free(want); free(got);
+}
+
+// Protobuf's wire format read back, from its description: a varint at *pos of buf[0..n).
+static bool pb_read_varint(const unsigned char *buf, size_t n, size_t *pos, uint64_t *v) {
+    *v = 0;
+    for (int shift = 0; shift < 64 && *pos < n; shift += 7) {
+        unsigned char b = buf[(*pos)++];
+        *v |= (uint64_t)(b & 0x7F) << shift;
+        if (!(b & 0x80)) return true;
+    }
+    return false;
+}
+
+// The next field of a message: its number, wire type and value (a varint, or the bytes of a
+// length-delimited or 4-byte field). False at the end or on a malformed field.
+typedef struct { int field, wire; uint64_t varint; const unsigned char *bytes; size_t len; } PbField;
+static bool pb_next(const unsigned char *buf, size_t n, size_t *pos, PbField *f) {
+    uint64_t key, len = 4;
+    if (*pos >= n || !pb_read_varint(buf, n, pos, &key)) return false;
+    f->field = (int)(key >> 3);
+    f->wire = (int)(key & 7);
+    if (f->wire == 0) return pb_read_varint(buf, n, pos, &f->varint);
+    if (f->wire == 2 && !pb_read_varint(buf, n, pos, &len)) return false;
+    if ((f->wire != 2 && f->wire != 5) || len > n - *pos) return false;
+    f->bytes = buf + *pos;
+    f->len = (size_t)len;
+    *pos += (size_t)len;
+    return true;
+}
+
+// tokenizer.model holds tokenizer.bin's vocabulary as sentencepiece reads it: every piece (a
+// space written as U+2581), score (bit for bit) and type; a BPE trainer spec with byte fallback
+// and the special ids; a normalizer that changes nothing but spaces to U+2581. The two JSON
+// files ask transformers for no BOS and no prefix space.
+static void test_export_hf_tokenizer(const Tokenizer *tok) {
+    Config c = {.vocab_size = tok->vocab_size, .dim = 8, .n_layers = 1, .n_heads = 2, .n_kv_heads = 2,
+                .ffn_dim = 8, .seq_len = 4};
+    Model m;
+    model_alloc(&m, &c, 1);
+    const char *dir = hf_temp_dir();
+    char path[400];
+    size_t size = 0;
+    unsigned char *buf = NULL;
+    int V = tok->vocab_size, pieces = 0, pieces_ok = 0, scores_ok = 0, types_ok = 0;
+    long long spec[64] = {0}, norm[8] = {0};   // trainer_spec and normalizer_spec varints by field
+    bool identity = false, json_ok = true;
+    if (export_hf(dir, &m, tok, false)) {
+        snprintf(path, sizeof path, "%s/tokenizer.model", dir);
+        buf = read_file(path, &size);
+    }
+    spec[43] = 99;
+    PbField f, g;
+    for (size_t pos = 0; buf && pb_next(buf, size, &pos, &f);) {
+        if (f.wire != 2) continue;
+        for (size_t p = 0; pb_next(f.bytes, f.len, &p, &g);) {
+            if (f.field == 2 && g.wire == 0 && g.field < 64) spec[g.field] = (int32_t)g.varint;
+            if (f.field == 3 && g.wire == 0 && g.field < 8) norm[g.field] = (long long)g.varint;
+            if (f.field == 3 && g.field == 1) identity = g.len == 8 && !memcmp(g.bytes, "identity", 8);
+        }
+        if (f.field != 1 || pieces >= V) continue;
+        int id = pieces++;
+        int type = 1;   // the default of an absent type: NORMAL
+        for (size_t p = 0; pb_next(f.bytes, f.len, &p, &g);) {
+            if (g.field == 1 && g.wire == 2) {
+                char piece[256];
+                size_t n = 0;
+                for (size_t k = 0; k < g.len && n < sizeof piece; k++) {
+                    bool space = k + 2 < g.len && !memcmp(g.bytes + k, SPIECE_SPACE, 3);
+                    piece[n++] = space ? ' ' : (char)g.bytes[k];
+                    k += space ? 2 : 0;
+                }
+                pieces_ok += n == (size_t)tok->lengths[id] && !memcmp(piece, tok->pieces[id], n) &&
+                        !memchr(g.bytes, ' ', g.len);
+            }
+            if (g.field == 2 && g.wire == 5) scores_ok += !memcmp(g.bytes, &tok->scores[id], 4);
+            if (g.field == 3 && g.wire == 0) type = (int)g.varint;
+        }
+        types_ok += type == (id == 0 ? 2 : id < 3 ? 3 : id < 259 ? 6 : 1);
+    }
+    bool spec_ok = spec[3] == 2 && spec[35] == 1 && spec[40] == 0 && spec[41] == 1 && spec[42] == 2 &&
+            spec[43] == -1 && identity && norm[3] == 0 && norm[4] == 0 && norm[5] == 1;
+    static const char *json_files[2] = {"tokenizer_config.json", "special_tokens_map.json"};
+    for (int k = 0; k < 2; k++) {
+        char *json = read_text(dir, json_files[k]);
+        json_ok = json_ok && json && json_is(json, "bos_token", "\"<s>\"")
+                  && json_is(json, "eos_token", "\"</s>\"") && json_is(json, "unk_token", "\"<unk>\"");
+        if (k == 0)
+            json_ok = json_ok && json_is(json, "add_bos_token", "false")
+                      && json_is(json, "add_eos_token", "false") && json_is(json, "add_prefix_space", "false")
+                      && json_is(json, "legacy", "true")
+                      && json_is(json, "tokenizer_class", "\"LlamaTokenizer\"");
+        free(json);
+    }
+    report(pieces == V && pieces_ok == V && scores_ok == V && types_ok == V && spec_ok && json_ok,
+           "export HF: tokenizer.model equals tokenizer.bin",
+           "%d/%d pieces, %d/%d scores, %d/%d types; BPE, byte fallback, ids, normalizer %s; JSON %s",
+           pieces_ok, V, scores_ok, V, types_ok, V, spec_ok ? "ok" : "WRONG", json_ok ? "ok" : "WRONG");
+    free(buf);
+    model_free(&m);
+}
+
 // Exports `orig` (any preset; merged first, as ./osp export does) in the
 // three forms, reads each back and compares logits on one full-context sequence.
 static void test_export_model(const char *label, Model *orig, const Tokenizer *tok, uint64_t *rng) {
@@ -2672,6 +3104,7 @@ static void test_export_model(const char *label, Model *orig, const Tokenizer *t
         else report(ok, name, "run.c layout ok, RoPE tables err %.1e; logits rel diff %.1e", extra, rel);
         remove(paths[form]);
     }
+    test_export_hf(label, &merged, tok, inputs);
     model_free(&merged);
     free(want); free(inputs);
 }
@@ -2726,6 +3159,16 @@ static void test_export_tokenizer(const Tokenizer *tok) {
     model_free(&m);
 }
 
+// Sets token id's text and rebuilds the lookup index.
+static void set_piece(Tokenizer *t, int id, const char *text) {
+    free(t->pieces[id]);
+    free(t->sorted_ids);
+    t->lengths[id] = (int)strlen(text);
+    t->pieces[id] = xmalloc(strlen(text) + 1);
+    memcpy(t->pieces[id], text, strlen(text) + 1);
+    tokenizer_index(t);
+}
+
 // What the formats cannot hold is refused with a message before anything is written.
 static void test_export_refusals(void) {
     Tokenizer t;
@@ -2766,14 +3209,39 @@ static void test_export_refusals(void) {
     free(t.sorted_ids);
     tokenizer_index(&t);
     EXPECT((p = export_problem(&m, &t, EXPORT_LLAMA2C)) && strstr(p, "dummy prefix"));
+    // What sentencepiece cannot read or would encode differently (--hf only), on a tokenizer
+    // of the same size: "a", "b" and "ab".
+    Tokenizer s;
+    tokenizer_init_base(&s, 300);
+    tokenizer_add(&s, "a", 1, 0.0f);
+    tokenizer_add(&s, "b", 1, 0.0f);
+    tokenizer_add(&s, "ab", 2, -1.0f);
+    tokenizer_index(&s);
+    int last = s.vocab_size - 1;
+    EXPECT(export_problem(&m, &s, EXPORT_HF) == NULL);
+    set_piece(&s, last, "ac");
+    EXPECT((p = export_problem(&m, &s, EXPORT_HF)) && strstr(p, "not a token"));
+    EXPECT(export_problem(&m, &s, EXPORT_GGUF) == NULL);
+    set_piece(&s, last, "a");
+    EXPECT((p = export_problem(&m, &s, EXPORT_HF)) && strstr(p, "same text"));
+    set_piece(&s, last, "<0x41>a");
+    EXPECT((p = export_problem(&m, &s, EXPORT_HF)) && strstr(p, "begins with the byte token <0x41>"));
+    set_piece(&s, last, "ab");
+    set_piece(&s, TOKEN_BOS, "<S>");
+    EXPECT((p = export_problem(&m, &s, EXPORT_HF)) && strstr(p, "is not <s>"));
+    set_piece(&s, TOKEN_BOS, "<s>");
+    m.params[m.shape[PARAM_FINAL_NORM].offset] = 1e5f;   // --hf's float16 holds the gains too
+    EXPECT((p = export_problem(&m, &s, EXPORT_HF_F16)) && strstr(p, "float16"));
+    EXPECT(export_problem(&m, &s, EXPORT_GGUF_F16) == NULL);
+    tokenizer_free(&s);
     model_free(&m);
     c.vocab_size--;
     model_alloc(&m, &c, 1);
     EXPECT((p = export_problem(&m, &t, EXPORT_GGUF)) && strstr(p, "vocab mismatch"));
     #undef EXPECT
     report(refused == cases, "export: refuses what a format cannot hold",
-           "%d/%d cases as expected (unmerged model, U+2581 and non-UTF-8 "
-           "tokens, F16 overflow, NaN, no \" \" token for run.c, vocab mismatch)",
+           "%d/%d cases as expected (unmerged model, U+2581 and non-UTF-8 tokens, F16 overflow, NaN, "
+           "no \" \" token for run.c, what sentencepiece cannot match, vocab mismatch)",
            refused, cases);
     model_free(&m);
     tokenizer_free(&t);
@@ -2786,6 +3254,7 @@ static void test_export(uint64_t *rng) {
     Tokenizer tok;
     if (!tokenizer_load(&tok, "tokenizer.bin")) { report(false, "export", "%s", osp_error); return; }
     test_export_tokenizer(&tok);
+    test_export_hf_tokenizer(&tok);
     test_export_refusals();
     int V = tok.vocab_size;
     Config shapes[3] = {
