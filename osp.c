@@ -5022,6 +5022,9 @@ static int cmd_export(int argc, char **argv) {
     paths[N_OUT] = ckpt; roles[N_OUT] = "the checkpoint";
     paths[N_OUT + 1] = tok_path; roles[N_OUT + 1] = "--tokenizer";
     refuse_same_files(N_OUT, N_OUT + 2, paths, roles);
+    struct stat st;
+    if (hf_dir && stat(hf_dir, &st) == 0 && !S_ISDIR(st.st_mode))
+        die("--hf '%s' exists and is not a directory", hf_dir);
     Tokenizer tok;
     load_tokenizer_or_die(&tok, tok_path);
     TrainState s;

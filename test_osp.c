@@ -3701,7 +3701,8 @@ static void test_svg_channels(void) {
 
 // The commands, run as a user runs them (./osp, built by make test): each refuses an output
 // that is one of its inputs, however spelled, leaving the input as it was; a failed prepare
-// leaves no train split; a vocab mismatch names the file that does not match.
+// leaves no train split, a failed export none of its files; a vocab mismatch names the file
+// that does not match.
 static void test_commands(void) {
     char osp[PATH_MAX], out[4096];
     if (!realpath("osp", osp)) {
@@ -3723,19 +3724,35 @@ static void test_commands(void) {
     fputs("some text to read, some text to read, some text to read\n", f);
     fclose(f);
     tokenizer_free(&tok);
-    const struct { const char *args, *expect, *kept;
+    tokenizer_init_base(&tok, 300);   // the vocabulary of cmd.ckpt: 300 tokens
+    for (char ch = '0'; tok.vocab_size < 300; ch++) tokenizer_add(&tok, &ch, 1, 0.0f);
+    tokenizer_index(&tok);
+    tokenizer_save(&tok, temp_path("cmd_tok300.bin"));
+    tokenizer_free(&tok);
+    // An export whose third file cannot be renamed into place (a directory holds its name).
+    temp_path("cmd_hf/model.safetensors");
+    const char *blocked = temp_path("cmd_hf/config.json"), *hf = temp_path("cmd_hf");
+    if (mkdir(hf, 0777) != 0 || mkdir(blocked, 0777) != 0) die("test_osp: cannot make %s", blocked);
+    temp_path("cmd.gguf");
+    const struct { const char *args, *expect, *kept, *absent;
     } cases[] = {
-        { "merge cmd.ckpt ./cmd.ckpt", "same file", "cmd.ckpt" },
-        { "export cmd.ckpt --gguf ../%s/cmd.ckpt", "same file", "cmd.ckpt" },
-        { "prepare --input cmd.txt --tokenizer cmd_tok.bin --train cmd.txt", "same file", "cmd.txt" },
-        { "tokenizer --input cmd.txt --out ./cmd.txt", "same file", "cmd.txt" },
-        { "train --out cmd_train.bin --train cmd_train.bin", "same file", "cmd_train.bin" },
-        { "train --out cmd_tok.bin --tokenizer cmd_tok.bin", "same file", "cmd_tok.bin" },
-        { "train --kurtosis-every 1 --kurtosis-csv k.ckpt --out ./k.ckpt", "same file", NULL },
+        { "merge cmd.ckpt ./cmd.ckpt", "same file", "cmd.ckpt", NULL },
+        { "export cmd.ckpt --gguf ../%s/cmd.ckpt", "same file", "cmd.ckpt", NULL },
+        { "prepare --input cmd.txt --tokenizer cmd_tok.bin --train cmd.txt", "same file", "cmd.txt", NULL },
+        { "tokenizer --input cmd.txt --out ./cmd.txt", "same file", "cmd.txt", NULL },
+        { "train --out cmd_train.bin --train cmd_train.bin", "same file", "cmd_train.bin", NULL },
+        { "train --out cmd_tok.bin --tokenizer cmd_tok.bin", "same file", "cmd_tok.bin", NULL },
+        { "train --kurtosis-every 1 --kurtosis-csv k.ckpt --out ./k.ckpt", "same file", NULL, NULL },
         { "prepare --input cmd.txt --tokenizer cmd_tok.bin --train split_train.bin --val no/dir/v.bin",
-          "cannot create", NULL },
+          "cannot create", NULL, "split_train.bin" },
         { "train --tokenizer cmd_tok.bin --train cmd_train.bin --val cmd_val300.bin --steps 1",
-          "cmd_val300.bin", NULL },
+          "cmd_val300.bin", NULL, NULL },
+        { "export cmd.ckpt --hf cmd.ckpt", "not a directory", "cmd.ckpt", NULL },
+        { "export cmd.ckpt --hf cmd_hf --tokenizer cmd_hf/tokenizer.model", "same file", NULL, NULL },
+        { "export cmd.ckpt --tokenizer cmd_tok300.bin --gguf cmd.gguf --hf cmd_hf", "cannot rename", NULL,
+          "cmd.gguf" },
+        { "export cmd.ckpt --tokenizer cmd_tok300.bin --hf cmd_hf", "cannot rename", NULL,
+          "cmd_hf/model.safetensors" },
     };
     int passed = 0, n = (int)(sizeof cases / sizeof cases[0]);
     char detail[400] = "";
@@ -3750,8 +3767,8 @@ static void test_commands(void) {
         bool kept = !cases[i].kept || (before && after && before_size == after_size && before_size > 0 &&
                                        !memcmp(before, after, before_size));
         free(before); free(after);
-        bool split_left = i == 7 && file_exists(temp_path("split_train.bin"));
-        if (status != 0 && status != -1 && strstr(out, cases[i].expect) && kept && !split_left) passed++;
+        bool left = cases[i].absent && file_exists(temp_path(cases[i].absent));
+        if (status != 0 && status != -1 && strstr(out, cases[i].expect) && kept && !left) passed++;
         else if (!detail[0]) snprintf(detail, sizeof detail, "'%.120s': exit %d, %.150s", args, status, out);
     }
     report(passed == n, "commands: bad outputs refused", "%d of %d cases%s%s", passed, n,
