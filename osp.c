@@ -1844,14 +1844,25 @@ static unsigned char *read_file(const char *path, size_t *len) {
     return buf;
 }
 
-// path made absolute without following its last component: realpath of the directory, then
-// the name ("" if the directory does not exist).
+// path made absolute without following its last component: realpath of the longest leading
+// directory that exists, then the rest as written, so that two outputs in a directory not yet
+// made compare equal too ("" if path is too long).
 static void resolved_path(const char *path, char *out, size_t size) {
-    char dir[PATH_MAX], real[PATH_MAX];
-    const char *slash = strrchr(path, '/'), *name = slash ? slash + 1 : path;
-    snprintf(dir, sizeof dir, "%.*s", slash ? (int)(slash - path) + (slash == path) : 1, slash ? path : ".");
-    if (!realpath(dir, real)) { snprintf(out, size, "%s", ""); return; }
-    snprintf(out, size, "%s/%s", real, name);
+    char head[PATH_MAX], real[PATH_MAX];
+    out[0] = '\0';
+    if (snprintf(head, sizeof head, "%s", path) >= (int)sizeof head) return;
+    for (size_t end = strlen(head);;) {   // head[0..end): what is left to resolve
+        char *slash = NULL;
+        for (size_t i = end; i > 0 && !slash; i--) if (head[i - 1] == '/') slash = head + i - 1;
+        const char *rest = path + (slash ? slash - head + 1 : 0);
+        if (slash && slash != head) *slash = '\0';
+        if (realpath(!slash ? "." : slash == head ? "/" : head, real)) {
+            snprintf(out, size, "%s%s%s", real, strcmp(real, "/") ? "/" : "", rest);
+            return;
+        }
+        if (!slash || slash == head) return;
+        end = (size_t)(slash - head);
+    }
 }
 
 // Whether paths a and b name the same file: the same device and inode when both exist (hard
@@ -2468,10 +2479,11 @@ static int tokenizer_split(const Tokenizer *t, const unsigned char *text, size_t
 
 // run.c's merge loop: repeatedly merge the adjacent pair whose concatenation is the
 // highest-scored token (leftmost on ties) until no pair merges. O(n^2): the reference.
+#define MERGE_SCORE_FLOOR -1e10f   // run.c's start value: a token scored at or below it never merges
 static int bpe_merge(const Tokenizer *t, int *tokens, int n) {
     char *buf = xmalloc(2 * (size_t)t->max_token_length + 1);
     for (;;) {
-        float best_score = -1e10f;
+        float best_score = MERGE_SCORE_FLOOR;
         int best_id = -1, best_pos = -1;
         for (int i = 0; i + 1 < n; i++) {
             int a = tokens[i], b = tokens[i + 1];
@@ -3330,12 +3342,14 @@ static int token_type(int id) {
 
 typedef enum { EXPORT_GGUF, EXPORT_GGUF_F16, EXPORT_LLAMA2C, EXPORT_HF, EXPORT_HF_F16 } ExportFormat;
 
-// Why sentencepiece would not load tokenizer t, or would encode some text differently from
-// osp.c's encoder (which merges like it, the highest-scored pair first), or NULL; msg holds
-// the reason. Two tokens of one text stop sentencepiece from loading the model. A character
-// that is not a token takes osp.c's byte fallback at once, but sentencepiece only after its
-// merges, so no token may contain one. osp.c merges a byte token by its name ("<0xE9>"),
-// sentencepiece never, so no token may begin or end with one.
+// Why sentencepiece would not load tokenizer t, or would encode some valid UTF-8 text without
+// U+2581 differently from osp.c's encoder, or NULL; msg holds the reason. Both merge the
+// highest-scored adjacent pair first, the leftmost on ties, so what must hold is where they
+// differ: sentencepiece refuses specials it does not expect, two pieces of one text and an
+// empty piece; it never merges into a special or byte piece (osp.c looks up any text, byte
+// names included: "<0xE9>"), but does merge across whitespace (osp.c encodes the text between
+// whitespace bytes apart), characters that are not pieces (osp.c falls back to bytes at once)
+// and pieces scored too low for osp.c's encoder (bpe_merge's MERGE_SCORE_FLOOR).
 static const char *sentencepiece_problem(const Tokenizer *t, char *msg, size_t size) {
     for (int i = 0; i < TOKEN_BYTE0; i++)
         if (strcmp(t->pieces[i], special_pieces[i])) {
@@ -3350,9 +3364,21 @@ static const char *sentencepiece_problem(const Tokenizer *t, char *msg, size_t s
             return msg;
         }
     }
+    for (int id = 0; id < TOKEN_FIRST_PIECE; id++)
+        for (int cut = 1; cut < t->lengths[id]; cut++)
+            if (tokenizer_lookup(t, t->pieces[id], cut) >= 0 &&
+                tokenizer_lookup(t, t->pieces[id] + cut, t->lengths[id] - cut) >= 0) {
+                snprintf(msg, size, "two tokens merge into %s, which sentencepiece never merges into",
+                         t->pieces[id]);
+                return msg;
+            }
     for (int id = TOKEN_FIRST_PIECE; id < t->vocab_size; id++) {
         const unsigned char *s = (const unsigned char *)t->pieces[id];
         int len = t->lengths[id];
+        if (len == 0) {
+            snprintf(msg, size, "token %d is empty", id);
+            return msg;
+        }
         for (int end = 0; end < 2 && len > 6; end++) {
             int at = tokenizer_lookup(t, (const char *)s + (end ? len - 6 : 0), 6);
             if (at >= TOKEN_BYTE0 && at < TOKEN_FIRST_PIECE) {
@@ -3363,10 +3389,18 @@ static const char *sentencepiece_problem(const Tokenizer *t, char *msg, size_t s
         }
         for (int i = 0, n; i < len && len > 1; i += n) {
             n = utf8_unit_length(s, (size_t)len, (size_t)i);
+            if (i > 0 && is_space_byte(s[i])) {
+                snprintf(msg, size, "token %d has whitespace after its first character", id);
+                return msg;
+            }
             if (tokenizer_lookup(t, (const char *)s + i, n) < TOKEN_FIRST_PIECE) {
                 snprintf(msg, size, "token %d contains a character that is not a token", id);
                 return msg;
             }
+        }
+        if (len > 1 && !(t->scores[id] > MERGE_SCORE_FLOOR)) {
+            snprintf(msg, size, "token %d scores %g, which osp.c's encoder never merges", id, t->scores[id]);
+            return msg;
         }
     }
     return NULL;
@@ -3388,9 +3422,9 @@ static const char *export_problem(const Model *m, const Tokenizer *t, ExportForm
     }
     for (int i = 0; i < N_PARAM_TENSORS; i++) {
         const float *p = m->params + m->shape[i].offset;
-        for (size_t j = 0; j < param_size(m, i); j++) {
-            bool half = (format == EXPORT_GGUF_F16 && !is_norm_gain(i)) || format == EXPORT_HF_F16;
-            if (half && fabsf(p[j]) > F16_MAX) {
+        bool half = (format == EXPORT_GGUF_F16 && !is_norm_gain(i)) || format == EXPORT_HF_F16;
+        for (size_t j = 0; half && j < param_size(m, i); j++) {
+            if (fabsf(p[j]) > F16_MAX) {
                 snprintf(msg, sizeof msg,
                          "%s holds %g, beyond float16's largest value %g: export without --f16",
                          param_names[i], p[j], F16_MAX);
@@ -3405,7 +3439,8 @@ static const char *export_problem(const Model *m, const Tokenizer *t, ExportForm
         for (int id = 0; id < t->vocab_size; id++) {
             const unsigned char *s = (const unsigned char *)t->pieces[id];
             if (!is_utf8_text(s, t->lengths[id])) {
-                snprintf(msg, sizeof msg, "token %d is not UTF-8 text, which GGUF strings must be", id);
+                snprintf(msg, sizeof msg, "token %d is not UTF-8 text, which GGUF and sentencepiece need",
+                         id);
                 return msg;
             }
             if (strstr(t->pieces[id], SPIECE_SPACE)) {
@@ -3593,7 +3628,8 @@ static void put_format(ByteList *b, const char *fmt, ...) {
     va_start(ap, fmt);
     int n = vsnprintf(text, sizeof text, fmt, ap);
     va_end(ap);
-    put_bytes(b, text, n < (int)sizeof text ? (size_t)n : sizeof text - 1);
+    if (n < 0 || n >= (int)sizeof text) die("internal: a JSON entry of more than %zu bytes", sizeof text);
+    put_bytes(b, text, (size_t)n);
 }
 
 // Writes the merged model m as safetensors: a uint64 header length, a JSON header naming each
@@ -3625,8 +3661,10 @@ static bool export_safetensors(const char *path, const Model *m, bool f16) {
         uint64_t header_len = header.len;
         atomic_write(&af, &header_len, 8);
         atomic_write(&af, header.data, header.len);
-        uint16_t *halves = xmalloc(sizeof(uint16_t) * (size_t)(m->cfg.dim > m->cfg.ffn_dim ? m->cfg.dim
-                                                                                           : m->cfg.ffn_dim));
+        int widest = 0;
+        for (int k = 0; k < n_tensors; k++)
+            if (m->shape[list[k].param].cols > widest) widest = m->shape[list[k].param].cols;
+        uint16_t *halves = xmalloc(sizeof(uint16_t) * (size_t)widest);
         for (int k = 0; k < n_tensors; k++) {
             const ParamShape *s = &m->shape[list[k].param];
             const float *p = param_at(m, m->params, list[k].param, list[k].layer);
@@ -3657,6 +3695,7 @@ static void pb_varint(ByteList *b, uint64_t v) {
         put_bytes(b, &byte, 1);
     } while (v);
 }
+// One field of each wire type: an integer (0), a float (5), bytes or a message (2).
 static void pb_int(ByteList *b, int field, int64_t v) {
     pb_varint(b, (uint64_t)field << 3);
     pb_varint(b, (uint64_t)v);
@@ -3722,21 +3761,25 @@ static void hf_config(ByteList *b, const Config *c, bool f16) {
                TOKEN_BOS, TOKEN_EOS, f16 ? "float16" : "float32");
 }
 
-// tokenizer_config.json (legacy: transformers hands the text to sentencepiece as it is) and
-// special_tokens_map.json. osp.c trains without BOS, and without the "▁" prefix that
-// transformers' Llama tokenizers would otherwise add.
-static void hf_tokenizer_config(ByteList *b, int seq_len) {
-    put_format(b, "{\n  \"tokenizer_class\": \"LlamaTokenizer\",\n  \"add_bos_token\": false,\n");
-    put_format(b, "  \"add_eos_token\": false,\n  \"add_prefix_space\": false,\n  \"legacy\": true,\n");
-    put_format(b, "  \"bos_token\": \"%s\",\n  \"eos_token\": \"%s\",\n  \"unk_token\": \"%s\",\n",
-               special_pieces[TOKEN_BOS], special_pieces[TOKEN_EOS], special_pieces[TOKEN_UNK]);
-    put_format(b, "  \"model_max_length\": %d,\n  \"clean_up_tokenization_spaces\": false\n}\n", seq_len);
-}
+// special_tokens_map.json, and the same three entries opening tokenizer_config.json.
 static void hf_special_tokens(ByteList *b) {
-    put_format(b, "{\n  \"bos_token\": \"%s\",\n  \"eos_token\": \"%s\",\n  \"unk_token\": \"%s\"\n}\n",
+    put_format(b, "{\n  \"bos_token\": \"%s\",\n  \"eos_token\": \"%s\",\n  \"unk_token\": \"%s\"",
                special_pieces[TOKEN_BOS], special_pieces[TOKEN_EOS], special_pieces[TOKEN_UNK]);
 }
 
+// tokenizer_config.json: legacy, so transformers hands the text to sentencepiece as it is;
+// special tokens written in the text stay text; no BOS, and no "▁" prefix, which transformers'
+// Llama tokenizers would otherwise add, as osp.c trains.
+static void hf_tokenizer_config(ByteList *b, int seq_len) {
+    hf_special_tokens(b);
+    put_format(b, ",\n  \"tokenizer_class\": \"LlamaTokenizer\",\n  \"legacy\": true,\n");
+    put_format(b, "  \"split_special_tokens\": true,\n");
+    put_format(b, "  \"add_bos_token\": false,\n  \"add_eos_token\": false,\n");
+    put_format(b, "  \"add_prefix_space\": false,\n  \"clean_up_tokenization_spaces\": false,\n");
+    put_format(b, "  \"model_max_length\": %d\n}\n", seq_len);
+}
+
+// Writes b to path, whole or not at all.
 static bool write_bytes_file(const char *path, const ByteList *b) {
     AtomicFile af;
     if (!atomic_open(&af, path)) return false;
@@ -3749,14 +3792,12 @@ static void hf_path(char *out, size_t size, const char *dir, int k) {
     snprintf(out, size, "%s/%s", dir, hf_files[k]);
 }
 
-// Makes directory path unless it exists; *made says whether it was made here.
+// Makes directory path unless it is one; *made says whether it was made here.
 static bool make_directory(const char *path, bool *made) {
     struct stat st;
-    *made = false;
-    if (stat(path, &st) == 0) return S_ISDIR(st.st_mode) || fail("'%s' exists and is not a directory", path);
-    if (mkdir(path, 0777) != 0) return fail("cannot make directory '%s': %s", path, strerror(errno));
-    *made = true;
-    return true;
+    *made = mkdir(path, 0777) == 0;
+    if (*made || (errno == EEXIST && stat(path, &st) == 0 && S_ISDIR(st.st_mode))) return true;
+    return fail("cannot make directory '%s': %s", path, strerror(errno));
 }
 
 // Writes the merged model m and tokenizer t into directory dir (which exists) in the Hugging
@@ -3773,7 +3814,7 @@ static bool export_hf(const char *dir, const Model *m, const Tokenizer *t, bool 
         if (k == HF_CONFIG) hf_config(&b, &m->cfg, f16);
         else if (k == HF_TOKENIZER) sentencepiece_model(&b, t);
         else if (k == HF_TOKENIZER_CONFIG) hf_tokenizer_config(&b, m->cfg.seq_len);
-        else hf_special_tokens(&b);
+        else { hf_special_tokens(&b); put_format(&b, "\n}\n"); }
         ok = write_bytes_file(path, &b);
         free(b.data);
     }
@@ -4990,6 +5031,22 @@ static const char *export_help =
     "                          tensor of --hf; default float32\n"
     "  --tokenizer FILE        the tokenizer the model was trained with (default " DEFAULT_TOKENIZER ")\n";
 
+// Dies unless --hf's dir is a directory or not there yet, and holds no file transformers would
+// read in place of the exported ones.
+static void hf_dir_check(const char *dir) {
+    static const char *shadowing[2] = {"tokenizer.json", "added_tokens.json"};
+    struct stat st;
+    if (stat(dir, &st) != 0) return;
+    if (!S_ISDIR(st.st_mode)) die("--hf '%s' exists and is not a directory", dir);
+    for (int k = 0; k < 2; k++) {
+        char path[PATH_MAX + 32];
+        snprintf(path, sizeof path, "%s/%s", dir, shadowing[k]);
+        if (file_exists(path))
+            die("--hf '%s' holds %s, which transformers would read instead of tokenizer.model: remove it",
+                dir, shadowing[k]);
+    }
+}
+
 static int cmd_export(int argc, char **argv) {
     Args a = {argc, 0, argv, "export"};
     const char *ckpt = NULL, *gguf_path = NULL, *llama2c_path = NULL, *hf_dir = NULL;
@@ -5014,6 +5071,7 @@ static int cmd_export(int argc, char **argv) {
     enum { N_OUT = 2 + N_HF_FILES };
     char hf_paths[N_HF_FILES][PATH_MAX];
     const char *paths[N_OUT + 2] = {gguf_path, llama2c_path}, *roles[N_OUT + 2] = {"--gguf", "--llama2c"};
+    if (hf_dir && strlen(hf_dir) + 32 > PATH_MAX) die("--hf: path too long");
     for (int k = 0; k < N_HF_FILES; k++) {
         if (hf_dir) hf_path(hf_paths[k], sizeof hf_paths[k], hf_dir, k);
         paths[2 + k] = hf_dir ? hf_paths[k] : NULL;
@@ -5022,9 +5080,7 @@ static int cmd_export(int argc, char **argv) {
     paths[N_OUT] = ckpt; roles[N_OUT] = "the checkpoint";
     paths[N_OUT + 1] = tok_path; roles[N_OUT + 1] = "--tokenizer";
     refuse_same_files(N_OUT, N_OUT + 2, paths, roles);
-    struct stat st;
-    if (hf_dir && stat(hf_dir, &st) == 0 && !S_ISDIR(st.st_mode))
-        die("--hf '%s' exists and is not a directory", hf_dir);
+    if (hf_dir) hf_dir_check(hf_dir);
     Tokenizer tok;
     load_tokenizer_or_die(&tok, tok_path);
     TrainState s;

@@ -2635,11 +2635,13 @@ static const char *json_value(const char *json, const char *key) {
     return NULL;
 }
 
+// Whether the value of "key" in json begins with the text literal.
 static bool json_is(const char *json, const char *key, const char *literal) {
     const char *v = json_value(json, key);
     return v && !strncmp(v, literal, strlen(literal));
 }
 
+// The number after "key", or NaN.
 static double json_number(const char *json, const char *key) {
     const char *v = json_value(json, key);
     return v ? strtod(v, NULL) : NAN;
@@ -2671,6 +2673,7 @@ typedef struct {
     unsigned char *file;
 } HfModel;
 
+// Frees what hf_read allocated.
 static void hf_model_free(HfModel *h) {
     for (int i = 0; i < N_PARAM_TENSORS; i++)
         for (int l = 0; l < HF_MAX_LAYERS; l++) free(h->w[i][l]);
@@ -2713,6 +2716,11 @@ static bool hf_read_config(HfModel *h, const char *dir, bool f16) {
            && h->head_dim * h->c.n_heads == h->c.dim;
 }
 
+static int compare_spans(const void *a, const void *b) {
+    long long x = ((const long long *)a)[0], y = ((const long long *)b)[0];
+    return (x > y) - (x < y);
+}
+
 // Reads the directory as transformers would: config.json, then each tensor of model.safetensors
 // by its name, checking dtype, shape and that the tensors cover the data exactly.
 static bool hf_read(HfModel *h, const char *dir, bool f16, char *why, size_t why_size) {
@@ -2727,7 +2735,7 @@ static bool hf_read(HfModel *h, const char *dir, bool f16, char *why, size_t why
     h->file = read_file(path, &size);
     uint64_t header_len = 0;
     if (h->file && size >= 8) memcpy(&header_len, h->file, 8);
-    if (!h->file || header_len > size - 8 || (8 + header_len) % 8) {
+    if (!h->file || size < 8 || header_len > size - 8 || (8 + header_len) % 8) {
         snprintf(why, why_size, "model.safetensors: no header, or data not 8-aligned");
         return false;
     }
@@ -2735,7 +2743,7 @@ static bool hf_read(HfModel *h, const char *dir, bool f16, char *why, size_t why
     memcpy(header, h->file + 8, header_len);
     header[header_len] = '\0';
     const unsigned char *data = h->file + 8 + header_len;
-    size_t data_size = size - 8 - header_len, covered = 0, width = f16 ? 2 : 4;
+    size_t data_size = size - 8 - header_len, width = f16 ? 2 : 4;
     // transformers' names, spelled out here from its Llama.
     static const char *names[N_PARAM_TENSORS] = {
         [PARAM_EMBED] = "model.embed_tokens",       [PARAM_ATTN_NORM] = "input_layernorm",
@@ -2751,6 +2759,7 @@ static bool hf_read(HfModel *h, const char *dir, bool f16, char *why, size_t why
         [PARAM_ATTN_V] = kvd,          [PARAM_ATTN_OUT] = c->dim,     [PARAM_FFN_GATE] = c->ffn_dim,
         [PARAM_FFN_UP] = c->ffn_dim,   [PARAM_FFN_DOWN] = c->dim,     [PARAM_HEAD] = c->vocab_size };
     int n_tensors = 0;
+    long long spans[3 + 9 * HF_MAX_LAYERS][2];   // each tensor's [begin, end) in the data
     bool ok = true;
     for (int i = 0; ok && i < N_PARAM_TENSORS; i++) {
         if (!names[i]) continue;
@@ -2779,7 +2788,8 @@ static bool hf_read(HfModel *h, const char *dir, bool f16, char *why, size_t why
                          name);
                 break;
             }
-            covered += n * width;
+            spans[n_tensors][0] = at[0];
+            spans[n_tensors][1] = at[1];
             h->size[i] = n;
             float *w = h->w[i][l] = xmalloc(sizeof(float) * n);
             for (size_t j = 0; j < n; j++) {
@@ -2788,14 +2798,18 @@ static bool hf_read(HfModel *h, const char *dir, bool f16, char *why, size_t why
             }
         }
     }
-    // Every byte of the data belongs to exactly one tensor: no gaps, no overlaps, no extra.
+    // Every byte of the data belongs to exactly one tensor: sorted by begin, each tensor starts
+    // where the one before ended, the first at 0, the last ends the file; no other entries.
     int entries = 0;
     for (const char *p = strstr(header, "\"data_offsets\""); p; p = strstr(p + 1, "\"data_offsets\""))
         entries++;
     free(header);
-    if (ok && (entries != n_tensors || covered != data_size)) {
-        snprintf(why, why_size, "model.safetensors: %d entries for %d tensors, %zu of %zu data bytes",
-                 entries, n_tensors, covered, data_size);
+    qsort(spans, ok ? (size_t)n_tensors : 0, sizeof spans[0], compare_spans);
+    long long end = 0;
+    for (int k = 0; ok && k < n_tensors; k++) end = spans[k][0] == end ? spans[k][1] : -1;
+    if (ok && (entries != n_tensors || end != (long long)data_size)) {
+        snprintf(why, why_size, "model.safetensors: %d entries for %d tensors, or a gap or an overlap",
+                 entries, n_tensors);
         ok = false;
     }
     return ok;
@@ -2995,7 +3009,7 @@ static void test_export_hf_tokenizer(const Tokenizer *tok) {
         snprintf(path, sizeof path, "%s/tokenizer.model", dir);
         buf = read_file(path, &size);
     }
-    spec[43] = 99;
+    spec[43] = norm[3] = norm[4] = 99;   // fields whose absence would read as the wrong default
     PbField f, g;
     for (size_t pos = 0; buf && pb_next(buf, size, &pos, &f);) {
         if (f.wire != 2) continue;
@@ -3004,8 +3018,8 @@ static void test_export_hf_tokenizer(const Tokenizer *tok) {
             if (f.field == 3 && g.wire == 0 && g.field < 8) norm[g.field] = (long long)g.varint;
             if (f.field == 3 && g.field == 1) identity = g.len == 8 && !memcmp(g.bytes, "identity", 8);
         }
-        if (f.field != 1 || pieces >= V) continue;
-        int id = pieces++;
+        if (f.field != 1 || pieces++ >= V) continue;
+        int id = pieces - 1;
         int type = 1;   // the default of an absent type: NORMAL
         for (size_t p = 0; pb_next(f.bytes, f.len, &p, &g);) {
             if (g.field == 1 && g.wire == 2) {
@@ -3034,7 +3048,7 @@ static void test_export_hf_tokenizer(const Tokenizer *tok) {
         if (k == 0)
             json_ok = json_ok && json_is(json, "add_bos_token", "false")
                       && json_is(json, "add_eos_token", "false") && json_is(json, "add_prefix_space", "false")
-                      && json_is(json, "legacy", "true")
+                      && json_is(json, "legacy", "true") && json_is(json, "split_special_tokens", "true")
                       && json_is(json, "tokenizer_class", "\"LlamaTokenizer\"");
         free(json);
     }
@@ -3169,6 +3183,96 @@ static void set_piece(Tokenizer *t, int id, const char *text) {
     tokenizer_index(t);
 }
 
+// sentencepiece's BPE encoding, from its description (bpe_model.cc's Encode), on valid UTF-8:
+// the text split into characters; repeatedly the adjacent pair whose text is a normal piece
+// of the highest score (the leftmost on ties) merged, until no pair is one; then each symbol's
+// piece, or with byte fallback its bytes' pieces. Spaces stay spaces here: the U+2581 escape
+// renames them on both sides alike. tokens must hold n entries; returns the count.
+static int sentencepiece_encode(const Tokenizer *t, const unsigned char *text, size_t n, int *tokens) {
+    size_t *start = xmalloc(sizeof(size_t) * (n + 1)), *len = xmalloc(sizeof(size_t) * (n + 1));
+    size_t count = 0;
+    for (size_t i = 0; i < n; i += len[count++]) {
+        start[count] = i;
+        len[count] = text[i] < 0x80 ? 1 : text[i] < 0xE0 ? 2 : text[i] < 0xF0 ? 3 : 4;
+    }
+    for (;;) {
+        size_t best = count;
+        float best_score = 0.0f;
+        for (size_t k = 0; k + 1 < count; k++) {
+            int id = tokenizer_lookup(t, (const char *)text + start[k], (int)(len[k] + len[k + 1]));
+            if (id >= TOKEN_FIRST_PIECE && (best == count || t->scores[id] > best_score)) {
+                best = k;
+                best_score = t->scores[id];
+            }
+        }
+        if (best == count) break;
+        len[best] += len[best + 1];
+        memmove(start + best + 1, start + best + 2, sizeof(size_t) * (count - best - 2));
+        memmove(len + best + 1, len + best + 2, sizeof(size_t) * (count - best - 2));
+        count--;
+    }
+    int n_tokens = 0;
+    for (size_t k = 0; k < count; k++) {
+        int id = tokenizer_lookup(t, (const char *)text + start[k], (int)len[k]);
+        if (id >= TOKEN_FIRST_PIECE) tokens[n_tokens++] = id;
+        else for (size_t j = 0; j < len[k]; j++) tokens[n_tokens++] = TOKEN_BYTE0 + text[start[k] + j];
+    }
+    free(start); free(len);
+    return n_tokens;
+}
+
+// The refusals are enough: on random tokenizers that export_problem lets --hf write (merges of
+// random pairs at a few tied scores, over characters that include whitespace, '<', 's', '>' and
+// a two-byte one), sentencepiece's encoding equals osp.c's on random texts, some characters of
+// which are not tokens.
+static void test_sentencepiece_equivalence(uint64_t *rng) {
+    static const char *chars[] = {"a", "b", " ", "\n", "<", "s", ">", "\xC3\xA9"}, *unknown = "\xC3\x9F";
+    int accepted = 0, refused = 0, texts = 0, differ = 0;
+    for (int trial = 0; trial < 300; trial++) {
+        Tokenizer t;
+        tokenizer_init_base(&t, 300);
+        for (size_t k = 0; k < sizeof chars / sizeof chars[0]; k++)
+            tokenizer_add(&t, chars[k], (int)strlen(chars[k]), 0.0f);
+        for (int merges = 0; merges < 12; merges++) {
+            int a = TOKEN_FIRST_PIECE + (int)(rng_next(rng) % (uint64_t)(t.vocab_size - TOKEN_FIRST_PIECE));
+            int b = TOKEN_FIRST_PIECE + (int)(rng_next(rng) % (uint64_t)(t.vocab_size - TOKEN_FIRST_PIECE));
+            char text[64];
+            int n = t.lengths[a] + t.lengths[b];
+            // Mostly no whitespace after a piece's start (refused), as osp.c's trainer makes them.
+            bool space = is_space_byte((unsigned char)t.pieces[b][0]);
+            if (n >= (int)sizeof text || (space && rng_next(rng) % 8)) continue;
+            memcpy(text, t.pieces[a], (size_t)t.lengths[a]);
+            memcpy(text + t.lengths[a], t.pieces[b], (size_t)t.lengths[b]);
+            free(t.sorted_ids);
+            tokenizer_index(&t);
+            if (tokenizer_lookup(&t, text, n) < 0) tokenizer_add(&t, text, n, -(float)(rng_next(rng) % 4));
+        }
+        free(t.sorted_ids);
+        tokenizer_index(&t);
+        char msg[200];
+        if (sentencepiece_problem(&t, msg, sizeof msg)) { refused++; tokenizer_free(&t); continue; }
+        accepted++;
+        for (int k = 0; k < 10; k++, texts++) {
+            unsigned char text[200];
+            size_t n = 0;
+            while (n < 150) {
+                uint64_t r = rng_next(rng) % 10;
+                const char *c = r < 8 ? chars[r] : r == 8 ? unknown : "<s>";
+                memcpy(text + n, c, strlen(c));
+                n += strlen(c);
+            }
+            int ours[200], theirs[200];
+            int n_ours = tokenizer_encode(&t, text, n, ours);
+            int n_theirs = sentencepiece_encode(&t, text, n, theirs);
+            differ += n_ours != n_theirs || memcmp(ours, theirs, sizeof(int) * (size_t)n_ours);
+        }
+        tokenizer_free(&t);
+    }
+    report(differ == 0 && accepted >= 50, "export HF: sentencepiece encodes as osp.c",
+           "%d random tokenizers accepted (%d refused), %d texts: %d encoded differently", accepted, refused,
+           texts, differ);
+}
+
 // What the formats cannot hold is refused with a message before anything is written.
 static void test_export_refusals(void) {
     Tokenizer t;
@@ -3226,7 +3330,22 @@ static void test_export_refusals(void) {
     EXPECT((p = export_problem(&m, &s, EXPORT_HF)) && strstr(p, "same text"));
     set_piece(&s, last, "<0x41>a");
     EXPECT((p = export_problem(&m, &s, EXPORT_HF)) && strstr(p, "begins with the byte token <0x41>"));
+    set_piece(&s, last, "ab<0x41>");
+    EXPECT((p = export_problem(&m, &s, EXPORT_HF)) && strstr(p, "ends with the byte token <0x41>"));
+    set_piece(&s, last, "");
+    EXPECT((p = export_problem(&m, &s, EXPORT_HF)) && strstr(p, "empty"));
     set_piece(&s, last, "ab");
+    set_piece(&s, last - 1, "a ");
+    EXPECT((p = export_problem(&m, &s, EXPORT_HF)) && strstr(p, "whitespace"));
+    set_piece(&s, last - 1, "b");
+    s.scores[last] = -1e10f;
+    EXPECT((p = export_problem(&m, &s, EXPORT_HF)) && strstr(p, "never merges"));
+    s.scores[last] = -1.0f;
+    set_piece(&s, last - 2, "<s");
+    set_piece(&s, last - 1, ">");
+    EXPECT((p = export_problem(&m, &s, EXPORT_HF)) && strstr(p, "merge into <s>"));
+    set_piece(&s, last - 2, "a");
+    set_piece(&s, last - 1, "b");
     set_piece(&s, TOKEN_BOS, "<S>");
     EXPECT((p = export_problem(&m, &s, EXPORT_HF)) && strstr(p, "is not <s>"));
     set_piece(&s, TOKEN_BOS, "<s>");
@@ -3255,6 +3374,7 @@ static void test_export(uint64_t *rng) {
     if (!tokenizer_load(&tok, "tokenizer.bin")) { report(false, "export", "%s", osp_error); return; }
     test_export_tokenizer(&tok);
     test_export_hf_tokenizer(&tok);
+    test_sentencepiece_equivalence(rng);
     test_export_refusals();
     int V = tok.vocab_size;
     Config shapes[3] = {
@@ -3734,6 +3854,11 @@ static void test_commands(void) {
     const char *blocked = temp_path("cmd_hf/config.json"), *hf = temp_path("cmd_hf");
     if (mkdir(hf, 0777) != 0 || mkdir(blocked, 0777) != 0) die("test_osp: cannot make %s", blocked);
     temp_path("cmd.gguf");
+    temp_path("cmd_new/tokenizer.json");
+    const char *shadowed = temp_path("cmd_new");
+    FILE *stale = (mkdir(shadowed, 0777) == 0) ? fopen(temp_path("cmd_new/tokenizer.json"), "wb") : NULL;
+    if (!stale) die("test_osp: cannot make %s/tokenizer.json", shadowed);
+    fclose(stale);
     const struct { const char *args, *expect, *kept, *absent;
     } cases[] = {
         { "merge cmd.ckpt ./cmd.ckpt", "same file", "cmd.ckpt", NULL },
@@ -3753,6 +3878,11 @@ static void test_commands(void) {
           "cmd.gguf" },
         { "export cmd.ckpt --tokenizer cmd_tok300.bin --hf cmd_hf", "cannot rename", NULL,
           "cmd_hf/model.safetensors" },
+        { "export cmd.ckpt --tokenizer cmd_tok300.bin --hf cmd_made --gguf no/dir/x.gguf", "cannot create",
+          NULL, "cmd_made" },
+        { "export cmd.ckpt --gguf cmd_made/model.safetensors --hf ./cmd_made", "same file", NULL,
+          "cmd_made" },
+        { "export cmd.ckpt --hf cmd_new", "tokenizer.json", NULL, NULL },
     };
     int passed = 0, n = (int)(sizeof cases / sizeof cases[0]);
     char detail[400] = "";
