@@ -47,6 +47,7 @@ Build: make            Test: make test            Train and sample: make run
 #include <string.h>
 #include <time.h>
 #include <signal.h>
+#include <dirent.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -1845,23 +1846,37 @@ static unsigned char *read_file(const char *path, size_t *len) {
 }
 
 // path made absolute without following its last component: realpath of the longest leading
-// directory that exists, then the rest as written, so that two outputs in a directory not yet
-// made compare equal too ("" if path is too long).
+// directory that exists, then the rest with empty and "." components dropped and ".." taking
+// away the one before, so that outputs in a directory not yet made compare as the files they
+// will be. out needs PATH_MAX bytes or more; "" if path cannot be resolved or is too long.
 static void resolved_path(const char *path, char *out, size_t size) {
-    char head[PATH_MAX], real[PATH_MAX];
+    char head[PATH_MAX];
     out[0] = '\0';
-    if (snprintf(head, sizeof head, "%s", path) >= (int)sizeof head) return;
-    for (size_t end = strlen(head);;) {   // head[0..end): what is left to resolve
+    if (size < PATH_MAX || snprintf(head, sizeof head, "%s", path) >= (int)sizeof head) return;
+    const char *rest = NULL;   // the part of path after the directory that resolved
+    for (size_t end = strlen(head); !rest;) {   // head[0..end): what is left to resolve
         char *slash = NULL;
         for (size_t i = end; i > 0 && !slash; i--) if (head[i - 1] == '/') slash = head + i - 1;
-        const char *rest = path + (slash ? slash - head + 1 : 0);
         if (slash && slash != head) *slash = '\0';
-        if (realpath(!slash ? "." : slash == head ? "/" : head, real)) {
-            snprintf(out, size, "%s%s%s", real, strcmp(real, "/") ? "/" : "", rest);
-            return;
+        if (realpath(!slash ? "." : slash == head ? "/" : head, out))
+            rest = path + (slash ? slash - head + 1 : 0);
+        else if (!slash || slash == head) { out[0] = '\0'; return; }
+        else end = (size_t)(slash - head);
+    }
+    size_t n = strlen(out);
+    for (const char *c = rest; *c; c += strspn(c, "/")) {
+        size_t len = strcspn(c, "/");
+        if (len == 2 && c[0] == '.' && c[1] == '.') {
+            n = (size_t)(strrchr(out, '/') - out);
+            n += n == 0;   // "/" stays
+        } else if (len && !(len == 1 && c[0] == '.')) {
+            if (n + 1 + len >= size) { out[0] = '\0'; return; }
+            if (out[n - 1] != '/') out[n++] = '/';
+            memcpy(out + n, c, len);
+            n += len;
         }
-        if (!slash || slash == head) return;
-        end = (size_t)(slash - head);
+        out[n] = '\0';
+        c += len;
     }
 }
 
@@ -1956,6 +1971,14 @@ static bool parse_csv_numbers(char **p, double *out, int n) {
 // or a full disk never leaves a half-written file under the real name.
 typedef struct { FILE *f; char tmp_path[4096]; const char *path; bool ok; int error; } AtomicFile;
 
+// Several files written as one (an export's): while file_batch is set, atomic_close leaves each
+// finished file at its temporary name; batch_commit renames them all into place only after
+// every write succeeded, and batch_discard removes them, so a failed write (a full disk) leaves
+// the files of an earlier run as they were.
+#define BATCH_MAX 8
+typedef struct { char tmp_path[BATCH_MAX][4096], path[BATCH_MAX][4096]; int n; } FileBatch;
+static FileBatch *file_batch;
+
 static bool atomic_open(AtomicFile *af, const char *path) {
     af->path = path;
     af->ok = true;
@@ -1982,10 +2005,36 @@ static bool atomic_close(AtomicFile *af) {
         remove(af->tmp_path);
         return fail("error writing '%s': %s", af->tmp_path, strerror(err));
     }
+    if (file_batch) {
+        if (file_batch->n == BATCH_MAX) die("internal: more than %d files in one batch", BATCH_MAX);
+        memcpy(file_batch->tmp_path[file_batch->n], af->tmp_path, sizeof af->tmp_path);
+        snprintf(file_batch->path[file_batch->n++], sizeof file_batch->path[0], "%s", af->path);
+        return true;
+    }
     if (rename(af->tmp_path, af->path) != 0) {
         remove(af->tmp_path);
         return fail("cannot rename '%s' to '%s': %s", af->tmp_path, af->path, strerror(errno));
     }
+    return true;
+}
+
+// Removes the batch's files still at their temporary names, from index `from` on.
+static void batch_discard(FileBatch *b, int from) {
+    for (int k = from; k < b->n; k++) remove(b->tmp_path[k]);
+    b->n = 0;
+}
+
+// Renames the batch's files into place. If a rename fails (a directory in the way), the files
+// renamed before it are removed too, so none of the batch is left.
+static bool batch_commit(FileBatch *b) {
+    for (int k = 0; k < b->n; k++)
+        if (rename(b->tmp_path[k], b->path[k]) != 0) {
+            fail("cannot rename '%s' to '%s': %s", b->tmp_path[k], b->path[k], strerror(errno));
+            for (int j = 0; j < k; j++) remove(b->path[j]);
+            batch_discard(b, k);
+            return false;
+        }
+    b->n = 0;
     return true;
 }
 
@@ -3353,7 +3402,7 @@ typedef enum { EXPORT_GGUF, EXPORT_GGUF_F16, EXPORT_LLAMA2C, EXPORT_HF, EXPORT_H
 static const char *sentencepiece_problem(const Tokenizer *t, char *msg, size_t size) {
     for (int i = 0; i < TOKEN_BYTE0; i++)
         if (strcmp(t->pieces[i], special_pieces[i])) {
-            snprintf(msg, size, "token %d is not %s, which sentencepiece expects there", i,
+            snprintf(msg, size, "token %d is not %s, as the exported tokenizer files name it", i,
                      special_pieces[i]);
             return msg;
         }
@@ -3365,13 +3414,16 @@ static const char *sentencepiece_problem(const Tokenizer *t, char *msg, size_t s
         }
     }
     for (int id = 0; id < TOKEN_FIRST_PIECE; id++)
-        for (int cut = 1; cut < t->lengths[id]; cut++)
-            if (tokenizer_lookup(t, t->pieces[id], cut) >= 0 &&
-                tokenizer_lookup(t, t->pieces[id] + cut, t->lengths[id] - cut) >= 0) {
-                snprintf(msg, size, "two tokens merge into %s, which sentencepiece never merges into",
-                         t->pieces[id]);
+        for (int cut = 1; cut < t->lengths[id]; cut++) {
+            int a = tokenizer_lookup(t, t->pieces[id], cut);
+            int b = tokenizer_lookup(t, t->pieces[id] + cut, t->lengths[id] - cut);
+            if (a >= 0 && b >= 0) {
+                snprintf(msg, size, "tokens %d and %d merge into the text %s, which osp.c then encodes as "
+                         "token %d and sentencepiece as text: train the tokenizer on text without it",
+                         a, b, t->pieces[id], id);
                 return msg;
             }
+        }
     for (int id = TOKEN_FIRST_PIECE; id < t->vocab_size; id++) {
         const unsigned char *s = (const unsigned char *)t->pieces[id];
         int len = t->lengths[id];
@@ -3398,7 +3450,8 @@ static const char *sentencepiece_problem(const Tokenizer *t, char *msg, size_t s
                 return msg;
             }
         }
-        if (len > 1 && !(t->scores[id] > MERGE_SCORE_FLOOR)) {
+        bool merged = utf8_unit_length(s, (size_t)len, 0) < len;   // more than one character
+        if (merged && !(t->scores[id] > MERGE_SCORE_FLOOR)) {
             snprintf(msg, size, "token %d scores %g, which osp.c's encoder never merges", id, t->scores[id]);
             return msg;
         }
@@ -3695,15 +3748,17 @@ static void pb_varint(ByteList *b, uint64_t v) {
         put_bytes(b, &byte, 1);
     } while (v);
 }
-// One field of each wire type: an integer (0), a float (5), bytes or a message (2).
+// An integer field (wire type 0).
 static void pb_int(ByteList *b, int field, int64_t v) {
     pb_varint(b, (uint64_t)field << 3);
     pb_varint(b, (uint64_t)v);
 }
+// A float field (wire type 5).
 static void pb_float(ByteList *b, int field, float v) {
     pb_varint(b, (uint64_t)field << 3 | 5);
     put_bytes(b, &v, 4);
 }
+// A string or nested message field (wire type 2).
 static void pb_bytes(ByteList *b, int field, const void *p, size_t n) {
     pb_varint(b, (uint64_t)field << 3 | 2);
     pb_varint(b, n);
@@ -3796,17 +3851,16 @@ static void hf_path(char *out, size_t size, const char *dir, int k) {
 static bool make_directory(const char *path, bool *made) {
     struct stat st;
     *made = mkdir(path, 0777) == 0;
-    if (*made || (errno == EEXIST && stat(path, &st) == 0 && S_ISDIR(st.st_mode))) return true;
-    return fail("cannot make directory '%s': %s", path, strerror(errno));
+    int err = errno;
+    if (*made || (err == EEXIST && stat(path, &st) == 0 && S_ISDIR(st.st_mode))) return true;
+    return fail("cannot make directory '%s': %s", path, strerror(err));
 }
 
 // Writes the merged model m and tokenizer t into directory dir (which exists) in the Hugging
-// Face layout, each file whole or not at all; on a failure the files already written are
-// removed again.
+// Face layout, each file whole or not at all (cmd_export writes them as one FileBatch).
 static bool export_hf(const char *dir, const Model *m, const Tokenizer *t, bool f16) {
     bool ok = true;
-    int k;
-    for (k = 0; ok && k < N_HF_FILES; k++) {
+    for (int k = 0; ok && k < N_HF_FILES; k++) {
         char path[PATH_MAX];
         hf_path(path, sizeof path, dir, k);
         if (k == HF_WEIGHTS) { ok = export_safetensors(path, m, f16); continue; }
@@ -3817,11 +3871,6 @@ static bool export_hf(const char *dir, const Model *m, const Tokenizer *t, bool 
         else { hf_special_tokens(&b); put_format(&b, "\n}\n"); }
         ok = write_bytes_file(path, &b);
         free(b.data);
-    }
-    for (int j = 0; !ok && j < k - 1; j++) {
-        char path[PATH_MAX];
-        hf_path(path, sizeof path, dir, j);
-        remove(path);
     }
     return ok;
 }
@@ -5031,20 +5080,29 @@ static const char *export_help =
     "                          tensor of --hf; default float32\n"
     "  --tokenizer FILE        the tokenizer the model was trained with (default " DEFAULT_TOKENIZER ")\n";
 
-// Dies unless --hf's dir is a directory or not there yet, and holds no file transformers would
-// read in place of the exported ones.
+// Dies unless --hf's dir is not there yet, or a directory holding nothing but the exported files
+// (an earlier export): transformers and vLLM read other files in preference to these
+// (tokenizer.json, model.safetensors.index.json) or beside them (generation_config.json).
 static void hf_dir_check(const char *dir) {
-    static const char *shadowing[2] = {"tokenizer.json", "added_tokens.json"};
     struct stat st;
     if (stat(dir, &st) != 0) return;
     if (!S_ISDIR(st.st_mode)) die("--hf '%s' exists and is not a directory", dir);
-    for (int k = 0; k < 2; k++) {
-        char path[PATH_MAX + 32];
-        snprintf(path, sizeof path, "%s/%s", dir, shadowing[k]);
-        if (file_exists(path))
-            die("--hf '%s' holds %s, which transformers would read instead of tokenizer.model: remove it",
-                dir, shadowing[k]);
+    DIR *d = opendir(dir);
+    if (!d) die("cannot read directory '%s': %s", dir, strerror(errno));
+    for (struct dirent *e; (e = readdir(d));) {
+        bool ours = !strcmp(e->d_name, ".") || !strcmp(e->d_name, "..");
+        for (int k = 0; k < N_HF_FILES; k++) {   // a file, or one left at its temporary name
+            size_t n = strlen(hf_files[k]);
+            ours = ours || (!strncmp(e->d_name, hf_files[k], n)
+                            && (!e->d_name[n] || !strcmp(e->d_name + n, ".tmp")));
+        }
+        if (!ours) {
+            closedir(d);
+            die("--hf '%s' holds '%s', which is not a file of the export: give a new or empty directory",
+                dir, e->d_name);
+        }
     }
+    closedir(d);
 }
 
 static int cmd_export(int argc, char **argv) {
@@ -5097,19 +5155,22 @@ static int cmd_export(int argc, char **argv) {
     printf("%s: preset %s, merged%s%s: a plain Llama, %zu parameters\n", ckpt, preset_name(s.preset),
            in.cfg.embproj ? ", EmbProj folded into the embedding and head" : "",
            in.cfg.ssnorm ? ", SSNorm scalars expanded to per-channel gains" : "", m.n_params);
-    // Each writer leaves its files whole or absent, and a failure removes what the others
-    // wrote, so an export is written entirely or not at all.
+    // All the outputs form one FileBatch, renamed into place once every one is written: an
+    // export lands entirely or not at all.
     char name[64];
     snprintf(name, sizeof name, "osp.c %s", preset_name(s.preset));
     int n_tensors = 0;
-    bool made_dir = false, wrote_gguf = false, wrote_llama2c = false;
+    bool made_dir = false;
+    FileBatch batch = {.n = 0};
+    file_batch = &batch;
     bool ok = !hf_dir || make_directory(hf_dir, &made_dir);
-    if (ok && gguf_path) ok = wrote_gguf = export_gguf(gguf_path, &m, &tok, f16, name, &n_tensors);
-    if (ok && llama2c_path) ok = wrote_llama2c = export_llama2c(llama2c_path, &m);
+    if (ok && gguf_path) ok = export_gguf(gguf_path, &m, &tok, f16, name, &n_tensors);
+    if (ok && llama2c_path) ok = export_llama2c(llama2c_path, &m);
     if (ok && hf_dir) ok = export_hf(hf_dir, &m, &tok, f16);
+    file_batch = NULL;
+    if (ok) ok = batch_commit(&batch);
+    else batch_discard(&batch, 0);
     if (!ok) {
-        if (wrote_gguf) remove(gguf_path);
-        if (wrote_llama2c) remove(llama2c_path);
         if (made_dir) rmdir(hf_dir);
         die("%s", osp_error);
     }

@@ -2716,6 +2716,7 @@ static bool hf_read_config(HfModel *h, const char *dir, bool f16) {
            && h->head_dim * h->c.n_heads == h->c.dim;
 }
 
+// Orders [begin, end) spans by begin, for qsort.
 static int compare_spans(const void *a, const void *b) {
     long long x = ((const long long *)a)[0], y = ((const long long *)b)[0];
     return (x > y) - (x < y);
@@ -3223,8 +3224,10 @@ static int sentencepiece_encode(const Tokenizer *t, const unsigned char *text, s
 
 // The refusals are enough: on random tokenizers that export_problem lets --hf write (merges of
 // random pairs at a few tied scores, over characters that include whitespace, '<', 's', '>' and
-// a two-byte one), sentencepiece's encoding equals osp.c's on random texts, some characters of
-// which are not tokens.
+// a two-byte one; every fourth with one token of a kind refused: holding a character that is
+// not a token, beginning with a byte token's name, scored at MERGE_SCORE_FLOOR),
+// sentencepiece's encoding equals osp.c's on random texts, some characters of which are not
+// tokens.
 static void test_sentencepiece_equivalence(uint64_t *rng) {
     static const char *chars[] = {"a", "b", " ", "\n", "<", "s", ">", "\xC3\xA9"}, *unknown = "\xC3\x9F";
     int accepted = 0, refused = 0, texts = 0, differ = 0;
@@ -3233,19 +3236,24 @@ static void test_sentencepiece_equivalence(uint64_t *rng) {
         tokenizer_init_base(&t, 300);
         for (size_t k = 0; k < sizeof chars / sizeof chars[0]; k++)
             tokenizer_add(&t, chars[k], (int)strlen(chars[k]), 0.0f);
-        for (int merges = 0; merges < 12; merges++) {
+        for (const char *c = "0x9F"; *c; c++) tokenizer_add(&t, c, 1, 0.0f);   // "<0x9F>" is all tokens
+        for (int merges = 0; merges < 13; merges++) {
             int a = TOKEN_FIRST_PIECE + (int)(rng_next(rng) % (uint64_t)(t.vocab_size - TOKEN_FIRST_PIECE));
             int b = TOKEN_FIRST_PIECE + (int)(rng_next(rng) % (uint64_t)(t.vocab_size - TOKEN_FIRST_PIECE));
+            int flaw = merges < 12 || trial % 4 ? -1 : trial / 4 % 3;   // the 13th, in every fourth
+            if (merges == 12 && flaw < 0) break;
+            const char *left = flaw == 1 ? "<0x9F>" : t.pieces[a], *right = flaw == 0 ? unknown : t.pieces[b];
             char text[64];
-            int n = t.lengths[a] + t.lengths[b];
+            int n = (int)(strlen(left) + strlen(right));
             // Mostly no whitespace after a piece's start (refused), as osp.c's trainer makes them.
-            bool space = is_space_byte((unsigned char)t.pieces[b][0]);
+            bool space = is_space_byte((unsigned char)right[0]);
             if (n >= (int)sizeof text || (space && rng_next(rng) % 8)) continue;
-            memcpy(text, t.pieces[a], (size_t)t.lengths[a]);
-            memcpy(text + t.lengths[a], t.pieces[b], (size_t)t.lengths[b]);
+            memcpy(text, left, strlen(left));
+            memcpy(text + strlen(left), right, strlen(right));
             free(t.sorted_ids);
             tokenizer_index(&t);
-            if (tokenizer_lookup(&t, text, n) < 0) tokenizer_add(&t, text, n, -(float)(rng_next(rng) % 4));
+            float score = flaw == 2 ? MERGE_SCORE_FLOOR : -(float)(rng_next(rng) % 4);
+            if (tokenizer_lookup(&t, text, n) < 0) tokenizer_add(&t, text, n, score);
         }
         free(t.sorted_ids);
         tokenizer_index(&t);
@@ -3343,7 +3351,7 @@ static void test_export_refusals(void) {
     s.scores[last] = -1.0f;
     set_piece(&s, last - 2, "<s");
     set_piece(&s, last - 1, ">");
-    EXPECT((p = export_problem(&m, &s, EXPORT_HF)) && strstr(p, "merge into <s>"));
+    EXPECT((p = export_problem(&m, &s, EXPORT_HF)) && strstr(p, "merge into the text <s>"));
     set_piece(&s, last - 2, "a");
     set_piece(&s, last - 1, "b");
     set_piece(&s, TOKEN_BOS, "<S>");
@@ -3819,6 +3827,56 @@ static void test_svg_channels(void) {
  * Commands, run as a user runs them
  * ------------------------------------------------------------------------- */
 
+// Writes text to path through AtomicFile (into file_batch when it is set).
+static bool write_text(const char *path, const char *text) {
+    AtomicFile af;
+    if (!atomic_open(&af, path)) return false;
+    atomic_write(&af, text, strlen(text));
+    return atomic_close(&af);
+}
+
+// Whether path's bytes are exactly text.
+static bool holds_text(const char *path, const char *text) {
+    size_t size;
+    unsigned char *bytes = file_exists(path) ? read_file(path, &size) : NULL;
+    bool same = bytes && size == strlen(text) && !memcmp(bytes, text, size);
+    free(bytes);
+    return same;
+}
+
+static bool path_exists(const char *path) {
+    struct stat st;
+    return lstat(path, &st) == 0;
+}
+
+// A FileBatch lands whole: nothing under the real names before batch_commit, everything after;
+// batch_discard leaves the earlier files as they were; a rename that fails (a directory in the
+// way) takes the files renamed before it away again.
+static void test_file_batch(void) {
+    const char *a = temp_path("batch_a"), *b = temp_path("batch_b"), *blocked = temp_path("batch_dir");
+    FileBatch batch = {.n = 0};
+    int good = 0;
+    file_batch = &batch;
+    bool written = write_text(a, "one") && write_text(b, "two");
+    file_batch = NULL;
+    good += written && !path_exists(a) && !path_exists(b);
+    good += batch_commit(&batch) && holds_text(a, "one") && holds_text(b, "two");
+    file_batch = &batch;
+    written = write_text(a, "three");
+    file_batch = NULL;
+    batch_discard(&batch, 0);
+    good += written && holds_text(a, "one") && !path_exists(temp_path("batch_a.tmp"));
+    remove(a);
+    file_batch = &batch;
+    written = write_text(a, "four") && write_text(blocked, "five");
+    file_batch = NULL;
+    good += written && mkdir(blocked, 0777) == 0 && !batch_commit(&batch) && !path_exists(a) &&
+            !path_exists(temp_path("batch_dir.tmp"));
+    remove(b);
+    report(good == 4, "files: a batch lands whole or not at all",
+           "%d of 4 cases (commit, discard, a failed rename)", good);
+}
+
 // The commands, run as a user runs them (./osp, built by make test): each refuses an output
 // that is one of its inputs, however spelled, leaving the input as it was; a failed prepare
 // leaves no train split, a failed export none of its files; a vocab mismatch names the file
@@ -3845,7 +3903,7 @@ static void test_commands(void) {
     fclose(f);
     tokenizer_free(&tok);
     tokenizer_init_base(&tok, 300);   // the vocabulary of cmd.ckpt: 300 tokens
-    for (char ch = '0'; tok.vocab_size < 300; ch++) tokenizer_add(&tok, &ch, 1, 0.0f);
+    for (char ch = ' '; tok.vocab_size < 300; ch++) tokenizer_add(&tok, &ch, 1, 0.0f);
     tokenizer_index(&tok);
     tokenizer_save(&tok, temp_path("cmd_tok300.bin"));
     tokenizer_free(&tok);
@@ -3883,6 +3941,11 @@ static void test_commands(void) {
         { "export cmd.ckpt --gguf cmd_made/model.safetensors --hf ./cmd_made", "same file", NULL,
           "cmd_made" },
         { "export cmd.ckpt --hf cmd_new", "tokenizer.json", NULL, NULL },
+        { "export cmd.ckpt --tokenizer cmd_tok300.bin --gguf cmd.txt --llama2c no/dir/x.bin --hf cmd_made",
+          "cannot create", "cmd.txt", "cmd_made" },
+        { "export cmd.ckpt --hf cmd_made --gguf cmd_made//config.json", "same file", NULL, "cmd_made" },
+        { "export cmd.ckpt --hf cmd_made/ --gguf cmd_made/model.safetensors", "same file", NULL, "cmd_made" },
+        { "export cmd.ckpt --hf cmd_made --gguf cmd_made/../cmd.ckpt", "same file", "cmd.ckpt", "cmd_made" },
     };
     int passed = 0, n = (int)(sizeof cases / sizeof cases[0]);
     char detail[400] = "";
@@ -3897,7 +3960,7 @@ static void test_commands(void) {
         bool kept = !cases[i].kept || (before && after && before_size == after_size && before_size > 0 &&
                                        !memcmp(before, after, before_size));
         free(before); free(after);
-        bool left = cases[i].absent && file_exists(temp_path(cases[i].absent));
+        bool left = cases[i].absent && path_exists(temp_path(cases[i].absent));
         if (status != 0 && status != -1 && strstr(out, cases[i].expect) && kept && !left) passed++;
         else if (!detail[0]) snprintf(detail, sizeof detail, "'%.120s': exit %d, %.150s", args, status, out);
     }
@@ -3975,6 +4038,7 @@ static void run_all(uint64_t *rng) {
     test_results_integers();
     test_svg_plot();
     test_svg_channels();
+    test_file_batch();
     test_commands();
     printf("(%.1f s)\n", now_seconds() - t0);
 }
