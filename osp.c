@@ -5075,7 +5075,7 @@ static const char *export_help =
     "  --hf DIR                the Hugging Face layout (transformers' LlamaForCausalLM and\n"
     "                          LlamaTokenizer, vLLM): config.json, model.safetensors,\n"
     "                          tokenizer.model (sentencepiece), tokenizer_config.json,\n"
-    "                          special_tokens_map.json; DIR is made if missing\n"
+    "                          special_tokens_map.json; DIR is new, empty or an earlier export\n"
     "  --f16                   float16: GGUF's matrices (its norm gains stay float32) and every\n"
     "                          tensor of --hf; default float32\n"
     "  --tokenizer FILE        the tokenizer the model was trained with (default " DEFAULT_TOKENIZER ")\n";
