@@ -3439,7 +3439,8 @@ static const char *sentencepiece_problem(const Tokenizer *t, char *msg, size_t s
                 return msg;
             }
         }
-        for (int i = 0, n; i < len && len > 1; i += n) {
+        bool merged = utf8_unit_length(s, (size_t)len, 0) < len;   // more than one character
+        for (int i = 0, n; merged && i < len; i += n) {
             n = utf8_unit_length(s, (size_t)len, (size_t)i);
             if (i > 0 && is_space_byte(s[i])) {
                 snprintf(msg, size, "token %d has whitespace after its first character", id);
@@ -3450,7 +3451,6 @@ static const char *sentencepiece_problem(const Tokenizer *t, char *msg, size_t s
                 return msg;
             }
         }
-        bool merged = utf8_unit_length(s, (size_t)len, 0) < len;   // more than one character
         if (merged && !(t->scores[id] > MERGE_SCORE_FLOOR)) {
             snprintf(msg, size, "token %d scores %g, which osp.c's encoder never merges", id, t->scores[id]);
             return msg;

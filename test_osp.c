@@ -2614,6 +2614,23 @@ static double f16_rounding_error(const Model *rebuilt, const Model *merged) {
     return worst;
 }
 
+// Whether text[0..len), a piece as SentencePiece writes it (every space as U+2581, none plain),
+// is token id's text.
+static bool spiece_piece_is(const Tokenizer *tok, int id, const unsigned char *text, size_t len) {
+    char piece[256];
+    size_t n = 0;
+    for (size_t k = 0; k < len && n < sizeof piece; k++) {
+        bool space = k + 2 < len && !memcmp(text + k, "\xE2\x96\x81", 3);
+        piece[n++] = space ? ' ' : (char)text[k];
+        k += space ? 2 : 0;
+    }
+    return n == (size_t)tok->lengths[id] && !memcmp(piece, tok->pieces[id], n) && !memchr(text, ' ', len);
+}
+
+// The type SentencePiece (and GGUF) gives token id of osp.c's layout: UNKNOWN 2, CONTROL 3,
+// BYTE 6, NORMAL 1.
+static int expected_token_type(int id) { return id == 0 ? 2 : id < 3 ? 3 : id < 259 ? 6 : 1; }
+
 /* ----------------------------------------------------------------------------
  * The Hugging Face export, read back by that layout's conventions alone: config.json's keys,
  * safetensors' header, transformers' tensor names, a Llama forward with rotate_half RoPE, and
@@ -3023,21 +3040,11 @@ static void test_export_hf_tokenizer(const Tokenizer *tok) {
         int id = pieces - 1;
         int type = 1;   // the default of an absent type: NORMAL
         for (size_t p = 0; pb_next(f.bytes, f.len, &p, &g);) {
-            if (g.field == 1 && g.wire == 2) {
-                char piece[256];
-                size_t n = 0;
-                for (size_t k = 0; k < g.len && n < sizeof piece; k++) {
-                    bool space = k + 2 < g.len && !memcmp(g.bytes + k, SPIECE_SPACE, 3);
-                    piece[n++] = space ? ' ' : (char)g.bytes[k];
-                    k += space ? 2 : 0;
-                }
-                pieces_ok += n == (size_t)tok->lengths[id] && !memcmp(piece, tok->pieces[id], n) &&
-                        !memchr(g.bytes, ' ', g.len);
-            }
+            if (g.field == 1 && g.wire == 2) pieces_ok += spiece_piece_is(tok, id, g.bytes, g.len);
             if (g.field == 2 && g.wire == 5) scores_ok += !memcmp(g.bytes, &tok->scores[id], 4);
             if (g.field == 3 && g.wire == 0) type = (int)g.varint;
         }
-        types_ok += type == (id == 0 ? 2 : id < 3 ? 3 : id < 259 ? 6 : 1);
+        types_ok += type == expected_token_type(id);
     }
     bool spec_ok = spec[3] == 2 && spec[35] == 1 && spec[40] == 0 && spec[41] == 1 && spec[42] == 2 &&
             spec[43] == -1 && identity && norm[3] == 0 && norm[4] == 0 && norm[5] == 1;
@@ -3149,19 +3156,12 @@ static void test_export_tokenizer(const Tokenizer *tok) {
             reader_get(&r, &len, 8);
             const char *text = (const char *)g.bytes + r.pos;
             r.pos += (size_t)len;
-            char piece[256];
-            size_t n = 0;
-            for (uint64_t k = 0; k < len && n < sizeof piece; k++) {
-                if (k + 2 < len && !memcmp(text + k, "\xE2\x96\x81", 3)) { piece[n++] = ' '; k += 2; }
-                else piece[n++] = text[k];
-            }
             with_space += memchr(tok->pieces[id], ' ', (size_t)tok->lengths[id]) != NULL;
-            pieces_ok += n == (size_t)tok->lengths[id] && !memcmp(piece, tok->pieces[id], n) &&
-                    !memchr(text, ' ', (size_t)len);
+            pieces_ok += spiece_piece_is(tok, id, (const unsigned char *)text, (size_t)len);
             scores_ok += !memcmp(g.bytes + scores->value + 4 * (size_t)id, &tok->scores[id], 4);
             int32_t type;
             memcpy(&type, g.bytes + types->value + 4 * (size_t)id, 4);
-            types_ok += type == (id == 0 ? 2 : id < 3 ? 3 : id < 259 ? 6 : 1);
+            types_ok += type == expected_token_type(id);
         }
     }
     int V = tok->vocab_size;
